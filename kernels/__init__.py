@@ -1,0 +1,1 @@
+"""Triton kernels, each beside the pure-torch reference it must match. Triton is imported lazily."""

@@ -1,0 +1,54 @@
+"""minaf3: Audio Flamingo 3 in plain PyTorch.
+
+The pipeline, one module per stage:
+
+    audio.py      decode, downmix and resample any audio source to 16 kHz mono float32
+    windows.py    30 s windows, mel frame counts and audio token counts (pure integer math)
+    features.py   log-mel spectrogram, batched over windows
+    encoder.py    Whisper encoder, average pool and LayerNorm
+    decoder.py    Qwen2 decoder with a static KV cache
+    attention.py  one attention signature, three backends (triton, sdpa, eager)
+    model.py      encoder + projector + decoder, `from_pretrained`, `forward`, `generate`
+    processor.py  chat template, tokenizer and features: conversations to model inputs
+    generate.py   prefill, decode_one_token, sample: the generation loop
+    pipeline.py   `minaf3.load(...)`: chat and transcribe in one call
+
+Names are imported lazily so that `import minaf3` costs little beyond importing torch.
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "load_audio": "audio",
+    "audio_token_count": "windows",
+    "log_mel_spectrogram": "features",
+    "AudioFlamingo3Config": "config",
+    "AudioFlamingo3ForConditionalGeneration": "model",
+    "AudioFlamingo3Processor": "processor",
+    "AutoProcessor": "processor",
+    "load": "pipeline",
+    "Minaf3Error": "errors",
+    "AudioError": "errors",
+    "AudioFileError": "errors",
+    "CheckpointError": "errors",
+    "ConfigError": "errors",
+    "InputError": "errors",
+    "GenerationError": "errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"minaf3.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'minaf3' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

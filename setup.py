@@ -1,0 +1,34 @@
+"""minaf3: a small, fast, readable PyTorch implementation of NVIDIA's Audio Flamingo 3.
+
+`kernels/` and `weights/` sit at the top of the tree so that the architecture reads from it, but they
+install as `minaf3.kernels` and `minaf3.weights`: no top-level `kernels` or `weights` module is installed.
+"""
+
+from setuptools import setup
+
+setup(
+    name="minaf3",
+    version="0.1.0",
+    description="Audio Flamingo 3 in plain PyTorch: log-mel, Whisper encoder, Qwen2 decoder, Triton kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["minaf3", "minaf3.kernels", "minaf3.weights"],
+    package_dir={"minaf3": "minaf3", "minaf3.kernels": "kernels", "minaf3.weights": "weights"},
+    install_requires=[
+        "torch>=2.5",
+        "numpy",
+        "soundfile>=0.12",
+        "soxr",
+        "tokenizers>=0.20",
+        "safetensors",
+        "tqdm",
+        # Kernels import triton lazily; other platforms run the torch path.
+        "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
+    ],
+    extras_require={
+        # transformers is the behavioural reference: tests and benchmarks only, never imported by minaf3.
+        "test": ["pytest", "hypothesis", "transformers==5.23.0", "peft", "ninja", "ruff"],
+    },
+    entry_points={"console_scripts": ["minaf3=minaf3.cli:main"]},
+)

@@ -1,0 +1,195 @@
+"""Shared fixtures: tiny AF3 checkpoints written by transformers itself, and audio the tests make.
+
+The reference checkpoints come from transformers' own `save_pretrained` (model and processor), so every
+parity test compares minaf3 with the reference on files neither side wrote by hand.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+SR = 16000
+# The chat template the official checkpoint ships (transformers' conversion script writes it).
+CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "{% for m in messages if m['content'] is not none %}"
+    "<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}"
+    "{{ m['content'] }}"
+    "{% else %}"
+    "{% set audio = namespace(found=False) %}"
+    "{% set text_buf = namespace(v='') %}"
+    "{% for c in m['content'] %}"
+    "{% if c.get('type') == 'audio' or 'audio' in c %}"
+    "{% set audio.found = True %}"
+    "{% elif c.get('type') == 'text' or 'text' in c %}"
+    "{% set text_buf.v = text_buf.v + c['text'] %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if audio.found %}{{ '<sound>' }}{% endif %}{{ text_buf.v }}"
+    "{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n"
+    "{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<sound>"]
+CORPUS = [
+    "Transcribe the input speech.",
+    "What is in this audio? Describe the sound in detail.",
+    "You are a helpful assistant.",
+    "The spoken content of the audio is hello world.",
+    "A dog barks while music plays in the background, then a man speaks.",
+    "Please think and reason about the input audio before you respond.",
+    "Is this music happy or sad? Which instruments can you hear?",
+]
+
+
+def build_tokenizer(vocab_size: int = 400):
+    """A byte-level BPE tokenizer trained on a few sentences, with AF3's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS * 20, trainer)
+    return tok
+
+
+def reference_configs(tok, *, audio_layers=2, text_layers=2, audio_hidden=32, text_hidden=64):
+    """transformers configs for a tiny AF3 whose shapes exercise GQA, biases and several heads."""
+    from transformers import AudioFlamingo3Config, AudioFlamingo3EncoderConfig, Qwen2Config
+
+    audio = AudioFlamingo3EncoderConfig(
+        num_mel_bins=128,
+        hidden_size=audio_hidden,
+        num_hidden_layers=audio_layers,
+        num_attention_heads=4,
+        intermediate_size=audio_hidden * 2,
+        max_source_positions=1500,
+    )
+    text = Qwen2Config(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=text_hidden,
+        intermediate_size=text_hidden * 2,
+        num_hidden_layers=text_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        bos_token_id=tok.token_to_id("<|endoftext|>"),
+        eos_token_id=tok.token_to_id("<|im_end|>"),
+        tie_word_embeddings=False,
+    )
+    return AudioFlamingo3Config(
+        audio_config=audio, text_config=text, audio_token_id=tok.token_to_id("<sound>")
+    )
+
+
+def write_reference_checkpoint(path: Path, seed: int = 0, max_shard_size=None, **sizes) -> Path:
+    """Write a complete tiny AF3 checkpoint folder with transformers' own save_pretrained."""
+    from transformers import (
+        AudioFlamingo3ForConditionalGeneration,
+        AudioFlamingo3Processor,
+        GenerationConfig,
+        PreTrainedTokenizerFast,
+        WhisperFeatureExtractor,
+    )
+
+    torch.manual_seed(seed)
+    tok = build_tokenizer()
+    config = reference_configs(tok, **sizes)
+    model = AudioFlamingo3ForConditionalGeneration(config).eval()
+    # std 0.02 init gives near-flat logits; a wider spread makes greedy decoding a meaningful test.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.08 if p.ndim >= 2 else 0.05)
+    save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **save_kwargs)
+    bos, eos = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>")
+    GenerationConfig(
+        bos_token_id=bos,
+        do_sample=True,
+        eos_token_id=[eos, bos],
+        pad_token_id=bos,
+        repetition_penalty=1.05,
+        temperature=0.7,
+        top_k=20,
+        top_p=0.8,
+    ).save_pretrained(path)
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        additional_special_tokens=["<|im_start|>", "<|im_end|>", "<sound>"],
+    )
+    processor = AudioFlamingo3Processor(
+        feature_extractor=WhisperFeatureExtractor(feature_size=128, return_attention_mask=True),
+        tokenizer=hf_tok,
+        chat_template=CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(path)
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A single-file tiny AF3 checkpoint in the hub layout (seed 0)."""
+    return write_reference_checkpoint(tmp_path_factory.mktemp("af3_tiny"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_sharded(tmp_path_factory) -> Path:
+    """The hub layout split into several shards with an index (seed 1)."""
+    return write_reference_checkpoint(tmp_path_factory.mktemp("af3_sharded"), seed=1, max_shard_size="100KB")
+
+
+@pytest.fixture(scope="session")
+def reference_model(tiny_checkpoint):
+    """transformers' AudioFlamingo3ForConditionalGeneration on the tiny checkpoint, fp32, eval mode."""
+    from transformers import AudioFlamingo3ForConditionalGeneration
+
+    return AudioFlamingo3ForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def reference_processor(tiny_checkpoint):
+    """transformers' AudioFlamingo3Processor on the tiny checkpoint."""
+    from transformers import AudioFlamingo3Processor
+
+    return AudioFlamingo3Processor.from_pretrained(tiny_checkpoint)
+
+
+def speech_like(num_samples: int, sampling_rate: int = SR, seed: int = 0) -> np.ndarray:
+    """A voiced, syllable-like signal: harmonics of a gliding pitch under a 4 Hz envelope, plus noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(num_samples) / sampling_rate
+    f0 = 120 + 30 * np.sin(2 * np.pi * 0.5 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / sampling_rate
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 8))
+    envelope = 0.5 * (1 + np.sin(2 * np.pi * 4 * t)) ** 2
+    signal = 0.2 * voiced * envelope + 0.01 * rng.standard_normal(num_samples)
+    return signal.astype(np.float32)
+
+
+@pytest.fixture
+def make_speech():
+    return speech_like
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

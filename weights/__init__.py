@@ -1,0 +1,1 @@
+"""Checkpoint layouts and loading: the only place where reference tensor names appear."""
