@@ -1,0 +1,105 @@
+"""Attention: one signature, three backends.
+
+    attention(q, k, v, key_mask=None, query_pos=None, backend=None) -> out
+        q:         (B, Hq, T, D)   queries
+        k, v:      (B, Hkv, S, D)  keys and values (S = T without a cache, or the static cache length)
+        key_mask:  (B, S) bool     True where a key slot holds a real token (False: padding)
+        query_pos: (T,) long       the cache slot of each query; None means bidirectional (the encoder)
+        out:       (B, Hq, T, D)
+
+With `query_pos`, query i sees key slot j iff j <= query_pos[i] and key_mask[b, j]. A query that sees no key
+at all (a left-padding row) outputs zeros, as torch's sdpa does since 2.5 and so the reference does: a plain
+softmax would give NaN there, and that NaN would reach real rows through the value matrix at the next layer
+(0 * NaN = NaN). Padding rows then carry only their residual, which keeps the loss equal to the reference's.
+
+Grouped-query attention: Hq = G * Hkv and query head h reads key/value head h // G.
+
+Backends: "triton" (kernels/, CUDA), "sdpa" (torch.nn.functional.scaled_dot_product_attention) and "eager"
+(plain matmul/softmax, the readable definition). The default is triton on CUDA and sdpa elsewhere; force one
+with the `backend` argument or, for a whole block of code, `with use_backend("eager"): ...`.
+"""
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("triton", "sdpa", "eager")
+_forced = threading.local()
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Force an attention backend for the calls made inside the block (None restores the default choice)."""
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKENDS}")
+    previous = getattr(_forced, "name", None)
+    _forced.name = name
+    try:
+        yield
+    finally:
+        _forced.name = previous
+
+
+def default_backend(device: torch.device) -> str:
+    forced = getattr(_forced, "name", None)
+    if forced is not None:
+        return forced
+    if device.type == "cuda":
+        from .kernels import is_available
+
+        if is_available():
+            return "triton"
+    return "sdpa"
+
+
+def attention_mask(
+    key_mask: torch.Tensor | None, query_pos: torch.Tensor | None, num_keys: int
+) -> torch.Tensor | None:
+    """The boolean mask (B or 1, 1, T, S) that sdpa and eager apply; True means "may attend"."""
+    if query_pos is None:
+        return None if key_mask is None else key_mask[:, None, None, :]
+    slots = torch.arange(num_keys, device=query_pos.device)
+    allowed = slots[None, :] <= query_pos[:, None]  # (T, S) causal by slot
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, :]  # (B, T, S)
+    return allowed.unsqueeze(-3)  # (B or 1, 1, T, S)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    query_pos: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Scaled dot-product attention with D**-0.5 scaling; see the module docstring for shapes and masks."""
+    backend = backend or default_backend(q.device)
+    if backend == "sdpa":
+        mask = attention_mask(key_mask, query_pos, k.shape[-2])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+    if backend == "eager":
+        return eager_attention(q, k, v, attention_mask(key_mask, query_pos, k.shape[-2]))
+    if backend == "triton":
+        from .kernels.attention import triton_attention
+
+        return triton_attention(q, k, v, key_mask=key_mask, query_pos=query_pos)
+    raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+
+
+def eager_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """The definition: softmax(q k^T / sqrt(D) + mask) v, softmax in float32, zeros for rows with no key."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)  # (B, Hkv, S, D) -> (B, Hq, S, D)
+    v = v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # (B, Hq, T, S)
+    if mask is None:
+        return scores.softmax(dim=-1).to(v.dtype) @ v
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    probs = probs.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)  # NaN rows (no key) -> 0
+    return probs.to(v.dtype) @ v

@@ -1,0 +1,170 @@
+"""Model configuration: frozen dataclasses filled explicitly from a checkpoint's `config.json`.
+
+Every shape-determining field must be present; a missing one is a ConfigError that names it. Both spellings
+that transformers has written are read: 4.x (`rope_theta`, Whisper's `d_model`/`encoder_layers`) and 5.x
+(`rope_parameters.rope_theta`, `hidden_size`/`num_hidden_layers`). Unknown keys are ignored. Settings minaf3
+does not implement (another activation, scaled RoPE, sliding windows) are refused rather than run wrongly.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError, ConfigError
+
+_MISSING = object()
+
+
+def _get(section: dict, where: str, *names: str, default: Any = _MISSING) -> Any:
+    """The first of `names` present in `section` (spellings of one field), else `default`, else an error."""
+    for name in names:
+        if name in section and section[name] is not None:
+            return section[name]
+    if default is _MISSING:
+        raise ConfigError(f"config.json: {where} is missing required field {names[0]!r}")
+    return default
+
+
+def _expect(value: Any, supported: Any, field: str) -> None:
+    if value != supported:
+        raise ConfigError(
+            f"config.json: {field}={value!r} is not supported (minaf3 implements {supported!r})"
+        )
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """The Whisper-style audio encoder (`audio_config`)."""
+
+    num_mel_bins: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_source_positions: int
+    layer_norm_eps: float = 1e-5  # nn.LayerNorm's default, which the reference uses
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EncoderConfig":
+        where = "audio_config"
+        _expect(
+            _get(d, where, "activation_function", default="gelu"), "gelu", "audio_config.activation_function"
+        )
+        _expect(bool(_get(d, where, "scale_embedding", default=False)), False, "audio_config.scale_embedding")
+        cfg = cls(
+            num_mel_bins=int(_get(d, where, "num_mel_bins")),
+            hidden_size=int(_get(d, where, "hidden_size", "d_model")),
+            num_layers=int(_get(d, where, "num_hidden_layers", "encoder_layers")),
+            num_heads=int(_get(d, where, "num_attention_heads", "encoder_attention_heads")),
+            intermediate_size=int(_get(d, where, "intermediate_size", "encoder_ffn_dim")),
+            max_source_positions=int(_get(d, where, "max_source_positions")),
+        )
+        if cfg.hidden_size % cfg.num_heads:
+            raise ConfigError(
+                f"config.json: audio_config.hidden_size {cfg.hidden_size} is not divisible by "
+                f"num_attention_heads {cfg.num_heads}"
+            )
+        return cfg
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """The Qwen2 language model (`text_config`)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rms_norm_eps: float
+    max_position_embeddings: int
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DecoderConfig":
+        where = "text_config"
+        _expect(_get(d, where, "hidden_act", default="silu"), "silu", "text_config.hidden_act")
+        _expect(
+            bool(_get(d, where, "use_sliding_window", default=False)), False, "text_config.use_sliding_window"
+        )
+        _expect(
+            bool(_get(d, where, "tie_word_embeddings", default=False)),
+            False,
+            "text_config.tie_word_embeddings",
+        )
+        rope = _get(d, where, "rope_parameters", "rope_scaling", default={}) or {}
+        _expect(rope.get("rope_type", rope.get("type", "default")), "default", "text_config rope_type")
+        theta = d.get("rope_theta", rope.get("rope_theta"))
+        if theta is None:
+            raise ConfigError(
+                "config.json: text_config is missing 'rope_theta' (or rope_parameters.rope_theta)"
+            )
+        hidden, heads = int(_get(d, where, "hidden_size")), int(_get(d, where, "num_attention_heads"))
+        cfg = cls(
+            vocab_size=int(_get(d, where, "vocab_size")),
+            hidden_size=hidden,
+            intermediate_size=int(_get(d, where, "intermediate_size")),
+            num_layers=int(_get(d, where, "num_hidden_layers")),
+            num_heads=heads,
+            num_kv_heads=int(_get(d, where, "num_key_value_heads")),
+            head_dim=int(_get(d, where, "head_dim", default=hidden // heads)),
+            rope_theta=float(theta),
+            rms_norm_eps=float(_get(d, where, "rms_norm_eps")),
+            max_position_embeddings=int(_get(d, where, "max_position_embeddings")),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=d.get("eos_token_id"),
+        )
+        if cfg.num_heads % cfg.num_kv_heads:
+            raise ConfigError(
+                f"config.json: text_config.num_attention_heads {cfg.num_heads} is not a multiple of "
+                f"num_key_value_heads {cfg.num_kv_heads}"
+            )
+        return cfg
+
+
+@dataclass(frozen=True)
+class AudioFlamingo3Config:
+    """The whole model: encoder, projector and decoder, and the id of the `<sound>` placeholder token."""
+
+    encoder: EncoderConfig
+    decoder: DecoderConfig
+    audio_token_id: int
+    projector_bias: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AudioFlamingo3Config":
+        for section in ("audio_config", "text_config"):
+            if not isinstance(d.get(section), dict):
+                raise ConfigError(f"config.json: missing required section {section!r}")
+        _expect(d.get("projector_hidden_act", "gelu"), "gelu", "projector_hidden_act")
+        return cls(
+            encoder=EncoderConfig.from_dict(d["audio_config"]),
+            decoder=DecoderConfig.from_dict(d["text_config"]),
+            audio_token_id=int(_get(d, "the top level", "audio_token_id")),
+            projector_bias=bool(d.get("projector_bias", True)),
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "AudioFlamingo3Config":
+        """Read `config.json` from a checkpoint folder or a file path."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise CheckpointError(f"{path}: config.json not found")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data)

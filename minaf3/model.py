@@ -1,0 +1,253 @@
+"""Audio Flamingo 3: Whisper encoder -> MLP projector -> Qwen2 decoder -> logits.
+
+    input_features (W, 128, 3000)  one log-mel window per row, all samples' windows concatenated
+      audio_tower            -> (W, 750, 1280)  pooled encoder frames (only the first K per window are audio)
+      multi_modal_projector  -> (N, 3584)       the N = sum(K) real frames, in order
+    input_ids (B, T)         -> embed_tokens -> (B, T, 3584); the N `<sound>` rows are replaced, in order
+      language_model         -> (B, T, 3584)
+      lm_head                -> logits (B, T, vocab)
+
+Parameter names follow this tree, so `language_model.layers.3.self_attn.q_proj.weight` is a path into the
+model; the checkpoint's own names are mapped once, in weights/.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import AudioFlamingo3Config
+from .decoder import Qwen2Decoder
+from .encoder import WhisperEncoder
+from .errors import CheckpointError, ConfigError, InputError
+
+DOWNLOAD_HINT = (
+    "Download the official checkpoint with `huggingface-cli download nvidia/audio-flamingo-3-hf "
+    "--local-dir audio-flamingo-3-hf` and pass that folder."
+)
+
+
+@dataclass
+class CausalLMOutput:
+    """logits (B, T, vocab) in the model's dtype; loss: mean next-token cross-entropy (labels given)."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+class Projector(nn.Module):
+    """linear_1 -> GELU -> linear_2: encoder width to decoder width."""
+
+    def __init__(self, audio_hidden: int, text_hidden: int, bias: bool):
+        super().__init__()
+        self.linear_1 = nn.Linear(audio_hidden, text_hidden, bias=bias)
+        self.linear_2 = nn.Linear(text_hidden, text_hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.gelu(self.linear_1(x)))
+
+
+def audio_token_lengths(mel_lengths: torch.Tensor) -> torch.Tensor:
+    """Audio tokens of each window from its real mel frames: conv2 halves, then the pool halves again."""
+    return ((mel_lengths - 1) // 2 + 1 - 2) // 2 + 1
+
+
+def frames_needed(mel_lengths: torch.Tensor, num_frames: int) -> int:
+    """How many leading mel frames a batch of windows needs so its audio tokens are exactly unchanged.
+
+    A window with L real frames has L1 = (L - 1) // 2 + 1 frames after conv2; those read conv1 outputs
+    up to 2 * L1 - 1, which read mel frames up to 2 * L1. Cropping at 2 * L1 + 2 (even, so conv2's length
+    is exactly half) leaves every real frame's receptive field intact; the later frames are padding that the
+    attention masks out as keys anyway.
+    """
+    l1 = (int(mel_lengths.max()) - 1) // 2 + 1
+    return min(num_frames, 2 * l1 + 2)
+
+
+class AudioFlamingo3ForConditionalGeneration(nn.Module):
+    def __init__(self, config: AudioFlamingo3Config):
+        super().__init__()
+        self.config = config
+        enc, dec = config.encoder, config.decoder
+        self.audio_tower = WhisperEncoder(enc)
+        self.multi_modal_projector = Projector(enc.hidden_size, dec.hidden_size, config.projector_bias)
+        self.language_model = Qwen2Decoder(dec)
+        self.lm_head = nn.Linear(dec.hidden_size, dec.vocab_size, bias=False)
+        self.generation_config = None  # set by from_pretrained from generation_config.json
+        # Encode only the frames that hold audio (plus the convolutions' margin) rather than 30 s per window.
+        self.crop_audio_padding = True
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    # ---- audio ------------------------------------------------------------------------------------------
+    def get_audio_features(
+        self, input_features: torch.Tensor, input_features_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """input_features (W, 128, F), input_features_mask (W, F) -> audio embeddings (N, D_text).
+
+        N is the sum over windows of their audio tokens; rows are in window order, then time order.
+        """
+        mel_lengths = input_features_mask.sum(-1).long()
+        tokens = audio_token_lengths(mel_lengths)
+        num_frames = input_features.shape[-1]
+        # Full windows need every frame; a short tail needs few. Encoding the two groups apart keeps the
+        # tail's cost proportional to its length while the full windows still run as one batch.
+        full = mel_lengths >= num_frames - 1
+        out = [None] * len(mel_lengths)
+        features = input_features.to(self.dtype)
+        for group in (full.nonzero().flatten(), (~full).nonzero().flatten()):
+            if len(group) == 0:
+                continue
+            crop = frames_needed(mel_lengths[group], num_frames) if self.crop_audio_padding else num_frames
+            hidden = self.audio_tower(features[group, :, :crop], mel_lengths[group])  # (w, crop / 4, H)
+            for i, h in zip(group.tolist(), hidden):
+                out[i] = h[: tokens[i]]
+        return self.multi_modal_projector(torch.cat(out))  # (N, D_text)
+
+    def embed_inputs(
+        self,
+        input_ids: torch.Tensor,
+        input_features: torch.Tensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings (B, T, D) with the `<sound>` rows replaced by audio embeddings, in order."""
+        embeds = self.language_model.embed_tokens(input_ids)
+        is_audio = input_ids == self.config.audio_token_id  # (B, T)
+        if input_features is None:
+            if is_audio.any():
+                raise InputError(
+                    f"input_ids hold {int(is_audio.sum())} audio placeholder token(s) but no input_features were given"
+                )
+            return embeds
+        if input_features_mask is None:
+            raise InputError("input_features were given without input_features_mask")
+        audio = self.get_audio_features(input_features, input_features_mask)
+        if audio.shape[0] != int(is_audio.sum()):
+            per_sample = is_audio.sum(-1).tolist()
+            per_window = audio_token_lengths(input_features_mask.sum(-1).long()).tolist()
+            raise InputError(
+                f"audio placeholders and audio frames do not match: placeholders per sample {per_sample} "
+                f"({sum(per_sample)} in all), audio frames per window {per_window} ({audio.shape[0]} in all)"
+            )
+        return embeds.masked_scatter(is_audio[..., None], audio.to(embeds.dtype))
+
+    # ---- forward ----------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        **unused,
+    ) -> CausalLMOutput:
+        """Logits for every position (or the last `logits_to_keep`), and the loss when labels are given.
+
+        As in the reference, positions default to 0..T-1 for every row; pass `position_ids` for left-padded
+        batches to give each row the positions it would have alone (generate does).
+        """
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise InputError("forward needs input_ids or inputs_embeds")
+            inputs_embeds = self.embed_inputs(input_ids, input_features, input_features_mask)
+        B, T, _ = inputs_embeds.shape
+        if position_ids is None:
+            position_ids = torch.arange(T, device=inputs_embeds.device).expand(B, T)
+        key_mask = None if attention_mask is None else attention_mask.bool()
+        hidden = self.language_model(inputs_embeds, position_ids, key_mask)
+        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        loss = None if labels is None else causal_lm_loss(logits, labels)
+        return CausalLMOutput(logits=logits, loss=loss)
+
+    def generate(self, *args, **kwargs) -> torch.Tensor:
+        """Prompt + new tokens (B, T + n); see `minaf3.generate.generate` for the arguments."""
+        from .generate import generate
+
+        return generate(self, *args, **kwargs)
+
+    # ---- loading ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        dtype: torch.dtype | str | None = None,
+        device_map: str | torch.device | None = None,
+    ) -> "AudioFlamingo3ForConditionalGeneration":
+        """Load a checkpoint folder in any of the three layouts (see weights/layouts.py).
+
+        device_map: None or "cpu", "cuda", "auto" (CUDA when available) or a torch.device.
+        dtype: default float32 on CPU (bf16 matrix products are several times slower on CPUs without bf16
+        instructions) and the checkpoint's dtype on CUDA. The model is built on the meta device and the
+        tensors are assigned as they are read, so no second copy of the weights is ever made.
+        """
+        from .generate import GenerationConfig
+        from .weights.loader import read_checkpoint
+
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: checkpoint folder not found. {DOWNLOAD_HINT}")
+        config = AudioFlamingo3Config.from_file(path)
+        device = resolve_device(device_map)
+        dtype = resolve_dtype(dtype, device, path)
+        with torch.device("meta"):
+            model = cls(config)
+        expected = {name: t.shape for name, t in model.state_dict().items()}
+        tensors = read_checkpoint(path, expected, dtype=dtype, device=device)
+        model.load_state_dict(tensors, strict=True, assign=True)
+        model.language_model.reset_buffers(device)
+        model.generation_config = GenerationConfig.from_pretrained(path, config)
+        return model.eval()
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting token t + 1 from position t, over labels != -100."""
+    targets = F.pad(labels, (0, 1), value=-100)[:, 1:]  # shift left; the last position predicts nothing
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten().to(logits.device), ignore_index=-100
+    )
+
+
+def resolve_device(device_map: str | torch.device | None) -> torch.device:
+    if device_map is None:
+        return torch.device("cpu")
+    if device_map == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device_map)
+    except (RuntimeError, TypeError):
+        raise ConfigError(
+            f"device_map={device_map!r}: expected 'auto', 'cpu', 'cuda' or a torch.device"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device_map={device_map!r}: CUDA is not available on this machine")
+    return device
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device, path: Path) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ConfigError(f"dtype={dtype}: expected one of {sorted(_DTYPES)}")
+        return dtype
+    if dtype not in (None, "auto") and dtype not in _DTYPES:
+        raise ConfigError(f"dtype={dtype!r}: expected 'auto' or one of {sorted(_DTYPES)}")
+    if dtype in _DTYPES:
+        return _DTYPES[dtype]
+    if device.type != "cuda" and dtype is None:
+        return torch.float32
+    saved = json.loads((path / "config.json").read_text()).get("dtype") or "float32"
+    return _DTYPES.get(saved, torch.float32)
