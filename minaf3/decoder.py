@@ -143,7 +143,7 @@ class Qwen2Decoder(nn.Module):
         self.inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta, device)
 
     def setup_cache(self, batch_size: int, max_seq_len: int, dtype: torch.dtype, device) -> None:
-        """Allocate every layer's static KV cache: (batch_size, Hkv, max_seq_len, head_dim) each for k and v."""
+        """Allocate each layer's static KV cache: k and v of (batch_size, Hkv, max_seq_len, head_dim)."""
         c = self.config
         for layer in self.layers:
             layer.self_attn.kv_cache = KVCache(

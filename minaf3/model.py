@@ -109,7 +109,7 @@ class AudioFlamingo3ForConditionalGeneration(nn.Module):
                 continue
             crop = frames_needed(mel_lengths[group], num_frames) if self.crop_audio_padding else num_frames
             hidden = self.audio_tower(features[group, :, :crop], mel_lengths[group])  # (w, crop / 4, H)
-            for i, h in zip(group.tolist(), hidden):
+            for i, h in zip(group.tolist(), hidden, strict=True):
                 out[i] = h[: tokens[i]]
         return self.multi_modal_projector(torch.cat(out))  # (N, D_text)
 
@@ -125,7 +125,8 @@ class AudioFlamingo3ForConditionalGeneration(nn.Module):
         if input_features is None:
             if is_audio.any():
                 raise InputError(
-                    f"input_ids hold {int(is_audio.sum())} audio placeholder token(s) but no input_features were given"
+                    f"input_ids hold {int(is_audio.sum())} audio placeholder token(s) "
+                    "but no input_features were given"
                 )
             return embeds
         if input_features_mask is None:
