@@ -1,12 +1,12 @@
 """The errors minaf3 raises. Every failure a user can cause is one of these, raised early and naming the item.
 
-    Minaf3Error                      base of everything below
-    ├── AudioError (ValueError)      audio that cannot be used: empty, NaN/Inf, wrong shape or type, undecodable
-    ├── AudioFileError (OSError)     an audio source that cannot be read: missing file, failed download
-    ├── CheckpointError (OSError)    a model folder that is missing, incomplete, corrupt or mismatched
-    ├── ConfigError (ValueError)     a config.json or argument that is missing fields or holds wrong values
-    ├── InputError (ValueError)      a prompt or conversation that cannot be processed
-    └── GenerationError (ValueError) generation settings or lengths the model cannot honour
+Minaf3Error                      base of everything below
+├── AudioError (ValueError)      audio that cannot be used: empty, NaN/Inf, wrong shape or type, undecodable
+├── AudioFileError (OSError)     an audio source that cannot be read: missing file, failed download
+├── CheckpointError (OSError)    a model folder that is missing, incomplete, corrupt or mismatched
+├── ConfigError (ValueError)     a config.json or argument that is missing fields or holds wrong values
+├── InputError (ValueError)      a prompt or conversation that cannot be processed
+└── GenerationError (ValueError) generation settings or lengths the model cannot honour
 """
 
 
