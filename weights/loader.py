@@ -1,0 +1,135 @@
+"""Read a checkpoint folder into our tensor names: check everything first, then copy one tensor at a time.
+
+    read_checkpoint(folder, expected)   -> {our name: tensor}, in any of the three layouts (layouts.py)
+    checkpoint_files(folder, required)  -> {role: path} of the config, tokenizer and processor files
+
+Order of work, so that a bad download costs seconds and a clear message rather than a half-built model:
+1. headers only (layouts.scan_checkpoint): every file present, parseable, as long as its header says, and
+   consistent with the index;
+2. names and shapes: the checkpoint against `expected` (our model's state_dict shapes); missing,
+   unexpected, wrongly shaped and non-float tensors are reported together in one CheckpointError;
+3. data: each tensor is memory-mapped, copied into its final dtype and device, and its mapping closed.
+
+Peak memory is the weights in their final dtype plus one tensor: the mapped pages of a tensor are released
+as soon as it is copied (a file kept open would keep every page read so far resident as well). The result
+owns its memory rather than viewing the file, so overwriting the checkpoint later (saving a fine-tuned
+model to the same folder) cannot change or crash a model that is running.
+"""
+
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from minaf3.errors import CheckpointError, ConfigError
+
+from .layouts import checkpoint_names, scan_checkpoint
+from .shards import TensorInfo, listing
+
+# Our model's parameters are all floating point; the checkpoint may store them in any of these.
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+# Files besides the weights, by role, in order of preference. transformers 5 nests the feature extractor
+# settings in processor_config.json; older saves have preprocessor_config.json.
+SUPPORT_FILES = {
+    "config": ("config.json",),
+    "generation config": ("generation_config.json",),
+    "tokenizer": ("tokenizer.json",),
+    "tokenizer config": ("tokenizer_config.json",),
+    "chat template": ("chat_template.jinja", "chat_template.json"),
+    "processor config": ("processor_config.json", "preprocessor_config.json"),
+}
+
+
+def _mismatches(
+    expected: dict[str, torch.Size], names: dict[str, str], stored: dict[str, TensorInfo]
+) -> list[str]:
+    """The body of the error for a checkpoint that does not fit the model; empty when it fits."""
+    missing, shapes, dtypes = [], [], []
+    for ours, shape in expected.items():
+        theirs = names[ours]
+        name = ours if theirs == ours else f"{ours} (stored as {theirs})"
+        info = stored.get(theirs)
+        if info is None:
+            missing.append(name)
+        elif info.shape != tuple(shape):
+            shapes.append(f"{name}: the model expects {tuple(shape)}, {info.label} holds {info.shape}")
+        elif info.dtype not in FLOAT_DTYPES:
+            dtypes.append(f"{name}: {info.label} holds {info.dtype}; floating point expected")
+    mapped = set(names.values())
+    unexpected = [f"{key} in {info.label}" for key, info in sorted(stored.items()) if key not in mapped]
+    parts = [
+        (missing, "missing tensors"),
+        (unexpected, "unexpected tensors, not in the model"),
+        (shapes, "tensors with the wrong shape"),
+        (dtypes, "tensors that are not floating point"),
+    ]
+    return [listing(items, what) for items, what in parts if items]
+
+
+def _read(info: TensorInfo, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+    """One tensor, copied from its file into `dtype` (None: as stored) on `device`."""
+    try:
+        # One open per tensor: closing unmaps the pages this tensor touched (see the module docstring).
+        with safe_open(info.file, framework="pt", device="cpu") as handle:
+            stored = handle.get_tensor(info.key)  # a view of the mapped file: nothing read yet
+            out = torch.empty(stored.shape, dtype=dtype or stored.dtype, device=device)
+            out.copy_(stored)  # reads, converts and moves in one pass, with no intermediate copy
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{info.label}: tensor {info.key} could not be read: {e}") from None
+    return out
+
+
+def read_checkpoint(
+    folder: str | Path,
+    expected: dict[str, torch.Size],
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, torch.Tensor]:
+    """The tensors of the checkpoint in `folder`, under our names, in `dtype` (None: as stored) on `device`.
+
+    `expected` maps each of our tensor names to its shape (a model's `state_dict()` shapes); the result has
+    exactly these keys. Raises CheckpointError before any tensor data is read if a file is missing, damaged
+    or inconsistent, or if any tensor is missing, unexpected, wrongly shaped or not floating point.
+    """
+    folder = Path(folder)
+    layout, stored = scan_checkpoint(folder)
+    names = checkpoint_names(layout, expected)
+    problems = _mismatches(expected, names, stored)
+    if problems:
+        raise CheckpointError(
+            f"{folder} ({layout.name} layout) does not match the model:\n" + "\n".join(problems)
+        )
+    device = torch.device(device)
+    # In file order, so that a checkpoint on a cold disk is read front to back.
+    order = sorted(expected, key=lambda ours: (str(stored[names[ours]].file), stored[names[ours]].offset))
+    tensors = {ours: _read(stored[names[ours]], dtype, device) for ours in order}
+    return {ours: tensors[ours] for ours in expected}
+
+
+def checkpoint_files(folder: str | Path, required: tuple[str, ...] = ()) -> dict[str, Path | None]:
+    """Role -> path of each support file in `folder` (None when absent): config, tokenizer, ...
+
+    Roles are the keys of SUPPORT_FILES. A missing `required` role raises one CheckpointError that names
+    every missing file and lists what the folder does hold.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: checkpoint folder not found")
+    found = {
+        role: next((folder / name for name in names if (folder / name).is_file()), None)
+        for role, names in SUPPORT_FILES.items()
+    }
+    unknown = [role for role in required if role not in SUPPORT_FILES]
+    if unknown:
+        raise ConfigError(f"unknown support file roles {unknown}; known: {list(SUPPORT_FILES)}")
+    missing = [f"{role} ({' or '.join(SUPPORT_FILES[role])})" for role in required if found[role] is None]
+    if missing:
+        held = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+        raise CheckpointError(
+            f"{folder}: incomplete checkpoint folder:\n"
+            + listing(missing, "missing files")
+            + "\n"
+            + listing(held, "entries in the folder")
+        )
+    return found
