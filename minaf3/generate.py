@@ -1,0 +1,398 @@
+"""Text generation with a static KV cache: prefill the prompt once, then decode one token per step.
+
+    inputs_embeds (B, T, D)  the prompt, audio already in place, left-padded
+      prefill                -> logits (B, V) of the last prompt position; cache slots 0..T-1 filled
+      loop: process_logits + sample -> tokens (B,)      (sampling.py)
+            decode_one_token(tokens at slot T + i)      -> logits (B, V)
+    -> prompt + new tokens (B, T + n): n = the longest row's new tokens; stopped rows padded with pad_token_id
+
+Position bookkeeping lives here, not in the decoder. A row with p padding tokens on the left holds its
+token t in cache slot t but at RoPE position t - p, so it gets exactly the positions it would have alone;
+its generated tokens go to slots T, T + 1, ... at positions T - p, T - p + 1, .... The key mask over the
+S = T + max_new_tokens slots is the prompt's attention mask followed by ones; slots not yet written are
+hidden by causality (query slot i sees key slots <= i).
+
+Nothing grows in the loop: the cache, the key mask, the output ids and the repetition table are allocated
+once. The only host synchronisation per step is the stop check (and the streamer, which needs the tokens).
+
+Thread safety: the KV cache belongs to the model, so concurrent `generate` calls on one model are serialised
+by a per-model lock (audio encoding and input checks run outside it). Use one model per thread for
+parallelism.
+
+Streaming: `TextIteratorStreamer` turns the tokens generate feeds it into decoded text pieces, consumed as
+an iterator (usually from another thread than the one running generate):
+
+    streamer = TextIteratorStreamer(processor, skip_prompt=True)
+    Thread(target=model.generate, kwargs=dict(**inputs, streamer=streamer)).start()
+    for piece in streamer: print(piece, end="", flush=True)
+"""
+
+import queue
+import threading
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import GenerationError, InputError
+from .sampling import GenerationConfig, mark_seen_, process_logits, sample, seen_tokens
+
+__all__ = ["GenerationConfig", "GenerateOutput", "TextIteratorStreamer", "generate", "prefill"]
+
+# Arguments the reference's generate accepts that change nothing here when left at these values.
+_NEUTRAL_KWARGS = {
+    "use_cache": True,
+    "num_beams": 1,
+    "num_return_sequences": 1,
+    "output_scores": False,
+    "output_attentions": False,
+    "output_hidden_states": False,
+}
+# Model inputs a processor may return that generation does not use (the reference drops them too).
+_UNUSED_INPUTS = ("labels", "position_ids", "token_type_ids")
+
+_locks: "weakref.WeakKeyDictionary[torch.nn.Module, threading.Lock]" = weakref.WeakKeyDictionary()
+_locks_guard = threading.Lock()
+
+
+def model_lock(model: torch.nn.Module) -> threading.Lock:
+    """The lock that serialises use of `model`'s KV cache, created on first use."""
+    with _locks_guard:
+        return _locks.setdefault(model, threading.Lock())
+
+
+@dataclass
+class GenerateOutput:
+    """What generate returns with return_dict_in_generate=True.
+
+    sequences: (B, T + n) prompt + new tokens.
+    logits: with output_logits=True, one (B, V) float32 tensor per step: the raw logits each token was chosen
+    from (before repetition penalty and the other processors), as the reference's `output.logits`.
+    """
+
+    sequences: torch.Tensor
+    logits: tuple[torch.Tensor, ...] | None = None
+
+
+def prefill(
+    model,
+    inputs_embeds: torch.Tensor,
+    positions: torch.Tensor,
+    key_mask: torch.Tensor,
+    input_pos: torch.Tensor,
+) -> torch.Tensor:
+    """Run the prompt through the decoder, filling cache slots `input_pos`; logits (B, V) float32 of its last
+    position only (the lm_head over every prompt position would cost T times as much and be thrown away).
+
+    inputs_embeds (B, T, D); positions (B, T) RoPE positions; key_mask (B, S) bool; input_pos (T,) slots.
+    """
+    hidden = model.language_model(inputs_embeds, positions, key_mask, input_pos)  # (B, T, D)
+    return model.lm_head(hidden[:, -1]).float()  # (B, D) -> (B, V)
+
+
+def decode_one_token(
+    model, tokens: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor, input_pos: torch.Tensor
+) -> torch.Tensor:
+    """tokens (B, 1) at RoPE positions (B, 1), written to cache slot input_pos (1,) -> logits (B, V) f32."""
+    embeds = model.language_model.embed_tokens(tokens)  # (B, 1, D)
+    hidden = model.language_model(embeds, positions, key_mask, input_pos)  # (B, 1, D)
+    return model.lm_head(hidden[:, -1]).float()
+
+
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    input_features: torch.Tensor | None = None,
+    input_features_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int | None = None,
+    min_new_tokens: int | None = None,
+    do_sample: bool | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    streamer=None,
+    generation_config: GenerationConfig | None = None,
+    return_dict_in_generate: bool = False,
+    output_logits: bool = False,
+    **kwargs,
+) -> torch.Tensor | GenerateOutput:
+    """Generate continuations of a batch of prompts; the arguments mean what they mean in transformers.
+
+    input_ids, attention_mask (B, T): the processor's output, padded on the left. input_features (W, 128, F),
+    input_features_mask (W, F): the audio windows of all samples, when the prompts hold audio.
+    Settings left at None come from `generation_config` (default: the model's, read from the checkpoint's
+    generation_config.json). eos_token_id: one id or a list; a row stops at the first token from the list
+    (pass [] to never stop early). generator: a torch.Generator on the model's device, for reproducible
+    sampling. streamer: an object with put(token_ids) and end(), such as `TextIteratorStreamer`; it first
+    receives the prompt (B, T), then each step's tokens (B,).
+
+    Returns prompt + new tokens (B, T + n) long, or a `GenerateOutput` with return_dict_in_generate=True.
+    Raises GenerationError for bad settings or a prompt + max_new_tokens beyond the model's context, and
+    InputError for malformed inputs, both before any compute.
+    """
+    try:
+        check_kwargs(kwargs)
+        base = (
+            generation_config or model.generation_config or GenerationConfig.from_model_config(model.config)
+        )
+        config = base.replace(  # None leaves a setting at the base's value
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )
+        device = model.device
+        if not isinstance(input_ids, torch.Tensor):
+            raise InputError(f"input_ids must be a tensor of token ids, got {type(input_ids).__name__}")
+        input_ids = input_ids.to(device)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+        check_inputs(input_ids, attention_mask, model.config.decoder.vocab_size)
+        B, T = input_ids.shape
+        check_length(T, config.max_new_tokens, model.config.decoder.max_position_embeddings)
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        with torch.inference_mode():
+            if input_features is not None:
+                input_features = input_features.to(device)
+                input_features_mask = None if input_features_mask is None else input_features_mask.to(device)
+            embeds = model.embed_inputs(input_ids, input_features, input_features_mask)  # (B, T, D)
+            with model_lock(model):
+                model.language_model.setup_cache(B, T + config.max_new_tokens, model.dtype, device)
+                try:
+                    new_tokens, logits = decode_loop(
+                        model, input_ids, attention_mask, embeds, config, generator, streamer, output_logits
+                    )
+                finally:
+                    model.language_model.clear_cache()  # give the memory back between calls
+    except BaseException as error:
+        # A consumer iterating over the streamer in another thread would otherwise wait forever.
+        if streamer is not None and hasattr(streamer, "fail"):
+            streamer.fail(error)
+        raise
+    if streamer is not None:
+        streamer.end()
+    sequences = torch.cat([input_ids, new_tokens], dim=1)  # (B, T) + (B, n) -> (B, T + n)
+    if return_dict_in_generate:
+        return GenerateOutput(sequences=sequences, logits=tuple(logits) if output_logits else None)
+    return sequences
+
+
+def decode_loop(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    embeds: torch.Tensor,
+    config: GenerationConfig,
+    generator: torch.Generator | None,
+    streamer,
+    keep_logits: bool,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Prefill, then choose and decode tokens until every row has stopped or max_new_tokens are out.
+
+    Needs the cache set up for S = T + max_new_tokens slots. Returns the new tokens (B, n) and, when
+    keep_logits, each step's raw logits (B, V).
+    """
+    B, T = input_ids.shape
+    N, device = config.max_new_tokens, input_ids.device
+    mask = attention_mask.bool()
+    # RoPE positions: each row counts only its real tokens (left padding gets position 0, masked anyway).
+    prompt_positions = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 0)  # (B, T)
+    new_positions = mask.sum(-1, keepdim=True) + torch.arange(N, device=device)  # (B, N)
+    slots = torch.arange(T + N, device=device)  # cache slot of every prompt and generated token
+    key_mask = torch.cat([mask, mask.new_ones(B, N)], dim=1)  # (B, T + N)
+
+    eos_ids = (
+        torch.tensor(config.eos_token_id, dtype=torch.long, device=device) if config.eos_token_id else None
+    )
+    pad = config.pad_token_id if config.pad_token_id is not None else (config.eos_token_id or (0,))[0]
+    vocab_size = model.lm_head.out_features
+    seen = seen_tokens(input_ids, attention_mask, vocab_size) if config.repetition_penalty != 1.0 else None
+    out = torch.full((B, N), pad, dtype=torch.long, device=device)
+    unfinished = torch.ones(B, dtype=torch.bool, device=device)
+    kept: list[torch.Tensor] = []
+
+    logits = prefill(model, embeds, prompt_positions, key_mask, slots[:T])
+    for step in range(N):
+        if keep_logits:
+            kept.append(logits)
+        scores = process_logits(logits, config, seen, step, eos_ids)
+        tokens = sample(scores, config.do_sample, generator)  # (B,)
+        if eos_ids is not None:
+            # Rows that already stopped keep emitting padding, as in the reference.
+            tokens = torch.where(unfinished, tokens, pad)
+            unfinished &= ~torch.isin(tokens, eos_ids)
+        out[:, step] = tokens
+        if seen is not None:
+            mark_seen_(seen, tokens)
+        if streamer is not None:
+            streamer.put(tokens.cpu())
+        if step + 1 == N or (eos_ids is not None and not unfinished.any()):  # the one host sync per step
+            return out[:, : step + 1], kept
+        logits = decode_one_token(
+            model,
+            tokens[:, None],
+            new_positions[:, step : step + 1],
+            key_mask,
+            slots[T + step : T + step + 1],
+        )
+    raise AssertionError("unreachable: the loop returns at step N - 1")
+
+
+def check_kwargs(kwargs: dict) -> None:
+    """Accept the reference's arguments that are neutral here; refuse anything else by name."""
+    for name, value in kwargs.items():
+        if name in _UNUSED_INPUTS or name == "tokenizer":
+            continue
+        if name in _NEUTRAL_KWARGS:
+            if value != _NEUTRAL_KWARGS[name]:
+                supported = _NEUTRAL_KWARGS[name]
+                raise GenerationError(
+                    f"{name}={value!r} is not supported (minaf3 generates with {supported!r})"
+                )
+            continue
+        raise GenerationError(f"generate() got an unknown argument {name!r}")
+
+
+def check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab_size: int) -> None:
+    """Refuse inputs the loop cannot honour, naming the sample: wrong shapes, ids, or padding on the right."""
+    if input_ids.ndim != 2 or input_ids.shape[1] == 0 or input_ids.dtype.is_floating_point:
+        shape = tuple(input_ids.shape)
+        raise InputError(
+            f"input_ids must be integer ids of shape (batch, length), got {input_ids.dtype} {shape}"
+        )
+    if attention_mask.shape != input_ids.shape:
+        raise InputError(
+            f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids {tuple(input_ids.shape)}"
+        )
+    bad = (input_ids < 0) | (input_ids >= vocab_size)
+    if bad.any():
+        b, t = bad.nonzero()[0].tolist()
+        raise InputError(
+            f"sample {b}: token id {int(input_ids[b, t])} is outside the vocabulary (0..{vocab_size - 1})"
+        )
+    real_tokens, last_column = attention_mask.sum(-1).tolist(), attention_mask[:, -1].tolist()
+    for b, (real, last) in enumerate(zip(real_tokens, last_column, strict=True)):
+        if real == 0:
+            raise InputError(f"sample {b}: attention_mask holds no real token")
+        if last == 0:
+            raise InputError(
+                f"sample {b}: the prompt ends in padding; generation needs left padding (padding_side='left')"
+            )
+
+
+def check_length(prompt_length: int, max_new_tokens: int, max_positions: int) -> None:
+    if prompt_length + max_new_tokens > max_positions:
+        raise GenerationError(
+            f"prompt of {prompt_length} tokens + max_new_tokens={max_new_tokens} = "
+            f"{prompt_length + max_new_tokens} exceeds the model's context of {max_positions} positions "
+            "(max_position_embeddings in config.json); shorten the prompt or lower max_new_tokens"
+        )
+
+
+# ---- streaming ------------------------------------------------------------------------------------------
+REPLACEMENT_CHAR = "\ufffd"  # what an incomplete UTF-8 sequence decodes to
+_END = object()
+
+
+class TextIteratorStreamer:
+    """Iterator over decoded text pieces; fed by generate via put/end, read with `for piece in streamer`.
+
+    decoder: a callable ids -> text, or any object with `.decode(ids, **decode_kwargs)` (minaf3's processor,
+    a tokenizer); decode_kwargs default to skip_special_tokens=True. skip_prompt: do not emit the prompt (the
+    first put). timeout: seconds `next` waits for a piece before raising queue.Empty (None: as long as
+    generation runs). Batch size 1 only, like transformers' streamers.
+
+    generate calls `put(prompt_ids (1, T))` once, `put(tokens (1,))` per step, then `end()`; if generation
+    raises, `fail(error)` makes `next` raise that error rather than leave the consumer waiting. The pieces
+    concatenate to the decoded text of everything put (minus the prompt with skip_prompt).
+
+    Decoding is incremental: each put decodes the token cache and emits the text beyond what was already
+    emitted. A byte-level BPE token may hold part of a multi-byte UTF-8 character; the partial text decodes to
+    a trailing U+FFFD, held back until a later token completes the character. After a newline the cache starts
+    afresh (as in transformers) so the cost per token stays bounded. This relies on the decoder being
+    prefix-stable apart from such partial characters, which byte-level BPE (Qwen2's tokenizer) is.
+    """
+
+    def __init__(
+        self,
+        decoder: Callable[[list[int]], str] | Any,
+        skip_prompt: bool = False,
+        timeout: float | None = None,
+        **decode_kwargs,
+    ):
+        if callable(getattr(decoder, "decode", None)):
+            decode_kwargs.setdefault("skip_special_tokens", True)
+            self._decode = lambda ids: decoder.decode(ids, **decode_kwargs)
+        elif callable(decoder):
+            self._decode = decoder
+        else:
+            raise TypeError(f"decoder must be callable or have a decode method, got {type(decoder).__name__}")
+        self.skip_prompt = skip_prompt
+        self.timeout = timeout
+        self._queue: queue.Queue = queue.Queue()
+        self._tokens: list[int] = []
+        self._emitted = 0  # characters of decode(self._tokens) already emitted
+        self._prompt_pending = True
+
+    # ---- producer side (generate) ------------------------------------------------------------------------
+    def put(self, token_ids: torch.Tensor) -> None:
+        """token_ids: the prompt (1, T) on the first call, then one step's token (1,)."""
+        if token_ids.ndim > 1:
+            if token_ids.shape[0] > 1:
+                raise GenerationError(
+                    f"TextIteratorStreamer streams one sequence; got a batch of {token_ids.shape[0]}"
+                )
+            token_ids = token_ids[0]
+        if self._prompt_pending:
+            self._prompt_pending = False
+            if self.skip_prompt:
+                return
+        self._tokens.extend(token_ids.tolist())
+        text = self._decode(self._tokens)
+        if text.endswith(REPLACEMENT_CHAR):
+            return  # a character split across tokens: wait for its remaining bytes
+        self._emit(text[self._emitted :])
+        if text.endswith("\n"):
+            self._tokens, self._emitted = [], 0
+        else:
+            self._emitted = len(text)
+
+    def end(self) -> None:
+        """Flush what is held back (a partial character stays as U+FFFD, as the full decode shows it)."""
+        if self._tokens:
+            self._emit(self._decode(self._tokens)[self._emitted :])
+        self._tokens, self._emitted, self._prompt_pending = [], 0, True
+        self._queue.put(_END)
+
+    def fail(self, error: BaseException) -> None:
+        """Generation raised `error`: the consumer gets it raised from `next` instead of waiting forever."""
+        self._queue.put(error)
+
+    def _emit(self, text: str) -> None:
+        if text:
+            self._queue.put(text)
+
+    # ---- consumer side -----------------------------------------------------------------------------------
+    def __iter__(self) -> "TextIteratorStreamer":
+        return self
+
+    def __next__(self) -> str:
+        item = self._queue.get(timeout=self.timeout)
+        if item is _END:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
