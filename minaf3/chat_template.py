@@ -34,6 +34,34 @@ DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 ROLES = ("system", "user", "assistant")
 AUDIO_SOURCE_KEYS = ("path", "url", "audio")  # the keys transformers' chat templates read audio from
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+# The Jinja template transformers' AF3 conversion script writes to `chat_template.jinja`: the one `render`
+# reproduces. A checkpoint shipping another template gets a warning from the processor.
+REFERENCE_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "{% for m in messages if m['content'] is not none %}"
+    "<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}"
+    "{{ m['content'] }}"
+    "{% else %}"
+    "{% set audio = namespace(found=False) %}"
+    "{% set text_buf = namespace(v='') %}"
+    "{% for c in m['content'] %}"
+    "{% if c.get('type') == 'audio' or 'audio' in c %}"
+    "{% set audio.found = True %}"
+    "{% elif c.get('type') == 'text' or 'text' in c %}"
+    "{% set text_buf.v = text_buf.v + c['text'] %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if audio.found %}{{ '<sound>' }}{% endif %}{{ text_buf.v }}"
+    "{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n"
+    "{% endif %}"
+)
 
 
 @dataclass(frozen=True)
@@ -158,6 +186,11 @@ def audio_parts(messages: list[Message]) -> list[AudioPart]:
 
 def _is_parsed(conversation: Any) -> bool:
     return isinstance(conversation, list) and bool(conversation) and isinstance(conversation[0], Message)
+
+
+def is_reference_template(template: str) -> bool:
+    """Whether a checkpoint's Jinja template is AF3's, the one `render` implements (outer blanks aside)."""
+    return template.strip() == REFERENCE_TEMPLATE
 
 
 def split_batch(conversations: Any) -> tuple[list[Any], bool]:

@@ -7,10 +7,12 @@ from hypothesis import strategies as st
 
 from minaf3.chat_template import (
     AUDIO_TOKEN,
+    REFERENCE_TEMPLATE,
     ROLES,
     AudioPart,
     Message,
     audio_parts,
+    is_reference_template,
     parse,
     render,
     split_batch,
@@ -216,3 +218,8 @@ def test_errors_name_the_conversation_of_a_batch():
         parse([{"role": "bot", "content": "x"}], conversation_index=2)
     with pytest.raises(InputError, match=r"conversation 1 must be a non-empty list"):
         parse([], conversation_index=1)
+
+
+def test_reference_template_constant_is_the_checkpoints(tiny_checkpoint):
+    assert is_reference_template((tiny_checkpoint / "chat_template.jinja").read_text())
+    assert not is_reference_template(REFERENCE_TEMPLATE.replace("helpful", "terse"))

@@ -1,0 +1,357 @@
+"""AudioFlamingo3Processor: prompts, conversations and audio to the model's input tensors; ids back to text.
+
+    text (+ `<sound>` placeholders) --tokenizers--> ids --each placeholder -> its audio ids--> input_ids
+    audio --load_audio--> 16 kHz waveform --30 s windows--> log_mel_windows (one call for the whole batch)
+
+Outputs use the reference's names: input_ids and attention_mask (B, T) int64, left-padded by default;
+input_features (W, 128, 3000) float32 and input_features_mask (W, 3000) int32 for the W windows of every
+audio of the batch in placeholder order; labels (B, T) int64 with audio and padding positions at -100.
+
+`__call__(text, audio)` accepts three prompt forms per sample: no `<sound>` (the audio tokens go first),
+one `<sound>` per audio (expanded in place, as transformers does), or one `<sound>` per 30 s window (each
+expanded for its window). Unlike the reference, a batch may mix text-only and audio samples, and a sample or
+conversation may hold several audios (see chat_template.py for where their placeholders go).
+
+Limits: audio past `max_audio_len` (600 s) is cut with a logged warning, as the reference does; a prompt
+longer than `max_prompt_tokens` (16,000 by default, the model card's input limit; None lifts it) is an
+InputError naming the sample, rather than a failure deep inside the model.
+"""
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from minaf3 import windows
+from minaf3.audio import load_audio
+from minaf3.chat_template import AUDIO_TOKEN, audio_parts, parse, render, split_batch
+from minaf3.errors import AudioError, AudioFileError, ConfigError, InputError
+from minaf3.processor_files import BatchFeature, read_processor_files
+
+logger = logging.getLogger(__name__)
+
+MAX_PROMPT_TOKENS = 16_000  # the model card's input limit, in tokens after audio expansion
+IGNORE_INDEX = -100  # torch cross_entropy's default ignore_index: label positions the loss skips
+DEFAULT_TRANSCRIPTION_PROMPT = "Transcribe the input speech."
+# The framings AF3 puts around a transcription; strip_prefix removes one (transformers' list and order).
+TRANSCRIPTION_PREFIXES = (
+    "The spoken content of the audio is",
+    "The transcription of the audio is",
+    "The content of the input audio is",
+)
+_SINGLE_AUDIO = (str, os.PathLike, bytes, bytearray, memoryview, np.ndarray, torch.Tensor)
+
+
+class AudioFlamingo3Processor:
+    """Tokenizer, chat template and audio front end of Audio Flamingo 3 (`from_pretrained(folder)`)."""
+
+    def __init__(
+        self,
+        tokenizer,
+        *,
+        pad_token: str | None,
+        eos_token: str | None,
+        audio_token: str = AUDIO_TOKEN,
+        default_transcription_prompt: str = DEFAULT_TRANSCRIPTION_PROMPT,
+        max_audio_len: int = windows.MAX_AUDIO_SECONDS,
+        max_prompt_tokens: int | None = MAX_PROMPT_TOKENS,
+    ):
+        """tokenizer: a `tokenizers.Tokenizer` holding `audio_token`; max_audio_len in seconds (30 to 600)."""
+        self.tokenizer = tokenizer
+        self.audio_token = audio_token
+        self.audio_token_id = _token_id(tokenizer, audio_token, "audio_token")
+        self.pad_token_id = None if pad_token is None else _token_id(tokenizer, pad_token, "pad_token")
+        self.eos_token_id = None if eos_token is None else _token_id(tokenizer, eos_token, "eos_token")
+        self.default_transcription_prompt = default_transcription_prompt
+        if not isinstance(max_audio_len, int) or not (
+            windows.WINDOW_SECONDS <= max_audio_len <= windows.MAX_AUDIO_SECONDS
+        ):
+            raise ConfigError(
+                f"max_audio_len must be whole seconds from {windows.WINDOW_SECONDS} to "
+                f"{windows.MAX_AUDIO_SECONDS}, got {max_audio_len!r}"
+            )
+        self.max_audio_len = max_audio_len
+        # The reference keeps whole windows only: max_audio_len // 30 of them (20 for the shipped 600 s).
+        self.max_audio_samples = (max_audio_len // windows.WINDOW_SECONDS) * windows.WINDOW_SAMPLES
+        if max_prompt_tokens is not None and (
+            not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1
+        ):
+            raise ConfigError(
+                f"max_prompt_tokens must be a positive integer or None, got {max_prompt_tokens!r}"
+            )
+        self.max_prompt_tokens = max_prompt_tokens
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, *, max_prompt_tokens: int | None = MAX_PROMPT_TOKENS
+    ) -> "AudioFlamingo3Processor":
+        """Read tokenizer.json, tokenizer_config.json and the processor configs of a checkpoint folder.
+
+        Raises CheckpointError for a missing or unreadable file, ConfigError for feature-extractor settings
+        other than the ones minaf3 computes (128 mels, 16 kHz, n_fft 400, hop 160, 30 s windows).
+        """
+        return cls(**read_processor_files(path), max_prompt_tokens=max_prompt_tokens)
+
+    # --- text + audio -> tensors ------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        text: str | list[str],
+        audio: Any = None,
+        output_labels: bool = False,
+        padding_side: str = "left",
+    ) -> BatchFeature:
+        """Tokenize prompts and their audio.
+
+        text: one prompt or a list. audio: for one prompt, a clip (array at 16 kHz, tensor, path, URL, bytes)
+        or a list of clips; for a list of prompts, a list with one entry per prompt: a clip, a list of clips,
+        or None for a text-only prompt.
+        """
+        texts, clips = _pair_text_and_audio(text, audio)
+        waveforms = [
+            [self._load(clip, f"sample {i}, audio {j}") for j, clip in enumerate(sample)]
+            for i, sample in enumerate(clips)
+        ]
+        names = [f"sample {i}" for i in range(len(texts))]
+        return self._encode(texts, waveforms, names, output_labels, padding_side, placeholders_from_text=True)
+
+    def apply_chat_template(
+        self,
+        conversations: list,
+        tokenize: bool = True,
+        add_generation_prompt: bool = True,
+        return_dict: bool = True,
+        output_labels: bool = False,
+        padding_side: str = "left",
+    ) -> BatchFeature | torch.Tensor | str | list[str]:
+        """Render one conversation (a list of messages) or a batch of them; tokenize=False returns the
+        prompt string(s), return_dict=False only input_ids (B, T)."""
+        batch, is_batch = split_batch(conversations)
+        parsed = [parse(conversation, i) for i, conversation in enumerate(batch)]
+        texts = [render(messages, add_generation_prompt, self.audio_token) for messages in parsed]
+        if not tokenize:
+            return texts if is_batch else texts[0]
+        names = [f"conversation {i}" for i in range(len(parsed))]
+        waveforms = [
+            [self._load(part.source, f"{name}, {part.where}") for part in audio_parts(messages)]
+            for name, messages in zip(names, parsed, strict=True)
+        ]
+        out = self._encode(texts, waveforms, names, output_labels, padding_side, placeholders_from_text=False)
+        return out if return_dict else out["input_ids"]
+
+    def apply_transcription_request(
+        self, audio: Any, prompt: str | list[str | None] | None = None, tokenize: bool = True
+    ) -> BatchFeature | list[str]:
+        """One user turn per clip: the prompt (default "Transcribe the input speech.") and the audio."""
+        clips = list(audio) if isinstance(audio, list | tuple) else [audio]
+        if not clips:
+            raise InputError("apply_transcription_request: audio must hold at least one clip")
+        if prompt is None or isinstance(prompt, str):
+            prompts = [prompt] * len(clips)
+        elif isinstance(prompt, list | tuple) and len(prompt) == len(clips):
+            prompts = list(prompt)
+        else:
+            raise InputError(
+                f"apply_transcription_request: prompt must be None, a string, or a list of {len(clips)} "
+                f"(one per clip), got {prompt!r:.80}"
+            )
+        conversations = []
+        for i, (clip, text) in enumerate(zip(clips, prompts, strict=True)):
+            if text is not None and not isinstance(text, str):
+                raise InputError(f"apply_transcription_request: prompt {i} must be a string or None")
+            text = self.default_transcription_prompt if text is None else text
+            content = [{"type": "text", "text": text}, {"type": "audio", "audio": clip}]
+            conversations.append([{"role": "user", "content": content}])
+        return self.apply_chat_template(conversations, tokenize=tokenize, add_generation_prompt=True)
+
+    # --- ids -> text ------------------------------------------------------------------------------------
+
+    def decode(
+        self, ids: Any, skip_special_tokens: bool = True, strip_prefix: bool = False
+    ) -> str | list[str]:
+        """Token ids (T,) -> a string, (B, T) -> a list of strings. strip_prefix removes AF3's transcription
+        framing ('The spoken content of the audio is "..."') and keeps the quoted text."""
+        rows = torch.as_tensor(ids).tolist() if not isinstance(ids, list) else ids
+        rows = [rows] if isinstance(rows, int) else rows
+        is_batch = bool(rows) and isinstance(rows[0], list | tuple)
+        rows = rows if is_batch else [rows]
+        if any(t < 0 for row in rows for t in row):
+            raise InputError("decode: token ids must be >= 0 (labels mark ignored positions with -100)")
+        texts = self.tokenizer.decode_batch(rows, skip_special_tokens=skip_special_tokens)
+        if strip_prefix:
+            texts = [strip_transcription_prefix(t) for t in texts]
+        return texts if is_batch else texts[0]
+
+    batch_decode = decode  # transformers' AF3 processor treats the two as one
+
+    # --- internals ------------------------------------------------------------------------------------
+
+    def _load(self, source: Any, name: str) -> np.ndarray:
+        """A clip as a float32 waveform cut to max_audio_len; load errors are re-raised naming the part."""
+        try:
+            waveform = load_audio(source, windows.SAMPLING_RATE)
+        except (AudioError, AudioFileError) as exc:
+            raise type(exc)(f"{name}: {exc}") from exc
+        if len(waveform) > self.max_audio_samples:
+            logger.warning(
+                "%s: audio duration (%.1fs) exceeds %ds; truncating to first %ds.",
+                name,
+                len(waveform) / windows.SAMPLING_RATE,
+                self.max_audio_len,
+                self.max_audio_samples // windows.SAMPLING_RATE,
+            )
+            waveform = waveform[: self.max_audio_samples]
+        return waveform
+
+    def _expand(self, ids: list[int], waveforms: list[np.ndarray], name: str, from_text: bool) -> np.ndarray:
+        """Replace each placeholder id of one sample by its run of audio-token ids."""
+        ids = np.asarray(ids, dtype=np.int64)
+        at = np.flatnonzero(ids == self.audio_token_id)
+        per_window = [windows.window_token_counts(len(w)) for w in waveforms]
+        num_windows = sum(len(counts) for counts in per_window)
+        if len(at) == len(waveforms):
+            runs = [sum(counts) for counts in per_window]
+        elif from_text and len(at) == num_windows:
+            runs = [k for counts in per_window for k in counts]
+        elif not waveforms:
+            raise InputError(
+                f"{name}: found {len(at)} '{self.audio_token}' placeholder(s) but no audio was given"
+            )
+        elif not from_text:
+            raise InputError(
+                f"{name}: its text holds '{self.audio_token}' ({len(at) - len(waveforms)} time(s)); "
+                "pass audio as {'type': 'audio', ...} parts, not as placeholders in the text"
+            )
+        elif len(waveforms) == 1:
+            raise InputError(
+                f"{name}: found {len(at)} placeholders but audio was split into {num_windows} window(s). "
+                f"Use no '{self.audio_token}', one, or one per 30 s window."
+            )
+        else:
+            raise InputError(
+                f"{name}: found {len(at)} placeholders for {len(waveforms)} audios split into {num_windows} "
+                f"window(s); use none, {len(waveforms)} (one per audio) or {num_windows} (one per window)."
+            )
+        repeats = np.ones(len(ids), dtype=np.int64)
+        repeats[at] = runs
+        return np.repeat(ids, repeats)  # (T,) -> (T - placeholders + audio tokens,)
+
+    def _encode(
+        self,
+        texts: list[str],
+        waveforms: list[list[np.ndarray]],
+        names: list[str],
+        output_labels: bool,
+        padding_side: str,
+        placeholders_from_text: bool,
+    ) -> BatchFeature:
+        if padding_side not in ("left", "right"):
+            raise InputError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if placeholders_from_text:
+            # A prompt without placeholders gets one per audio in front: "audio tokens first" form.
+            texts = [
+                self.audio_token * len(clips) + text if clips and self.audio_token not in text else text
+                for text, clips in zip(texts, waveforms, strict=True)
+            ]
+        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=True)
+        rows = [
+            self._expand(e.ids, clips, name, placeholders_from_text)
+            for e, clips, name in zip(encodings, waveforms, names, strict=True)
+        ]
+        for row, name in zip(rows, names, strict=True):
+            if self.max_prompt_tokens is not None and len(row) > self.max_prompt_tokens:
+                audio = int((row == self.audio_token_id).sum())
+                raise InputError(
+                    f"{name}: the prompt is {len(row):,} tokens ({audio:,} of them audio), over the limit of "
+                    f"{self.max_prompt_tokens:,} (max_prompt_tokens); shorten the text or audio, or raise it"
+                )
+        input_ids, attention_mask = self._pad(rows, padding_side)
+        out = BatchFeature(input_ids=input_ids, attention_mask=attention_mask)
+        clips = [w for sample in waveforms for w in sample]
+        if clips:
+            out["input_features"], out["input_features_mask"] = _features(clips)
+        if output_labels:
+            labels = input_ids.clone()
+            labels[input_ids == self.audio_token_id] = IGNORE_INDEX
+            labels[attention_mask == 0] = IGNORE_INDEX
+            # The reference also ignores every pad-token id in the text itself (<|endoftext|> for AF3).
+            if self.pad_token_id is not None:
+                labels[input_ids == self.pad_token_id] = IGNORE_INDEX
+            out["labels"] = labels
+        return out
+
+    def _pad(self, rows: list[np.ndarray], padding_side: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of different lengths -> input_ids and attention_mask (B, T_max), int64."""
+        longest = max(len(row) for row in rows)
+        if self.pad_token_id is None and any(len(row) != longest for row in rows):
+            raise InputError(
+                "cannot pad prompts of different lengths: tokenizer_config.json has no pad_token"
+            )
+        input_ids = torch.full((len(rows), longest), self.pad_token_id or 0, dtype=torch.int64)
+        attention_mask = torch.zeros((len(rows), longest), dtype=torch.int64)
+        for b, row in enumerate(rows):
+            span = slice(longest - len(row), longest) if padding_side == "left" else slice(0, len(row))
+            input_ids[b, span] = torch.from_numpy(row)
+            attention_mask[b, span] = 1
+        return input_ids, attention_mask
+
+
+def _features(clips: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every window of every clip, in order, through one batched log-mel call: (W, 128, 3000), (W, 3000)."""
+    from minaf3.features import log_mel_windows
+
+    bounds = [windows.window_bounds(len(clip)) for clip in clips]
+    slab = torch.zeros(sum(len(b) for b in bounds), windows.WINDOW_SAMPLES, dtype=torch.float32)
+    valid = torch.zeros(len(slab), dtype=torch.int64)
+    w = 0
+    for clip, clip_bounds in zip(clips, bounds, strict=True):
+        for start, end in clip_bounds:
+            slab[w, : end - start] = torch.from_numpy(clip[start:end])
+            valid[w] = end - start
+            w += 1
+    return log_mel_windows(slab, valid)
+
+
+def _pair_text_and_audio(text: Any, audio: Any) -> tuple[list[str], list[list[Any]]]:
+    """(prompts, clips per prompt) from `__call__`'s text and audio arguments."""
+    single = isinstance(text, str)
+    texts = [text] if single else list(text) if isinstance(text, list | tuple) else None
+    if texts is None or not texts or not all(isinstance(t, str) for t in texts):
+        raise InputError(f"text must be a string or a non-empty list of strings, got {text!r:.80}")
+    if audio is None:
+        return texts, [[] for _ in texts]
+    if single:
+        return texts, [list(audio) if isinstance(audio, list | tuple) else [audio]]
+    if isinstance(audio, _SINGLE_AUDIO) or len(audio) != len(texts):
+        count = 1 if isinstance(audio, _SINGLE_AUDIO) else len(audio)
+        raise InputError(
+            f"got {len(texts)} prompts but {count} audio entries; pass a list with one entry per prompt "
+            "(a clip, a list of clips, or None for a text-only prompt)"
+        )
+    return texts, [[] if a is None else list(a) if isinstance(a, list | tuple) else [a] for a in audio]
+
+
+def _token_id(tokenizer, token: str, what: str) -> int:
+    token_id = tokenizer.token_to_id(token)
+    if token_id is None:
+        raise ConfigError(f"{what} {token!r} is not in the tokenizer's vocabulary (tokenizer.json)")
+    return token_id
+
+
+def strip_transcription_prefix(text: str) -> str:
+    """'The spoken content of the audio is "hello".' -> 'hello' (transformers' _strip_assistant_prefix...)."""
+    stripped = text.strip()
+    for prefix in TRANSCRIPTION_PREFIXES:
+        if stripped.startswith(prefix):
+            stripped = stripped[len(prefix) :].strip()
+            break
+    if stripped.endswith("."):
+        stripped = stripped[:-1].strip()
+    if len(stripped) >= 2 and stripped[0] == stripped[-1] and stripped[0] in "'\"":
+        stripped = stripped[1:-1].strip()
+    return stripped
+
+
+AutoProcessor = AudioFlamingo3Processor
