@@ -1,0 +1,120 @@
+"""The model against transformers' AudioFlamingo3 on checkpoints it writes: logits, loss, gradients."""
+
+import pytest
+import torch
+from conftest import SR, speech_like, write_reference_checkpoint
+
+from minaf3 import AudioFlamingo3ForConditionalGeneration, CheckpointError, ConfigError, InputError
+from minaf3.attention import use_backend
+
+# One short clip, three windows whose last holds 100 samples, and a window plus 200 samples (a tail whose
+# 2 mel frames give no audio token at all).
+CLIPS = {"short": 40_000, "three_windows": 2 * 480_000 + 100, "tail_200": 480_000 + 200, "mid": 250_000}
+
+
+def conversation(question: str, num_samples: int, seed: int) -> list[dict]:
+    audio = speech_like(num_samples, SR, seed)
+    return [
+        {"role": "user", "content": [{"type": "text", "text": question}, {"type": "audio", "audio": audio}]}
+    ]
+
+
+def reference_inputs(processor, clips: list[str]) -> dict:
+    questions = ["What is in this audio?", "Transcribe the input speech.", "Describe the sound in detail."]
+    convs = [conversation(questions[i % 3], CLIPS[c], seed=i) for i, c in enumerate(clips)]
+    return dict(
+        processor.apply_chat_template(
+            convs, tokenize=True, add_generation_prompt=True, return_dict=True, output_labels=True
+        )
+    )
+
+
+def assert_parity(ours, ref, inputs):
+    with torch.no_grad():
+        out, expected = ours(**inputs), ref(**inputs)
+    valid = inputs["attention_mask"].bool()
+    assert (out.logits - expected.logits)[valid].abs().max() < 1e-4
+    assert (out.logits - expected.logits).abs().max() < 1e-4  # padding rows too: they feed the loss
+    assert abs(out.loss.item() - expected.loss.item()) < 1e-5
+
+
+@pytest.mark.parametrize("clips", [["short"], ["short", "three_windows"], ["tail_200", "mid", "short"]])
+def test_logits_and_loss_match_reference(tiny_checkpoint, reference_model, reference_processor, clips):
+    ours = AudioFlamingo3ForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    assert_parity(ours, reference_model, reference_inputs(reference_processor, clips))
+
+
+@pytest.mark.parametrize(
+    "seed,sizes",
+    [(1, {}), (2, {"audio_layers": 1, "text_layers": 3, "audio_hidden": 48, "text_hidden": 96})],
+)
+def test_parity_other_seeds_shapes_and_shards(tmp_path, reference_processor, seed, sizes):
+    from transformers import AudioFlamingo3ForConditionalGeneration as Reference
+
+    path = write_reference_checkpoint(tmp_path, seed=seed, max_shard_size="200KB", **sizes)
+    assert (path / "model.safetensors.index.json").is_file()
+    ref = Reference.from_pretrained(path, dtype=torch.float32).eval()
+    ours = AudioFlamingo3ForConditionalGeneration.from_pretrained(path)
+    assert_parity(ours, ref, reference_inputs(reference_processor, ["mid", "short"]))
+
+
+def test_attention_backends_agree(tiny_checkpoint, reference_processor):
+    model = AudioFlamingo3ForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    inputs = reference_inputs(reference_processor, ["short", "mid"])
+    with torch.no_grad():
+        with use_backend("eager"):
+            eager = model(**inputs).logits
+        with use_backend("sdpa"):
+            sdpa = model(**inputs).logits
+    assert (eager - sdpa).abs().max() < 1e-4
+
+
+def test_encoding_only_real_frames_equals_padded_encoding(tiny_checkpoint, reference_processor):
+    """Cropping each window's padding (issue 5) must not change a single audio embedding."""
+    model = AudioFlamingo3ForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    inputs = reference_inputs(reference_processor, ["three_windows", "tail_200", "short"])
+    feats, mask = inputs["input_features"], inputs["input_features_mask"]
+    with torch.no_grad():
+        cropped = model.get_audio_features(feats, mask)
+        model.crop_audio_padding = False
+        padded = model.get_audio_features(feats, mask)
+    assert cropped.shape == padded.shape
+    assert (cropped - padded).abs().max() < 1e-5
+
+
+def test_gradients_reach_every_parameter(tiny_checkpoint, reference_processor):
+    model = AudioFlamingo3ForConditionalGeneration.from_pretrained(tiny_checkpoint).train()
+    inputs = reference_inputs(reference_processor, ["short"])
+    loss = model(**inputs).loss
+    loss.backward()
+    without = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert without == []
+
+
+def test_placeholder_count_mismatch_names_counts(tiny_checkpoint, reference_processor):
+    model = AudioFlamingo3ForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    inputs = reference_inputs(reference_processor, ["short", "mid"])
+    ids = inputs["input_ids"].clone()
+    audio_id = model.config.audio_token_id
+    first = (ids[1] == audio_id).nonzero()[0, 0]
+    ids[1, first] = 5  # one placeholder fewer in sample 1
+    with pytest.raises(InputError, match=r"placeholders per sample \[\d+, \d+\]"):
+        model(**{**inputs, "input_ids": ids})
+    with pytest.raises(InputError, match="no input_features"):
+        model(input_ids=inputs["input_ids"])
+
+
+def test_from_pretrained_errors(tmp_path, tiny_checkpoint):
+    with pytest.raises(CheckpointError, match="huggingface-cli download nvidia/audio-flamingo-3-hf"):
+        AudioFlamingo3ForConditionalGeneration.from_pretrained(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="device_map"):
+        AudioFlamingo3ForConditionalGeneration.from_pretrained(tiny_checkpoint, device_map="tpu:7")
+    with pytest.raises(ConfigError, match="dtype"):
+        AudioFlamingo3ForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype="int3")
+
+
+def test_bfloat16_load_keeps_every_tensor_in_that_dtype(tiny_checkpoint):
+    model = AudioFlamingo3ForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    ids = torch.tensor([[1, 5, 6, 7]])
+    assert model(input_ids=ids).logits.dtype == torch.bfloat16
