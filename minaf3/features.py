@@ -1,0 +1,286 @@
+"""Log-mel spectrogram of 30 s windows: Whisper's front end, batched over windows, in plain torch.
+
+Per window of 480,000 samples (zero-padded past its real samples):
+
+    reflect-pad 200 | 3000 frames of 400 samples, hop 160 | periodic Hann | |rfft|^2 (201 bins)
+    | 128 Slaney mel filters | log10(max(mel, 1e-10)) | max(x, window max - 8) | (x + 4) / 4
+
+This equals transformers' WhisperFeatureExtractor(feature_size=128). The work is arranged for speed:
+- all windows are laid out in one reflect-padded buffer with rows of 3002 hops, so the frames of every
+  window are one strided view of it with a constant 160-sample stride: framing copies nothing;
+- frames go through in cache-sized blocks: windowing, rfft, power, mel and log of a block stay in L2
+  instead of streaming ~100 MB intermediates through memory, and each block's mel rows are written
+  straight into the output;
+- the mel filters are triangles a few bins wide, so the mel product runs per band of 16 filters over only
+  the bins they touch (a third of the dense work);
+- frames that see only padding are not computed: their power is exactly 0, so their log-mel is a constant.
+"""
+
+import numpy as np
+import torch
+
+from minaf3.errors import AudioError
+from minaf3.windows import (
+    FRAMES_PER_WINDOW,
+    HOP_LENGTH,
+    N_FFT,
+    N_MELS,
+    SAMPLING_RATE,
+    WINDOW_SAMPLES,
+    check_sampling_rate,
+    num_windows,
+    warn_if_truncated,
+    window_bounds,
+)
+
+PAD = N_FFT // 2  # 200: torch.stft(center=True) reflect-pads half a frame on each side
+N_BINS = N_FFT // 2 + 1  # 201 rfft bins, 0 to 8000 Hz in 40 Hz steps
+MEL_FMAX = SAMPLING_RATE / 2  # 8000 Hz: the filters span the whole band
+ROW_HOPS = FRAMES_PER_WINDOW + 2  # 3002: a row of the padded buffer holds frame 2999's end (hop 2999 + 2.5)
+ROW_SAMPLES = ROW_HOPS * HOP_LENGTH  # 480,320 samples per padded row (200 + 480,000 + 120)
+# Frame 2999 ends 40 samples into the right reflection; the rest of the row is zeros for the junk frames.
+REFLECT_TAIL = (FRAMES_PER_WINDOW - 1) * HOP_LENGTH + N_FFT - PAD - WINDOW_SAMPLES  # 40
+FLAT_TAIL = (ROW_HOPS - 1) * HOP_LENGTH + N_FFT - ROW_SAMPLES  # 240: the last row's junk frames end past it
+LOG_FLOOR = 1e-10  # mel power floor before log10: -10, the value of a frame of pure padding
+DYNAMIC_RANGE = 8.0  # log10 units kept below each window's maximum (80 dB)
+BAND_FILTERS = 16  # mel filters per band of the banded mel product
+CPU_BLOCK_FRAMES = (
+    2048  # frames per block on CPU: ~3.3 MB frames + 1.6 MB spectrum, about the L2 of two cores
+)
+CUDA_BLOCK_FRAMES = 1 << 16  # on a GPU, fewer and larger launches win
+
+
+def mel_filter_bank(
+    n_bins: int = N_BINS, n_mels: int = N_MELS, sampling_rate: int = SAMPLING_RATE
+) -> np.ndarray:
+    """Slaney-scale, Slaney-normalised triangular filters, (n_bins, n_mels) float64, 0 Hz to Nyquist.
+
+    The Slaney scale is linear below 1 kHz (3 mels per 200 Hz) and logarithmic above (27 mels per factor
+    6.4). Each triangle rises from the previous centre to its own and falls to the next; dividing by half
+    its width in Hz gives every filter the same area. Same arithmetic, in the same order, as librosa and
+    transformers' `mel_filter_bank(..., norm="slaney", mel_scale="slaney")`, so the result is bit-equal.
+    """
+    min_log_hz, min_log_mel = 1000.0, 15.0  # where the scale turns logarithmic: 1 kHz is mel 15
+    mels_per_log = 27.0 / np.log(6.4)
+
+    def hz_to_mel(hz: float) -> float:
+        return 3.0 * hz / 200.0 if hz < min_log_hz else min_log_mel + np.log(hz / min_log_hz) * mels_per_log
+
+    mels = np.linspace(hz_to_mel(0.0), hz_to_mel(sampling_rate / 2), n_mels + 2)
+    # mel -> Hz for the n_mels + 2 triangle corners: the inverse of hz_to_mel
+    corners = 200.0 * mels / 3.0
+    log_region = mels >= min_log_mel
+    corners[log_region] = min_log_hz * np.exp(np.log(6.4) / 27.0 * (mels[log_region] - min_log_mel))
+    bin_hz = np.linspace(0, sampling_rate // 2, n_bins)
+
+    slopes = corners[None, :] - bin_hz[:, None]  # (n_bins, n_mels + 2): each corner's distance from each bin
+    widths = np.diff(corners)
+    rising = -slopes[:, :-2] / widths[:-1]
+    falling = slopes[:, 2:] / widths[1:]
+    filters = np.maximum(np.zeros(1), np.minimum(rising, falling))  # (n_bins, n_mels)
+    return filters * (2.0 / (corners[2:] - corners[:-2]))[None, :]
+
+
+def _mel_bands(device: torch.device) -> list[tuple[int, int, int, int, torch.Tensor]]:
+    """The filter bank cut into bands of 16 filters: (first mel, end mel, first bin, end bin, weights).
+
+    weights: (band mels, band bins) float32, the only nonzero block of those filters.
+    """
+    filters = mel_filter_bank().astype(np.float32)
+    bands = []
+    for m0 in range(0, N_MELS, BAND_FILTERS):
+        m1 = min(m0 + BAND_FILTERS, N_MELS)
+        used = np.flatnonzero(filters[:, m0:m1].any(axis=1))
+        b0, b1 = int(used[0]), int(used[-1]) + 1
+        weights = np.ascontiguousarray(filters[b0:b1, m0:m1].T)  # (bins, mels) -> (mels, bins)
+        bands.append((m0, m1, b0, b1, torch.from_numpy(weights).to(device)))
+    return bands
+
+
+_BANDS: dict[torch.device, list] = {}
+
+
+def _bands_on(device: torch.device) -> list:
+    if device not in _BANDS:
+        _BANDS[device] = _mel_bands(device)
+    return _BANDS[device]
+
+
+def _scaled_log(x: torch.Tensor) -> torch.Tensor:
+    """(log10(max(x, 1e-10)) + 4) / 4, in place: Whisper's log and scaling, taken before its clamp.
+
+    Scaling first turns the final clamp into max(y, window max of y - 2), one pass over the output.
+    """
+    return x.clamp_min_(LOG_FLOOR).log10_().add_(4.0).div_(4.0)
+
+
+PADDING_LOG_MEL = float(_scaled_log(torch.zeros(1)))  # -1.5: the value of a frame of pure padding
+
+
+def computed_frames(valid_samples: int) -> int:
+    """Frames of a window that see a real sample: ceil((valid + 200) / 160), at most 3000; 0 if valid is 0.
+
+    Frame t reads samples [160 t - 200, 160 t + 200) (reflected at the window's ends), so later frames read
+    only zero padding. More than the mask's ceil(valid / 160), which counts frames centred on real samples.
+    """
+    if valid_samples == 0:
+        return 0
+    return min(FRAMES_PER_WINDOW, -(-(valid_samples + PAD) // HOP_LENGTH))
+
+
+def _padded_rows(source: torch.Tensor, valid: list[int], counts: list[int]) -> torch.Tensor:
+    """Windows of a flat source -> flat (W * 480320 + 240,) float32 buffer of reflect-padded rows.
+
+    Window w is source[w * 480000 :][: valid[w]], followed by zeros; the source may end inside the last
+    window. Row layout: [200 reflected | 480,000 samples | 40 reflected | 80 zeros]. Only what the computed
+    frames read is written: the padding of a short window is left untouched, and so costs nothing.
+    """
+    n_windows, device = len(valid), source.device
+    flat = torch.empty(n_windows * ROW_SAMPLES + FLAT_TAIL, device=device)
+    rows = flat[: n_windows * ROW_SAMPLES].view(n_windows, ROW_SAMPLES)  # (W * 480320,) -> (W, 480320)
+    body = rows[:, PAD : PAD + WINDOW_SAMPLES]  # the windows' own samples
+    w = 0
+    while w < n_windows:
+        if valid[w] == WINDOW_SAMPLES:  # a run of full windows: one batched copy (and float32 cast)
+            end = w + 1
+            while end < n_windows and valid[end] == WINDOW_SAMPLES:
+                end += 1
+            body[w:end] = source[w * WINDOW_SAMPLES : end * WINDOW_SAMPLES].view(end - w, WINDOW_SAMPLES)
+            w = end
+            continue
+        start, read_end = w * WINDOW_SAMPLES, (counts[w] - 1) * HOP_LENGTH + N_FFT - PAD  # last frame's end
+        body[w, : valid[w]] = source[start : start + valid[w]]
+        body[w, valid[w] : read_end] = 0.0
+        w += 1
+    # Reflect without repeating the edge sample: padded[i] = x[200 - i], padded[480200 + j] = x[479998 - j].
+    rows[:, :PAD] = rows[:, PAD + 1 : 2 * PAD + 1].flip(-1)
+    body_end = PAD + WINDOW_SAMPLES
+    rows[:, body_end : body_end + REFLECT_TAIL] = rows[:, body_end - REFLECT_TAIL - 1 : body_end - 1].flip(-1)
+    return flat
+
+
+def _blocks(counts: list[int], block_frames: int) -> list[tuple[int, int, int]]:
+    """(window, first frame, end frame) blocks covering each window's computed frames, of near-equal size."""
+    blocks = []
+    for w, count in enumerate(counts):
+        pieces = -(-count // block_frames)
+        blocks += [(w, count * i // pieces, count * (i + 1) // pieces) for i in range(pieces)]
+    return blocks
+
+
+def _scaled_log_mel(flat: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Padded rows -> (W, 128, 3000) scaled log-mel, not yet clamped; frames past counts[w] left unset."""
+    device, n_windows = flat.device, len(counts)
+    hann = torch.hann_window(N_FFT, periodic=True, device=device)
+    bands = _bands_on(device)
+    # Frame t of window w starts at w * 480320 + 160 t: one overlapping (W, 3002, 400) view, no copy.
+    frames = flat.as_strided((n_windows, ROW_HOPS, N_FFT), (ROW_SAMPLES, HOP_LENGTH, 1))
+    out = torch.empty(n_windows, N_MELS, FRAMES_PER_WINDOW, device=device)
+    block_frames = CUDA_BLOCK_FRAMES if device.type == "cuda" else CPU_BLOCK_FRAMES
+    windowed = torch.empty(block_frames, N_FFT, device=device)
+    spectrum = torch.empty(block_frames, N_BINS, dtype=torch.complex64, device=device)
+    power = torch.empty(block_frames, N_BINS, device=device)
+    for w, t0, t1 in _blocks(counts, block_frames):
+        n = t1 - t0
+        torch.mul(frames[w, t0:t1], hann, out=windowed[:n])
+        torch.fft.rfft(windowed[:n], out=spectrum[:n])
+        # |X|^2 as re*re + im*im on the real view: complex abs() would take a square root, then square it.
+        real, imag = torch.view_as_real(spectrum[:n]).unbind(-1)
+        torch.mul(real, real, out=power[:n]).addcmul_(imag, imag)
+        for m0, m1, b0, b1, weights in bands:
+            # (band mels, band bins) @ (band bins, n frames): written in place into the output's rows
+            torch.mm(weights, power[:n, b0:b1].T, out=out[w, m0:m1, t0:t1])
+        _scaled_log(out[w, :, t0:t1])
+    return out
+
+
+def _clamp_to_window_max(features: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Fill each window's padding frames, then clamp it at its maximum - 2 (- 8 before scaling), in place.
+
+    The maximum is taken over the padded window, as the reference does. NaN or Inf samples reach it, so
+    checking it is a free test for them: raises AudioError naming the window.
+    """
+    for w, count in enumerate(counts):
+        features[w, :, count:] = PADDING_LOG_MEL
+    top = features.amax(dim=(1, 2))  # (W,)
+    bad = torch.nonzero(~torch.isfinite(top))
+    if bad.numel():
+        raise AudioError(f"window {int(bad[0])}: audio contains NaN or Inf samples")
+    return features.clamp_(min=(top - DYNAMIC_RANGE / 4)[:, None, None])
+
+
+def _frame_mask(valid: torch.Tensor) -> torch.Tensor:
+    """(W,) valid samples -> (W, 3000) int32 mask: frames t < ceil(valid / 160), centred on a real sample."""
+    frame = torch.arange(FRAMES_PER_WINDOW, device=valid.device)
+    return (frame < (valid[:, None] + HOP_LENGTH - 1) // HOP_LENGTH).to(torch.int32)
+
+
+def _features(source: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat source + (W,) valid samples per window -> (features, mask); see log_mel_windows."""
+    valid_list = valid.tolist()
+    counts = [computed_frames(v) for v in valid_list]
+    features = _scaled_log_mel(_padded_rows(source, valid_list, counts), counts)
+    return _clamp_to_window_max(features, counts), _frame_mask(valid)
+
+
+def _float_tensor(data, what: str) -> torch.Tensor:
+    if isinstance(data, np.ndarray):
+        data = torch.from_numpy(data)
+    if not isinstance(data, torch.Tensor):
+        raise AudioError(f"{what} must be a numpy array or torch tensor, got {type(data).__name__}")
+    if not data.is_floating_point():
+        raise AudioError(
+            f"{what} must hold float samples in [-1, 1], got {data.dtype}; load_audio converts PCM"
+        )
+    return data
+
+
+def log_mel_windows(windows, valid, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-mel features of many 30 s windows at once: the processor's path.
+
+    windows: (W, 480000) float samples at 16 kHz, zero-padded; samples past valid[w] are ignored.
+    valid: (W,) integers in [0, 480000], the real samples of each window.
+    device: where to compute; default: the device of `windows`.
+    Returns features (W, 128, 3000) float32 and mask (W, 3000) int32 on that device.
+    """
+    windows = _float_tensor(windows, "windows")
+    if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] != WINDOW_SAMPLES:
+        raise AudioError(f"windows must have shape (n >= 1, {WINDOW_SAMPLES}), got {tuple(windows.shape)}")
+    valid = torch.as_tensor(valid)
+    if valid.shape != windows.shape[:1] or valid.is_floating_point() or valid.dtype == torch.bool:
+        raise AudioError(
+            f"valid must hold {windows.shape[0]} integers, got {valid.dtype} {tuple(valid.shape)}"
+        )
+    if valid.min() < 0 or valid.max() > WINDOW_SAMPLES:
+        raise AudioError(f"valid sample counts must lie in [0, {WINDOW_SAMPLES}], got {valid.tolist()}")
+    device = torch.device(device) if device is not None else windows.device
+    return _features(windows.to(device).reshape(-1), valid.to(device=device, dtype=torch.long))
+
+
+def log_mel_spectrogram(
+    audio, sampling_rate: int = SAMPLING_RATE, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-mel features of one 16 kHz mono waveform, cut into 30 s windows as AF3's processor cuts it.
+
+    audio: (num_samples,) float numpy array or torch tensor, as load_audio returns. Audio past 600 s is
+    dropped with a logged warning. device: where to compute; default: the audio's (CPU for numpy).
+    Returns features (n_windows, 128, 3000) float32 and mask (n_windows, 3000) int32, 1 for frames that
+    hold real samples.
+    """
+    check_sampling_rate(sampling_rate)
+    audio = _float_tensor(audio, "audio")
+    if audio.ndim != 1:
+        raise AudioError(
+            f"audio must be 1-D (num_samples,), got shape {tuple(audio.shape)}; load_audio downmixes"
+        )
+    if audio.shape[0] == 0:
+        raise AudioError("audio contains no samples")
+    warn_if_truncated(audio.shape[0])
+    device = torch.device(device) if device is not None else audio.device
+    valid = torch.tensor([end - start for start, end in window_bounds(audio.shape[0])], device=device)
+    source = audio[: num_windows(audio.shape[0]) * WINDOW_SAMPLES].to(device)
+    try:
+        return _features(source, valid)
+    except AudioError:
+        first = int(torch.nonzero(~torch.isfinite(source))[0])
+        raise AudioError(f"audio sample {first} is {float(source[first])}: NaN or Inf is not audio") from None
