@@ -193,3 +193,20 @@ def make_speech():
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Triton interpreter switch (owner: kernels, tests/test_kernels.py).
+# Triton reads TRITON_INTERPRET once, when it is imported (triton.language's own helpers are decorated then),
+# so the switch must be set before any module imports triton; conftest.py is loaded before every test module.
+# Only without CUDA: on a GPU the kernels (and torch.compile's generated Triton code) must run compiled.
+
+
+def _interpret_triton_without_cuda() -> None:
+    import os
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+_interpret_triton_without_cuda()

@@ -1,0 +1,165 @@
+"""Bidirectional flash attention for the Whisper encoder, with a key-padding mask.
+
+Every query sees every valid key of its row: softmax(q k^T * D**-0.5 + mask) v. The kernel never
+materialises the (T, S) score matrix: one program owns BLOCK_M queries of one head and streams the keys
+in blocks of BLOCK_N, keeping the running row max `m`, row sum `l` and unnormalised output `acc` in fp32
+(online softmax). Exponentials are taken base 2 with log2(e) folded into the scale, which is what the
+hardware computes natively.
+
+The padding can be given two ways. A (B, S) bool `key_mask` is read block by block. Per-row valid lengths
+`valid_len` (B,) say more: keys past the length are never loaded, so a window holding 5 s of audio costs
+a sixth of a full one in the key loop. (The encoder knows lengths; the mask form serves the generic
+`attention()` signature.) A row with no valid key outputs zeros, as torch's scaled_dot_product_attention
+does (since 2.5): its softmax is 0/0, and a NaN there would reach real rows of the next layer as 0 * NaN.
+
+Heads: Hq query heads over Hkv = Hq / G key/value heads (Whisper has G = 1; grouping costs nothing here).
+"""
+
+from __future__ import annotations
+
+import torch
+from minaf3.kernels import check_attention_inputs, check_launchable, jit, tl, triton
+
+from minaf3.errors import ConfigError
+
+LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
+MASK_NONE, MASK_BOOL, MASK_LENGTHS = 0, 1, 2
+
+
+def encoder_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    key_mask: torch.Tensor | None = None,
+    valid_len: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Plain-torch bidirectional attention in fp32: q (B, Hq, T, D), k/v (B, Hkv, S, D) -> (B, Hq, T, D).
+
+    key_mask (B, S) bool and/or valid_len (B,): key j of row b is visible iff key_mask[b, j] and
+    j < valid_len[b]. A query with no visible key outputs zeros.
+    """
+    B, Hq, _, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    visible = torch.ones(B, S, dtype=torch.bool, device=q.device)
+    if key_mask is not None:
+        visible &= key_mask
+    if valid_len is not None:
+        visible &= torch.arange(S, device=q.device)[None, :] < valid_len[:, None]
+    # (B, Hkv, S, D) -> (B, Hq, S, D): each key/value head serves G consecutive query heads
+    k = k.repeat_interleave(Hq // Hkv, dim=1).float()
+    v = v.repeat_interleave(Hq // Hkv, dim=1).float()
+    scores = q.float() @ k.transpose(-1, -2) * D**-0.5  # (B, Hq, T, S)
+    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+    probs = scores.softmax(dim=-1).nan_to_num(0.0)  # rows with no visible key: 0/0 -> 0
+    return (probs @ v).to(q.dtype)
+
+
+@jit
+def _encoder_attention_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, len_ptr,
+    sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sot, sod, smb, sms,
+    Hq, T, S, qk_scale,
+    GROUPS: tl.constexpr, MASK_MODE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    # grid: (cdiv(T, BLOCK_M), B * Hq); one program = BLOCK_M queries of one (row, head)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = pid_bh % Hq
+    kvh = h // GROUPS
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    q_rows = q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd
+    q = tl.load(q_rows, mask=offs_m[:, None] < T, other=0.0)  # (BLOCK_M, HEAD_DIM)
+    k_base = k_ptr + b * skb + kvh * skh + offs_d[None, :] * skd
+    v_base = v_ptr + b * svb + kvh * svh + offs_d[None, :] * svd
+
+    if MASK_MODE == 2:  # lengths: keys past the row's length are never loaded
+        hi = tl.minimum(tl.load(len_ptr + b).to(tl.int32), S)
+    else:
+        hi = S
+
+    # A finite start for the running max keeps exp2(m_old - m_new) at 0 or 1, never exp2(-inf + inf) = NaN,
+    # when a whole key block of a row is masked out.
+    m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    for start in range(0, hi, BLOCK_N):
+        keys = start + offs_n
+        valid = keys < hi
+        if MASK_MODE == 1:
+            valid &= tl.load(mask_ptr + b * smb + keys * sms, mask=valid, other=0) != 0
+        k = tl.load(k_base + keys[:, None] * sks, mask=valid[:, None], other=0.0)  # (BLOCK_N, HEAD_DIM)
+        v = tl.load(v_base + keys[:, None] * svs, mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old max
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # l == 0: no visible key, acc == 0, output 0
+    o_rows = o_ptr + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :] * sod
+    tl.store(o_rows, out.to(o_ptr.dtype.element_ty), mask=offs_m[:, None] < T)
+
+
+def _default_blocks(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): tiles that fit shared memory for this head dim and dtype."""
+    if dtype == torch.float32:  # 4-byte tiles: halve the key block so K and V stages still fit
+        return 64, 32, 4, 2
+    return (128, 64, 8, 3) if head_dim <= 64 else (64, 64, 4, 2)
+
+
+def encoder_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    key_mask: torch.Tensor | None = None,
+    valid_len: torch.Tensor | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+) -> torch.Tensor:
+    """Bidirectional attention by the Triton kernel: q (B, Hq, T, D), k/v (B, Hkv, S, D) -> (B, Hq, T, D).
+
+    Give the padding as key_mask (B, S) bool or valid_len (B,) integer (preferred: padded keys are
+    skipped, not just masked), not both. Scale D**-0.5. block_m/block_n override the tile sizes (tests use
+    small tiles to cross block edges on small inputs).
+    """
+    B, Hq, Hkv, T, S, D = check_attention_inputs("encoder_attention", q, k, v, key_mask, None)
+    if key_mask is not None and valid_len is not None:
+        raise ConfigError("encoder_attention: give key_mask or valid_len, not both")
+    if valid_len is not None and (valid_len.dtype.is_floating_point or tuple(valid_len.shape) != (B,)):
+        got = f"{valid_len.dtype} {tuple(valid_len.shape)}"
+        raise ConfigError(f"encoder_attention: valid_len must be integer (B={B},); got {got}")
+    extras = [t for t in (key_mask, valid_len) if t is not None]
+    check_launchable("encoder_attention", q, k, v, *extras)
+
+    bm, bn, num_warps, num_stages = _default_blocks(D, q.dtype)
+    bm, bn = block_m or bm, block_n or bn
+    out = torch.empty_like(q)
+    if key_mask is not None:
+        mode, mask, lengths = MASK_BOOL, key_mask.view(torch.uint8), q  # q: an unused placeholder pointer
+    elif valid_len is not None:
+        mode, mask, lengths = MASK_LENGTHS, q, valid_len
+    else:
+        mode, mask, lengths = MASK_NONE, q, q
+    mask_strides = mask.stride() if mode == MASK_BOOL else (0, 0)
+    grid = (triton.cdiv(T, bm), B * Hq)
+    _encoder_attention_kernel[grid](
+        q, k, v, out, mask, lengths,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides,
+        Hq, T, S, D**-0.5 * LOG2E,
+        GROUPS=Hq // Hkv, MASK_MODE=mode, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return out
+
+
+__all__ = ["encoder_attention", "encoder_attention_reference"]

@@ -1,0 +1,166 @@
+"""Causal prefill attention over a static cache: left padding, GQA, queries placed at cache slots.
+
+Query i of a row sits at cache slot query_pos[i] and sees slot j iff j <= query_pos[i] and key_mask[b, j],
+and always its own slot j == query_pos[i]. That last rule is what keeps left-padded rows finite: a padding
+query masks every key of its prefix, and without its own slot its softmax would be 0/0. These are exactly
+the semantics of `attention()` in CONTRACTS.md; the decoder writes the new keys into the cache first, so
+the slots of this call's own tokens are already filled.
+
+`own_slot=False` drops that last rule for callers that follow torch's sdpa instead: a query that sees no
+key then outputs zeros (so does the kernel, for any row with no visible key).
+
+The kernel is flash attention (see encoder_attention.py for the online softmax) with two changes:
+- causal skipping: a block of queries stops its key loop after the largest slot among its queries, so a
+  prompt of T tokens does about half the T x T work, and a chunk appended at the end of a long cache
+  reads only the filled part;
+- GQA: Qwen2 has 28 query heads over 4 key/value heads; query head h reads key/value head h // G.
+"""
+
+from __future__ import annotations
+
+import torch
+from minaf3.kernels import check_attention_inputs, check_launchable, jit, tl, triton
+
+from minaf3.errors import ConfigError
+
+LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
+
+
+def prefill_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    query_pos: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    own_slot: bool = True,
+) -> torch.Tensor:
+    """Plain-torch causal attention in fp32: q (B, Hq, T, D), k/v (B, Hkv, S, D) -> (B, Hq, T, D).
+
+    query_pos (T,) cache slots of the queries; key_mask (B, S) bool, None for all slots filled; own_slot:
+    a query always sees its own slot. A query with no visible key outputs zeros.
+    """
+    B, Hq, _, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    slots = torch.arange(S, device=q.device)
+    qp = query_pos.to(slots.dtype)[:, None]  # (T, 1)
+    filled = key_mask if key_mask is not None else torch.ones(B, S, dtype=torch.bool, device=q.device)
+    # (B, 1, T, S): causal by slot, masked keys hidden, own slot visible if asked
+    seen = filled[:, None, None, :] | (slots == qp) if own_slot else filled[:, None, None, :]
+    visible = (slots[None, None, None, :] <= qp) & seen
+    # (B, Hkv, S, D) -> (B, Hq, S, D): each key/value head serves G consecutive query heads
+    k = k.repeat_interleave(Hq // Hkv, dim=1).float()
+    v = v.repeat_interleave(Hq // Hkv, dim=1).float()
+    scores = q.float() @ k.transpose(-1, -2) * D**-0.5  # (B, Hq, T, S)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = scores.softmax(dim=-1).nan_to_num(0.0)  # rows with no visible key: 0/0 -> 0
+    return (probs @ v).to(q.dtype)
+
+
+@jit
+def _prefill_attention_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, qpos_ptr,
+    sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sot, sod, smb, sms,
+    Hq, T, S, qk_scale,
+    GROUPS: tl.constexpr, HAS_MASK: tl.constexpr, OWN_SLOT: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    # grid: (cdiv(T, BLOCK_M), B * Hq); one program = BLOCK_M queries of one (row, query head)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = pid_bh % Hq
+    kvh = h // GROUPS
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_range = offs_m < T
+
+    q_rows = q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd
+    q = tl.load(q_rows, mask=in_range[:, None], other=0.0)  # (BLOCK_M, HEAD_DIM)
+    # Rows past T pretend to sit at slot 0: they see one key, stay finite, and are never stored.
+    qp = tl.load(qpos_ptr + offs_m, mask=in_range, other=0).to(tl.int32)  # (BLOCK_M,)
+    hi = tl.minimum(tl.max(qp, axis=0) + 1, S)  # causal skipping: no query of the block looks further
+    k_base = k_ptr + b * skb + kvh * skh + offs_d[None, :] * skd
+    v_base = v_ptr + b * svb + kvh * svh + offs_d[None, :] * svd
+
+    # A finite start for the running max keeps exp2(m_old - m_new) at 0 or 1, never exp2(-inf + inf) = NaN,
+    # when a whole key block of a row is masked out (left padding does that to the first blocks).
+    m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    for start in range(0, hi, BLOCK_N):
+        keys = start + offs_n
+        in_cache = keys < hi
+        k = tl.load(k_base + keys[:, None] * sks, mask=in_cache[:, None], other=0.0)  # (BLOCK_N, HEAD_DIM)
+        v = tl.load(v_base + keys[:, None] * svs, mask=in_cache[:, None], other=0.0)
+        visible = (keys[None, :] <= qp[:, None]) & in_cache[None, :]  # (BLOCK_M, BLOCK_N)
+        if HAS_MASK:
+            filled = tl.load(mask_ptr + b * smb + keys * sms, mask=in_cache, other=0) != 0
+            if OWN_SLOT:
+                visible &= filled[None, :] | (keys[None, :] == qp[:, None])
+            else:
+                visible &= filled[None, :]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old max
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # l == 0: no visible key, acc == 0, output 0
+    o_rows = o_ptr + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :] * sod
+    tl.store(o_rows, out.to(o_ptr.dtype.element_ty), mask=in_range[:, None])
+
+
+def _default_blocks(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): tiles that fit shared memory for this head dim and dtype."""
+    if dtype == torch.float32:  # 4-byte tiles of 128 dims: a smaller key block keeps K and V stages in SRAM
+        return 64, 32, 4, 2
+    return (128, 64, 8, 3) if head_dim <= 64 else (64, 64, 4, 3)
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    query_pos: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    own_slot: bool = True,
+    block_m: int | None = None,
+    block_n: int | None = None,
+) -> torch.Tensor:
+    """Causal attention by the Triton kernel: q (B, Hq, T, D), k/v (B, Hkv, S, D) -> (B, Hq, T, D).
+
+    query_pos (T,) integer cache slots of the queries (each < S); key_mask (B, S) bool marks filled,
+    non-padding slots (None: all); own_slot: a query always sees its own slot (CONTRACTS.md), else a
+    query with no visible key outputs zeros (torch's sdpa). Scale D**-0.5. block_m/block_n override the
+    tile sizes.
+    """
+    if query_pos is None:
+        raise ConfigError("prefill_attention: query_pos is required (bidirectional: encoder_attention)")
+    B, Hq, Hkv, T, S, D = check_attention_inputs("prefill_attention", q, k, v, key_mask, query_pos)
+    extras = [key_mask] if key_mask is not None else []
+    check_launchable("prefill_attention", q, k, v, query_pos, *extras)
+
+    bm, bn, num_warps, num_stages = _default_blocks(D, q.dtype)
+    bm, bn = block_m or bm, block_n or bn
+    out = torch.empty_like(q)
+    mask = key_mask.view(torch.uint8) if key_mask is not None else q  # q: an unused placeholder pointer
+    mask_strides = mask.stride() if key_mask is not None else (0, 0)
+    grid = (triton.cdiv(T, bm), B * Hq)
+    _prefill_attention_kernel[grid](
+        q, k, v, out, mask, query_pos,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides,
+        Hq, T, S, D**-0.5 * LOG2E,
+        GROUPS=Hq // Hkv, HAS_MASK=key_mask is not None, OWN_SLOT=own_slot, HEAD_DIM=D,
+        BLOCK_M=bm, BLOCK_N=bn,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return out
+
+
+__all__ = ["prefill_attention", "prefill_attention_reference"]
