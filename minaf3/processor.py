@@ -174,7 +174,7 @@ class AudioFlamingo3Processor:
         """Token ids (T,) -> a string, (B, T) -> a list of strings. strip_prefix removes AF3's transcription
         framing ('The spoken content of the audio is "..."') and keeps the quoted text."""
         rows = torch.as_tensor(ids).tolist() if not isinstance(ids, list) else ids
-        rows = [rows] if isinstance(rows, int) else rows
+        rows = [rows] if isinstance(rows, int) else [r.tolist() if hasattr(r, "tolist") else r for r in rows]
         is_batch = bool(rows) and isinstance(rows[0], list | tuple)
         rows = rows if is_batch else [rows]
         if any(t < 0 for row in rows for t in row):
@@ -247,6 +247,8 @@ class AudioFlamingo3Processor:
         padding_side: str,
         placeholders_from_text: bool,
     ) -> BatchFeature:
+        """Prompts and their loaded clips -> model inputs. placeholders_from_text: the prompt forms of
+        `__call__` apply; otherwise (rendered conversations) there is exactly one placeholder per clip."""
         if padding_side not in ("left", "right"):
             raise InputError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         if placeholders_from_text:

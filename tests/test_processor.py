@@ -224,6 +224,27 @@ def test_several_audios_expand_at_their_own_positions_in_order(processor):
     assert (out["labels"][0][is_audio] == -100).all()
 
 
+def test_each_audio_embedding_lands_on_its_own_run(processor, tiny_checkpoint):
+    """Through the model: the k-th placeholder run holds the k-th clip's audio embeddings, and only them."""
+    from minaf3.model import AudioFlamingo3ForConditionalGeneration
+
+    model = AudioFlamingo3ForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32)
+    clips = [speech_like(SR * 2, seed=6), SHORT, speech_like(SR, seed=7)]  # 50, 37 and 25 tokens
+    conversation = [
+        user("A ", clip(clips[0]), " B ", clip(clips[1])),
+        {"role": "assistant", "content": "ok"},
+        user(clip(clips[2]), "C?"),
+    ]
+    inputs = processor.apply_chat_template(conversation)
+    with torch.no_grad():
+        embeds = model.embed_inputs(inputs.input_ids, inputs.input_features, inputs.input_features_mask)[0]
+        alone = [processor("x", c) for c in clips]
+        expected = [model.get_audio_features(a.input_features, a.input_features_mask) for a in alone]
+    is_audio = inputs.input_ids[0] == processor.audio_token_id
+    torch.testing.assert_close(embeds[is_audio], torch.cat(expected), atol=1e-5, rtol=1e-5)
+    assert [len(e) for e in expected] == [50, 37, 25]
+
+
 def test_conversation_errors_name_the_item(processor):
     with pytest.raises(InputError, match=r"conversation 1, message 0: unknown role 'robot'"):
         processor.apply_chat_template([[user("a")], [user("b", role="robot")]])
@@ -301,6 +322,7 @@ def test_batch_decode_matches_reference(processor, reference_processor, strip_pr
     assert processor.batch_decode(batch, strip_prefix=strip_prefix) == expected
     assert processor.decode(batch[0], strip_prefix=strip_prefix) == expected[0]
     assert processor.decode(batch.numpy()) == processor.batch_decode(batch.tolist())
+    assert processor.batch_decode(list(batch)) == processor.batch_decode(batch)
     assert processor.decode(int(batch[0, -2])) == processor.decode(batch[0, -2:])
     with pytest.raises(InputError, match="-100"):
         processor.decode([3, -100])
