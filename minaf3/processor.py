@@ -28,6 +28,7 @@ from minaf3 import windows
 from minaf3.audio import load_audio
 from minaf3.chat_template import AUDIO_TOKEN, audio_parts, parse, render, split_batch
 from minaf3.errors import AudioError, AudioFileError, ConfigError, InputError
+from minaf3.features import log_mel_windows
 from minaf3.processor_files import BatchFeature, read_processor_files
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ TRANSCRIPTION_PREFIXES = (
     "The transcription of the audio is",
     "The content of the input audio is",
 )
+# Audio arguments that are one clip; a list or tuple holds several.
 _SINGLE_AUDIO = (str, os.PathLike, bytes, bytearray, memoryview, np.ndarray, torch.Tensor)
 
 
@@ -302,8 +304,6 @@ class AudioFlamingo3Processor:
 
 def _features(clips: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     """Every window of every clip, in order, through one batched log-mel call: (W, 128, 3000), (W, 3000)."""
-    from minaf3.features import log_mel_windows
-
     bounds = [windows.window_bounds(len(clip)) for clip in clips]
     slab = torch.zeros(sum(len(b) for b in bounds), windows.WINDOW_SAMPLES, dtype=torch.float32)
     valid = torch.zeros(len(slab), dtype=torch.int64)
