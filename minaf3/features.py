@@ -249,7 +249,7 @@ def log_mel_windows(windows, valid, device=None) -> tuple[torch.Tensor, torch.Te
     valid = torch.as_tensor(valid)
     if valid.shape != windows.shape[:1] or valid.is_floating_point() or valid.dtype == torch.bool:
         raise AudioError(
-            f"valid must hold {windows.shape[0]} integers, got {valid.dtype} {tuple(valid.shape)}"
+            f"valid must hold one integer per window ({len(windows)}), got {valid.dtype} {tuple(valid.shape)}"
         )
     if valid.min() < 0 or valid.max() > WINDOW_SAMPLES:
         raise AudioError(f"valid sample counts must lie in [0, {WINDOW_SAMPLES}], got {valid.tolist()}")

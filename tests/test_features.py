@@ -1,0 +1,203 @@
+"""Log-mel features (minaf3/features.py) against WhisperFeatureExtractor on the reference's own windows.
+
+The reference windows come from transformers' AudioFlamingo3Processor._process_audio (its 30 s chunking,
+then WhisperFeatureExtractor(feature_size=128) on the chunks), run on the tiny checkpoint's processor.
+"""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from conftest import speech_like
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minaf3.errors import AudioError, ConfigError
+from minaf3.features import computed_frames, log_mel_spectrogram, log_mel_windows, mel_filter_bank
+from minaf3.windows import FRAMES_PER_WINDOW, MAX_AUDIO_SAMPLES, N_MELS, WINDOW_SAMPLES
+
+TOLERANCE = 1e-4  # max abs difference allowed against the reference
+
+
+def reference_features(processor, audios: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_features, input_features_mask) the reference processor computes for these audios."""
+    audio_inputs, _ = processor._process_audio(
+        audios, sampling_rate=16000, return_attention_mask=True, return_tensors="pt"
+    )
+    return audio_inputs["input_features"], audio_inputs["input_features_mask"]
+
+
+def assert_matches_reference(processor, audio: np.ndarray):
+    features, mask = log_mel_spectrogram(audio)
+    expected, expected_mask = reference_features(processor, [audio])
+    n_windows = expected.shape[0]
+    assert features.shape == (n_windows, N_MELS, FRAMES_PER_WINDOW) and features.dtype == torch.float32
+    assert mask.shape == (n_windows, FRAMES_PER_WINDOW) and mask.dtype == torch.int32
+    assert (features - expected).abs().max().item() <= TOLERANCE
+    assert torch.equal(mask, expected_mask.to(torch.int32))
+
+
+@pytest.mark.parametrize(
+    "num_samples",
+    [
+        1,
+        100,
+        319,  # tails shorter than 320 samples: 1 or 2 mel frames, no audio token
+        16000 * 5,  # one short window
+        479_799,  # the last sample whose frame does not reach the right reflection
+        479_801,
+        WINDOW_SAMPLES,
+        WINDOW_SAMPLES + 1,
+        WINDOW_SAMPLES + 160,
+        WINDOW_SAMPLES + 319,
+        2 * WINDOW_SAMPLES + 123_457,  # several windows
+    ],
+)
+def test_speech_matches_reference(reference_processor, num_samples):
+    assert_matches_reference(reference_processor, speech_like(num_samples, seed=num_samples))
+
+
+def test_silence_matches_reference(reference_processor):
+    assert_matches_reference(reference_processor, np.zeros(16000 * 3, np.float32))
+
+
+def test_clipping_matches_reference(reference_processor):
+    clipped = np.clip(speech_like(16000 * 4) * 20.0, -1.0, 1.0)
+    assert_matches_reference(reference_processor, clipped)
+
+
+def test_a_tone_burst_after_silence_matches_reference(reference_processor):
+    audio = np.zeros(WINDOW_SAMPLES + 50_000, np.float32)
+    audio[-30_000:] = 0.5 * np.sin(np.arange(30_000) * 2 * np.pi * 440 / 16000)
+    assert_matches_reference(reference_processor, audio)
+
+
+def test_audio_past_600_seconds_is_cut_like_the_reference(reference_processor, caplog):
+    audio = speech_like(MAX_AUDIO_SAMPLES + 16000, seed=3)
+    with caplog.at_level(logging.WARNING, logger="minaf3"):
+        assert_matches_reference(reference_processor, audio)
+    assert any("600" in record.getMessage() for record in caplog.records)
+
+
+def test_batch_of_windows_matches_reference(reference_processor):
+    """log_mel_windows, the processor's path, on the windows of two audios at once."""
+    audios = [speech_like(WINDOW_SAMPLES + 4000, seed=1), speech_like(70_000, seed=2)]
+    windows = torch.zeros(3, WINDOW_SAMPLES)
+    windows[0] = torch.from_numpy(audios[0][:WINDOW_SAMPLES])
+    windows[1, :4000] = torch.from_numpy(audios[0][WINDOW_SAMPLES:])
+    windows[2, :70_000] = torch.from_numpy(audios[1])
+    features, mask = log_mel_windows(windows, torch.tensor([WINDOW_SAMPLES, 4000, 70_000]))
+    expected, expected_mask = reference_features(reference_processor, audios)
+    assert (features - expected).abs().max().item() <= TOLERANCE
+    assert torch.equal(mask, expected_mask.to(torch.int32))
+
+
+def test_samples_past_valid_are_ignored():
+    audio = speech_like(50_000)
+    clean = torch.zeros(1, WINDOW_SAMPLES)
+    clean[0, :50_000] = torch.from_numpy(audio)
+    dirty = clean.clone()
+    dirty[0, 50_000:] = 1.0
+    for got, want in zip(log_mel_windows(dirty, [50_000]), log_mel_windows(clean, [50_000]), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_numpy_float64_and_torch_inputs_agree():
+    audio = speech_like(20_000)
+    features, mask = log_mel_spectrogram(audio)
+    for other in (audio.astype(np.float64), torch.from_numpy(audio)):
+        other_features, other_mask = log_mel_spectrogram(other)
+        assert (other_features - features).abs().max().item() <= 1e-6
+        assert torch.equal(other_mask, mask)
+
+
+def test_mel_filter_bank_equals_transformers():
+    from transformers.audio_utils import mel_filter_bank as reference_filter_bank
+
+    expected = reference_filter_bank(
+        num_frequency_bins=201,
+        num_mel_filters=128,
+        min_frequency=0.0,
+        max_frequency=8000.0,
+        sampling_rate=16000,
+        norm="slaney",
+        mel_scale="slaney",
+    )
+    np.testing.assert_array_equal(mel_filter_bank(), expected)
+
+
+@settings(max_examples=50, deadline=None)
+@given(valid=st.integers(0, WINDOW_SAMPLES))
+def test_frames_past_the_computed_ones_read_only_padding(valid):
+    """Frame t reads padded samples [160 t, 160 t + 400); from computed_frames on, none is a real one."""
+    count = computed_frames(valid)
+    assert count <= FRAMES_PER_WINDOW
+    padded_real = np.zeros(WINDOW_SAMPLES + 400, bool)  # which padded positions hold a real sample
+    real = np.arange(valid)
+    padded_real[real + 200] = True
+    padded_real[200 - real[(real >= 1) & (real <= 200)]] = True  # left reflection
+    tail = real[(real >= WINDOW_SAMPLES - 201) & (real <= WINDOW_SAMPLES - 2)]
+    padded_real[200 + 2 * (WINDOW_SAMPLES - 1) - tail] = True  # right reflection
+    if count < FRAMES_PER_WINDOW:
+        assert not padded_real[160 * count :].any()
+    if valid:
+        assert padded_real[160 * (count - 1) : 160 * (count - 1) + 400].any()
+
+
+@pytest.mark.parametrize(
+    ("audio", "message"),
+    [
+        (np.zeros((2, 1000), np.float32), "1-D"),
+        (np.zeros((2, 2, 1000), np.float32), "1-D"),
+        (np.zeros(0, np.float32), "no samples"),
+        (np.zeros(1000, np.int16), "int16"),
+        ([0.0, 0.1, 0.2], "list"),
+        ("speech.wav", "str"),
+    ],
+)
+def test_log_mel_spectrogram_refuses_bad_audio(audio, message):
+    with pytest.raises(AudioError, match=message):
+        log_mel_spectrogram(audio)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_log_mel_spectrogram_refuses_non_finite_samples(bad):
+    audio = speech_like(WINDOW_SAMPLES + 5000)
+    audio[WINDOW_SAMPLES + 10] = bad
+    with pytest.raises(AudioError, match=f"sample {WINDOW_SAMPLES + 10}"):
+        log_mel_spectrogram(audio)
+
+
+@pytest.mark.parametrize("rate", [8000, 44100])
+def test_log_mel_spectrogram_refuses_other_sampling_rates(rate):
+    with pytest.raises(ConfigError, match=str(rate)):
+        log_mel_spectrogram(speech_like(1000), sampling_rate=rate)
+
+
+@pytest.mark.parametrize(
+    ("windows", "valid", "message"),
+    [
+        (torch.zeros(2, 1000), [1000, 1000], "shape"),
+        (torch.zeros(0, WINDOW_SAMPLES), [], "shape"),
+        (torch.zeros(WINDOW_SAMPLES), [10], "shape"),
+        (torch.zeros(2, WINDOW_SAMPLES), [10], "one integer per window"),
+        (torch.zeros(1, WINDOW_SAMPLES), [1.5], "one integer per window"),
+        (torch.zeros(1, WINDOW_SAMPLES), [WINDOW_SAMPLES + 1], "lie in"),
+        (torch.zeros(1, WINDOW_SAMPLES), [-1], "lie in"),
+        (torch.zeros(1, WINDOW_SAMPLES, dtype=torch.int16), [10], "int16"),
+    ],
+)
+def test_log_mel_windows_refuses_bad_input(windows, valid, message):
+    with pytest.raises(AudioError, match=message):
+        log_mel_windows(windows, valid)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    audio = speech_like(WINDOW_SAMPLES + 30_000)
+    cpu_features, cpu_mask = log_mel_spectrogram(audio)
+    cuda_features, cuda_mask = log_mel_spectrogram(audio, device="cuda")
+    assert cuda_features.device.type == "cuda"
+    assert (cuda_features.cpu() - cpu_features).abs().max().item() <= TOLERANCE
+    assert torch.equal(cuda_mask.cpu(), cpu_mask)
