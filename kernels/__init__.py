@@ -62,6 +62,15 @@ def check_launchable(name: str, *tensors: torch.Tensor) -> None:
         raise ConfigError(f"{name}: cannot run on {device}: {why}")
 
 
+def tile(name: str, value: int | None, default: int) -> int:
+    """A tile-size override, checked (a power of two >= 16, the least tl.dot accepts), or the default."""
+    if value is None:
+        return default
+    if value < 16 or value & (value - 1):
+        raise ConfigError(f"{name}: tile size {value} must be a power of two >= 16")
+    return value
+
+
 def check_attention_inputs(
     name: str,
     q: torch.Tensor,

@@ -23,7 +23,7 @@ query sees every slot key_mask allows. A query that sees no slot outputs zeros, 
 from __future__ import annotations
 
 import torch
-from minaf3.kernels import check_attention_inputs, check_launchable, jit, tl, triton
+from minaf3.kernels import check_attention_inputs, check_launchable, jit, tile, tl, triton
 
 from minaf3.errors import ConfigError
 
@@ -182,7 +182,7 @@ def decode_attention(
     check_launchable("decode_attention", q, k, v, *extras)
 
     groups = Hq // Hkv
-    bn = block_n or (32 if q.dtype == torch.float32 else 64)  # 4-byte tiles: half the keys per stage
+    bn = tile("decode_attention", block_n, 32 if q.dtype == torch.float32 else 64)  # fp32: half the keys
     splits = num_splits or _default_splits(B * Hkv, S, bn, q.device)
     part_acc = torch.empty(B * Hq, splits, D, dtype=torch.float32, device=q.device)
     part_m = torch.empty(B * Hq, splits, dtype=torch.float32, device=q.device)

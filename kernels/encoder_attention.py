@@ -18,7 +18,7 @@ Heads: Hq query heads over Hkv = Hq / G key/value heads (Whisper has G = 1; grou
 from __future__ import annotations
 
 import torch
-from minaf3.kernels import check_attention_inputs, check_launchable, jit, tl, triton
+from minaf3.kernels import check_attention_inputs, check_launchable, jit, tile, tl, triton
 
 from minaf3.errors import ConfigError
 
@@ -141,7 +141,7 @@ def encoder_attention(
     check_launchable("encoder_attention", q, k, v, *extras)
 
     bm, bn, num_warps, num_stages = _default_blocks(D, q.dtype)
-    bm, bn = block_m or bm, block_n or bn
+    bm, bn = tile("encoder_attention", block_m, bm), tile("encoder_attention", block_n, bn)
     out = torch.empty_like(q)
     if key_mask is not None:
         mode, mask, lengths = MASK_BOOL, key_mask.view(torch.uint8), q  # q: an unused placeholder pointer

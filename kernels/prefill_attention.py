@@ -19,7 +19,7 @@ The kernel is flash attention (see encoder_attention.py for the online softmax) 
 from __future__ import annotations
 
 import torch
-from minaf3.kernels import check_attention_inputs, check_launchable, jit, tl, triton
+from minaf3.kernels import check_attention_inputs, check_launchable, jit, tile, tl, triton
 
 from minaf3.errors import ConfigError
 
@@ -146,7 +146,7 @@ def prefill_attention(
     check_launchable("prefill_attention", q, k, v, query_pos, *extras)
 
     bm, bn, num_warps, num_stages = _default_blocks(D, q.dtype)
-    bm, bn = block_m or bm, block_n or bn
+    bm, bn = tile("prefill_attention", block_m, bm), tile("prefill_attention", block_n, bn)
     out = torch.empty_like(q)
     mask = key_mask.view(torch.uint8) if key_mask is not None else q  # q: an unused placeholder pointer
     mask_strides = mask.stride() if key_mask is not None else (0, 0)

@@ -32,7 +32,6 @@ from minaf3.errors import ConfigError
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}  # atol = rtol per dtype
 FLOATS = st.sampled_from([torch.float32, torch.float16])
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 KERNEL_SETTINGS = settings(max_examples=15, deadline=None)
 
 
@@ -304,6 +303,7 @@ def bad_calls():
         ("no query_pos", lambda: prefill_attention(q, k, v, query_pos=None)),
         ("query_pos length", lambda: prefill_attention(q, k, v, query_pos=pos[:2])),
         ("mask shape", lambda: prefill_attention(q, k, v, query_pos=pos, key_mask=mask[:, :5])),
+        ("tile size", lambda: prefill_attention(q, k, v, query_pos=pos, block_n=8)),
         ("two tokens", lambda: decode_attention(q[:, :, :2], k, v)),
         ("splits", lambda: decode_attention(q[:, :, :1], k, v, num_splits=0)),
         ("too many splits", lambda: decode_attention(q[:, :, :1], k, v, num_splits=65)),
@@ -335,3 +335,69 @@ def test_interpreter_refuses_bfloat16_attention():
     q, k, v = qkv(1, 2, 2, 4, 4, 16, torch.bfloat16, 0)
     with pytest.raises(ConfigError, match="interpreter"):
         encoder_attention(q, k, v)
+
+
+def requires_cuda(test):
+    """Extra checks the interpreter cannot make: bf16 on tensor cores, official sizes, CUDA-graph capture."""
+    no_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+    return pytest.mark.requires_cuda(no_gpu(test))
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_official_sizes_with_default_tiles(dtype):
+    # encoder: 3 windows x 20 heads x 1500 frames x 64: a full window, 5 s of audio, a single frame
+    q, k, v = qkv(3, 20, 20, 1500, 1500, 64, dtype, 0)
+    lengths = torch.tensor([1500, 250, 1], device=DEVICE)
+    out = encoder_attention(q, k, v, valid_len=lengths)
+    close(out, encoder_attention_reference(q, k, v, valid_len=lengths), dtype)
+    key_mask = torch.arange(1500, device=DEVICE)[None, :] < lengths[:, None]
+    close(encoder_attention(q, k, v, key_mask=key_mask), out, dtype)
+
+    # prefill: Qwen2's 28 query heads over 4 key/value heads of 128; 300 tokens, one row left-padded by 120
+    q, k, v = qkv(2, 28, 4, 300, 512, 128, dtype, 1)
+    key_mask = (torch.arange(512)[None, :] >= torch.tensor([[0], [120]])).to(DEVICE)
+    for start in (0, 200):  # the prompt, then a chunk appended after 200 cached tokens
+        query_pos = torch.arange(start, start + 300, device=DEVICE)
+        out = prefill_attention(q, k, v, query_pos=query_pos, key_mask=key_mask)
+        close(out, prefill_attention_reference(q, k, v, query_pos=query_pos, key_mask=key_mask), dtype)
+
+    # decode: the token at slot 5000 of an 8192-slot cache, default number of splits
+    q, k, v = qkv(2, 28, 4, 1, 8192, 128, dtype, 2)
+    key_mask = (torch.arange(8192)[None, :] >= torch.tensor([[0], [3000]])).to(DEVICE)
+    query_pos = torch.tensor([5000], device=DEVICE)
+    out = decode_attention(q, k, v, query_pos=query_pos, key_mask=key_mask)
+    close(out, decode_attention_reference(q, k, v, query_pos=query_pos, key_mask=key_mask), dtype)
+
+    # RMSNorm over 3584 and rotary on 28 + 4 heads of 128
+    x, r = (torch.randn(2, 7, 3584, device=DEVICE, dtype=dtype) for _ in range(2))
+    w = torch.randn(3584, device=DEVICE, dtype=dtype)
+    for got, want in zip(add_rms_norm(x, r, w, 1e-6), add_rms_norm_reference(x, r, w, 1e-6), strict=True):
+        close(got, want, dtype)
+    q, k = (
+        torch.randn(2, 28, 7, 128, device=DEVICE, dtype=dtype),
+        torch.randn(2, 4, 7, 128, device=DEVICE, dtype=dtype),
+    )
+    cos, sin = rotary_angles(2, 7, 128, 1e6, dtype, 3)
+    for got, want in zip(apply_rotary(q, k, cos, sin), apply_rotary_reference(q, k, cos, sin), strict=True):
+        close(got, want, dtype)
+
+
+@requires_cuda
+def test_decode_step_replays_in_a_cuda_graph():
+    """Capture fails on any host synchronisation; replay must follow query_pos and the cache in place."""
+    q, k, v = qkv(2, 28, 4, 1, 1024, 128, torch.bfloat16, 4)
+    key_mask = (torch.arange(1024)[None, :] >= torch.tensor([[0], [50]])).to(DEVICE)
+    query_pos = torch.tensor([100], device=DEVICE)
+    decode_attention(q, k, v, query_pos=query_pos, key_mask=key_mask)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention(q, k, v, query_pos=query_pos, key_mask=key_mask)
+    for slot in (100, 700, 1023):
+        query_pos.fill_(slot)
+        q.normal_()
+        k[:, :, slot].normal_()
+        graph.replay()
+        expected = decode_attention_reference(q, k, v, query_pos=query_pos, key_mask=key_mask)
+        close(out, expected, torch.bfloat16)
