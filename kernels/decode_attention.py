@@ -23,9 +23,10 @@ query sees every slot key_mask allows. A query that sees no slot outputs zeros, 
 from __future__ import annotations
 
 import torch
-from minaf3.kernels import check_attention_inputs, check_launchable, jit, tile, tl, triton
 
 from minaf3.errors import ConfigError
+
+from . import check_attention_inputs, check_launchable, jit, tile, tl, triton
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
 MAX_SPLITS = 64  # the reduce kernel holds all splits of one head at once: (64, D) fp32 is small

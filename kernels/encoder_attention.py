@@ -18,9 +18,10 @@ Heads: Hq query heads over Hkv = Hq / G key/value heads (Whisper has G = 1; grou
 from __future__ import annotations
 
 import torch
-from minaf3.kernels import check_attention_inputs, check_launchable, jit, tile, tl, triton
 
 from minaf3.errors import ConfigError
+
+from . import check_attention_inputs, check_launchable, jit, tile, tl, triton
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
 MASK_NONE, MASK_BOOL, MASK_LENGTHS = 0, 1, 2

@@ -19,9 +19,10 @@ The kernel is flash attention (see encoder_attention.py for the online softmax) 
 from __future__ import annotations
 
 import torch
-from minaf3.kernels import check_attention_inputs, check_launchable, jit, tile, tl, triton
 
 from minaf3.errors import ConfigError
+
+from . import check_attention_inputs, check_launchable, jit, tile, tl, triton
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
 

@@ -16,9 +16,10 @@ the reference.
 from __future__ import annotations
 
 import torch
-from minaf3.kernels import check_launchable, jit, tl, triton
 
 from minaf3.errors import ConfigError
+
+from . import check_launchable, jit, tl, triton
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
