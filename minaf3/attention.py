@@ -84,9 +84,7 @@ def attention(
     if backend == "eager":
         return eager_attention(q, k, v, attention_mask(key_mask, query_pos, k.shape[-2]))
     if backend == "triton":
-        from .kernels.attention import triton_attention
-
-        return triton_attention(q, k, v, key_mask=key_mask, query_pos=query_pos)
+        return triton_attention(q, k, v, key_mask, query_pos)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
 
 
@@ -103,3 +101,17 @@ def eager_attention(
     probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
     probs = probs.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)  # NaN rows (no key) -> 0
     return probs.to(v.dtype) @ v
+
+
+def triton_attention(q, k, v, key_mask, query_pos) -> torch.Tensor:
+    """Route to the kernel built for the case: bidirectional encoder, causal prefill, or one-token decode."""
+    from .kernels.decode_attention import decode_attention
+    from .kernels.encoder_attention import encoder_attention
+    from .kernels.prefill_attention import prefill_attention
+
+    if query_pos is None:
+        return encoder_attention(q, k, v, key_mask=key_mask)
+    # own_slot=False: a row with no visible key gives zeros, exactly like the sdpa and eager paths.
+    if q.shape[2] == 1:
+        return decode_attention(q, k, v, query_pos=query_pos, key_mask=key_mask, own_slot=False)
+    return prefill_attention(q, k, v, query_pos=query_pos, key_mask=key_mask, own_slot=False)

@@ -118,3 +118,17 @@ def test_bfloat16_load_keeps_every_tensor_in_that_dtype(tiny_checkpoint):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     ids = torch.tensor([[1, 5, 6, 7]])
     assert model(input_ids=ids).logits.dtype == torch.bfloat16
+
+
+def test_triton_backend_matches_sdpa(tmp_path, reference_processor):
+    """The Triton kernels (under TRITON_INTERPRET=1 on the CPU) give the same model output as sdpa."""
+    # Head dims of 16 in both towers: the kernels take power-of-two head dims from 16 up.
+    path = write_reference_checkpoint(tmp_path, seed=3, audio_hidden=64)
+    model = AudioFlamingo3ForConditionalGeneration.from_pretrained(path)
+    inputs = reference_inputs(reference_processor, ["short", "short"])
+    with torch.no_grad():
+        with use_backend("triton"):
+            triton_logits = model(**inputs).logits
+        with use_backend("sdpa"):
+            sdpa_logits = model(**inputs).logits
+    assert (triton_logits - sdpa_logits).abs().max() < 1e-4
