@@ -210,3 +210,45 @@ def _interpret_triton_without_cuda() -> None:
 
 
 _interpret_triton_without_cuda()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Demo checkpoint (owner: minaf3/demo.py, pipeline, CLI and estimate tests).
+# write_demo_checkpoint writes the hub layout without transformers; tests/test_demo.py proves transformers
+# loads it and agrees with minaf3, so the pipeline tests can use it as a complete checkpoint folder.
+
+# The smallest useful model: one layer and one head each, so an hour of audio (120 encoder windows and six
+# decoder prompts of ~15,000 tokens) runs in seconds.
+HOUR_SIZES = {
+    "audio_layers": 1,
+    "audio_hidden": 8,
+    "audio_heads": 1,
+    "text_layers": 1,
+    "text_hidden": 16,
+    "text_heads": 1,
+    "text_kv_heads": 1,
+}
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint(tmp_path_factory) -> Path:
+    """The `minaf3 demo` checkpoint (DEMO_SIZES, seed 0), with clip.wav."""
+    from minaf3.demo import write_demo_checkpoint
+
+    return write_demo_checkpoint(tmp_path_factory.mktemp("af3_demo"))
+
+
+@pytest.fixture(scope="session")
+def demo_pipeline(demo_checkpoint):
+    """minaf3.load(demo_checkpoint) on the CPU in float32, shared by the pipeline tests."""
+    import minaf3
+
+    return minaf3.load(demo_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def hour_checkpoint(tmp_path_factory) -> Path:
+    """A demo checkpoint at HOUR_SIZES, for hour-long transcription."""
+    from minaf3.demo import write_demo_checkpoint
+
+    return write_demo_checkpoint(tmp_path_factory.mktemp("af3_hour"), **HOUR_SIZES)

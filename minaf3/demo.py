@@ -1,0 +1,367 @@
+"""`minaf3 demo`: the whole pipeline on a tiny random-weight checkpoint and a generated clip, no download.
+
+`write_demo_checkpoint(path)` writes a complete Audio Flamingo 3 checkpoint folder in the official hub layout
+(nvidia/audio-flamingo-3-hf), only smaller and with random weights, without transformers:
+
+    config.json               the fields transformers' save_pretrained writes, at tiny sizes
+    model.safetensors         hub tensor names (weights/layouts.py HUB table), float32
+    generation_config.json    the sampling defaults the official checkpoint ships
+    tokenizer.json            byte-level BPE trained here with `tokenizers`, with Qwen2's special tokens
+    tokenizer_config.json, processor_config.json, chat_template.jinja   as transformers writes them
+    clip.wav                  a few seconds of a generated speech-like signal
+
+transformers loads this folder as it loads its own saves (tests/test_demo.py checks the logits agree), so it
+is also a small fixture for anyone who wants to try minaf3 or the reference without 16 GB of weights.
+`run_demo()` builds it once under ~/.cache/minaf3, runs `minaf3.load(...).chat(...)` on the clip and prints
+the (meaningless) answer with the time each stage took.
+"""
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
+import numpy as np
+import soundfile as sf
+import torch
+from safetensors.torch import save_file
+
+from minaf3.chat_template import DEFAULT_SYSTEM_PROMPT, REFERENCE_TEMPLATE
+from minaf3.config import AudioFlamingo3Config
+from minaf3.errors import ConfigError
+from minaf3.processor import DEFAULT_TRANSCRIPTION_PROMPT
+from minaf3.weights.layouts import HUB, checkpoint_names
+from minaf3.windows import HOP_LENGTH, MAX_AUDIO_SECONDS, N_FFT, N_MELS, SAMPLING_RATE, WINDOW_SAMPLES
+
+if TYPE_CHECKING:
+    from minaf3.pipeline import Timings
+
+ENDOFTEXT, IM_START, IM_END, AUDIO_TOKEN = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<sound>"
+SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, AUDIO_TOKEN]  # ids 0..3, in Qwen2's order
+VOCAB_SIZE = 512  # BPE merges learned until the vocabulary holds this many tokens
+BYTE_TOKENS = 256  # byte-level BPE's initial alphabet: ids 4..259, right after the special tokens
+# Sentences the BPE merges are learned from: the prompts a demo user types, so they tokenize compactly.
+CORPUS = [
+    DEFAULT_SYSTEM_PROMPT,
+    DEFAULT_TRANSCRIPTION_PROMPT,
+    "What is in this audio? Describe the sound in detail.",
+    "The spoken content of the audio is hello world.",
+    "A dog barks while music plays in the background, then a man speaks.",
+    "Please think and reason about the input audio before you respond.",
+    "Is this music happy or sad? Which instruments can you hear?",
+    "A woman speaks calmly over the sound of rain and distant traffic.",
+]
+# Tiny but complete: several heads, grouped-query attention (4 query heads share 2 KV heads), biases.
+DEMO_SIZES = {
+    "audio_layers": 2,
+    "audio_hidden": 64,
+    "audio_heads": 4,
+    "text_layers": 2,
+    "text_hidden": 128,
+    "text_heads": 4,
+    "text_kv_heads": 2,
+}
+MATRIX_STD, VECTOR_STD = 0.08, 0.05  # wider than the usual 0.02 so greedy decoding is not flat noise
+CLIP_SECONDS = 4.0
+CLIP_NAME = "clip.wav"
+CACHE_VERSION = "v1"  # bump when the checkpoint format written here changes, so caches are rebuilt
+DEMO_QUESTION = "What is in this audio? Describe the sound in detail."
+
+
+def train_tokenizer():
+    """A byte-level BPE `tokenizers.Tokenizer` with AF3's special tokens, as transformers saves it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    # transformers' save adds this no-op post-processor; writing it too makes the file identical to its save.
+    tok.post_processor = processors.TemplateProcessing(single="$A", pair="$A:0 $B:1", special_tokens=[])
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 20, trainer)
+    return tok
+
+
+def model_config(
+    vocab_size: int,
+    *,
+    audio_layers: int,
+    audio_hidden: int,
+    audio_heads: int,
+    text_layers: int,
+    text_hidden: int,
+    text_heads: int,
+    text_kv_heads: int,
+) -> dict:
+    """config.json with the fields and spellings transformers 5 writes for AudioFlamingo3Config."""
+    token = {name: SPECIAL_TOKENS.index(name) for name in SPECIAL_TOKENS}
+    audio = {
+        "activation_dropout": 0.0,
+        "activation_function": "gelu",
+        "attention_dropout": 0.0,
+        "dropout": 0.0,
+        "hidden_size": audio_hidden,
+        "initializer_range": 0.02,
+        "intermediate_size": 2 * audio_hidden,
+        "layerdrop": 0.0,
+        "max_source_positions": WINDOW_SAMPLES // HOP_LENGTH // 2,  # 1500 frames after conv2's stride 2
+        "model_type": "audioflamingo3_encoder",
+        "num_attention_heads": audio_heads,
+        "num_hidden_layers": audio_layers,
+        "num_mel_bins": N_MELS,
+        "scale_embedding": False,
+    }
+    text = {
+        "attention_dropout": 0.0,
+        "bos_token_id": token[ENDOFTEXT],
+        "eos_token_id": token[IM_END],
+        "hidden_act": "silu",
+        "hidden_size": text_hidden,
+        "initializer_range": 0.02,
+        "intermediate_size": 2 * text_hidden,
+        "layer_types": ["full_attention"] * text_layers,
+        "max_position_embeddings": 32768,
+        "max_window_layers": 28,
+        "model_type": "qwen2",
+        "num_attention_heads": text_heads,
+        "num_hidden_layers": text_layers,
+        "num_key_value_heads": text_kv_heads,
+        "pad_token_id": None,
+        "rms_norm_eps": 1e-06,
+        "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"},
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": vocab_size,
+    }
+    return {
+        "architectures": ["AudioFlamingo3ForConditionalGeneration"],
+        "audio_config": audio,
+        "audio_token_id": token[AUDIO_TOKEN],
+        "dtype": "float32",
+        "model_type": "audioflamingo3",
+        "projector_bias": True,
+        "projector_hidden_act": "gelu",
+        "text_config": text,
+    }
+
+
+def random_weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
+    """Hub-layout tensor name -> random float32 tensor, for every parameter the config's model has.
+
+    Shapes come from minaf3's own model built on the meta device (no memory), names from the HUB table, so
+    the writer cannot drift from what the loader expects.
+    """
+    from minaf3.model import AudioFlamingo3ForConditionalGeneration
+
+    with torch.device("meta"):
+        model = AudioFlamingo3ForConditionalGeneration(AudioFlamingo3Config.from_dict(config))
+    shapes = {name: t.shape for name, t in model.state_dict().items()}
+    names = checkpoint_names(HUB, shapes)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for ours in sorted(shapes):  # a fixed order, so a seed always gives the same weights
+        std = MATRIX_STD if len(shapes[ours]) >= 2 else VECTOR_STD
+        tensors[names[ours]] = torch.randn(shapes[ours], generator=generator) * std
+    # Single-byte tokens get zero logits, so random text is made of learned word pieces: otherwise it is
+    # mostly stray UTF-8 continuation bytes, printed as U+FFFD, which reads like a decoding bug.
+    tensors[names["lm_head.weight"]][len(SPECIAL_TOKENS) : len(SPECIAL_TOKENS) + BYTE_TOKENS] = 0.0
+    return tensors
+
+
+def demo_clip(seconds: float = CLIP_SECONDS, seed: int = 0) -> np.ndarray:
+    """A speech-like 16 kHz float32 clip: a voice gliding around 120 Hz, syllables at 4 Hz, then a chime.
+
+    Harmonics under a syllable envelope give the encoder the structure of voiced speech; the final second is
+    a decaying 880 Hz tone so the clip has a second, distinct sound event.
+    """
+    rng = np.random.default_rng(seed)
+    n = int(seconds * SAMPLING_RATE)
+    t = np.arange(n) / SAMPLING_RATE
+    f0 = 120 + 30 * np.sin(2 * np.pi * 0.5 * t)  # Hz: a slow intonation contour
+    phase = 2 * np.pi * np.cumsum(f0) / SAMPLING_RATE
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 8))
+    syllables = 0.5 * (1 + np.sin(2 * np.pi * 4 * t)) ** 2
+    chime_start = max(0.0, seconds - 1.0)
+    chime = np.where(t >= chime_start, np.sin(2 * np.pi * 880 * t) * np.exp(-4 * (t - chime_start)), 0.0)
+    voice = np.where(t < chime_start, 0.2 * voiced * syllables, 0.0)
+    return (voice + 0.3 * chime + 0.01 * rng.standard_normal(n)).astype(np.float32)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def write_demo_checkpoint(path: str | os.PathLike, seed: int = 0, **sizes: int) -> Path:
+    """Write a tiny random-weight AF3 checkpoint folder (hub layout) and clip.wav into `path`.
+
+    sizes: any key of DEMO_SIZES (layers, hidden widths, heads) to override; a hidden width must be a
+    multiple of its head count and text_heads a multiple of text_kv_heads. Returns the folder.
+    """
+    unknown = sorted(set(sizes) - set(DEMO_SIZES))
+    if unknown:
+        raise ConfigError(
+            f"write_demo_checkpoint: unknown size argument(s) {unknown}; use {sorted(DEMO_SIZES)}"
+        )
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer()
+    config = model_config(tok.get_vocab_size(), **{**DEMO_SIZES, **sizes})
+    _write_json(folder / "config.json", config)
+    save_file(random_weights(config, seed), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    token = {name: tok.token_to_id(name) for name in SPECIAL_TOKENS}
+    _write_json(
+        folder / "generation_config.json",
+        {
+            "bos_token_id": token[ENDOFTEXT],
+            "do_sample": True,
+            "eos_token_id": [token[IM_END], token[ENDOFTEXT]],
+            "pad_token_id": token[ENDOFTEXT],
+            "repetition_penalty": 1.05,
+            "temperature": 0.7,
+            "top_k": 20,
+            "top_p": 0.8,
+        },
+    )
+    tok.save(str(folder / "tokenizer.json"))
+    _write_json(
+        folder / "tokenizer_config.json",
+        {
+            "backend": "tokenizers",
+            "bos_token": None,
+            "eos_token": IM_END,
+            "extra_special_tokens": [IM_START, IM_END, AUDIO_TOKEN],
+            "pad_token": ENDOFTEXT,
+            "processor_class": "AudioFlamingo3Processor",
+            "tokenizer_class": "TokenizersBackend",
+            "unk_token": None,
+        },
+    )
+    _write_json(
+        folder / "processor_config.json",
+        {
+            "audio_token": AUDIO_TOKEN,
+            "default_transcription_prompt": DEFAULT_TRANSCRIPTION_PROMPT,
+            "feature_extractor": {
+                "chunk_length": WINDOW_SAMPLES // SAMPLING_RATE,
+                "dither": 0.0,
+                "feature_extractor_type": "WhisperFeatureExtractor",
+                "feature_size": N_MELS,
+                "hop_length": HOP_LENGTH,
+                "n_fft": N_FFT,
+                "n_samples": WINDOW_SAMPLES,
+                "nb_max_frames": WINDOW_SAMPLES // HOP_LENGTH,
+                "padding_side": "right",
+                "padding_value": 0.0,
+                "return_attention_mask": True,
+                "sampling_rate": SAMPLING_RATE,
+            },
+            "max_audio_len": MAX_AUDIO_SECONDS,
+            "processor_class": "AudioFlamingo3Processor",
+        },
+    )
+    (folder / "chat_template.jinja").write_text(REFERENCE_TEMPLATE, encoding="utf-8")
+    sf.write(folder / CLIP_NAME, demo_clip(seed=seed), SAMPLING_RATE, subtype="PCM_16")
+    return folder
+
+
+def cache_root() -> Path:
+    """$XDG_CACHE_HOME/minaf3 (default ~/.cache/minaf3)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "minaf3"
+
+
+def demo_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The demo checkpoint folder, written on first use under `cache_dir` (default cache_root()/demo-v1).
+
+    It is written to a temporary sibling and renamed into place, so an interrupted run never leaves a
+    half-written folder that later runs would trust.
+    """
+    folder = Path(cache_dir) if cache_dir is not None else cache_root() / f"demo-{CACHE_VERSION}"
+    if (folder / "model.safetensors").is_file() and (folder / CLIP_NAME).is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=folder.parent))
+    try:
+        write_demo_checkpoint(staging)
+        if folder.exists():  # an incomplete folder from an older or interrupted run
+            shutil.rmtree(folder)
+        staging.rename(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def run_demo(
+    cache_dir: str | os.PathLike | None = None,
+    max_new_tokens: int = 32,
+    device: str | None = None,
+    out: TextIO | None = None,
+) -> tuple[str, "Timings"]:
+    """Build (or reuse) the demo checkpoint, answer DEMO_QUESTION about its clip and print the answer,
+    labelled as coming from random weights, with each stage's time. Returns (answer, timings).
+
+    Decoding is greedy, so the printed answer is the same on every run and machine (up to float rounding).
+    """
+    from minaf3.pipeline import load
+
+    out = out or sys.stdout
+    started = time.perf_counter()
+    folder = demo_checkpoint(cache_dir)
+    built = time.perf_counter() - started
+    started = time.perf_counter()
+    pipe = load(folder, device=device)
+    loaded = time.perf_counter() - started
+    params = sum(p.numel() for p in pipe.model.parameters())
+    config = pipe.model.config
+    clip = folder / CLIP_NAME
+    print(
+        "minaf3 demo: Audio Flamingo 3 end to end on a tiny RANDOM-WEIGHT checkpoint (no download)", file=out
+    )
+    print(f"  checkpoint  {folder}", file=out)
+    print(
+        f"              {config.encoder.num_layers} encoder + {config.decoder.num_layers} decoder layers, "
+        f"{params / 1e6:.2f} M parameters, on {pipe.model.device.type}",
+        file=out,
+    )
+    print(f"  audio       {clip} ({CLIP_SECONDS:.0f} s generated: a voice-like buzz, then a chime)", file=out)
+    print(f"  question    {DEMO_QUESTION}", file=out)
+    print(
+        "\nanswer (RANDOM WEIGHTS: meaningless text; it shows that every stage runs):\n  ", end="", file=out
+    )
+    pieces = []
+    for piece in pipe.chat(
+        DEMO_QUESTION, audio=clip, stream=True, max_new_tokens=max_new_tokens, do_sample=False
+    ):
+        pieces.append(piece)
+        print(piece, end="", file=out, flush=True)
+    answer = "".join(pieces)
+    t = pipe.last_timings
+    rows = [
+        ("build", built, "checkpoint written once, then cached" if built > 0.5 else "cached checkpoint"),
+        ("load", loaded, "config, tokenizer and weights"),
+        ("features", t.features, "audio decoding, log-mel, tokenization"),
+        ("encoder", t.encoder, f"Whisper encoder over {CLIP_SECONDS:.0f} s of audio"),
+        ("prefill", t.prefill, f"{t.prompt_tokens} prompt tokens"),
+        ("decode", t.decode, f"{t.new_tokens} new tokens, {t.decode_tokens_per_second:.0f} tokens/s"),
+    ]
+    print("\n\ntimings:", file=out)
+    for name, seconds, note in rows:
+        print(f"  {name:<9} {seconds * 1000:8.1f} ms   {note}", file=out)
+    print(
+        "\nFor real answers, download the official weights (about 16.5 GB) and point --model at them:\n"
+        "  huggingface-cli download nvidia/audio-flamingo-3-hf --local-dir audio-flamingo-3-hf\n"
+        '  minaf3 chat --model audio-flamingo-3-hf --audio clip.wav "What is in this audio?"',
+        file=out,
+    )
+    return answer, t

@@ -1,0 +1,405 @@
+"""`minaf3.load(folder)`: a checkpoint ready to chat about audio and to transcribe it, in one call.
+
+    pipe = minaf3.load("audio-flamingo-3-hf")
+    pipe.chat("What is in this audio?", audio="clip.wav")               -> str
+    for piece in pipe.chat("Describe it.", audio="clip.wav", stream=True): print(piece, end="")
+    pipe.transcribe("lecture.flac").text, .segments                     -> Transcription
+    pipe.transcribe(["a.wav", "b.wav"])                                 -> [Transcription, ...]
+
+The pipeline owns nothing but glue: the processor builds the prompt, the model generates, and
+segments.py cuts audio longer than 10 minutes. `chat` reads at most 600 s of each audio (the model's limit):
+longer audio is cut with a logged warning, or refused with refuse_long_audio=True. `transcribe` reads any
+length: it splits at quiet points near every 10-minute mark, runs the segments in batches and joins the text.
+
+`last_timings` holds the seconds each stage of the last call took (features, encoder, prefill, decode).
+"""
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minaf3.audio import load_audio
+from minaf3.errors import AudioError, AudioFileError, CheckpointError, ConfigError, InputError
+from minaf3.generate import TextIteratorStreamer
+from minaf3.model import DOWNLOAD_HINT, AudioFlamingo3ForConditionalGeneration
+from minaf3.processor import AudioFlamingo3Processor
+from minaf3.segments import Segment, Transcription, join_texts, segment_bounds, to_seconds
+from minaf3.weights.layouts import scan_checkpoint
+from minaf3.weights.loader import SUPPORT_FILES
+from minaf3.weights.shards import INDEX_FILE, SINGLE_FILE
+from minaf3.windows import MAX_AUDIO_SAMPLES, SAMPLING_RATE
+
+logger = logging.getLogger(__name__)
+
+THINK_FOLDER = "think"  # the AF-Think LoRA adapter's subfolder in the hub checkpoint
+THINK_SUFFIX = "Please think and reason about the input audio before you respond."  # AF-Think's trigger
+DEFAULT_MAX_NEW_TOKENS = 1024  # the model card's output limit; the shipped generation config says 20
+DEFAULT_BATCH_SIZE = 4  # segments per generate call in transcribe: a 600 s segment is ~15k prompt tokens
+QUANTIZE_MODES = ("int8",)
+# Files a folder needs besides the weights (roles of weights/loader.py's SUPPORT_FILES).
+REQUIRED_FILES = ("config", "tokenizer", "tokenizer config", "processor config")
+
+
+def check_model_folder(path: str | os.PathLike) -> Path:
+    """Fail early with one line naming what is missing when `path` is not a complete checkpoint folder.
+
+    Reads only the folder listing and the safetensors headers. The message ends with how to download the
+    official checkpoint, since an interrupted or partial download is the usual cause.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        kind = "is a file, not a model folder" if folder.exists() else "no such model folder"
+        raise CheckpointError(f"{folder}: {kind}. {DOWNLOAD_HINT}")
+    missing = [
+        " or ".join(SUPPORT_FILES[role])
+        for role in REQUIRED_FILES
+        if not any((folder / name).is_file() for name in SUPPORT_FILES[role])
+    ]
+    has_weights = (folder / SINGLE_FILE).is_file() or (folder / INDEX_FILE).is_file()
+    if not has_weights and not (folder / "llm").is_dir():  # llm/: the original NVIDIA layout's folders
+        missing.append(f"{SINGLE_FILE} (or {INDEX_FILE} and its shards)")
+    if missing:
+        raise CheckpointError(
+            f"{folder}: incomplete model folder, missing {', '.join(missing)}. {DOWNLOAD_HINT}"
+        )
+    try:
+        scan_checkpoint(folder)  # damaged or missing shards, listed file by file
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}\n{DOWNLOAD_HINT}") from None
+    return folder
+
+
+def load(
+    path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    quantize: str | None = None,
+    think: bool = False,
+) -> "Pipeline":
+    """Load the checkpoint folder `path` (any layout weights/ reads) with its processor.
+
+    device: "cpu" (default), "cuda", "auto" or a torch.device. dtype: "float32", "bfloat16", "float16" or a
+    torch dtype (default: float32 on CPU, the checkpoint's dtype on CUDA). quantize: None or "int8"
+    (weight-only, decoder and lm_head). think: ask for reasoning in every chat (AF-Think's request), with
+    the AF-Think adapter from the folder's think/ when it has one (a warning is logged when it has not).
+    """
+    if quantize is not None and quantize not in QUANTIZE_MODES:
+        raise ConfigError(f"quantize={quantize!r}: expected None or one of {QUANTIZE_MODES}")
+    folder = check_model_folder(path)
+    processor = AudioFlamingo3Processor.from_pretrained(folder)  # cheap: tokenizer problems show first
+    options = {"quantize": quantize} if quantize else {}
+    if think and (folder / THINK_FOLDER).is_dir():
+        options["think"] = True
+    elif think:
+        logger.warning(
+            "%s has no %s/ folder (the AF-Think adapter): asking the base model to reason without it",
+            folder,
+            THINK_FOLDER,
+        )
+    model = AudioFlamingo3ForConditionalGeneration.from_pretrained(
+        folder, dtype=dtype, device_map=device, **options
+    )
+    return Pipeline(model, processor, think=think)
+
+
+@dataclass
+class Timings:
+    """Seconds each stage of the last call took, and the tokens it handled (summed over the batch)."""
+
+    features: float = 0.0  # audio decoding, log-mel and tokenization (the processor)
+    encoder: float = 0.0  # the Whisper encoder over every window
+    prefill: float = 0.0  # projector and decoder over the prompt, up to the first new token
+    decode: float = 0.0  # every step after the first
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    decode_tokens: int = 0  # tokens produced in `decode`: the batch size times (steps - 1)
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.decode_tokens / self.decode if self.decode > 0 else 0.0
+
+
+class _StageClock:
+    """A streamer that only notes when generate hands over the prompt, the first token and the end.
+
+    generate calls put(prompt) before encoding the audio, put(tokens) after each step and end() when done;
+    it forwards everything to `inner` (a TextIteratorStreamer when streaming).
+    """
+
+    def __init__(self, inner=None):
+        self.inner = inner
+        self.start = self.first = self.last = None
+        self.steps = 0
+        self.prompt_shape = (0, 0)
+
+    def put(self, ids: torch.Tensor) -> None:
+        now = time.perf_counter()
+        if self.start is None:
+            self.start, self.prompt_shape = now, tuple(ids.shape)
+        else:
+            self.steps += 1
+            self.first = self.first or now
+            self.last = now
+        if self.inner is not None:
+            self.inner.put(ids)
+
+    def end(self) -> None:
+        if self.inner is not None:
+            self.inner.end()
+
+    def fail(self, error: BaseException) -> None:
+        if self.inner is not None:
+            self.inner.fail(error)
+
+
+class Pipeline:
+    """A loaded model and its processor; see the module docstring. Thread-safe: generate serialises calls."""
+
+    def __init__(self, model: AudioFlamingo3ForConditionalGeneration, processor, think: bool = False):
+        self.model, self.processor, self.think = model, processor, think
+        self.last_timings = Timings()
+        self._encoder_seconds = 0.0
+        self._encoder_started = 0.0
+        # The encoder runs inside generate; hooks time it without changing how it is called.
+        model.audio_tower.register_forward_pre_hook(self._encoder_begins)
+        model.audio_tower.register_forward_hook(self._encoder_ends)
+
+    # ---- chat ------------------------------------------------------------------------------------------
+    def chat(
+        self,
+        messages_or_question: str | list[dict],
+        audio: Any = None,
+        think: bool | None = None,
+        stream: bool = False,
+        refuse_long_audio: bool = False,
+        **generation_kwargs,
+    ) -> str | Iterator[str]:
+        """The model's answer to a question about `audio`, or to a whole conversation.
+
+        messages_or_question: a question (str), or a list of messages in the processor's format (audio
+        then goes inside the messages). audio: a source (path, URL, bytes, array at 16 kHz) or a list of
+        them. think: append AF-Think's request to the last user message (default: as loaded). stream: return
+        an iterator of text pieces as they are generated. generation_kwargs: generate()'s settings
+        (max_new_tokens defaults to 1024; sampling settings to the checkpoint's generation_config.json).
+        """
+        conversation = build_conversation(messages_or_question, audio)
+        if self.think if think is None else think:
+            add_think_request(conversation)
+        conversation = self._load_conversation_audio(conversation, refuse_long_audio)
+        started = time.perf_counter()
+        inputs = self.processor.apply_chat_template(conversation)
+        features = time.perf_counter() - started
+        generation_kwargs.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+        prompt_length = inputs["input_ids"].shape[1]
+        if not stream:
+            ids = self._generate(inputs, features, None, generation_kwargs)
+            return self.processor.decode(ids[0, prompt_length:], skip_special_tokens=True)
+        streamer = TextIteratorStreamer(self.processor, skip_prompt=True)
+
+        def run() -> None:
+            try:
+                self._generate(inputs, features, streamer, generation_kwargs)
+            except BaseException as error:  # noqa: BLE001 - handed to the consumer, who re-raises it
+                # generate reports errors to the streamer only once it has started; settings it refuses
+                # up front would otherwise leave the consumer waiting forever.
+                streamer.fail(error)
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        return _drain(streamer, worker)
+
+    def _load_conversation_audio(self, conversation: list[dict], refuse_long_audio: bool) -> list[dict]:
+        """Each audio part loaded once and held to 600 s here, so the policy applies to every source."""
+        out = []
+        for m, message in enumerate(conversation):
+            content = message.get("content") if isinstance(message, dict) else None
+            if not isinstance(content, list):
+                out.append(message)
+                continue
+            parts = []
+            for p, part in enumerate(content):
+                if isinstance(part, dict) and part.get("type") == "audio":
+                    keys = [k for k in ("path", "url", "audio") if part.get(k) is not None]
+                    if len(keys) == 1:
+                        waveform = _load(part[keys[0]], f"message {m}, part {p}")
+                        part = {
+                            "type": "audio",
+                            "audio": _limit(waveform, f"message {m}, part {p}", refuse_long_audio),
+                        }
+                parts.append(part)
+            out.append({**message, "content": parts})
+        return out
+
+    # ---- transcribe ------------------------------------------------------------------------------------
+    def transcribe(
+        self,
+        audio_or_list: Any,
+        prompt: str | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        progress: bool | None = False,
+        **generation_kwargs,
+    ) -> Transcription | list[Transcription]:
+        """Transcripts of one audio (a Transcription) or of a list of them (a list), of any length.
+
+        Audio over 600 s is split at the quietest point near each 10-minute mark (segments.py); all segments
+        of all inputs run `batch_size` at a time. Decoding is greedy unless do_sample=True is passed, so a
+        transcript does not change from run to run. progress: a tqdm bar over segments on stderr (None: only
+        when there is more than one segment).
+        """
+        from tqdm import tqdm
+
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size!r}: expected a positive integer")
+        is_list = isinstance(audio_or_list, list | tuple)
+        sources = list(audio_or_list) if is_list else [audio_or_list]
+        if not sources:
+            raise InputError("transcribe: no audio given")
+        generation_kwargs.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+        generation_kwargs.setdefault("do_sample", False)
+        work = []  # (input index, start sample, end sample, waveform)
+        for i, source in enumerate(sources):
+            waveform = _load(source, f"audio {i}" if is_list else "audio")
+            work += [(i, start, end, waveform) for start, end in segment_bounds(waveform)]
+        texts = []
+        totals = Timings()
+        with tqdm(
+            total=len(work),
+            unit="segment",
+            desc="transcribing",
+            disable=not (progress or progress is None and len(work) > 1),
+        ) as bar:
+            for b in range(0, len(work), batch_size):
+                batch = work[b : b + batch_size]
+                started = time.perf_counter()
+                inputs = self.processor.apply_transcription_request(
+                    [w[start:end] for _, start, end, w in batch], prompt
+                )
+                ids = self._generate(inputs, time.perf_counter() - started, None, generation_kwargs)
+                new = ids[:, inputs["input_ids"].shape[1] :]
+                texts += self.processor.decode(new, skip_special_tokens=True, strip_prefix=True)
+                _accumulate(totals, self.last_timings)
+                bar.update(len(batch))
+        self.last_timings = totals
+        results = [Transcription(text="", segments=[]) for _ in sources]
+        for (i, start, end, _), text in zip(work, texts, strict=True):
+            results[i].segments.append(Segment(to_seconds(start), to_seconds(end), text.strip()))
+        for result in results:
+            result.text = join_texts([s.text for s in result.segments])
+        return results if is_list else results[0]
+
+    # ---- internals -------------------------------------------------------------------------------------
+    def _generate(self, inputs, features_seconds: float, streamer, generation_kwargs: dict) -> torch.Tensor:
+        clock = _StageClock(streamer)
+        self._encoder_seconds = 0.0
+        ids = self.model.generate(**inputs.to(self.model.device), streamer=clock, **generation_kwargs)
+        end = time.perf_counter()
+        batch, prompt = clock.prompt_shape
+        first = clock.first or end
+        self.last_timings = Timings(
+            features=features_seconds,
+            encoder=self._encoder_seconds,
+            prefill=max(first - clock.start - self._encoder_seconds, 0.0),
+            decode=end - first,
+            prompt_tokens=batch * prompt,
+            new_tokens=batch * clock.steps,
+            decode_tokens=batch * max(clock.steps - 1, 0),
+        )
+        return ids
+
+    def _encoder_begins(self, module, args) -> None:
+        self._sync()
+        self._encoder_started = time.perf_counter()
+
+    def _encoder_ends(self, module, args, output) -> None:
+        self._sync()
+        self._encoder_seconds += time.perf_counter() - self._encoder_started
+
+    def _sync(self) -> None:
+        if self.model.device.type == "cuda":  # CUDA runs asynchronously: time the work, not its launch
+            torch.cuda.synchronize(self.model.device)
+
+
+def build_conversation(messages_or_question: str | list[dict], audio: Any = None) -> list[dict]:
+    """A question and its audio as one user turn (audio first, as AF3's template renders it), or a copy
+    of the given messages (each message dict copied, so adding the think request never edits the caller's)."""
+    if isinstance(messages_or_question, str):
+        clips = [] if audio is None else list(audio) if isinstance(audio, list | tuple) else [audio]
+        content = [{"type": "audio", "audio": clip} for clip in clips]
+        return [{"role": "user", "content": content + [{"type": "text", "text": messages_or_question}]}]
+    if not isinstance(messages_or_question, list | tuple) or not messages_or_question:
+        raise InputError(
+            "chat: expected a question (str) or a non-empty list of messages, "
+            f"got {messages_or_question!r:.80}"
+        )
+    if audio is not None:
+        raise InputError(
+            "chat: with a list of messages, put the audio inside them as {'type': 'audio', ...} parts"
+        )
+    return [dict(m) if isinstance(m, dict) else m for m in messages_or_question]
+
+
+def add_think_request(conversation: list[dict]) -> None:
+    """Append AF-Think's request to the text of the last user message (in place; see build_conversation)."""
+    users = [m for m in conversation if isinstance(m, dict) and m.get("role") == "user"]
+    if not users:
+        raise InputError("chat: think=True needs a user message to add the reasoning request to")
+    message = users[-1]
+    content = message.get("content")
+    if isinstance(content, str) or content is None:
+        message["content"] = f"{content} {THINK_SUFFIX}".strip() if content else THINK_SUFFIX
+        return
+    parts = list(content)
+    texts = [i for i, part in enumerate(parts) if isinstance(part, dict) and part.get("type") == "text"]
+    if texts:
+        last = parts[texts[-1]]
+        parts[texts[-1]] = {**last, "text": f"{last.get('text', '')} {THINK_SUFFIX}".strip()}
+    else:
+        parts.append({"type": "text", "text": THINK_SUFFIX})
+    message["content"] = parts
+
+
+def _load(source: Any, name: str):
+    """load_audio at 16 kHz, with `name` (which input or part) in front of any error."""
+    try:
+        return load_audio(source, SAMPLING_RATE)
+    except (AudioError, AudioFileError) as exc:
+        raise type(exc)(f"{name}: {exc}") from exc
+
+
+def _limit(waveform, name: str, refuse: bool):
+    """The first 600 s of `waveform`, with a warning when that drops audio (or an InputError if refusing)."""
+    if len(waveform) <= MAX_AUDIO_SAMPLES:
+        return waveform
+    seconds = len(waveform) / SAMPLING_RATE
+    if refuse:
+        raise InputError(
+            f"{name}: audio is {seconds:.1f} s long; AF3 reads at most {MAX_AUDIO_SAMPLES // SAMPLING_RATE} "
+            "s per prompt (use transcribe() for long recordings, or let chat use the first 600 s)"
+        )
+    logger.warning(
+        "%s: audio is %.1f s long; chat uses its first %d s (transcribe() reads all of it)",
+        name,
+        seconds,
+        MAX_AUDIO_SAMPLES // SAMPLING_RATE,
+    )
+    return waveform[:MAX_AUDIO_SAMPLES]
+
+
+def _drain(streamer: TextIteratorStreamer, worker: threading.Thread) -> Iterator[str]:
+    """Yield the streamer's pieces, then wait for the generating thread (its errors arrive as pieces would)."""
+    try:
+        yield from streamer
+    finally:
+        worker.join()
+
+
+def _accumulate(total: Timings, part: Timings) -> None:
+    for name in ("features", "encoder", "prefill", "decode", "prompt_tokens", "new_tokens", "decode_tokens"):
+        setattr(total, name, getattr(total, name) + getattr(part, name))
