@@ -6,8 +6,8 @@ Per window of 480,000 samples (zero-padded past its real samples):
     | 128 Slaney mel filters | log10(max(mel, 1e-10)) | max(x, window max - 8) | (x + 4) / 4
 
 This equals transformers' WhisperFeatureExtractor(feature_size=128). The work is arranged for speed:
-- all windows are laid out in one reflect-padded buffer with rows of 3002 hops, so the frames of every
-  window are one strided view of it with a constant 160-sample stride: framing copies nothing;
+- all windows are reflect-padded into one (W, 480400) buffer and the frames of every window are one
+  overlapping strided view of it: framing copies nothing;
 - frames go through in cache-sized blocks: windowing, rfft, power, mel and log of a block stay in L2
   instead of streaming ~100 MB intermediates through memory, and each block's mel rows are written
   straight into the output;
@@ -15,6 +15,8 @@ This equals transformers' WhisperFeatureExtractor(feature_size=128). The work is
   the bins they touch (a third of the dense work);
 - frames that see only padding are not computed: their power is exactly 0, so their log-mel is a constant.
 """
+
+import itertools
 
 import numpy as np
 import torch
@@ -34,19 +36,12 @@ from minaf3.windows import (
 )
 
 PAD = N_FFT // 2  # 200: torch.stft(center=True) reflect-pads half a frame on each side
+PADDED_SAMPLES = WINDOW_SAMPLES + 2 * PAD  # 480,400; frame 3000, the STFT's last, is dropped as Whisper does
 N_BINS = N_FFT // 2 + 1  # 201 rfft bins, 0 to 8000 Hz in 40 Hz steps
-MEL_FMAX = SAMPLING_RATE / 2  # 8000 Hz: the filters span the whole band
-ROW_HOPS = FRAMES_PER_WINDOW + 2  # 3002: a row of the padded buffer holds frame 2999's end (hop 2999 + 2.5)
-ROW_SAMPLES = ROW_HOPS * HOP_LENGTH  # 480,320 samples per padded row (200 + 480,000 + 120)
-# Frame 2999 ends 40 samples into the right reflection; the rest of the row is zeros for the junk frames.
-REFLECT_TAIL = (FRAMES_PER_WINDOW - 1) * HOP_LENGTH + N_FFT - PAD - WINDOW_SAMPLES  # 40
-FLAT_TAIL = (ROW_HOPS - 1) * HOP_LENGTH + N_FFT - ROW_SAMPLES  # 240: the last row's junk frames end past it
 LOG_FLOOR = 1e-10  # mel power floor before log10: -10, the value of a frame of pure padding
 DYNAMIC_RANGE = 8.0  # log10 units kept below each window's maximum (80 dB)
 BAND_FILTERS = 16  # mel filters per band of the banded mel product
-CPU_BLOCK_FRAMES = (
-    2048  # frames per block on CPU: ~3.3 MB frames + 1.6 MB spectrum, about the L2 of two cores
-)
+CPU_BLOCK_FRAMES = 1500  # half a window: 2.4 MB of frames + 1.6 MB of spectrum, within two cores' L2
 CUDA_BLOCK_FRAMES = 1 << 16  # on a GPU, fewer and larger launches win
 
 
@@ -107,14 +102,14 @@ def _bands_on(device: torch.device) -> list:
 
 
 def _scaled_log(x: torch.Tensor) -> torch.Tensor:
-    """(log10(max(x, 1e-10)) + 4) / 4, in place: Whisper's log and scaling, taken before its clamp.
-
-    Scaling first turns the final clamp into max(y, window max of y - 2), one pass over the output.
+    """(log10(x) + 4) / 4 in place: Whisper's log and scaling. Its 1e-10 floor and its clamp at the window
+    maximum - 8 are applied together at the end, as one clamp of the scaled values (zero power gives -inf).
     """
-    return x.clamp_min_(LOG_FLOOR).log10_().add_(4.0).div_(4.0)
+    return x.log10_().add_(4.0).div_(4.0)
 
 
-PADDING_LOG_MEL = float(_scaled_log(torch.zeros(1)))  # -1.5: the value of a frame of pure padding
+# -1.5: (log10(1e-10) + 4) / 4, the floor of every value and the whole log-mel of a frame of padding
+PADDING_LOG_MEL = float(_scaled_log(torch.tensor([LOG_FLOOR])))
 
 
 def computed_frames(valid_samples: int) -> int:
@@ -129,34 +124,31 @@ def computed_frames(valid_samples: int) -> int:
 
 
 def _padded_rows(source: torch.Tensor, valid: list[int], counts: list[int]) -> torch.Tensor:
-    """Windows of a flat source -> flat (W * 480320 + 240,) float32 buffer of reflect-padded rows.
+    """Windows of a flat source -> (W, 480400) float32 rows, each reflect-padded by 200 like torch.stft.
 
-    Window w is source[w * 480000 :][: valid[w]], followed by zeros; the source may end inside the last
-    window. Row layout: [200 reflected | 480,000 samples | 40 reflected | 80 zeros]. Only what the computed
-    frames read is written: the padding of a short window is left untouched, and so costs nothing.
+    Window w is source[w * 480000 :][: valid[w]], then zeros; the source may end inside the last window.
+    Only what the computed frames read is written: a short window's padding is left untouched, and costs
+    nothing.
     """
-    n_windows, device = len(valid), source.device
-    flat = torch.empty(n_windows * ROW_SAMPLES + FLAT_TAIL, device=device)
-    rows = flat[: n_windows * ROW_SAMPLES].view(n_windows, ROW_SAMPLES)  # (W * 480320,) -> (W, 480320)
-    body = rows[:, PAD : PAD + WINDOW_SAMPLES]  # the windows' own samples
-    w = 0
-    while w < n_windows:
-        if valid[w] == WINDOW_SAMPLES:  # a run of full windows: one batched copy (and float32 cast)
-            end = w + 1
-            while end < n_windows and valid[end] == WINDOW_SAMPLES:
-                end += 1
-            body[w:end] = source[w * WINDOW_SAMPLES : end * WINDOW_SAMPLES].view(end - w, WINDOW_SAMPLES)
-            w = end
+    rows = torch.empty(len(valid), PADDED_SAMPLES, device=source.device)
+    body = rows[:, PAD:-PAD]  # the windows' own 480,000 samples
+    for full, group in itertools.groupby(range(len(valid)), key=lambda w: valid[w] == WINDOW_SAMPLES):
+        group = list(group)
+        if full:  # consecutive full windows: one batched copy (and cast to float32)
+            first, end = group[0], group[-1] + 1
+            body[first:end] = source[first * WINDOW_SAMPLES : end * WINDOW_SAMPLES].view(end - first, -1)
             continue
-        start, read_end = w * WINDOW_SAMPLES, (counts[w] - 1) * HOP_LENGTH + N_FFT - PAD  # last frame's end
-        body[w, : valid[w]] = source[start : start + valid[w]]
-        body[w, valid[w] : read_end] = 0.0
-        w += 1
+        for w in group:
+            start, read_end = (
+                w * WINDOW_SAMPLES,
+                (counts[w] - 1) * HOP_LENGTH + N_FFT - PAD,
+            )  # last frame's end
+            body[w, : valid[w]] = source[start : start + valid[w]]
+            body[w, valid[w] : read_end] = 0.0
     # Reflect without repeating the edge sample: padded[i] = x[200 - i], padded[480200 + j] = x[479998 - j].
     rows[:, :PAD] = rows[:, PAD + 1 : 2 * PAD + 1].flip(-1)
-    body_end = PAD + WINDOW_SAMPLES
-    rows[:, body_end : body_end + REFLECT_TAIL] = rows[:, body_end - REFLECT_TAIL - 1 : body_end - 1].flip(-1)
-    return flat
+    rows[:, -PAD:] = rows[:, -2 * PAD - 1 : -PAD - 1].flip(-1)
+    return rows
 
 
 def _blocks(counts: list[int], block_frames: int) -> list[tuple[int, int, int]]:
@@ -168,13 +160,13 @@ def _blocks(counts: list[int], block_frames: int) -> list[tuple[int, int, int]]:
     return blocks
 
 
-def _scaled_log_mel(flat: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """Padded rows -> (W, 128, 3000) scaled log-mel, not yet clamped; frames past counts[w] left unset."""
-    device, n_windows = flat.device, len(counts)
+def _scaled_log_mel(rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """(W, 480400) padded rows -> (W, 128, 3000) scaled log-mel, unclamped; frames past counts[w] unset."""
+    device, n_windows = rows.device, len(counts)
     hann = torch.hann_window(N_FFT, periodic=True, device=device)
     bands = _bands_on(device)
-    # Frame t of window w starts at w * 480320 + 160 t: one overlapping (W, 3002, 400) view, no copy.
-    frames = flat.as_strided((n_windows, ROW_HOPS, N_FFT), (ROW_SAMPLES, HOP_LENGTH, 1))
+    # Frame t of window w is rows[w, 160 t : 160 t + 400]: one overlapping (W, 3000, 400) view, no copy.
+    frames = rows.as_strided((n_windows, FRAMES_PER_WINDOW, N_FFT), (PADDED_SAMPLES, HOP_LENGTH, 1))
     out = torch.empty(n_windows, N_MELS, FRAMES_PER_WINDOW, device=device)
     block_frames = CUDA_BLOCK_FRAMES if device.type == "cuda" else CPU_BLOCK_FRAMES
     windowed = torch.empty(block_frames, N_FFT, device=device)
@@ -195,18 +187,20 @@ def _scaled_log_mel(flat: torch.Tensor, counts: list[int]) -> torch.Tensor:
 
 
 def _clamp_to_window_max(features: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """Fill each window's padding frames, then clamp it at its maximum - 2 (- 8 before scaling), in place.
+    """Fill each window's padding frames, then apply Whisper's floor and clamp, in place.
 
-    The maximum is taken over the padded window, as the reference does. NaN or Inf samples reach it, so
-    checking it is a free test for them: raises AudioError naming the window.
+    Reference: y = max(log, -1.5), then max(y, window max of y - 2) (in scaled units). With the floored
+    maximum m, that is one clamp at max(m - 2, -1.5). NaN or Inf samples reach m, so checking it is a free
+    test for them: raises AudioError naming the window.
     """
     for w, count in enumerate(counts):
         features[w, :, count:] = PADDING_LOG_MEL
-    top = features.amax(dim=(1, 2))  # (W,)
+    top = features.amax(dim=(1, 2)).clamp_(min=PADDING_LOG_MEL)  # (W,); clamp keeps NaN
     bad = torch.nonzero(~torch.isfinite(top))
     if bad.numel():
         raise AudioError(f"window {int(bad[0])}: audio contains NaN or Inf samples")
-    return features.clamp_(min=(top - DYNAMIC_RANGE / 4)[:, None, None])
+    floor = (top - DYNAMIC_RANGE / 4).clamp_(min=PADDING_LOG_MEL)
+    return features.clamp_(min=floor[:, None, None])
 
 
 def _frame_mask(valid: torch.Tensor) -> torch.Tensor:
