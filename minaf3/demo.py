@@ -281,14 +281,23 @@ def cache_root() -> Path:
     return Path(base) / "minaf3"
 
 
+def demo_folder(cache_dir: str | os.PathLike | None = None) -> Path:
+    return Path(cache_dir) if cache_dir is not None else cache_root() / f"demo-{CACHE_VERSION}"
+
+
+def is_complete(folder: Path) -> bool:
+    """Whether `folder` holds a finished demo checkpoint (the clip is written last)."""
+    return (folder / "model.safetensors").is_file() and (folder / CLIP_NAME).is_file()
+
+
 def demo_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
     """The demo checkpoint folder, written on first use under `cache_dir` (default cache_root()/demo-v1).
 
     It is written to a temporary sibling and renamed into place, so an interrupted run never leaves a
     half-written folder that later runs would trust.
     """
-    folder = Path(cache_dir) if cache_dir is not None else cache_root() / f"demo-{CACHE_VERSION}"
-    if (folder / "model.safetensors").is_file() and (folder / CLIP_NAME).is_file():
+    folder = demo_folder(cache_dir)
+    if is_complete(folder):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=folder.parent))
@@ -316,6 +325,7 @@ def run_demo(
     from minaf3.pipeline import load
 
     out = out or sys.stdout
+    cached = is_complete(demo_folder(cache_dir))
     started = time.perf_counter()
     folder = demo_checkpoint(cache_dir)
     built = time.perf_counter() - started
@@ -348,7 +358,7 @@ def run_demo(
     answer = "".join(pieces)
     t = pipe.last_timings
     rows = [
-        ("build", built, "checkpoint written once, then cached" if built > 0.5 else "cached checkpoint"),
+        ("build", built, "cached checkpoint" if cached else "checkpoint written once, then cached"),
         ("load", loaded, "config, tokenizer and weights"),
         ("features", t.features, "audio decoding, log-mel, tokenization"),
         ("encoder", t.encoder, f"Whisper encoder over {CLIP_SECONDS:.0f} s of audio"),

@@ -1,0 +1,224 @@
+"""The `minaf3` command (also `python -m minaf3`): chat, transcribe, demo, estimate.
+
+    minaf3 chat --model DIR --audio FILE "What is in this audio?"   one answer, streamed as it is generated
+    minaf3 chat --model DIR --audio FILE                            at a terminal: a multi-turn conversation
+    minaf3 transcribe --model DIR FILE... [--format text|json|srt]  any length; JSON: one object per file
+    minaf3 demo                                                     tiny random weights, no download
+    minaf3 estimate --model DIR --seconds 600 --batch 4             memory needed, before loading anything
+
+Errors minaf3 raises on purpose (a missing file, bad audio, a setting out of range) print as one
+`minaf3: error: ...` message with exit status 2, like argparse's own usage errors; anything else is a bug and
+keeps its traceback. Answers and transcripts go to stdout; progress bars, warnings and prompts to stderr.
+"""
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from minaf3.errors import InputError, Minaf3Error
+
+EXIT_ERROR = 2  # argparse's status for usage errors; minaf3 errors share it
+EXIT_DOES_NOT_FIT = 1  # `estimate`: the run would not fit the device
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+
+
+class _StderrHandler(logging.Handler):
+    """Log records as `minaf3: warning: ...` on whatever sys.stderr is at the time (tests replace it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"minaf3: {record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", required=True, metavar="DIR", help="checkpoint folder (nvidia/audio-flamingo-3-hf)"
+    )
+    p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N or auto")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="compute dtype")
+    p.add_argument("--quantize", default=None, choices=["int8"], help="int8 weight-only decoder and lm_head")
+
+
+def _add_generation_options(p: argparse.ArgumentParser, default_tokens: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=default_tokens, metavar="N")
+    p.add_argument(
+        "--greedy", action="store_true", help="greedy decoding instead of the checkpoint's sampling"
+    )
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling, for repeatable answers")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from minaf3.pipeline import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS
+
+    parser = argparse.ArgumentParser(prog="minaf3", description="Audio Flamingo 3 in plain PyTorch.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    chat = commands.add_parser("chat", help="ask about audio (multi-turn at a terminal)")
+    _add_model_options(chat)
+    chat.add_argument("question", nargs="?", help="the question; omit it for a conversation at a terminal")
+    chat.add_argument("--audio", action="append", default=[], metavar="FILE", help="audio file (repeatable)")
+    chat.add_argument("--think", action="store_true", help="ask AF-Think to reason before answering")
+    chat.add_argument(
+        "--refuse-long-audio", action="store_true", help="error on audio over 600 s (default: cut)"
+    )
+    _add_generation_options(chat, DEFAULT_MAX_NEW_TOKENS)
+    chat.set_defaults(run=run_chat)
+
+    transcribe = commands.add_parser("transcribe", help="transcribe audio files of any length")
+    _add_model_options(transcribe)
+    transcribe.add_argument("files", nargs="+", metavar="FILE")
+    transcribe.add_argument("--format", default="text", choices=["text", "json", "srt"], help="output format")
+    transcribe.add_argument("--prompt", default=None, help="instead of 'Transcribe the input speech.'")
+    transcribe.add_argument(
+        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N", help="segments per batch"
+    )
+    transcribe.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    _add_generation_options(transcribe, DEFAULT_MAX_NEW_TOKENS)
+    transcribe.set_defaults(run=run_transcribe)
+
+    demo = commands.add_parser("demo", help="run everything on a tiny random-weight checkpoint (no download)")
+    demo.add_argument("--device", default=None, help="cpu (default), cuda or auto")
+    demo.add_argument("--max-new-tokens", type=int, default=32, metavar="N")
+    demo.set_defaults(run=run_demo)
+
+    estimate = commands.add_parser("estimate", help="memory a run needs and whether it fits (loads nothing)")
+    estimate.add_argument("--model", required=True, metavar="DIR")
+    estimate.add_argument("--seconds", type=float, default=600.0, help="audio length per item (default 600)")
+    estimate.add_argument("--batch", type=int, default=1, help="items per generate call (default 1)")
+    estimate.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    estimate.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    estimate.add_argument("--quantize", default=None, choices=["int8"])
+    estimate.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N")
+    estimate.set_defaults(run=run_estimate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line with `argv` (default sys.argv[1:]); returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, or a usage error argparse has already printed
+        return exit_.code if isinstance(exit_.code, int) else EXIT_ERROR
+    logger = logging.getLogger("minaf3")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        logger.addHandler(_StderrHandler(logging.WARNING))
+    try:
+        return args.run(args)
+    except Minaf3Error as error:
+        print(f"minaf3: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _generation_kwargs(args: argparse.Namespace, pipe) -> dict:
+    kwargs = {"max_new_tokens": args.max_new_tokens}
+    if args.greedy:
+        kwargs["do_sample"] = False
+    if args.seed is not None:
+        import torch
+
+        # Sampling draws on the model's device, so the generator must live there too.
+        kwargs["generator"] = torch.Generator(pipe.model.device).manual_seed(args.seed)
+    return kwargs
+
+
+def _load(args: argparse.Namespace, think: bool = False):
+    import minaf3
+
+    return minaf3.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize, think=think)
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from minaf3.audio import load_audio
+    from minaf3.pipeline import check_model_folder
+
+    interactive = args.question is None and sys.stdin.isatty()
+    question = args.question
+    if question is None and not interactive:
+        question = sys.stdin.read().strip()  # `echo "question" | minaf3 chat ...`
+        if not question:
+            raise InputError("no question: give one as an argument, on stdin, or run at a terminal to chat")
+    check_model_folder(args.model)
+    clips = [load_audio(path) for path in args.audio]  # before loading the model: a bad path fails fast
+    pipe = _load(args, think=args.think)
+    kwargs = _generation_kwargs(args, pipe)
+    messages: list[dict] = []
+    while True:
+        if interactive:
+            print("you> ", end="", file=sys.stderr, flush=True)
+            question = sys.stdin.readline()
+            if not question or question.strip() in ("exit", "quit"):  # EOF (Ctrl-D) or a quit command
+                print(file=sys.stderr)
+                return 0
+            question = question.strip()
+            if not question:
+                continue
+            print("af3> ", end="", file=sys.stderr, flush=True)
+        content = [{"type": "audio", "audio": clip} for clip in clips] if not messages else []
+        messages.append({"role": "user", "content": content + [{"type": "text", "text": question}]})
+        pieces = []
+        stream = pipe.chat(messages, stream=True, refuse_long_audio=args.refuse_long_audio, **kwargs)
+        for piece in stream:
+            pieces.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        if not interactive:
+            return 0
+        messages.append({"role": "assistant", "content": "".join(pieces)})
+
+
+def run_transcribe(args: argparse.Namespace) -> int:
+    from minaf3.pipeline import check_model_folder
+
+    check_model_folder(args.model)
+    for path in args.files:  # name the first missing file before spending time on the model
+        if not Path(path).is_file():
+            raise InputError(f"{path}: no such audio file")
+    pipe = _load(args)
+    progress = None if not args.no_progress else False  # None: a bar when there is more than one segment
+    results = pipe.transcribe(
+        list(args.files),
+        prompt=args.prompt,
+        batch_size=args.batch_size,
+        progress=progress,
+        **_generation_kwargs(args, pipe),
+    )
+    several = len(args.files) > 1
+    for i, (path, result) in enumerate(zip(args.files, results, strict=True)):
+        if args.format == "json":
+            print(json.dumps({"file": path, **result.to_dict()}, ensure_ascii=False))
+            continue
+        if several:  # `head`-style headers keep several files apart in text and SRT output
+            print(("\n" if i else "") + f"==> {path} <==")
+        if args.format == "text":
+            print(result.text)
+        else:
+            print(result.to_srt(), end="")
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from minaf3.demo import run_demo as demo
+
+    demo(max_new_tokens=args.max_new_tokens, device=args.device)
+    return 0
+
+
+def run_estimate(args: argparse.Namespace) -> int:
+    from minaf3.estimate import estimate_memory, format_estimate
+
+    estimate = estimate_memory(
+        args.model,
+        seconds=args.seconds,
+        batch=args.batch,
+        device=args.device,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        max_new_tokens=args.max_new_tokens,
+    )
+    print(format_estimate(estimate, args.model))
+    return EXIT_DOES_NOT_FIT if estimate.fits is False else 0
