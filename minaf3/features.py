@@ -16,8 +16,6 @@ This equals transformers' WhisperFeatureExtractor(feature_size=128). The work is
 - frames that see only padding are not computed: their power is exactly 0, so their log-mel is a constant.
 """
 
-import itertools
-
 import numpy as np
 import torch
 
@@ -123,66 +121,83 @@ def computed_frames(valid_samples: int) -> int:
     return min(FRAMES_PER_WINDOW, -(-(valid_samples + PAD) // HOP_LENGTH))
 
 
-def _padded_rows(source: torch.Tensor, valid: list[int], counts: list[int]) -> torch.Tensor:
-    """Windows of a flat source -> (W, 480400) float32 rows, each reflect-padded by 200 like torch.stft.
+def _direct_end(valid_samples: int, count: int) -> int:
+    """End of a window's direct frames: frames t >= 2 whose 400 samples lie inside its real samples.
 
-    Window w is source[w * 480000 :][: valid[w]], then zeros; the source may end inside the last window.
-    Only what the computed frames read is written: a short window's padding is left untouched, and costs
-    nothing.
+    Frame t reads samples [160 t - 200, 160 t + 200): direct while 160 t + 200 <= valid. The others (two
+    at the start, a few at the end) read reflected or zero-padded samples and are built one by one.
     """
-    rows = torch.empty(len(valid), PADDED_SAMPLES, device=source.device)
-    body = rows[:, PAD:-PAD]  # the windows' own 480,000 samples
-    for full, group in itertools.groupby(range(len(valid)), key=lambda w: valid[w] == WINDOW_SAMPLES):
-        group = list(group)
-        if full:  # consecutive full windows: one batched copy (and cast to float32)
-            first, end = group[0], group[-1] + 1
-            body[first:end] = source[first * WINDOW_SAMPLES : end * WINDOW_SAMPLES].view(end - first, -1)
-            continue
-        for w in group:
-            start, read_end = (
-                w * WINDOW_SAMPLES,
-                (counts[w] - 1) * HOP_LENGTH + N_FFT - PAD,
-            )  # last frame's end
-            body[w, : valid[w]] = source[start : start + valid[w]]
-            body[w, valid[w] : read_end] = 0.0
-    # Reflect without repeating the edge sample: padded[i] = x[200 - i], padded[480200 + j] = x[479998 - j].
-    rows[:, :PAD] = rows[:, PAD + 1 : 2 * PAD + 1].flip(-1)
-    rows[:, -PAD:] = rows[:, -2 * PAD - 1 : -PAD - 1].flip(-1)
-    return rows
+    return min(count, max(2, (valid_samples - PAD) // HOP_LENGTH + 1))
 
 
-def _blocks(counts: list[int], block_frames: int) -> list[tuple[int, int, int]]:
-    """(window, first frame, end frame) blocks covering each window's computed frames, of near-equal size."""
+def _blocks(valid: list[int], counts: list[int], block_frames: int) -> list[tuple[int, int, int]]:
+    """(window, first frame, end frame): each window's direct frames in blocks of near-equal size."""
     blocks = []
-    for w, count in enumerate(counts):
-        pieces = -(-count // block_frames)
-        blocks += [(w, count * i // pieces, count * (i + 1) // pieces) for i in range(pieces)]
+    for w, (v, count) in enumerate(zip(valid, counts, strict=True)):
+        start, end = 2, _direct_end(v, count)
+        if end <= start:
+            continue
+        pieces = -(-(end - start) // block_frames)
+        bounds = [start + (end - start) * i // pieces for i in range(pieces + 1)]
+        blocks += [(w, t0, t1) for t0, t1 in zip(bounds, bounds[1:], strict=False)]
     return blocks
 
 
-def _scaled_log_mel(rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """(W, 480400) padded rows -> (W, 128, 3000) scaled log-mel, unclamped; frames past counts[w] unset."""
-    device, n_windows = rows.device, len(counts)
+def _edge_frames(source: torch.Tensor, valid: torch.Tensor, window: torch.Tensor, frame: torch.Tensor):
+    """The 400 samples of frames (window[i], frame[i]) as the reference pads them: (E, 400).
+
+    Padded position p = 160 t + k holds sample j = p - 200 of the window, reflected into [0, 480000)
+    without repeating the edge sample, and zero if j is past the window's real samples.
+    """
+    j = frame[:, None] * HOP_LENGTH + torch.arange(N_FFT, device=source.device) - PAD  # (E, 400)
+    j = j.abs()  # left reflection: x[-j]
+    j = torch.where(j >= WINDOW_SAMPLES, 2 * (WINDOW_SAMPLES - 1) - j, j)  # right reflection
+    index = (window[:, None] * WINDOW_SAMPLES + j).clamp_(max=source.shape[0] - 1)
+    return torch.where(j < valid[window][:, None], source[index], 0.0)
+
+
+def _log_mel_into(windowed: torch.Tensor, out: torch.Tensor) -> None:
+    """(n, 400) windowed frames -> scaled log-mel written into out, a (128, n) view of the output."""
+    n = windowed.shape[0]
+    spectrum = torch.view_as_real(torch.fft.rfft(windowed)).view(
+        n, 2 * N_BINS
+    )  # (n, 201) complex -> (n, 402)
+    # |X|^2: square the interleaved (re, im) pairs contiguously, then add each pair
+    squares = spectrum.mul_(spectrum)
+    power = torch.add(squares[:, 0::2], squares[:, 1::2])  # (n, 201)
+    for m0, m1, b0, b1, weights in _bands_on(out.device):
+        # (band mels, band bins) @ (band bins, n) -> the band's rows of the output, in place
+        torch.mm(weights, power[:, b0:b1].T, out=out[m0:m1])
+    _scaled_log(out)
+
+
+def _scaled_log_mel(source: torch.Tensor, valid: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Flat float32 source -> (W, 128, 3000) scaled log-mel, unclamped; frames past counts[w] unset."""
+    device, n_windows, valid_list = source.device, len(counts), valid.tolist()
     hann = torch.hann_window(N_FFT, periodic=True, device=device)
-    bands = _bands_on(device)
-    # Frame t of window w is rows[w, 160 t : 160 t + 400]: one overlapping (W, 3000, 400) view, no copy.
-    frames = rows.as_strided((n_windows, FRAMES_PER_WINDOW, N_FFT), (PADDED_SAMPLES, HOP_LENGTH, 1))
     out = torch.empty(n_windows, N_MELS, FRAMES_PER_WINDOW, device=device)
+
+    # Direct frames straight from the source, no padded copy: frame t of window w starts at sample
+    # 480000 w + 160 t - 200, so row i of this overlapping view is global frame i + 2 (frame 2 starts at 120).
+    first = 2 * HOP_LENGTH - PAD
+    rows = max(0, (source.shape[0] - first - N_FFT) // HOP_LENGTH + 1)
+    direct = source.as_strided((rows, N_FFT), (HOP_LENGTH, 1), source.storage_offset() + first)
     block_frames = CUDA_BLOCK_FRAMES if device.type == "cuda" else CPU_BLOCK_FRAMES
-    windowed = torch.empty(block_frames, N_FFT, device=device)
-    spectrum = torch.empty(block_frames, N_BINS, dtype=torch.complex64, device=device)
-    power = torch.empty(block_frames, N_BINS, device=device)
-    for w, t0, t1 in _blocks(counts, block_frames):
-        n = t1 - t0
-        torch.mul(frames[w, t0:t1], hann, out=windowed[:n])
-        torch.fft.rfft(windowed[:n], out=spectrum[:n])
-        # |X|^2 as re*re + im*im on the real view: complex abs() would take a square root, then square it.
-        real, imag = torch.view_as_real(spectrum[:n]).unbind(-1)
-        torch.mul(real, real, out=power[:n]).addcmul_(imag, imag)
-        for m0, m1, b0, b1, weights in bands:
-            # (band mels, band bins) @ (band bins, n frames): written in place into the output's rows
-            torch.mm(weights, power[:n, b0:b1].T, out=out[w, m0:m1, t0:t1])
-        _scaled_log(out[w, :, t0:t1])
+    for w, t0, t1 in _blocks(valid_list, counts, block_frames):
+        row = w * FRAMES_PER_WINDOW - 2
+        _log_mel_into(direct[row + t0 : row + t1] * hann, out[w, :, t0:t1])
+
+    # Edge frames of every window in one batch: the first two and those past the direct ones.
+    edges = [
+        (w, t)
+        for w, (v, count) in enumerate(zip(valid_list, counts, strict=True))
+        for t in [*range(min(2, count)), *range(_direct_end(v, count), count)]
+    ]
+    if edges:
+        window, frame = torch.tensor(edges, device=device).T
+        edge_log_mel = torch.empty(N_MELS, len(edges), device=device)
+        _log_mel_into(_edge_frames(source, valid, window, frame) * hann, edge_log_mel)
+        out[window, :, frame] = edge_log_mel.T  # (128, E) -> (E, 128)
     return out
 
 
@@ -213,7 +228,8 @@ def _features(source: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, 
     """Flat source + (W,) valid samples per window -> (features, mask); see log_mel_windows."""
     valid_list = valid.tolist()
     counts = [computed_frames(v) for v in valid_list]
-    features = _scaled_log_mel(_padded_rows(source, valid_list, counts), counts)
+    source = source.to(torch.float32).contiguous()
+    features = _scaled_log_mel(source, valid, counts)
     return _clamp_to_window_max(features, counts), _frame_mask(valid)
 
 
