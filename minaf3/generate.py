@@ -50,8 +50,8 @@ _NEUTRAL_KWARGS = {
     "output_attentions": False,
     "output_hidden_states": False,
 }
-# Model inputs a processor may return that generation does not use (the reference drops them too).
-_UNUSED_INPUTS = ("labels", "position_ids", "token_type_ids")
+# Inputs a processor may return, and the reference's stop-string tokenizer, that generation does not use.
+_UNUSED_INPUTS = ("labels", "position_ids", "token_type_ids", "tokenizer")
 
 _locks: "weakref.WeakKeyDictionary[torch.nn.Module, threading.Lock]" = weakref.WeakKeyDictionary()
 _locks_guard = threading.Lock()
@@ -155,6 +155,8 @@ def generate(
             pad_token_id=pad_token_id,
         )
         device = model.device
+        if generator is not None and generator.device.type != device.type:
+            raise GenerationError(f"generator is on {generator.device} but the model on {device}")
         if not isinstance(input_ids, torch.Tensor):
             raise InputError(f"input_ids must be a tensor of token ids, got {type(input_ids).__name__}")
         input_ids = input_ids.to(device)
@@ -217,6 +219,8 @@ def decode_loop(
     eos_ids = (
         torch.tensor(config.eos_token_id, dtype=torch.long, device=device) if config.eos_token_id else None
     )
+    # Stopped rows are filled with pad_token_id, else the first eos (the reference's fallback); with neither,
+    # no row stops early and every slot returned is overwritten, so the fill value never shows.
     pad = config.pad_token_id if config.pad_token_id is not None else (config.eos_token_id or (0,))[0]
     vocab_size = model.lm_head.out_features
     seen = seen_tokens(input_ids, attention_mask, vocab_size) if config.repetition_penalty != 1.0 else None
@@ -240,7 +244,7 @@ def decode_loop(
         if streamer is not None:
             streamer.put(tokens.cpu())
         if step + 1 == N or (eos_ids is not None and not unfinished.any()):  # the one host sync per step
-            return out[:, : step + 1], kept
+            break
         logits = decode_one_token(
             model,
             tokens[:, None],
@@ -248,13 +252,13 @@ def decode_loop(
             key_mask,
             slots[T + step : T + step + 1],
         )
-    raise AssertionError("unreachable: the loop returns at step N - 1")
+    return out[:, : step + 1], kept
 
 
 def check_kwargs(kwargs: dict) -> None:
     """Accept the reference's arguments that are neutral here; refuse anything else by name."""
     for name, value in kwargs.items():
-        if name in _UNUSED_INPUTS or name == "tokenizer":
+        if name in _UNUSED_INPUTS:
             continue
         if name in _NEUTRAL_KWARGS:
             if value != _NEUTRAL_KWARGS[name]:
@@ -319,11 +323,10 @@ class TextIteratorStreamer:
     raises, `fail(error)` makes `next` raise that error rather than leave the consumer waiting. The pieces
     concatenate to the decoded text of everything put (minus the prompt with skip_prompt).
 
-    Decoding is incremental: each put decodes the token cache and emits the text beyond what was already
-    emitted. A byte-level BPE token may hold part of a multi-byte UTF-8 character; the partial text decodes to
-    a trailing U+FFFD, held back until a later token completes the character. After a newline the cache starts
-    afresh (as in transformers) so the cost per token stays bounded. This relies on the decoder being
-    prefix-stable apart from such partial characters, which byte-level BPE (Qwen2's tokenizer) is.
+    Each put decodes the token cache and emits the new text. A byte-level BPE token may hold part of a
+    multi-byte UTF-8 character, which decodes to a trailing U+FFFD: held back until a later token completes
+    it. After a newline the cache restarts (as in transformers), bounding the cost per token. This needs a
+    decoder that is prefix-stable apart from partial characters, as byte-level BPE (Qwen2's) is.
     """
 
     def __init__(

@@ -12,6 +12,7 @@ std ~0.6, greedy output is varied, and a position off by one changes the logits 
 
 import shutil
 import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -262,6 +263,8 @@ def test_prompt_plus_max_new_tokens_beyond_context_is_refused_up_front(model, au
         (dict(max_new_tokens=0), "max_new_tokens=0"),
         (dict(num_beams=4), "num_beams=4 is not supported"),
         (dict(stop_strings=["."]), "unknown argument 'stop_strings'"),
+        # A stand-in for a CUDA generator, which a CPU-only machine cannot create.
+        (dict(generator=SimpleNamespace(device=torch.device("cuda", 0))), "generator is on cuda:0"),
     ],
 )
 def test_bad_settings_raise_generation_error(model, singles, bad, message):
