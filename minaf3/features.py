@@ -6,8 +6,9 @@ Per window of 480,000 samples (zero-padded past its real samples):
     | 128 Slaney mel filters | log10(max(mel, 1e-10)) | max(x, window max - 8) | (x + 4) / 4
 
 This equals transformers' WhisperFeatureExtractor(feature_size=128). The work is arranged for speed:
-- all windows are reflect-padded into one (W, 480400) buffer and the frames of every window are one
-  overlapping strided view of it: framing copies nothing;
+- nothing is padded or copied: all but a few frames per window lie inside its real samples and are one
+  overlapping strided view of the waveform; the others (the first two, the last few) read reflected or
+  zero samples and are gathered, for all windows at once, into one small extra batch;
 - frames go through in cache-sized blocks: windowing, rfft, power, mel and log of a block stay in L2
   instead of streaming ~100 MB intermediates through memory, and each block's mel rows are written
   straight into the output;
@@ -34,7 +35,6 @@ from minaf3.windows import (
 )
 
 PAD = N_FFT // 2  # 200: torch.stft(center=True) reflect-pads half a frame on each side
-PADDED_SAMPLES = WINDOW_SAMPLES + 2 * PAD  # 480,400; frame 3000, the STFT's last, is dropped as Whisper does
 N_BINS = N_FFT // 2 + 1  # 201 rfft bins, 0 to 8000 Hz in 40 Hz steps
 LOG_FLOOR = 1e-10  # mel power floor before log10: -10, the value of a frame of pure padding
 DYNAMIC_RANGE = 8.0  # log10 units kept below each window's maximum (80 dB)
@@ -158,13 +158,10 @@ def _edge_frames(source: torch.Tensor, valid: torch.Tensor, window: torch.Tensor
 
 def _log_mel_into(windowed: torch.Tensor, out: torch.Tensor) -> None:
     """(n, 400) windowed frames -> scaled log-mel written into out, a (128, n) view of the output."""
-    n = windowed.shape[0]
-    spectrum = torch.view_as_real(torch.fft.rfft(windowed)).view(
-        n, 2 * N_BINS
-    )  # (n, 201) complex -> (n, 402)
-    # |X|^2: square the interleaved (re, im) pairs contiguously, then add each pair
+    spectrum = torch.view_as_real(torch.fft.rfft(windowed)).flatten(1)  # (n, 201) complex -> (n, 402) real
+    # |X|^2: square the interleaved (re, im) pairs in one contiguous pass, then add each pair.
     squares = spectrum.mul_(spectrum)
-    power = torch.add(squares[:, 0::2], squares[:, 1::2])  # (n, 201)
+    power = torch.add(squares[:, 0::2], squares[:, 1::2])  # (n, 402) -> (n, 201)
     for m0, m1, b0, b1, weights in _bands_on(out.device):
         # (band mels, band bins) @ (band bins, n) -> the band's rows of the output, in place
         torch.mm(weights, power[:, b0:b1].T, out=out[m0:m1])
