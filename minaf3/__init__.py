@@ -10,7 +10,8 @@ The pipeline, one module per stage:
     attention.py  one attention signature, three backends (triton, sdpa, eager)
     model.py      encoder + projector + decoder, `from_pretrained`, `forward`, `generate`
     processor.py  chat template, tokenizer and features: conversations to model inputs
-    generate.py   prefill, decode_one_token, sample: the generation loop
+    sampling.py   GenerationConfig and the logits processors (repetition penalty, top-k, top-p, ...)
+    generate.py   prefill, decode_one_token and the generation loop with a static KV cache
     pipeline.py   `minaf3.load(...)`: chat and transcribe in one call
 
 Names are imported lazily so that `import minaf3` costs little beyond importing torch.
@@ -29,6 +30,8 @@ _EXPORTS = {
     "AudioFlamingo3ForConditionalGeneration": "model",
     "AudioFlamingo3Processor": "processor",
     "AutoProcessor": "processor",
+    "GenerationConfig": "sampling",
+    "TextIteratorStreamer": "generate",
     "load": "pipeline",
     "Minaf3Error": "errors",
     "AudioError": "errors",
