@@ -17,10 +17,10 @@ from minaf3 import AudioFlamingo3ForConditionalGeneration, CheckpointError, Conf
 from minaf3.lora import LoRALinear, load_adapter, merge, unmerge
 
 LM_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# Two adapters whose settings differ in every way that changes the result: rank, alpha, rsLoRA, per-module
-# rank, targets as a list with an exclusion or as a regex reaching the encoder and the projector, a saved
-# module. Their non_lora_trainables use the original NVIDIA names behind the two prefixes seen in the wild;
-# "lm_rank_pattern" replaces a LoRA target's own base weight, which must happen before the LoRA is added.
+# Adapters whose settings differ in every way that changes the result: rank, alpha, rsLoRA, per-module rank,
+# targets as a list with an exclusion or as a regex reaching the encoder and the projector, a saved module,
+# trained biases. Their non_lora_trainables use the original NVIDIA names behind the two prefixes seen in the
+# wild; "lm_rank_pattern" replaces a LoRA target's own base weight, which must come before the LoRA is added.
 ADAPTERS = {
     "lm_rank_pattern": dict(
         config=dict(
@@ -40,6 +40,15 @@ ADAPTERS = {
                 "model.language_model.layers.0.self_attn.q_proj"
             ),
         },
+        # LoRA layers, and (rank, scaling) of some: down_proj's rank and o_proj's alpha come from the patterns
+        expect=(
+            14,  # 7 per decoder layer, none in the excluded encoder
+            {
+                "language_model.layers.0.mlp.down_proj": (2, 8 / 2),
+                "language_model.layers.1.self_attn.o_proj": (4, 3 / 4),
+                "language_model.layers.1.self_attn.q_proj": (4, 8 / 4),
+            },
+        ),
     ),
     "rslora_regex": dict(
         config=dict(
@@ -53,6 +62,28 @@ ADAPTERS = {
             "model.sound_tower.sound_tower.layer_norm.weight": "model.audio_tower.layer_norm",
             "model.llm.model.norm.weight": "model.language_model.norm",
         },
+        expect=(
+            13,  # q, v, fc1 in 2 encoder layers; q, v, up in 2 decoder layers; the projector's linear_1
+            {
+                "audio_tower.layers.1.fc1": (6, 5 / math.sqrt(6)),
+                "multi_modal_projector.linear_1": (6, 5 / math.sqrt(6)),
+            },
+        ),
+    ),
+    # Trained biases (saved as `<module>.base_layer.bias`) in a pickled adapter_model.bin, no replacements.
+    "bias_bin": dict(
+        config=dict(
+            r=3, lora_alpha=7, target_modules=["out_proj", "linear_2", "q_proj", "o_proj"], bias="lora_only"
+        ),
+        non_lora={},
+        safe_serialization=False,
+        expect=(
+            9,
+            {
+                "multi_modal_projector.linear_2": (3, 7 / 3),
+                "audio_tower.layers.0.self_attn.out_proj": (3, 7 / 3),
+            },
+        ),
     ),
 }
 
@@ -79,7 +110,7 @@ def reference_inputs(processor) -> dict:
 
 
 def write_adapter(folder, checkpoint, spec: dict, seed: int):
-    """Save a peft adapter with random non-zero A, B (and saved modules) plus non_lora_trainables.bin.
+    """Save a peft adapter with random non-zero trained tensors plus non_lora_trainables.bin.
 
     Returns the peft model (on a fresh transformers model) with the replacement tensors applied to it.
     """
@@ -89,10 +120,10 @@ def write_adapter(folder, checkpoint, spec: dict, seed: int):
     model = peft.get_peft_model(reference, peft.LoraConfig(**spec["config"]))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name or "modules_to_save" in name:
+        for p in model.parameters():
+            if p.requires_grad:  # what peft trains is what it saves: A, B, saved modules, biases
                 p.copy_(0.1 * torch.randn(p.shape, generator=generator))
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, safe_serialization=spec.get("safe_serialization", True))
     non_lora = {}
     with torch.no_grad():
         for stored, module in spec["non_lora"].items():
@@ -100,7 +131,8 @@ def write_adapter(folder, checkpoint, spec: dict, seed: int):
             layer = getattr(layer, "base_layer", layer)  # a LoRA target's own weight sits in its base layer
             non_lora[stored] = 0.5 * torch.randn(layer.weight.shape, generator=generator)
             layer.weight.copy_(non_lora[stored])
-    torch.save(non_lora, folder / "non_lora_trainables.bin")
+    if non_lora:
+        torch.save(non_lora, folder / "non_lora_trainables.bin")
     return model.eval()
 
 
@@ -185,16 +217,10 @@ def test_settings_come_from_the_config(adapter, tiny_checkpoint):
         config.get("use_rslora", False),
     )
     layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
-    if name == "lm_rank_pattern":
-        assert len(layers) == 2 * len(LM_LINEARS)  # two decoder layers, none in the excluded encoder
-        assert layers["language_model.layers.0.mlp.down_proj"].lora_A.shape[0] == 2
-        assert layers["language_model.layers.0.mlp.down_proj"].scaling == 8 / 2
-        assert layers["language_model.layers.1.self_attn.o_proj"].scaling == 3 / 4
-        assert layers["language_model.layers.1.self_attn.q_proj"].scaling == 8 / 4
-    else:
-        assert "audio_tower.layers.1.fc1" in layers and "multi_modal_projector.linear_1" in layers
-        assert "language_model.layers.0.self_attn.k_proj" not in layers
-        assert all(m.lora_A.shape[0] == 6 and m.scaling == 5 / math.sqrt(6) for m in layers.values())
+    count, spots = ADAPTERS[name]["expect"]
+    assert len(layers) == count
+    for module, (r, scaling) in spots.items():
+        assert layers[module].lora_A.shape[0] == r and math.isclose(layers[module].scaling, scaling), module
 
 
 @settings(max_examples=25, deadline=None)

@@ -13,8 +13,8 @@ most of its names, and any name left unexplained is an error, as are a LoRA pair
 a target without its pair, a target that names no module of the model, and any wrong shape.
 
 Target matching follows PEFT's rules (`check_target_module_exists`): a string is a regex that must match a
-whole module name, a list entry matches a name equal to it or ending in `.entry`, "all-linear" is every
-linear layer but the output layer. Names are matched in the adapter's own layout, as PEFT saw them.
+whole module name, a list entry matches a name equal to it or ending in `.entry` (PEFT writes "all-linear"
+out as such a list when it saves). Names are matched in the adapter's own layout, as PEFT saw them.
 """
 
 import json
@@ -62,8 +62,9 @@ UNSUPPORTED = (
     "use_qalora",
     "alora_invocation_tokens",
 )
-# Output layer, which "all-linear" leaves out (as PEFT does for a PreTrainedModel).
-OUTPUT_LAYER = "lm_head"
+# PEFT's LoRA layer holds the layer it wraps as `base_layer`, so trained biases are saved as
+# `q_proj.base_layer.bias`; the segment is dropped to get the model's own name.
+BASE_LAYER = ".base_layer."
 
 
 @dataclass(frozen=True)
@@ -190,13 +191,18 @@ def _in_memory_form(layout: Layout, name: str) -> str:
     return next(p for p, f in NVIDIA_IN_MEMORY if f == folder + "/") + rest
 
 
+def _own_name(name: str, prefix: str) -> str:
+    """The model's own name inside a stored name: without the wrapper prefix and PEFT's base_layer."""
+    return name.removeprefix(prefix).replace(BASE_LAYER, ".")
+
+
 def map_names(names: list[str]) -> tuple[dict[str, str], Layout, str]:
     """Stored tensor name (module.leaf) -> our tensor name, under the wrapper prefix and layout that explain
     the most names; names they do not explain are left out. Also returns that layout and prefix."""
     best: tuple[dict[str, str], Layout, str] = ({}, LAYOUTS["hub"], "")
     for prefix in WRAPPER_PREFIXES:
         for layout in LAYOUTS.values():
-            forms = {n: _stored_form(layout, n[len(prefix) :]) for n in names if n.startswith(prefix)}
+            forms = {n: _stored_form(layout, _own_name(n, prefix)) for n in names if n.startswith(prefix)}
             ours = our_names(layout, [f for f in forms.values() if f is not None])
             mapped = {n: ours[f] for n, f in forms.items() if f in ours}
             if len(mapped) > len(best[0]):
@@ -223,14 +229,11 @@ def targeted_modules(
     `keys` maps each of our parameter-holding modules to its name in the adapter's layout.
     """
     targets, problems = settings.target_modules, []
-    if isinstance(targets, str) and targets.lower() == "all-linear":
-        chosen = {m: k for m, k in keys.items() if m in linears and m != OUTPUT_LAYER}
-    else:
-        chosen = {m: k for m, k in keys.items() if _matches(targets, k)}
-        entries = {targets: targets} if isinstance(targets, str) else {t: (t,) for t in targets}
-        for entry, pattern in entries.items():
-            if not any(_matches(pattern, k) for k in keys.values()):
-                problems.append(f"target {entry!r} names no module of the model")
+    chosen = {m: k for m, k in keys.items() if _matches(targets, k)}
+    entries = {targets: targets} if isinstance(targets, str) else {t: (t,) for t in targets}
+    for entry, pattern in entries.items():
+        if not any(_matches(pattern, k) for k in keys.values()):
+            problems.append(f"target {entry!r} names no module of the model")
     excluded = settings.exclude_modules
     chosen = {
         m: k
@@ -294,7 +297,7 @@ def read_adapter(
 
     replacements: dict[str, torch.Tensor] = {}
     for name in full:
-        ours, key = mapped.get(name), name.removeprefix(prefix).rpartition(".")[0]
+        ours, key = mapped.get(name), _own_name(name, prefix).rpartition(".")[0]
         trained_bias = name.endswith(".bias") and settings.bias != "none"
         if ours is not None and not (_saved_module(settings, key) or trained_bias):
             problems["unexpected"].append(f"{name}: a full tensor outside modules_to_save")
