@@ -19,13 +19,14 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from minaf3.audio import load_audio
+from minaf3.chat_template import AUDIO_SOURCE_KEYS
 from minaf3.errors import AudioError, AudioFileError, CheckpointError, ConfigError, InputError
 from minaf3.generate import TextIteratorStreamer
 from minaf3.model import DOWNLOAD_HINT, AudioFlamingo3ForConditionalGeneration
@@ -34,7 +35,7 @@ from minaf3.segments import Segment, Transcription, join_texts, segment_bounds, 
 from minaf3.weights.layouts import scan_checkpoint
 from minaf3.weights.loader import SUPPORT_FILES
 from minaf3.weights.shards import INDEX_FILE, SINGLE_FILE
-from minaf3.windows import MAX_AUDIO_SAMPLES, SAMPLING_RATE
+from minaf3.windows import MAX_AUDIO_SAMPLES, MAX_AUDIO_SECONDS, SAMPLING_RATE
 
 logger = logging.getLogger(__name__)
 
@@ -99,9 +100,7 @@ def load(
         options["think"] = True
     elif think:
         logger.warning(
-            "%s has no %s/ folder (the AF-Think adapter): asking the base model to reason without it",
-            folder,
-            THINK_FOLDER,
+            "%s has no think/ adapter folder: the base model is asked to reason without it", folder
         )
     model = AudioFlamingo3ForConditionalGeneration.from_pretrained(
         folder, dtype=dtype, device_map=device, **options
@@ -125,6 +124,9 @@ class Timings:
     def decode_tokens_per_second(self) -> float:
         return self.decode_tokens / self.decode if self.decode > 0 else 0.0
 
+    def __add__(self, other: "Timings") -> "Timings":
+        return Timings(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
 
 class _StageClock:
     """A streamer that only notes when generate hands over the prompt, the first token and the end.
@@ -135,7 +137,7 @@ class _StageClock:
 
     def __init__(self, inner=None):
         self.inner = inner
-        self.start = self.first = self.last = None
+        self.start = self.first = None
         self.steps = 0
         self.prompt_shape = (0, 0)
 
@@ -146,7 +148,6 @@ class _StageClock:
         else:
             self.steps += 1
             self.first = self.first or now
-            self.last = now
         if self.inner is not None:
             self.inner.put(ids)
 
@@ -160,7 +161,11 @@ class _StageClock:
 
 
 class Pipeline:
-    """A loaded model and its processor; see the module docstring. Thread-safe: generate serialises calls."""
+    """A loaded model and its processor; see the module docstring.
+
+    Calls from several threads are safe (generate serialises use of the model's KV cache); last_timings then
+    describes whichever call finished last.
+    """
 
     def __init__(self, model: AudioFlamingo3ForConditionalGeneration, processor, think: bool = False):
         self.model, self.processor, self.think = model, processor, think
@@ -192,7 +197,7 @@ class Pipeline:
         conversation = build_conversation(messages_or_question, audio)
         if self.think if think is None else think:
             add_think_request(conversation)
-        conversation = self._load_conversation_audio(conversation, refuse_long_audio)
+        conversation = load_conversation_audio(conversation, refuse_long_audio)
         started = time.perf_counter()
         inputs = self.processor.apply_chat_template(conversation)
         features = time.perf_counter() - started
@@ -206,36 +211,14 @@ class Pipeline:
         def run() -> None:
             try:
                 self._generate(inputs, features, streamer, generation_kwargs)
-            except BaseException as error:  # noqa: BLE001 - handed to the consumer, who re-raises it
+            except BaseException as error:
                 # generate reports errors to the streamer only once it has started; settings it refuses
-                # up front would otherwise leave the consumer waiting forever.
+                # up front would otherwise leave the consumer waiting forever. The consumer re-raises it.
                 streamer.fail(error)
 
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
         return _drain(streamer, worker)
-
-    def _load_conversation_audio(self, conversation: list[dict], refuse_long_audio: bool) -> list[dict]:
-        """Each audio part loaded once and held to 600 s here, so the policy applies to every source."""
-        out = []
-        for m, message in enumerate(conversation):
-            content = message.get("content") if isinstance(message, dict) else None
-            if not isinstance(content, list):
-                out.append(message)
-                continue
-            parts = []
-            for p, part in enumerate(content):
-                if isinstance(part, dict) and part.get("type") == "audio":
-                    keys = [k for k in ("path", "url", "audio") if part.get(k) is not None]
-                    if len(keys) == 1:
-                        waveform = _load(part[keys[0]], f"message {m}, part {p}")
-                        part = {
-                            "type": "audio",
-                            "audio": _limit(waveform, f"message {m}, part {p}", refuse_long_audio),
-                        }
-                parts.append(part)
-            out.append({**message, "content": parts})
-        return out
 
     # ---- transcribe ------------------------------------------------------------------------------------
     def transcribe(
@@ -269,12 +252,8 @@ class Pipeline:
             work += [(i, start, end, waveform) for start, end in segment_bounds(waveform)]
         texts = []
         totals = Timings()
-        with tqdm(
-            total=len(work),
-            unit="segment",
-            desc="transcribing",
-            disable=not (progress or progress is None and len(work) > 1),
-        ) as bar:
+        show = progress or (progress is None and len(work) > 1)
+        with tqdm(total=len(work), unit="segment", desc="transcribing", disable=not show) as bar:
             for b in range(0, len(work), batch_size):
                 batch = work[b : b + batch_size]
                 started = time.perf_counter()
@@ -284,7 +263,7 @@ class Pipeline:
                 ids = self._generate(inputs, time.perf_counter() - started, None, generation_kwargs)
                 new = ids[:, inputs["input_ids"].shape[1] :]
                 texts += self.processor.decode(new, skip_special_tokens=True, strip_prefix=True)
-                _accumulate(totals, self.last_timings)
+                totals += self.last_timings
                 bar.update(len(batch))
         self.last_timings = totals
         results = [Transcription(text="", segments=[]) for _ in sources]
@@ -365,6 +344,28 @@ def add_think_request(conversation: list[dict]) -> None:
     message["content"] = parts
 
 
+def load_conversation_audio(conversation: list[dict], refuse_long_audio: bool) -> list[dict]:
+    """A copy with every audio part loaded and held to 600 s, so one policy covers paths, URLs and arrays.
+
+    Malformed parts are left as they are for the processor to report.
+    """
+    out = []
+    for m, message in enumerate(conversation):
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            out.append(message)
+            continue
+        parts = []
+        for p, part in enumerate(content):
+            keys = [k for k in AUDIO_SOURCE_KEYS if isinstance(part, dict) and part.get(k) is not None]
+            if isinstance(part, dict) and part.get("type") == "audio" and len(keys) == 1:
+                name = f"message {m}, part {p}"
+                part = {"type": "audio", "audio": _limit(_load(part[keys[0]], name), name, refuse_long_audio)}
+            parts.append(part)
+        out.append({**message, "content": parts})
+    return out
+
+
 def _load(source: Any, name: str):
     """load_audio at 16 kHz, with `name` (which input or part) in front of any error."""
     try:
@@ -380,26 +381,17 @@ def _limit(waveform, name: str, refuse: bool):
     seconds = len(waveform) / SAMPLING_RATE
     if refuse:
         raise InputError(
-            f"{name}: audio is {seconds:.1f} s long; AF3 reads at most {MAX_AUDIO_SAMPLES // SAMPLING_RATE} "
-            "s per prompt (use transcribe() for long recordings, or let chat use the first 600 s)"
+            f"{name}: audio is {seconds:.1f} s long; AF3 reads at most {MAX_AUDIO_SECONDS} s per prompt "
+            "(use transcribe() for long recordings, or let chat use the first 600 s)"
         )
-    logger.warning(
-        "%s: audio is %.1f s long; chat uses its first %d s (transcribe() reads all of it)",
-        name,
-        seconds,
-        MAX_AUDIO_SAMPLES // SAMPLING_RATE,
-    )
+    message = "%s: audio is %.1f s long; chat uses its first %d s (transcribe() reads all of it)"
+    logger.warning(message, name, seconds, MAX_AUDIO_SECONDS)
     return waveform[:MAX_AUDIO_SAMPLES]
 
 
 def _drain(streamer: TextIteratorStreamer, worker: threading.Thread) -> Iterator[str]:
-    """Yield the streamer's pieces, then wait for the generating thread (its errors arrive as pieces would)."""
+    """Yield the streamer's pieces, then wait for the generating thread (its errors come through too)."""
     try:
         yield from streamer
     finally:
         worker.join()
-
-
-def _accumulate(total: Timings, part: Timings) -> None:
-    for name in ("features", "encoder", "prefill", "decode", "prompt_tokens", "new_tokens", "decode_tokens"):
-        setattr(total, name, getattr(total, name) + getattr(part, name))
