@@ -29,6 +29,7 @@ from minaf3.audio import load_audio
 from minaf3.chat_template import AUDIO_SOURCE_KEYS
 from minaf3.errors import AudioError, AudioFileError, CheckpointError, ConfigError, InputError
 from minaf3.generate import TextIteratorStreamer
+from minaf3.lora import load_adapter
 from minaf3.model import DOWNLOAD_HINT, AudioFlamingo3ForConditionalGeneration
 from minaf3.processor import AudioFlamingo3Processor
 from minaf3.segments import Segment, Transcription, join_texts, segment_bounds, to_seconds
@@ -96,15 +97,15 @@ def load(
     folder = check_model_folder(path)
     processor = AudioFlamingo3Processor.from_pretrained(folder)  # cheap: tokenizer problems show first
     options = {"quantize": quantize} if quantize else {}
+    model = AudioFlamingo3ForConditionalGeneration.from_pretrained(
+        folder, dtype=dtype, device_map=device, **options
+    )
     if think and (folder / THINK_FOLDER).is_dir():
-        options["think"] = True
+        load_adapter(model, folder / THINK_FOLDER)  # merged into the weights: no cost per token
     elif think:
         logger.warning(
             "%s has no think/ adapter folder: the base model is asked to reason without it", folder
         )
-    model = AudioFlamingo3ForConditionalGeneration.from_pretrained(
-        folder, dtype=dtype, device_map=device, **options
-    )
     return Pipeline(model, processor, think=think)
 
 

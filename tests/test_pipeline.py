@@ -142,6 +142,30 @@ def prompt_audio(demo_pipeline, monkeypatch):
     return run
 
 
+def test_load_think_applies_the_adapter(demo_checkpoint, tmp_path, clip):
+    """With a think/ folder (a PEFT LoRA adapter made here), the loaded model computes what peft computes."""
+    import peft
+    from transformers import AudioFlamingo3ForConditionalGeneration as Reference
+
+    folder = shutil.copytree(demo_checkpoint, tmp_path / "with_think")
+    reference = Reference.from_pretrained(folder, dtype=torch.float32).eval()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    with_adapter = peft.get_peft_model(reference, config)
+    with torch.no_grad():
+        for name, p in with_adapter.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero, which would make the adapter a no-op
+                p.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(0))
+    with_adapter.save_pretrained(folder / "think")
+    pipe = minaf3.load(folder, think=True)
+    inputs = pipe.processor.apply_chat_template(user_turn(clip, f"Why? {THINK_SUFFIX}"))
+    with torch.no_grad():
+        expected = with_adapter.eval()(**inputs).logits
+        base = minaf3.load(folder).model(**inputs).logits
+        got = pipe.model(**inputs).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert (got - base).abs().max() > 1e-2  # the adapter changes the model
+
+
 def test_chat_cuts_long_audio_with_a_warning(prompt_audio, caplog):
     audio = np.random.default_rng(0).standard_normal(MAX_AUDIO_SAMPLES + SAMPLING_RATE).astype(np.float32)
     with caplog.at_level(logging.WARNING, logger="minaf3"):
