@@ -130,17 +130,34 @@ def test_rewritten_names_are_the_published_ones(tmp_path, tiny_checkpoint, refer
     }
 
 
-def test_dtype_conversion_and_independent_memory(broken, reference_model):
-    path, _ = broken
+def mapped_from(tensor: torch.Tensor, file) -> bool:
+    """Whether the tensor's memory lies in a mapping of `file` (Linux /proc/self/maps)."""
+    address = tensor.untyped_storage().data_ptr()
+    for line in open("/proc/self/maps"):
+        span, *_, name = line.split()
+        start, end = (int(x, 16) for x in span.split("-"))
+        if name == str(file) and start <= address < end:
+            return True
+    return False
+
+
+def test_views_and_copies_outlive_a_replaced_file(broken, reference_model):
+    path, tensors = broken
+    file = path / "model.safetensors"
     want = reference_tensors(reference_model)
-    got = read_checkpoint(path, shapes(want), dtype=torch.bfloat16, device=torch.device("cpu"))
-    assert all(got[n].dtype == torch.bfloat16 and torch.equal(got[n], t.bfloat16()) for n, t in want.items())
-    # The tensors own their memory: overwriting the file in place (saving to the same folder) leaves them be.
-    same = read_checkpoint(path, shapes(want))
-    size = (path / "model.safetensors").stat().st_size
-    with open(path / "model.safetensors", "r+b") as f:
-        f.write(b"\0" * size)
-    assert_same(same, want)
+    views = read_checkpoint(path, shapes(want))  # fp32 stored, fp32 wanted on CPU: views of the mapped file
+    copies = read_checkpoint(path, shapes(want), dtype=torch.bfloat16, device=torch.device("cpu"))
+    assert mapped_from(views["lm_head.weight"], file) and not mapped_from(copies["lm_head.weight"], file)
+    assert all(
+        copies[n].dtype == torch.bfloat16 and torch.equal(copies[n], t.bfloat16()) for n, t in want.items()
+    )
+    # A save that writes a new file and renames it over the old one (as save_pretrained does) leaves both be.
+    save_file({name: torch.zeros_like(t) for name, t in tensors.items()}, path / "new.safetensors")
+    os.replace(path / "new.safetensors", file)
+    assert_same(views, want)
+    # Copies own their memory: even an in-place overwrite leaves them be.
+    file.write_bytes(b"\0" * file.stat().st_size)
+    assert all(torch.equal(copies[n], t.bfloat16()) for n, t in want.items())
 
 
 # ---- name tables -------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Read a checkpoint folder into our tensor names: check everything first, then copy one tensor at a time.
+"""Read a checkpoint folder into our tensor names: check everything first, then map or copy each tensor.
 
     read_checkpoint(folder, expected)   -> {our name: tensor}, in any of the three layouts (layouts.py)
     checkpoint_files(folder, required)  -> {role: path} of the config, tokenizer and processor files
@@ -8,12 +8,15 @@ Order of work, so that a bad download costs seconds and a clear message rather t
    consistent with the index;
 2. names and shapes: the checkpoint against `expected` (our model's state_dict shapes); missing,
    unexpected, wrongly shaped and non-float tensors are reported together in one CheckpointError;
-3. data: each tensor is memory-mapped, copied into its final dtype and device, and its mapping closed.
+3. data, one tensor at a time. A tensor already in the wanted dtype on CPU is a view of the memory-mapped
+   file: loading costs nothing and pages are read on first use, as transformers does. Any other tensor is
+   copied into its final dtype and device from a mapping opened for it alone, then closed.
 
-Peak memory is the weights in their final dtype plus one tensor: the mapped pages of a tensor are released
-as soon as it is copied (a file kept open would keep every page read so far resident as well). The result
-owns its memory rather than viewing the file, so overwriting the checkpoint later (saving a fine-tuned
-model to the same folder) cannot change or crash a model that is running.
+Peak memory is therefore the weights in their final dtype plus one tensor: a converted tensor's source pages
+are unmapped as soon as it is copied (one mapping kept open for a whole file would keep every page read so
+far resident too). Views of the file live as long as the tensors: the kernel keeps a deleted or replaced
+file's data for them, but a file truncated or rewritten in place changes or breaks them (SIGBUS), so a save
+into the same folder must write new files (unlink or rename over), as transformers' save_pretrained does.
 """
 
 from pathlib import Path
@@ -27,7 +30,7 @@ from .layouts import checkpoint_names, scan_checkpoint
 from .shards import TensorInfo, listing
 
 # Our model's parameters are all floating point; the checkpoint may store them in any of these.
-FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+STORED_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 # Files besides the weights, by role, in order of preference. transformers 5 nests the feature extractor
 # settings in processor_config.json; older saves have preprocessor_config.json.
@@ -54,7 +57,7 @@ def _mismatches(
             missing.append(name)
         elif info.shape != tuple(shape):
             shapes.append(f"{name}: the model expects {tuple(shape)}, {info.label} holds {info.shape}")
-        elif info.dtype not in FLOAT_DTYPES:
+        elif info.dtype not in STORED_DTYPES:
             dtypes.append(f"{name}: {info.label} holds {info.dtype}; floating point expected")
     mapped = set(names.values())
     unexpected = [f"{key} in {info.label}" for key, info in sorted(stored.items()) if key not in mapped]
@@ -67,16 +70,26 @@ def _mismatches(
     return [listing(items, what) for items, what in parts if items]
 
 
-def _read(info: TensorInfo, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
-    """One tensor, copied from its file into `dtype` (None: as stored) on `device`."""
+def _read_file(
+    items: list[tuple[str, TensorInfo]], dtype: torch.dtype | None, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """The tensors `items` (our name, info) of one file, in `dtype` (None: as stored) on `device`."""
+    out = {}
+    file, label = items[0][1].file, items[0][1].label
     try:
-        # One open per tensor: closing unmaps the pages this tensor touched (see the module docstring).
-        with safe_open(info.file, framework="pt", device="cpu") as handle:
-            stored = handle.get_tensor(info.key)  # a view of the mapped file: nothing read yet
-            out = torch.empty(stored.shape, dtype=dtype or stored.dtype, device=device)
-            out.copy_(stored)  # reads, converts and moves in one pass, with no intermediate copy
+        # One mapping shared by every tensor that stays a view of the file.
+        with safe_open(file, framework="pt", device="cpu") as shared:
+            for ours, info in items:
+                if device.type == "cpu" and dtype in (None, STORED_DTYPES[info.dtype]):
+                    out[ours] = shared.get_tensor(info.key)
+                    continue
+                # Its own mapping, closed right after the copy: this tensor's pages leave memory again.
+                with safe_open(file, framework="pt", device="cpu") as own:
+                    stored = own.get_tensor(info.key)  # a view: nothing read yet
+                    out[ours] = torch.empty(stored.shape, dtype=dtype or stored.dtype, device=device)
+                    out[ours].copy_(stored)  # reads, converts and moves in one pass, no intermediate copy
     except (SafetensorError, OSError, RuntimeError) as e:
-        raise CheckpointError(f"{info.label}: tensor {info.key} could not be read: {e}") from None
+        raise CheckpointError(f"{label}: could not be read ({e})") from None
     return out
 
 
@@ -101,9 +114,14 @@ def read_checkpoint(
             f"{folder} ({layout.name} layout) does not match the model:\n" + "\n".join(problems)
         )
     device = torch.device(device)
-    # In file order, so that a checkpoint on a cold disk is read front to back.
-    order = sorted(expected, key=lambda ours: (str(stored[names[ours]].file), stored[names[ours]].offset))
-    tensors = {ours: _read(stored[names[ours]], dtype, device) for ours in order}
+    by_file: dict[Path, list[tuple[str, TensorInfo]]] = {}
+    for ours in expected:
+        info = stored[names[ours]]
+        by_file.setdefault(info.file, []).append((ours, info))
+    tensors = {}
+    for items in by_file.values():
+        # In file order, so that a checkpoint on a cold disk is read front to back.
+        tensors.update(_read_file(sorted(items, key=lambda item: item[1].offset), dtype, device))
     return {ours: tensors[ours] for ours in expected}
 
 
