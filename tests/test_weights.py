@@ -53,9 +53,10 @@ def sharded_reference(tiny_checkpoint_sharded):
 
 @pytest.fixture
 def broken(tmp_path, tiny_checkpoint):
-    """A copy of the single-file checkpoint, and its tensors to rewrite."""
+    """A copy of the single-file checkpoint, and its tensors to rewrite (copies: load_file returns views of
+    the mapped file, which rewriting that file in place would pull from under them)."""
     path = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
-    return path, load_file(path / "model.safetensors")
+    return path, {name: t.clone() for name, t in load_file(path / "model.safetensors").items()}
 
 
 @pytest.fixture
@@ -207,7 +208,7 @@ def test_missing_unexpected_wrong_shape_and_dtype_in_one_error(broken, reference
         "language_model.norm.weight (stored as language_model.model.norm.weight): the model expects (64,), "
         "model.safetensors holds (7,)" in message
     )
-    assert "multi_modal_projector.linear_1.bias: model.safetensors holds I64; floating point" in message
+    assert "multi_modal_projector.linear_1.bias: model.safetensors holds I64; expected F16, BF16" in message
 
 
 @pytest.mark.parametrize("kind", ["missing", "unexpected", "shape", "dtype"])

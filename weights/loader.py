@@ -7,7 +7,7 @@ Order of work, so that a bad download costs seconds and a clear message rather t
 1. headers only (layouts.scan_checkpoint): every file present, parseable, as long as its header says, and
    consistent with the index;
 2. names and shapes: the checkpoint against `expected` (our model's state_dict shapes); missing,
-   unexpected, wrongly shaped and non-float tensors are reported together in one CheckpointError;
+   unexpected, wrongly shaped and integer (or 8-bit) tensors are reported together in one CheckpointError;
 3. data, one tensor at a time. A tensor already in the wanted dtype on CPU is a view of the memory-mapped
    file: loading costs nothing and pages are read on first use, as transformers does. Any other tensor is
    copied into its final dtype and device from a mapping opened for it alone, then closed.
@@ -29,7 +29,8 @@ from minaf3.errors import CheckpointError, ConfigError
 from .layouts import checkpoint_names, scan_checkpoint
 from .shards import TensorInfo, listing
 
-# Our model's parameters are all floating point; the checkpoint may store them in any of these.
+# Our model's parameters are all floating point; the checkpoint may store them in any of these (8-bit
+# floats need scales that a plain safetensors file does not carry).
 STORED_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 # Files besides the weights, by role, in order of preference. transformers 5 nests the feature extractor
@@ -58,14 +59,14 @@ def _mismatches(
         elif info.shape != tuple(shape):
             shapes.append(f"{name}: the model expects {tuple(shape)}, {info.label} holds {info.shape}")
         elif info.dtype not in STORED_DTYPES:
-            dtypes.append(f"{name}: {info.label} holds {info.dtype}; floating point expected")
+            dtypes.append(f"{name}: {info.label} holds {info.dtype}; expected {', '.join(STORED_DTYPES)}")
     mapped = set(names.values())
     unexpected = [f"{key} in {info.label}" for key, info in sorted(stored.items()) if key not in mapped]
     parts = [
         (missing, "missing tensors"),
         (unexpected, "unexpected tensors, not in the model"),
         (shapes, "tensors with the wrong shape"),
-        (dtypes, "tensors that are not floating point"),
+        (dtypes, "tensors in a dtype that cannot be loaded"),
     ]
     return [listing(items, what) for items, what in parts if items]
 
@@ -103,7 +104,7 @@ def read_checkpoint(
 
     `expected` maps each of our tensor names to its shape (a model's `state_dict()` shapes); the result has
     exactly these keys. Raises CheckpointError before any tensor data is read if a file is missing, damaged
-    or inconsistent, or if any tensor is missing, unexpected, wrongly shaped or not floating point.
+    or inconsistent, or if any tensor is missing, unexpected, wrongly shaped or not a 16/32/64-bit float.
     """
     folder = Path(folder)
     layout, stored = scan_checkpoint(folder)
