@@ -72,7 +72,9 @@ class LoRALinear(nn.Linear):
             self.merged = True
 
     def unmerge(self) -> None:
-        """Subtract the update again (exact up to float32 rounding; in bf16 within one rounding step)."""
+        """Subtract the update again. In float32 this restores W up to float32 rounding; in bf16 or fp16 the
+        merged weight was rounded to W + delta's precision, so W comes back within that rounding step, not
+        bit for bit (an adapter loaded with merge=False never touches W)."""
         if self.merged:
             self._fold(-1)
             self.merged = False

@@ -11,6 +11,7 @@ import torch
 from conftest import SR, speech_like
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from minaf3.weights.adapter import map_names
 from safetensors.torch import load_file, save_file
 
 from minaf3 import AudioFlamingo3ForConditionalGeneration, CheckpointError, ConfigError
@@ -223,6 +224,32 @@ def test_settings_come_from_the_config(adapter, tiny_checkpoint):
         assert layers[module].lora_A.shape[0] == r and math.isclose(layers[module].scaling, scaling), module
 
 
+def test_names_map_through_the_checkpoint_tables():
+    """Each wrapper prefix and layout spelling of a name reaches the same parameter of ours."""
+    spellings = {
+        "language_model.layers.1.mlp.up_proj.weight": [
+            "base_model.model.model.language_model.layers.1.mlp.up_proj.weight",  # peft on transformers 5
+            "base_model.model.language_model.model.layers.1.mlp.up_proj.weight",  # hub names
+            "model.llm.model.layers.1.mlp.up_proj.base_layer.weight",  # nvidia, AF3 prefix, peft's base_layer
+        ],
+        "audio_tower.conv1.bias": [
+            "base_model.model.model.audio_tower.conv1.bias",
+            "base_model.model.sound_tower.sound_tower.conv1.bias",  # VILA's wrapper holds the encoder twice
+            "base_model.model.sound_tower.conv1.bias",
+        ],
+        "multi_modal_projector.linear_2.weight": [
+            "multi_modal_projector.linear_2.weight",
+            "base_model.model.sound_mm_projector.layers.2.weight",
+        ],
+        "lm_head.weight": ["base_model.model.lm_head.weight", "llm.lm_head.weight"],
+    }
+    for ours, names in spellings.items():
+        for name in names:
+            mapped, *_ = map_names([name])
+            assert mapped == {name: ours}, name
+    assert map_names(["base_model.model.model.language_model.layers.0.mlp.fc9.weight"])[0] == {}
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     st.integers(1, 8),
@@ -344,7 +371,11 @@ def test_unknown_tensor_names(broken, tiny_checkpoint):
 def test_unsupported_settings_and_damaged_files(broken, tiny_checkpoint):
     edit_config(broken, use_dora=True)
     assert_refused(tiny_checkpoint, broken, "use_dora")
-    edit_config(broken, use_dora=False)
+    edit_config(broken, use_dora=False, target_modules="(q_proj")
+    assert_refused(tiny_checkpoint, broken, "'(q_proj' is not a valid regular expression")
+    edit_config(broken, target_modules=LM_LINEARS, rank_pattern={"down_proj": 0})
+    assert_refused(tiny_checkpoint, broken, "rank_pattern={'down_proj': 0}")
+    edit_config(broken, rank_pattern={"down_proj": 2})
     (broken / "non_lora_trainables.bin").write_bytes(b"not a pickle")
     assert_refused(tiny_checkpoint, broken, "non_lora_trainables.bin: could not be read")
     (broken / "adapter_config.json").write_text("{")

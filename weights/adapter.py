@@ -117,6 +117,14 @@ def _patterns(value, field: str, label: str) -> str | tuple[str, ...] | None:
     raise CheckpointError(f"{label}: {field} must be a string or a list of strings, not {value!r}")
 
 
+def _is_rank(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def read_settings(folder: Path) -> LoraSettings:
     """The settings in `folder`/adapter_config.json; CheckpointError if absent, unreadable or unusable."""
     path = folder / CONFIG_FILE
@@ -139,24 +147,38 @@ def read_settings(folder: Path) -> LoraSettings:
         if config.get(field) is None:
             raise CheckpointError(f"{label}: {field} is missing")
     r, alpha = config["r"], config["lora_alpha"]
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0 or not isinstance(alpha, int | float):
+    if not _is_rank(r) or not _is_number(alpha):
         raise CheckpointError(
             f"{label}: r={r!r}, lora_alpha={alpha!r}; expected a positive integer and a number"
         )
+    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    if not isinstance(ranks, dict) or not all(_is_rank(v) for v in ranks.values()):
+        raise CheckpointError(f"{label}: rank_pattern={ranks!r}; expected pattern -> positive integer")
+    if not isinstance(alphas, dict) or not all(_is_number(v) for v in alphas.values()):
+        raise CheckpointError(f"{label}: alpha_pattern={alphas!r}; expected pattern -> number")
     used = [field for field in UNSUPPORTED if config.get(field)]
     if used:
         raise CheckpointError(f"{label}: uses {', '.join(used)}, which this loader does not implement")
     if config.get("bias", "none") not in ("none", "all", "lora_only"):
         raise CheckpointError(f"{label}: bias={config['bias']!r}; expected 'none', 'all' or 'lora_only'")
+    targets = _patterns(config["target_modules"], "target_modules", label)
+    excluded = _patterns(config.get("exclude_modules"), "exclude_modules", label)
+    saved = tuple(_patterns(config.get("modules_to_save"), "modules_to_save", label) or ())
+    # Strings are regular expressions to PEFT, and so are the entries of modules_to_save and pattern keys.
+    for pattern in [p for p in (targets, excluded) if isinstance(p, str)] + [*saved, *ranks, *alphas]:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise CheckpointError(f"{label}: {pattern!r} is not a valid regular expression: {e}") from None
     return LoraSettings(
         r=r,
         alpha=float(alpha),
         use_rslora=bool(config.get("use_rslora", False)),
-        target_modules=_patterns(config["target_modules"], "target_modules", label),
-        exclude_modules=_patterns(config.get("exclude_modules"), "exclude_modules", label),
-        modules_to_save=tuple(_patterns(config.get("modules_to_save"), "modules_to_save", label) or ()),
-        rank_pattern=dict(config.get("rank_pattern") or {}),
-        alpha_pattern=dict(config.get("alpha_pattern") or {}),
+        target_modules=targets,
+        exclude_modules=excluded,
+        modules_to_save=saved,
+        rank_pattern=ranks,
+        alpha_pattern={p: float(v) for p, v in alphas.items()},
         bias=config.get("bias", "none"),
     )
 
