@@ -8,9 +8,9 @@
 Merged (the default), a target's weight holds W + scaling * B @ A and the forward pass costs what the base
 model's does. Unmerged, the layer computes base(x) + scaling * (x @ A^T) @ B^T on every call: slower, but the
 base weights stay untouched. Either way the layer is a LoRALinear that keeps A and B (r * (in + out) values
-per target), so `unmerge` can restore the base weights. The tensors the adapter replaces outright
-(non_lora_trainables.bin, modules_to_save) are kept on the CPU for `unmerge` as well: switching reasoning off
-gives back the model's own projector and norms, not the adapter's.
+per target), so `unmerge` can restore the base weights. The old values of the tensors the adapter replaces
+outright (non_lora_trainables.bin, modules_to_save, trained biases) are kept on the CPU for `unmerge` as well:
+switching reasoning off gives back the model's own projector and norms, not the adapter's.
 
 An adapter is applied to the model's current weights: load it before quantizing them.
 """
