@@ -17,6 +17,8 @@ This equals transformers' WhisperFeatureExtractor(feature_size=128). The work is
 - frames that see only padding are not computed: their power is exactly 0, so their log-mel is a constant.
 """
 
+import threading
+
 import numpy as np
 import torch
 
@@ -168,6 +170,38 @@ def _log_mel_into(windowed: torch.Tensor, out: torch.Tensor) -> None:
     _scaled_log(out)
 
 
+def _run_on_threads(tasks: list, run) -> None:
+    """Call run(task) for every task, on torch.get_num_threads() Python threads with one torch thread each.
+
+    Why not torch's own intra-op threads: a block is ~15 small ops, and each op ends in a thread barrier.
+    On a busy machine a barrier waits milliseconds for a descheduled thread, every time (measured 5-10x
+    slower under load). Threads that each take whole blocks from a shared iterator need no barrier. torch
+    releases the GIL inside ops, so the threads run in parallel. torch.set_num_threads(1) is per thread
+    here except for the default a *new* thread would pick up meanwhile, so it is restored on exit.
+    """
+    saved = torch.get_num_threads()
+    shared, errors = iter(tasks), []
+
+    def worker() -> None:
+        torch.set_num_threads(1)
+        try:
+            for task in shared:  # list iterators hand out each task once, even across threads
+                run(task)
+        except BaseException as exc:  # re-raised in the caller
+            errors.append(exc)
+        finally:
+            torch.set_num_threads(saved)
+
+    helpers = [threading.Thread(target=worker, daemon=True) for _ in range(min(saved, len(tasks)) - 1)]
+    for helper in helpers:
+        helper.start()
+    worker()
+    for helper in helpers:
+        helper.join()
+    if errors:
+        raise errors[0]
+
+
 def _scaled_log_mel(source: torch.Tensor, valid: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Flat float32 source -> (W, 128, 3000) scaled log-mel, unclamped; frames past counts[w] unset."""
     device, n_windows, valid_list = source.device, len(counts), valid.tolist()
@@ -179,10 +213,17 @@ def _scaled_log_mel(source: torch.Tensor, valid: torch.Tensor, counts: list[int]
     first = 2 * HOP_LENGTH - PAD
     rows = max(0, (source.shape[0] - first - N_FFT) // HOP_LENGTH + 1)
     direct = source.as_strided((rows, N_FFT), (HOP_LENGTH, 1), source.storage_offset() + first)
-    block_frames = CUDA_BLOCK_FRAMES if device.type == "cuda" else CPU_BLOCK_FRAMES
-    for w, t0, t1 in _blocks(valid_list, counts, block_frames):
+
+    def run(block: tuple[int, int, int]) -> None:
+        w, t0, t1 = block
         row = w * FRAMES_PER_WINDOW - 2
         _log_mel_into(direct[row + t0 : row + t1] * hann, out[w, :, t0:t1])
+
+    if device.type == "cuda":  # few, large blocks on one stream
+        for block in _blocks(valid_list, counts, CUDA_BLOCK_FRAMES):
+            run(block)
+    else:
+        _run_on_threads(_blocks(valid_list, counts, CPU_BLOCK_FRAMES), run)
 
     # Edge frames of every window in one batch: the first two and those past the direct ones.
     edges = [
