@@ -112,10 +112,15 @@ def write_reference_checkpoint(path: Path, seed: int = 0, max_shard_size=None, *
     tok = build_tokenizer()
     config = reference_configs(tok, **sizes)
     model = AudioFlamingo3ForConditionalGeneration(config).eval()
-    # std 0.02 init gives near-flat logits; a wider spread makes greedy decoding a meaningful test.
+    # std 0.02 init gives near-flat logits; a wider spread makes greedy decoding a meaningful test. Norm
+    # weights stay near 1: drawn around 0 they shrink the hidden states so much that the logits barely
+    # depend on position, and a 1e-4 tolerance could no longer see a RoPE or cache bug.
     with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.08 if p.ndim >= 2 else 0.05)
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.normal_(1.0, 0.1)
+            else:
+                p.normal_(0.0, 0.08 if p.ndim >= 2 else 0.05)
     save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **save_kwargs)
     bos, eos = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>")
