@@ -5,6 +5,7 @@ then WhisperFeatureExtractor(feature_size=128) on the chunks), run on the tiny c
 """
 
 import logging
+import threading
 
 import numpy as np
 import pytest
@@ -203,3 +204,21 @@ def test_cuda_matches_cpu():
     assert cuda_features.device.type == "cuda"
     assert (cuda_features.cpu() - cpu_features).abs().max().item() <= TOLERANCE
     assert torch.equal(cuda_mask.cpu(), cpu_mask)
+
+
+def test_thread_settings_are_restored_and_results_do_not_depend_on_them():
+    audio = speech_like(WINDOW_SAMPLES + 77_000)
+    threads = torch.get_num_threads()
+    features, _ = log_mel_spectrogram(audio)
+    assert torch.get_num_threads() == threads
+    seen_by_new_thread = []
+    worker = threading.Thread(target=lambda: seen_by_new_thread.append(torch.get_num_threads()))
+    worker.start()
+    worker.join()
+    assert seen_by_new_thread == [threads]
+    torch.set_num_threads(1)
+    try:
+        single, _ = log_mel_spectrogram(audio)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(single, features)
