@@ -234,8 +234,8 @@ def format_estimate(e: MemoryEstimate, model: str) -> str:
         f"  weights      {gigabytes(e.weights)}   {count(e.parameters)} parameters",
         f"  KV cache     {gigabytes(e.kv_cache)}   {e.batch} x {e.prompt_tokens + e.max_new_tokens:,} slots "
         f"({e.prompt_tokens:,} prompt + {e.max_new_tokens:,} new tokens)",
-        f"  activations  {gigabytes(e.activations)}   peak of the encoder ({e.batch * windows} windows) "
-        "and the prefill",
+        f"  activations  {gigabytes(e.activations)}   peak of the encoder ({e.batch * windows} x 30 s "
+        "windows) and the prefill",
         f"  total        {gigabytes(e.total)}",
     ]
     if e.seconds > MAX_AUDIO_SECONDS:
