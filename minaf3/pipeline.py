@@ -137,10 +137,7 @@ class _StageClock:
     """
 
     def __init__(self, inner=None):
-        self.inner = inner
-        self.start = self.first = None
-        self.steps = 0
-        self.prompt_shape = (0, 0)
+        self.inner, self.start, self.first, self.steps, self.prompt_shape = inner, None, None, 0, (0, 0)
 
     def put(self, ids: torch.Tensor) -> None:
         now = time.perf_counter()
@@ -164,8 +161,8 @@ class _StageClock:
 class Pipeline:
     """A loaded model and its processor; see the module docstring.
 
-    Calls from several threads are safe (generate serialises use of the model's KV cache); last_timings then
-    describes whichever call finished last.
+    Calls from several threads are safe (generate serialises use of the model's KV cache), but then
+    last_timings is approximate: the encoder hooks of overlapping calls add to one counter.
     """
 
     def __init__(self, model: AudioFlamingo3ForConditionalGeneration, processor, think: bool = False):
@@ -251,19 +248,23 @@ class Pipeline:
         for i, source in enumerate(sources):
             waveform = _load(source, f"audio {i}" if is_list else "audio")
             work += [(i, start, end, waveform) for start, end in segment_bounds(waveform)]
-        texts = []
+        # Longest first, so each batch holds segments of similar length and pads little; results go back
+        # to their places below (a row's output does not depend on its batch mates).
+        order = sorted(range(len(work)), key=lambda j: work[j][1] - work[j][2])
+        texts = [""] * len(work)
         totals = Timings()
         show = progress or (progress is None and len(work) > 1)
         with tqdm(total=len(work), unit="segment", desc="transcribing", disable=not show) as bar:
-            for b in range(0, len(work), batch_size):
-                batch = work[b : b + batch_size]
+            for b in range(0, len(order), batch_size):
+                batch = order[b : b + batch_size]
                 started = time.perf_counter()
-                inputs = self.processor.apply_transcription_request(
-                    [w[start:end] for _, start, end, w in batch], prompt
-                )
+                clips = [work[j][3][work[j][1] : work[j][2]] for j in batch]
+                inputs = self.processor.apply_transcription_request(clips, prompt)
                 ids = self._generate(inputs, time.perf_counter() - started, None, generation_kwargs)
                 new = ids[:, inputs["input_ids"].shape[1] :]
-                texts += self.processor.decode(new, skip_special_tokens=True, strip_prefix=True)
+                decoded = self.processor.decode(new, skip_special_tokens=True, strip_prefix=True)
+                for j, text in zip(batch, decoded, strict=True):
+                    texts[j] = text
                 totals += self.last_timings
                 bar.update(len(batch))
         self.last_timings = totals
