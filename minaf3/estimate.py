@@ -3,7 +3,8 @@
 Three parts, from files that are cheap to read (config.json and the safetensors headers, no tensor data):
 
     weights      every tensor the model loads, in the dtype it will run in; with quantize="int8" the
-                 decoder's and lm_head's matrices take 1 byte per element plus one scale per output row
+                 decoder's and lm_head's matrices take 1 byte per element plus a float32 scale per output
+                 row (kernels/int8_linear.py)
     KV cache     2 (k, v) x decoder layers x batch x KV heads x head_dim x (prompt + max_new_tokens) slots,
                  allocated once by generate in the model's dtype
     activations  the larger of the two peaks of one generate call: the encoder over all windows of the batch,
@@ -129,7 +130,7 @@ def weight_bytes(folder: Path, dtype: torch.dtype, quantize: str | None) -> tupl
         numel = int(torch.Size(shape).numel())
         parameters += numel
         if quantize == "int8" and QUANTIZED.fullmatch(ours):
-            total += numel + shape[0] * dtype.itemsize  # int8 values + one scale per output row
+            total += numel + shape[0] * FLOAT32_BYTES  # int8 values + a float32 scale per output row
         else:
             total += numel * dtype.itemsize
     return parameters, total
