@@ -147,6 +147,10 @@ def run_chat(args: argparse.Namespace) -> int:
     pipe = _load(args, think=args.think)
     kwargs = _generation_kwargs(args, pipe)
     messages: list[dict] = []
+    if interactive:
+        print(
+            "minaf3 chat: type a question; an empty line is skipped, Ctrl-D or 'exit' ends", file=sys.stderr
+        )
     while True:
         if interactive:
             print("you> ", end="", file=sys.stderr, flush=True)
@@ -161,10 +165,17 @@ def run_chat(args: argparse.Namespace) -> int:
         content = [{"type": "audio", "audio": clip} for clip in clips] if not messages else []
         messages.append({"role": "user", "content": content + [{"type": "text", "text": question}]})
         pieces = []
-        stream = pipe.chat(messages, stream=True, refuse_long_audio=args.refuse_long_audio, **kwargs)
-        for piece in stream:
-            pieces.append(piece)
-            print(piece, end="", flush=True)
+        try:
+            for piece in pipe.chat(messages, stream=True, refuse_long_audio=args.refuse_long_audio, **kwargs):
+                pieces.append(piece)
+                print(piece, end="", flush=True)
+        except Minaf3Error as error:
+            if not interactive:
+                raise
+            # One bad turn (say, a conversation grown past the context) need not end the session.
+            print(f"\nminaf3: error: {error}", file=sys.stderr)
+            messages.pop()
+            continue
         print()
         if not interactive:
             return 0

@@ -91,6 +91,14 @@ def test_chat_is_multi_turn_at_a_terminal(capsys, monkeypatch, demo_checkpoint, 
     assert second == demo_pipeline.chat(history, do_sample=False, max_new_tokens=8)
 
 
+def test_chat_at_a_terminal_survives_a_bad_turn(capsys, monkeypatch, demo_checkpoint, demo_pipeline, clips):
+    """--max-new-tokens beyond the context fails each turn; the session reports it and goes on to EOF."""
+    monkeypatch.setattr(sys, "stdin", Terminal("What is it?\nAnd then?\n"))
+    status, out, err = run(capsys, "chat", "--model", demo_checkpoint, "--max-new-tokens", "40000")
+    assert status == 0 and out == ""
+    assert err.count("minaf3: error: ") == 2 and "max_new_tokens=40000" in err and err.count("you> ") == 3
+
+
 def test_chat_think(capsys, demo_checkpoint, demo_pipeline, clips):
     status, out, err = run(
         capsys, "chat", "--model", demo_checkpoint, "--audio", clips[0], "--think", "Why?", *GREEDY
