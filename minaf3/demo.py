@@ -303,6 +303,8 @@ def demo_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=folder.parent))
     try:
         write_demo_checkpoint(staging)
+        if is_complete(folder):  # another process finished first: use its folder
+            return folder
         if folder.exists():  # an incomplete folder from an older or interrupted run
             shutil.rmtree(folder)
         staging.rename(folder)
