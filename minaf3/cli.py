@@ -40,11 +40,27 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", default=None, choices=["int8"], help="int8 weight-only decoder and lm_head")
 
 
-def _add_generation_options(p: argparse.ArgumentParser, default_tokens: int) -> None:
+def _add_generation_options(p: argparse.ArgumentParser, default_tokens: int, samples: bool) -> None:
+    """--max-new-tokens, --seed and the choice between greedy decoding and the checkpoint's sampling.
+
+    chat samples by default (the checkpoint's settings) and takes --greedy; transcribe is greedy by default
+    (a transcript should not change between runs) and takes --sample. Each accepts the other's default too.
+    """
     p.add_argument("--max-new-tokens", type=int, default=default_tokens, metavar="N")
-    p.add_argument(
-        "--greedy", action="store_true", help="greedy decoding instead of the checkpoint's sampling"
+    choice = p.add_mutually_exclusive_group()
+    choice.add_argument(
+        "--greedy",
+        dest="sample",
+        action="store_false",
+        help="greedy decoding" + (" instead of the checkpoint's sampling" if samples else " (the default)"),
     )
+    choice.add_argument(
+        "--sample",
+        dest="sample",
+        action="store_true",
+        help="the checkpoint's sampling" + (" (the default)" if samples else " instead of greedy decoding"),
+    )
+    p.set_defaults(sample=samples)
     p.add_argument("--seed", type=int, default=None, help="seed for sampling, for repeatable answers")
 
 
@@ -62,19 +78,26 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument(
         "--refuse-long-audio", action="store_true", help="error on audio over 600 s (default: cut)"
     )
-    _add_generation_options(chat, DEFAULT_MAX_NEW_TOKENS)
+    _add_generation_options(chat, DEFAULT_MAX_NEW_TOKENS, samples=True)
     chat.set_defaults(run=run_chat)
 
     transcribe = commands.add_parser("transcribe", help="transcribe audio files of any length")
     _add_model_options(transcribe)
     transcribe.add_argument("files", nargs="+", metavar="FILE")
-    transcribe.add_argument("--format", default="text", choices=["text", "json", "srt"], help="output format")
+    transcribe.add_argument(
+        "--format",
+        default="text",
+        choices=["text", "json", "srt"],
+        help="json: one line per file with text and segments [{start, end, text}] in seconds; text and srt: "
+        "several files are separated by '==> FILE <==' lines. Segments are the 10-minute pieces long audio "
+        "is read in: no word timestamps",
+    )
     transcribe.add_argument("--prompt", default=None, help="instead of 'Transcribe the input speech.'")
     transcribe.add_argument(
         "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N", help="segments per batch"
     )
     transcribe.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    _add_generation_options(transcribe, DEFAULT_MAX_NEW_TOKENS)
+    _add_generation_options(transcribe, DEFAULT_MAX_NEW_TOKENS, samples=False)
     transcribe.set_defaults(run=run_transcribe)
 
     demo = commands.add_parser("demo", help="run everything on a tiny random-weight checkpoint (no download)")
@@ -115,9 +138,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _generation_kwargs(args: argparse.Namespace, pipe) -> dict:
-    kwargs = {"max_new_tokens": args.max_new_tokens}
-    if args.greedy:
-        kwargs["do_sample"] = False
+    # When sampling, temperature, top_k and top_p come from the checkpoint's generation_config.json.
+    kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample}
     if args.seed is not None:
         import torch
 

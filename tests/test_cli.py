@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 from conftest import speech_like
 
 import minaf3
@@ -156,6 +157,28 @@ def test_transcribe_one_file_prints_only_its_text(capsys, demo_checkpoint, demo_
     status, out, err = run(capsys, "transcribe", "--model", demo_checkpoint, clips[1], *GREEDY)
     assert status == 0 and err == ""  # one short file: no progress bar
     assert out == demo_pipeline.transcribe(clips[1], max_new_tokens=8).text + "\n"
+
+
+def test_transcribe_sample_with_seed(capsys, demo_checkpoint, demo_pipeline, clips):
+    argv = [
+        "transcribe",
+        "--model",
+        demo_checkpoint,
+        clips[1],
+        "--sample",
+        "--seed",
+        "3",
+        "--max-new-tokens",
+        "8",
+    ]
+    status, out, _ = run(capsys, *argv)
+    assert status == 0 and out == run(capsys, *argv)[1]
+    expected = demo_pipeline.transcribe(
+        clips[1], do_sample=True, max_new_tokens=8, generator=torch.Generator().manual_seed(3)
+    )
+    assert out == expected.text + "\n"
+    status, _, err = run(capsys, *argv, "--greedy")
+    assert status == 2 and "not allowed with argument" in err
 
 
 @pytest.mark.slow
