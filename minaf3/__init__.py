@@ -2,18 +2,23 @@
 
 The pipeline, one module per stage:
 
-    audio.py      decode, downmix and resample any audio source to 16 kHz mono float32
-    windows.py    30 s windows, mel frame counts and audio token counts (pure integer math)
-    features.py   log-mel spectrogram, batched over windows
-    encoder.py    Whisper encoder, average pool and LayerNorm
-    decoder.py    Qwen2 decoder with a static KV cache
-    attention.py  one attention signature, three backends (triton, sdpa, eager)
-    model.py      encoder + projector + decoder, `from_pretrained`, `forward`, `generate`
-    processor.py  chat template, tokenizer and features: conversations to model inputs
-    sampling.py   GenerationConfig and the logits processors (repetition penalty, top-k, top-p, ...)
-    generate.py   prefill, decode_one_token and the generation loop with a static KV cache
-    pipeline.py   `minaf3.load(...)`: chat and transcribe in one call
+    audio.py          decode, downmix and resample any audio source to 16 kHz mono float32
+    windows.py        30 s windows, mel frame counts and audio token counts (pure integer math)
+    features.py       log-mel spectrogram, batched over windows
+    encoder.py        Whisper encoder, average pool and LayerNorm
+    decoder.py        Qwen2 decoder with a static KV cache
+    attention.py      one attention signature, three backends (triton, sdpa, eager)
+    model.py          encoder + projector + decoder, `from_pretrained`, `forward`, `generate`
+    chat_template.py  AF3's chat template in Python; conversation parsing and validation
+    processor.py      tokenizer and features: conversations to model inputs (processor_files.py reads
+                      the checkpoint's processor files)
+    sampling.py       GenerationConfig and the logits processors (repetition penalty, top-k, top-p, ...)
+    generate.py       prefill, decode_one_token and the generation loop with a static KV cache
+    lora.py           AF-Think: LoRA adapters merged into (or wrapped around) the decoder's linears
+    pipeline.py       `minaf3.load(...)`: chat and transcribe in one call; segments.py splits long audio
+    cli.py            the `minaf3` command: chat, transcribe, demo (demo.py), estimate (estimate.py)
 
+Checkpoint layouts live in `minaf3.weights` (weights/), Triton kernels in `minaf3.kernels` (kernels/).
 Names are imported lazily so that `import minaf3` costs little beyond importing torch.
 """
 
