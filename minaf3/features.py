@@ -41,8 +41,10 @@ N_BINS = N_FFT // 2 + 1  # 201 rfft bins, 0 to 8000 Hz in 40 Hz steps
 LOG_FLOOR = 1e-10  # mel power floor before log10: -10, the value of a frame of pure padding
 DYNAMIC_RANGE = 8.0  # log10 units kept below each window's maximum (80 dB)
 BAND_FILTERS = 16  # mel filters per band of the banded mel product
-CPU_BLOCK_FRAMES = 1500  # half a window: 2.4 MB of frames + 1.6 MB of spectrum, within two cores' L2
-CUDA_BLOCK_FRAMES = 1 << 16  # on a GPU, fewer and larger launches win
+CPU_BLOCK_FRAMES = (
+    1500  # half a window; a thread's 2.4 MB frames + 2.4 MB spectrum stay in cache (750-3000 measured)
+)
+CUDA_BLOCK_FRAMES = FRAMES_PER_WINDOW  # a GPU wants few, large launches: one block per window
 
 
 def mel_filter_bank(
