@@ -12,6 +12,7 @@ Bad input fails here with an AudioError or AudioFileError naming the source, nev
 import io
 import math
 import os
+import re
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -33,6 +34,9 @@ MAX_CHANNELS = 32
 # (the WAV convention for 8-bit audio is unsigned with 128 as silence).
 INT_SCALES = {np.int8: 2.0**7, np.int16: 2.0**15, np.int32: 2.0**31}
 UINT8_OFFSET = 128
+# libsndfile logs "data : <header length> (should be <length in file>)" when a WAV's data chunk is cut.
+WAV_DATA_CUT = re.compile(r"^data : (?P<header>\d+) \(should be (?P<file>\d+)\)", re.MULTILINE)
+WAV_UNKNOWN_LENGTHS = {0, 0xFFFFFFFF}  # streaming writers leave the length unset: not a truncation
 
 AudioSource = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO | np.ndarray | torch.Tensor
 
@@ -113,7 +117,7 @@ def _decode(data: bytes, name: str, sampling_rate: int) -> np.ndarray:
         raise AudioError(f"{name}: is empty (0 bytes), not an audio file")
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
-            file_rate, announced = f.samplerate, f.frames
+            file_rate, announced, header_log = f.samplerate, f.frames, f.extra_info
             waveform = f.read(dtype="float32", always_2d=True).T  # (samples, channels) -> (channels, samples)
     except (sf.LibsndfileError, RuntimeError) as exc:
         reason = getattr(exc, "error_string", exc)  # libsndfile's own words, without the BytesIO repr
@@ -126,11 +130,17 @@ def _decode(data: bytes, name: str, sampling_rate: int) -> np.ndarray:
             f"{name}: decoded {waveform.shape[1]} of the {announced} frames its header announces; "
             "the file is truncated or corrupt"
         )
+    # A WAV cut mid-data opens with its length silently shortened; libsndfile's header log still says so.
+    cut = WAV_DATA_CUT.search(header_log)
+    if cut and int(cut["header"]) not in WAV_UNKNOWN_LENGTHS and int(cut["header"]) > int(cut["file"]):
+        raise AudioError(
+            f"{name}: its header announces {cut['header']} bytes of audio but the file holds {cut['file']}; "
+            "the file is truncated"
+        )
     if waveform.shape[1] == 0:
         raise AudioError(f"{name}: contains no audio samples")
-    waveform = (
-        waveform.mean(axis=0) if waveform.shape[0] > 1 else waveform[0]
-    )  # (channels, samples) -> (samples,)
+    # (channels, samples) -> (samples,)
+    waveform = waveform.mean(axis=0) if waveform.shape[0] > 1 else waveform[0]
 
     if file_rate != sampling_rate:
         # soxr's output length can differ from the exact ratio by a sample; the reference pads/trims to ceil.

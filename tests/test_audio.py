@@ -169,13 +169,26 @@ def test_directory_is_not_audio(tmp_path):
         load_audio(tmp_path)
 
 
-@pytest.mark.parametrize(("fmt", "keep"), [("wav", 20), ("flac", 0.5), ("mp3", 0.5), ("ogg", 0.5)])
+@pytest.mark.parametrize(
+    ("fmt", "keep"), [("wav", 20), ("wav", 0.5), ("flac", 0.5), ("mp3", 0.5), ("ogg", 0.5)]
+)
 def test_truncated_files_are_refused(tmp_path, fmt, keep):
     whole = write(tmp_path, f"whole.{fmt}", make_signal("speech", 16000, 1), 16000).read_bytes()
     path = tmp_path / f"cut.{fmt}"
     path.write_bytes(whole[: keep if isinstance(keep, int) else int(len(whole) * keep)])
     with pytest.raises(AudioError, match=re.escape(str(path))):
         load_audio(path)
+
+
+def test_wav_with_unset_length_still_loads(tmp_path):
+    """Streaming writers leave the data length at 0xFFFFFFFF: that is not a truncation."""
+    path = write(tmp_path, "a.wav", make_signal("speech", 16000, 1), 16000)
+    data = bytearray(path.read_bytes())
+    data_chunk = data.index(b"data")
+    data[data_chunk + 4 : data_chunk + 8] = (0xFFFFFFFF).to_bytes(4, "little")
+    streamed = tmp_path / "streamed.wav"
+    streamed.write_bytes(bytes(data))
+    np.testing.assert_array_equal(load_audio(streamed), load_audio(path))
 
 
 def test_random_bytes_are_refused(tmp_path):
