@@ -7,11 +7,13 @@ does not implement (another activation, scaled RoPE, sliding windows) are refuse
 """
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError, ConfigError
+from .windows import FRAMES_PER_WINDOW, N_MELS
 
 _MISSING = object()
 
@@ -24,6 +26,32 @@ def _get(section: dict, where: str, *names: str, default: Any = _MISSING) -> Any
     if default is _MISSING:
         raise ConfigError(f"config.json: {where} is missing required field {names[0]!r}")
     return default
+
+
+def _label(where: str, name: str) -> str:
+    return name if where == "the top level" else f"{where}.{name}"
+
+
+def _count(section: dict, where: str, *names: str, default: Any = _MISSING, minimum: int = 1) -> int:
+    """An integer field (a size, a count or an id) of at least `minimum`.
+
+    Checked here because a string, a list or a zero would otherwise surface later as a bare ValueError,
+    a ZeroDivisionError or a tensor of negative size while the model is built. JSON writers sometimes
+    store 64 as 64.0, which is accepted.
+    """
+    value = _get(section, where, *names, default=default)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"config.json: {_label(where, names[0])}={value!r} must be an integer >= {minimum}")
+    return value
+
+
+def _positive(value: Any, where: str, name: str) -> float:
+    """A positive finite number (RoPE theta, norm epsilon) as a float."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise ConfigError(f"config.json: {_label(where, name)}={value!r} must be a positive number")
+    return float(value)
 
 
 def _expect(value: Any, supported: Any, field: str) -> None:
@@ -57,17 +85,25 @@ class EncoderConfig:
         )
         _expect(bool(_get(d, where, "scale_embedding", default=False)), False, "audio_config.scale_embedding")
         cfg = cls(
-            num_mel_bins=int(_get(d, where, "num_mel_bins")),
-            hidden_size=int(_get(d, where, "hidden_size", "d_model")),
-            num_layers=int(_get(d, where, "num_hidden_layers", "encoder_layers")),
-            num_heads=int(_get(d, where, "num_attention_heads", "encoder_attention_heads")),
-            intermediate_size=int(_get(d, where, "intermediate_size", "encoder_ffn_dim")),
-            max_source_positions=int(_get(d, where, "max_source_positions")),
+            num_mel_bins=_count(d, where, "num_mel_bins"),
+            hidden_size=_count(d, where, "hidden_size", "d_model"),
+            num_layers=_count(d, where, "num_hidden_layers", "encoder_layers"),
+            num_heads=_count(d, where, "num_attention_heads", "encoder_attention_heads"),
+            intermediate_size=_count(d, where, "intermediate_size", "encoder_ffn_dim"),
+            max_source_positions=_count(d, where, "max_source_positions"),
         )
         if cfg.hidden_size % cfg.num_heads:
             raise ConfigError(
                 f"config.json: audio_config.hidden_size {cfg.hidden_size} is not divisible by "
                 f"num_attention_heads {cfg.num_heads}"
+            )
+        # The front end is fixed (features.py): 128 mel bins, and a 30 s window is 1500 frames after conv2,
+        # each needing a learned position. A smaller table would only fail on the first long audio.
+        _expect(cfg.num_mel_bins, N_MELS, "audio_config.num_mel_bins")
+        if cfg.max_source_positions < FRAMES_PER_WINDOW // 2:
+            raise ConfigError(
+                f"config.json: audio_config.max_source_positions={cfg.max_source_positions} is below the "
+                f"{FRAMES_PER_WINDOW // 2} encoder frames of a 30 s window"
             )
         return cfg
 
@@ -102,24 +138,30 @@ class DecoderConfig:
             "text_config.tie_word_embeddings",
         )
         rope = _get(d, where, "rope_parameters", "rope_scaling", default={}) or {}
+        if not isinstance(rope, dict):
+            raise ConfigError(f"config.json: text_config rope_parameters must be an object, got {rope!r}")
         _expect(rope.get("rope_type", rope.get("type", "default")), "default", "text_config rope_type")
         theta = d.get("rope_theta", rope.get("rope_theta"))
         if theta is None:
             raise ConfigError(
                 "config.json: text_config is missing 'rope_theta' (or rope_parameters.rope_theta)"
             )
-        hidden, heads = int(_get(d, where, "hidden_size")), int(_get(d, where, "num_attention_heads"))
+        hidden, heads = _count(d, where, "hidden_size"), _count(d, where, "num_attention_heads")
+        if d.get("head_dim") is None and hidden < heads:  # the default head_dim, hidden // heads, would be 0
+            raise ConfigError(
+                f"config.json: text_config.hidden_size={hidden} is smaller than num_attention_heads={heads}"
+            )
         cfg = cls(
-            vocab_size=int(_get(d, where, "vocab_size")),
+            vocab_size=_count(d, where, "vocab_size"),
             hidden_size=hidden,
-            intermediate_size=int(_get(d, where, "intermediate_size")),
-            num_layers=int(_get(d, where, "num_hidden_layers")),
+            intermediate_size=_count(d, where, "intermediate_size"),
+            num_layers=_count(d, where, "num_hidden_layers"),
             num_heads=heads,
-            num_kv_heads=int(_get(d, where, "num_key_value_heads")),
-            head_dim=int(_get(d, where, "head_dim", default=hidden // heads)),
-            rope_theta=float(theta),
-            rms_norm_eps=float(_get(d, where, "rms_norm_eps")),
-            max_position_embeddings=int(_get(d, where, "max_position_embeddings")),
+            num_kv_heads=_count(d, where, "num_key_value_heads"),
+            head_dim=_count(d, where, "head_dim", default=hidden // heads),
+            rope_theta=_positive(theta, where, "rope_theta"),
+            rms_norm_eps=_positive(_get(d, where, "rms_norm_eps"), where, "rms_norm_eps"),
+            max_position_embeddings=_count(d, where, "max_position_embeddings"),
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
         )
@@ -146,10 +188,19 @@ class AudioFlamingo3Config:
             if not isinstance(d.get(section), dict):
                 raise ConfigError(f"config.json: missing required section {section!r}")
         _expect(d.get("projector_hidden_act", "gelu"), "gelu", "projector_hidden_act")
+        encoder = EncoderConfig.from_dict(d["audio_config"])
+        decoder = DecoderConfig.from_dict(d["text_config"])
+        audio_token_id = _count(d, "the top level", "audio_token_id", minimum=0)
+        # An id past the embedding table would match no input token: the audio would silently go unused.
+        if audio_token_id >= decoder.vocab_size:
+            raise ConfigError(
+                f"config.json: audio_token_id={audio_token_id} is outside the vocabulary "
+                f"(text_config.vocab_size={decoder.vocab_size})"
+            )
         return cls(
-            encoder=EncoderConfig.from_dict(d["audio_config"]),
-            decoder=DecoderConfig.from_dict(d["text_config"]),
-            audio_token_id=int(_get(d, "the top level", "audio_token_id")),
+            encoder=encoder,
+            decoder=decoder,
+            audio_token_id=audio_token_id,
             projector_bias=bool(d.get("projector_bias", True)),
         )
 

@@ -107,6 +107,15 @@ def _load_tokenizer(folder: Path) -> tuple[Tokenizer, dict]:
     if not config_path.is_file():
         raise CheckpointError(f"{config_path}: missing; it names the pad and eos tokens ({DOWNLOAD_HINT})")
     config = _read_json(config_path)
+    # add_special_tokens below would give a token missing from the vocabulary a new id past the model's
+    # embedding table: padding or stopping on it would fail later, far from the cause.
+    for key in ("pad_token", "eos_token"):
+        text = _token_text(config.get(key))
+        if isinstance(text, str) and tokenizer.token_to_id(text) is None:
+            raise ConfigError(
+                f"{config_path.name}: {key} {text!r} is not in tokenizer.json's vocabulary "
+                "(are the tokenizer files from different checkpoints?)"
+            )
     # transformers re-registers the named special tokens (eos, pad, ...) as special, which decides what
     # skip_special_tokens drops even when tokenizer.json does not flag them; the extra ones keep their flags.
     named = [_token_text(config.get(key)) for key in NAMED_SPECIAL_TOKENS]
