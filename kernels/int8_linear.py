@@ -1,0 +1,209 @@
+"""int8 weight-only linear layers: y = x @ (w_int8 * scales[:, None]).T + bias, one scale per output row.
+
+    int8_linear_reference(x, w, scales, bias)  the definition in plain torch: dequantize, then F.linear
+    int8_linear(x, w, scales, bias, backend)   the fast path, chosen per call (below)
+    load_extension()                           builds and loads int8_gemv.cpp; False, with a logged note,
+                                               when it cannot be built here
+
+Backends: the `backend=` argument, else the environment variable MINAF3_INT8_BACKEND, else "auto".
+  "cpp"    the AVX2 C++ kernel of int8_gemv.cpp (CPU); ConfigError when it cannot be built or run here.
+  "torch"  torch ops only: up to SMALL_BATCH rows aten._weight_int8pack_mm with bf16 activations, more rows
+           (and non-CPU devices) dequantize tiles of weight rows and multiply with F.linear.
+  "auto"   "cpp" for CPU tensors when the kernel builds on an AVX2 CPU, otherwise "torch".
+
+Why this choice (measured on the 2-core AMD EPYC CI machine, torch 2.13, one 18944 x 3584 layer; the
+machine was shared, so each number is the best of many runs; tools/bench_int8.py reprints them):
+  batch 1: fp32 F.linear 14.2 ms; _weight_int8pack_mm 4.4 ms with bf16 activations, 63 ms with fp32;
+           dequantize-then-matmul 187 ms; this kernel ~3 ms, at the memory-bandwidth limit.
+  batch 8: the kernel is FMA-bound (about 40 GFMA/s per core, 80% of peak), still ~2x fp32's time.
+  prefill: the kernel keeps its FMA rate for any row count (tiles of weight rows stay in L2), which on
+           this CPU matches fp32 GEMM and beats dequantizing tiles before it (1.1-1.5x fp32's time).
+  _weight_int8pack_mm's bf16 path crashes or returns NaN/inf unless in_features % 16 == 0 (torch 2.13
+  CPU); the torch backend dequantizes for those shapes instead.
+
+Building: torch.utils.cpp_extension.load compiles with ninja into torch's extension cache
+($TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions) on first use and reloads it afterwards; a
+changed source is rebuilt. The operator registers as torch.ops.minaf3_int8.int8_linear with a shape
+function, so torch.compile traces through it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from minaf3.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "cpp", "torch")
+BACKEND_ENV = "MINAF3_INT8_BACKEND"
+# Rows up to which the torch backend uses _weight_int8pack_mm; above, its cost grows with every row
+# (measured 4.4 ms at 1 row, ~44 ms at 8) while dequantized fp32 GEMM amortises over rows.
+SMALL_BATCH = 8
+# The torch backend dequantizes this many weight bytes (in the activation dtype) at a time: 8 MiB stays in
+# L3 between the conversion and the product and bounds the transient memory of a 2 GiB lm_head.
+DEQUANT_TILE_BYTES = 8 * 2**20
+# _weight_int8pack_mm's bf16 kernel is wrong or crashes for other widths (see the module docstring).
+PACK_MM_K_MULTIPLE = 16
+SOURCE = Path(__file__).with_name("int8_gemv.cpp")
+EXTENSION_NAME = "minaf3_int8_gemv"
+CFLAGS = ["-O3", "-mavx2", "-mfma"]
+
+
+def int8_linear_reference(
+    x: torch.Tensor, w_int8: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x (..., K) @ (w_int8 (N, K) * scales (N,)[:, None]).T + bias (N,) in float32 -> (..., N) in x.dtype."""
+    weight = w_int8.float() * scales.float()[:, None]  # (N, K)
+    out = F.linear(x.float(), weight, None if bias is None else bias.float())
+    return out.to(x.dtype)
+
+
+def _ninja_on_path() -> None:
+    """Make a `ninja` installed in this Python's environment visible to torch's build.
+
+    pip installs ninja's binary beside the interpreter (venv/bin); CI often runs venv/bin/python without
+    activating the venv, so that folder is not on PATH and torch would report ninja missing.
+    """
+    bin_dir = str(Path(sys.executable).parent)
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+
+
+_kernel_ready: bool | None = None  # load_extension's answer, once known
+
+
+# torch.compile calls this while tracing and treats the answer as a constant (the ready kernel is a graph
+# node; no build or environment check is traced).
+@torch.compiler.assume_constant_result
+def load_extension() -> bool:
+    """Build (first time) and load the C++ kernel; True when torch.ops.minaf3_int8.int8_linear is ready.
+
+    Returns False, logging one warning that says why and what runs instead, when this CPU lacks AVX2 or
+    the build fails (no C++ compiler, no ninja, missing torch headers). Decided once per process.
+    """
+    global _kernel_ready
+    if _kernel_ready is None:
+        _kernel_ready = _build_extension()
+    return _kernel_ready
+
+
+def _build_extension() -> bool:
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        logger.warning("int8 kernel: this CPU has no AVX2; using torch's int8 ops instead (slower decode)")
+        return False
+    _ninja_on_path()
+    from torch.utils import cpp_extension
+
+    try:
+        cpp_extension.load(
+            name=EXTENSION_NAME, sources=[str(SOURCE)], extra_cflags=CFLAGS, is_python_module=False
+        )
+    except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as e:
+        reason = _build_failure_reason(str(e)) or type(e).__name__
+        logger.warning(
+            "int8 kernel: building %s failed (%s); using torch's int8 ops instead (slower decode). "
+            "Install a C++ compiler and ninja to enable it.",
+            SOURCE.name,
+            reason,
+        )
+        return False
+
+    # The operator's output shape without running it, so torch.compile can trace through the call.
+    @torch.library.register_fake("minaf3_int8::int8_linear")
+    def _(x, w, scales, bias):
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    return True
+
+
+def _build_failure_reason(log: str) -> str:
+    """The line of a failed build's log that says why (the compiler's error), not ninja's summary."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    telling = [line for line in lines if "error" in line.lower() or "not found" in line.lower()]
+    return (telling or lines or [""])[-1][:300]
+
+
+def resolve_backend(backend: str | None = None) -> str:
+    """The backend a call will use: the argument, else $MINAF3_INT8_BACKEND, else "auto"."""
+    chosen = backend if backend is not None else os.environ.get(BACKEND_ENV, "auto")
+    if chosen not in BACKENDS:
+        source = "backend" if backend is not None else BACKEND_ENV
+        raise ConfigError(f"{source}={chosen!r}: expected one of {list(BACKENDS)}")
+    return chosen
+
+
+def int8_linear(
+    x: torch.Tensor,
+    w_int8: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """x (..., K) @ (w_int8 (N, K) * scales (N,)[:, None]).T + bias (N,) -> (..., N) in x.dtype.
+
+    scales are float32; x and bias may be any float dtype (the products accumulate in float32).
+    """
+    check_int8_linear_inputs(x, w_int8, scales, bias)
+    chosen = resolve_backend(backend)
+    on_cpu = x.device.type == "cpu"
+    if chosen == "cpp" and not (on_cpu and load_extension()):
+        why = f"tensors are on {x.device}" if not on_cpu else "the kernel could not be built (see the log)"
+        raise ConfigError(f"int8 backend 'cpp' cannot run: {why}; use backend='torch' or 'auto'")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])  # (..., K) -> (M, K)
+    if chosen != "torch" and on_cpu and load_extension():
+        b = None if bias is None else bias.float()
+        out = torch.ops.minaf3_int8.int8_linear(x2.float(), w_int8, scales.float(), b).to(x.dtype)
+    else:
+        out = _torch_int8_linear(x2, w_int8, scales, bias)
+    return out.reshape(*lead, w_int8.shape[0])  # (M, N) -> (..., N)
+
+
+def check_int8_linear_inputs(
+    x: torch.Tensor, w_int8: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+) -> None:
+    """Raise ConfigError naming the mismatch; shapes and dtypes only, so no host synchronisation."""
+    if w_int8.dtype != torch.int8 or w_int8.dim() != 2:
+        raise ConfigError(f"int8_linear: weight must be 2-D int8; got {w_int8.dtype} {tuple(w_int8.shape)}")
+    N, K = w_int8.shape
+    if x.dim() == 0 or x.shape[-1] != K or not x.dtype.is_floating_point:
+        raise ConfigError(f"int8_linear: input must be float (..., {K}); got {x.dtype} {tuple(x.shape)}")
+    if tuple(scales.shape) != (N,) or not scales.dtype.is_floating_point:
+        raise ConfigError(
+            f"int8_linear: scales must be float ({N},); got {scales.dtype} {tuple(scales.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ConfigError(f"int8_linear: bias must be ({N},); got {tuple(bias.shape)}")
+    devices = {t.device for t in (x, w_int8, scales) + (() if bias is None else (bias,))}
+    if len(devices) != 1:
+        raise ConfigError(f"int8_linear: tensors are on different devices {sorted(map(str, devices))}")
+
+
+def _torch_int8_linear(
+    x: torch.Tensor, w_int8: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """The torch backend: x (M, K) -> (M, N) in x.dtype (see the module docstring)."""
+    M, K = x.shape
+    if x.device.type == "cpu" and M <= SMALL_BATCH and K % PACK_MM_K_MULTIPLE == 0:
+        # bf16 activations: this op's fp32 path is 14x slower (63 ms vs 4.4 ms measured, batch 1).
+        out = torch.ops.aten._weight_int8pack_mm(
+            x.to(torch.bfloat16).contiguous(), w_int8, scales.to(torch.bfloat16)
+        )
+        out = out.float() if bias is None else out.float() + bias.float()
+        return out.to(x.dtype)
+    out = torch.empty(M, w_int8.shape[0], dtype=x.dtype, device=x.device)
+    rows = max(1, DEQUANT_TILE_BYTES // (K * x.dtype.itemsize))
+    for n0 in range(0, w_int8.shape[0], rows):
+        tile = slice(n0, n0 + rows)
+        # Scaled in float32, then rounded once to the activation dtype.
+        weight = (w_int8[tile].float() * scales[tile, None].float()).to(x.dtype)  # (rows, K)
+        out[:, tile] = F.linear(x, weight, None if bias is None else bias[tile].to(x.dtype))
+    return out

@@ -1,0 +1,142 @@
+"""int8 weight-only quantization of the language model's linear layers and lm_head.
+
+    quantize_model(model, "int8")  replaces, in place, every nn.Linear under model.language_model
+                                   (q/k/v/o_proj, gate/up/down_proj, or their fused forms) and
+                                   model.lm_head by an Int8Linear; returns the model
+    quantize_weight(w)             -> (w_int8 (N, K) int8, scales (N,) float32)
+    Int8Linear                     weight int8 (out, in), scales float32 (out,), bias (out,) or None
+
+Symmetric, one scale per output row: scales[n] = max_k |w[n, k]| / 127 and w_int8 = round(w / scales[n]),
+so every row uses the full [-127, 127] range and dequantizes as w_int8 * scales[n]. Activations stay in
+the model's dtype; products accumulate in float32 (kernels/int8_linear.py).
+
+Why these layers: batch-1 decode reads every decoder weight and the lm_head once per token, so its time is
+their bytes over the memory bandwidth; they are 7.6 of AF3's 8.3 billion parameters. The audio encoder and
+projector run once per clip over many frames (compute-bound), and embed_tokens is only indexed.
+
+Memory: layers are converted one at a time, in row chunks of QUANT_CHUNK_BYTES, and each full-precision
+weight is released as soon as its Int8Linear replaces it. The transient is one chunk plus one layer's int8
+copy, never a second copy of the decoder; afterwards the quantized weights take 1/4 of their fp32 bytes
+(plus 4 bytes of scale per row). A weight still referenced elsewhere (a state_dict the caller keeps) stays
+alive, so drop such references before calling.
+"""
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, ConfigError
+from .kernels.int8_linear import int8_linear
+from .lora import LoRALinear
+
+QUANTIZE_MODES = ("int8",)
+INT8_MAX = 127  # symmetric range [-127, 127]: -128 is left unused so that w -> -w stays representable
+# fp32 bytes of one conversion chunk: 64 MiB bounds the transient of the 2.2 GB fp32 lm_head (151672 x 3584)
+# at 4681 rows, while staying large enough that the per-chunk overhead is negligible.
+QUANT_CHUNK_BYTES = 64 * 2**20
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (weight * scales[:, None]).T + bias with an int8 weight: a drop-in for nn.Linear.
+
+    weight (out_features, in_features) int8 and scales (out_features,) float32 are buffers, so they move
+    with .to(device) and appear in the state_dict; bias keeps the original layer's dtype.
+    `backend` overrides kernels/int8_linear.py's choice for this layer (None: the default choice).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer(
+            "weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
+        )
+        self.register_buffer("scales", torch.ones(out_features, dtype=torch.float32, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
+        else:
+            self.register_parameter("bias", None)
+        self.backend: str | None = None
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, name: str = "linear") -> "Int8Linear":
+        """Quantize `linear`'s weight (see quantize_weight); the bias is shared, not copied."""
+        out = cls(linear.in_features, linear.out_features, bias=False, device="meta")  # allocates nothing
+        out.weight, out.scales = quantize_weight(linear.weight, name)
+        out.register_parameter("bias", linear.bias)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in_features) -> (..., out_features) in x.dtype."""
+        return int8_linear(x, self.weight, self.scales, self.bias, backend=self.backend)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight this layer multiplies by, (out_features, in_features) float32."""
+        return self.weight.float() * self.scales[:, None]
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        )
+
+
+@torch.no_grad()
+def quantize_weight(weight: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
+    """weight (N, K) float -> (w_int8 (N, K) int8, scales (N,) float32) on weight's device.
+
+    An all-zero row gets scale 1 (its int8 values are 0 either way). Raises CheckpointError naming `name`
+    and the first bad rows if the weight holds NaN or Inf: such a row has no meaningful scale.
+    """
+    N, K = weight.shape
+    w_int8 = torch.empty(N, K, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(N, dtype=torch.float32, device=weight.device)
+    rows = max(1, QUANT_CHUNK_BYTES // (4 * K))
+    for n0 in range(0, N, rows):
+        # (rows, K), a copy even for float32 input: the in-place ops below must not touch the weight.
+        chunk = weight[n0 : n0 + rows].to(torch.float32, copy=True)
+        amax = chunk.abs().amax(dim=1)  # (rows,)
+        if not torch.isfinite(amax).all():
+            bad = (n0 + (~torch.isfinite(amax)).nonzero().flatten()[:5]).tolist()
+            raise CheckpointError(f"{name}: weight holds NaN or Inf (rows {bad}...); cannot quantize it")
+        scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+        w_int8[n0 : n0 + rows] = chunk.div_(scale[:, None]).round_().clamp_(-INT8_MAX, INT8_MAX)
+        scales[n0 : n0 + rows] = scale
+    return w_int8, scales
+
+
+def quantizable_linears(model: nn.Module) -> list[str]:
+    """Names of the layers quantize_model replaces: nn.Linear under language_model, and lm_head."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and (name.startswith("language_model.") or name == "lm_head")
+    ]
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, mode: str = "int8") -> nn.Module:
+    """Replace the language model's linear layers and lm_head by Int8Linear, in place; returns `model`.
+
+    Layers already quantized are left as they are, so calling twice is harmless. Raises ConfigError for an
+    unknown mode, a model without such layers, or an unmerged LoRA adapter (merge it first: the int8 weight
+    must hold the update).
+    """
+    if mode not in QUANTIZE_MODES:
+        raise ConfigError(f"quantize={mode!r}: expected one of {list(QUANTIZE_MODES)}")
+    names = quantizable_linears(model)
+    if not names and not any(isinstance(m, Int8Linear) for m in model.modules()):
+        raise ConfigError(
+            f"{type(model).__name__}: no linear layers under language_model and no lm_head to quantize"
+        )
+    unmerged = [n for n in names if isinstance(model.get_submodule(n), LoRALinear)]
+    unmerged = [n for n in unmerged if not model.get_submodule(n).merged]
+    if unmerged:
+        raise ConfigError(
+            f"{unmerged[0]} (and {len(unmerged) - 1} more) holds an unmerged LoRA update; "
+            "call minaf3.lora.merge(model) before quantizing"
+        )
+    # By name, one at a time: holding the modules in a list would keep every fp32 weight alive to the end.
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, Int8Linear.from_linear(getattr(parent, child), name))
+    return model

@@ -1,0 +1,136 @@
+"""Per-layer timing of int8 weight-only products against fp32, at AF3's official widths, on this CPU.
+
+    python tools/bench_int8.py                    # batch 1 and 8, every layer shape, every backend
+    python tools/bench_int8.py --rows 1 8 64 --layers up down --repeat 50
+
+For each decoder layer shape (and the lm_head) and each row count it prints the milliseconds of
+    fp32      F.linear on float32 weights (what an unquantized model runs)
+    cpp       the AVX2 kernel of kernels/int8_gemv.cpp (what a quantized model runs on CPU)
+    torch     the torch backend: aten._weight_int8pack_mm with bf16 activations (<= 8 rows), else
+              float32 dequantization of weight tiles + F.linear
+    naive     dequantize the whole weight, then F.linear (--naive; slow, for comparison)
+with the weight bytes each one reads per call over its time (effective GB/s), that rate as a fraction
+of the read bandwidth measured here in the same run (summing a 1 GiB tensor), and the speed-up over
+fp32. Batch-1 decode reads every weight once per token, so bandwidth is its limit: the int8 limit is
+a quarter of fp32's time. Accuracy columns: relative L2 of the int8 output against fp32 on the original
+weights (quantization error) and against int8_linear_reference (the kernel's own error).
+
+The machine is shared: each time is the minimum over --repeat calls, after one warm-up call.
+"""
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+from minaf3.kernels.int8_linear import int8_linear, int8_linear_reference, load_extension
+
+from minaf3.quantize import quantize_weight
+
+# (name, out_features, in_features) of the official Qwen2.5-7B decoder (AF3_SPEC.md) and its lm_head.
+LAYERS = {
+    "q_o": ("q_proj / o_proj", 3584, 3584),
+    "k_v": ("k_proj / v_proj", 512, 3584),  # 4 KV heads x head dim 128
+    "up": ("gate_proj / up_proj", 18944, 3584),
+    "down": ("down_proj", 3584, 18944),
+    "lm_head": ("lm_head", 151672, 3584),
+}
+BANDWIDTH_BYTES = 2**30  # large enough to defeat the 32 MiB L3
+
+
+def best_ms(fn, repeat: int) -> float:
+    """Minimum wall time of fn() in milliseconds, after one warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def read_bandwidth(repeat: int) -> float:
+    """Bytes per second this machine streams from memory: the faster of two reads of BANDWIDTH_BYTES.
+
+    A sum and a matrix-vector product over the same float32 data: on the 2-core CI machine the sum is
+    partly compute-bound (~15 GB/s) while torch.mv streams at ~20 GB/s, so the better one is the limit.
+    """
+    data = torch.randn(BANDWIDTH_BYTES // 4)
+    matrix, vector = data.view(-1, 4096), torch.randn(4096)
+    seconds = min(best_ms(data.sum, repeat), best_ms(lambda: torch.mv(matrix, vector), repeat)) / 1e3
+    return BANDWIDTH_BYTES / seconds
+
+
+def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
+def candidates(x, weight, w_int8, scales, naive: bool) -> dict:
+    """label -> (function of no arguments, weight bytes it reads) for one input x (rows, in_features)."""
+    fp32_bytes, int8_bytes = weight.nbytes, w_int8.nbytes + scales.nbytes
+    out = {"fp32": (lambda: F.linear(x, weight), fp32_bytes)}
+    if load_extension():
+        out["cpp"] = (lambda: int8_linear(x, w_int8, scales, backend="cpp"), int8_bytes)
+    out["torch"] = (lambda: int8_linear(x, w_int8, scales, backend="torch"), int8_bytes)
+    if naive:
+        out["naive"] = (lambda: int8_linear_reference(x, w_int8, scales), int8_bytes)
+    return out
+
+
+def bench_layer(key: str, rows_list: list[int], repeat: int, bandwidth: float, naive: bool) -> None:
+    name, out_features, in_features = LAYERS[key]
+    torch.manual_seed(0)
+    # Row-wise Gaussian weights as in a trained linear layer, at Qwen2's init scale.
+    weight = torch.randn(out_features, in_features) * 0.02
+    w_int8, scales = quantize_weight(weight)
+    megabytes = f"fp32 {weight.nbytes / 1e6:.0f} MB, int8 {(w_int8.nbytes + scales.nbytes) / 1e6:.0f} MB"
+    print(f"\n{name}: {in_features} -> {out_features}  ({megabytes})")
+    print(
+        f"{'rows':>4} {'kernel':>6} {'ms':>9} {'GB/s':>7} {'of bw':>6} {'vs fp32':>8} "
+        f"{'limit ms':>9} {'err vs fp32':>12} {'err vs ref':>11}"
+    )
+    for rows in rows_list:
+        x = torch.randn(rows, in_features)
+        expected = F.linear(x, weight)
+        reference = int8_linear_reference(x, w_int8, scales)
+        fp32_ms = None
+        for label, (fn, nbytes) in candidates(x, weight, w_int8, scales, naive).items():
+            ms = best_ms(fn, repeat)
+            fp32_ms = fp32_ms or ms
+            rate = nbytes / (ms / 1e3)
+            limit_ms = nbytes / bandwidth * 1e3
+            out = fn()
+            errors = (
+                "" if label == "fp32" else f"{rel_l2(out, expected):12.2e} {rel_l2(out, reference):11.2e}"
+            )
+            print(
+                f"{rows:>4} {label:>6} {ms:9.2f} {rate / 1e9:7.1f} {rate / bandwidth:6.0%} "
+                f"{fp32_ms / ms:7.2f}x {limit_ms:9.2f} {errors}"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8], help="activation rows (batch)")
+    parser.add_argument("--layers", nargs="+", choices=list(LAYERS), default=list(LAYERS))
+    parser.add_argument("--repeat", type=int, default=20, help="timed calls per measurement (minimum kept)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--naive", action="store_true", help="also time dequantize-then-F.linear")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ready = load_extension()
+    bandwidth = read_bandwidth(args.repeat)
+    cpu = torch.backends.cpu.get_cpu_capability()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {cpu}")
+    print(f"C++ int8 kernel: {'built' if ready else 'NOT available (torch backend only)'}")
+    print(f"measured read bandwidth: {bandwidth / 1e9:.1f} GB/s (best of sum and mv over 1 GiB of float32)")
+    print("limit ms = weight bytes / measured bandwidth; 'of bw' = achieved GB/s / measured bandwidth")
+    for key in args.layers:
+        bench_layer(key, args.rows, args.repeat, bandwidth, args.naive)
+
+
+if __name__ == "__main__":
+    main()
