@@ -35,7 +35,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from minaf3.audio import load_audio
-from minaf3.errors import ConfigError, GenerationError, Minaf3Error
+from minaf3.errors import ConfigError, GenerationError, InputError, Minaf3Error
 from minaf3.manifest import Item, audio_samples, build_conversation, pack, read_manifest, shard
 from minaf3.pipeline import DEFAULT_MAX_NEW_TOKENS, check_model_folder, load
 from minaf3.processor import strip_transcription_prefix
@@ -101,9 +101,11 @@ class PartWriter:
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_file():
-            _drop_torn_tail(path)  # else the next record would be glued onto half a line
-        self.file = open(path, "ab")  # noqa: SIM115 - held for the run, closed by close()
+        self.file = open(path, "a+b")  # noqa: SIM115 - held for the run, closed by close()
+        self.file.seek(0)  # reads start where asked; writes in append mode still go to the end
+        data = self.file.read()
+        if data and not data.endswith(b"\n"):  # a torn last line: cut, or the next record is glued to it
+            self.file.truncate(data.rfind(b"\n") + 1)
 
     def write(self, records: list[dict]) -> None:
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
@@ -113,13 +115,6 @@ class PartWriter:
 
     def close(self) -> None:
         self.file.close()
-
-
-def _drop_torn_tail(path: Path) -> None:  # cut what follows the last newline
-    with open(path, "r+b") as f:
-        data = f.read()
-        if data and not data.endswith(b"\n"):
-            f.truncate(data.rfind(b"\n") + 1)
 
 
 def merge(items: list[Item], out: Path) -> dict[str, int]:
@@ -153,9 +148,13 @@ def rank_device(device: str | None, local_rank: int) -> torch.device:
     """The device of this rank: "cuda" and "auto" mean the GPU with this node's rank index."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        return torch.device("cuda", local_rank)
-    return torch.device(device or "cpu")
+    try:
+        chosen = torch.device("cuda", local_rank) if device == "cuda" else torch.device(device or "cpu")
+    except RuntimeError:
+        raise ConfigError(f"device={device!r}: expected cpu, cuda, cuda:N or auto") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():  # before NCCL fails less clearly
+        raise ConfigError(f"device={device!r}: CUDA is not available on this machine")
+    return chosen
 
 
 @contextmanager
@@ -166,7 +165,8 @@ def distributed(device: torch.device):
     if owned:
         if device.type == "cuda":
             torch.cuda.set_device(device)  # object collectives over NCCL stage through the current device
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
+        cuda = {"device_id": device} if device.type == "cuda" else {}  # barriers then know the rank's GPU
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=DIST_TIMEOUT, **cuda)
     try:
         yield (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     finally:
@@ -303,6 +303,8 @@ def run_batch(
             raise ConfigError(f"{name}={value!r}: expected a positive integer")
     out = Path(out)
     items = read_manifest(manifest)  # every rank checks it, so a bad line stops them all before any work
+    if out.is_dir() or out.resolve() == Path(manifest).resolve():
+        raise InputError(f"--out {out}: expected a new or earlier output file, not the manifest or a folder")
     check_model_folder(model_dir)
     rank_dev = rank_device(device, int(os.environ.get("LOCAL_RANK", "0")))
     threads = threads or default_threads(rank_dev)
@@ -356,9 +358,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET, metavar="N", help="per batch")
     p.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE, metavar="N")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads per rank")
-    p.add_argument(
-        "--retry-errors", action="store_true", help="re-run items whose recorded result is an error"
-    )
+    p.add_argument("--retry-errors", action="store_true", help="re-run items recorded as errors")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(run=main_batch)
     return p

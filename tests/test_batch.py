@@ -212,27 +212,24 @@ def test_two_texts_for_one_id_in_the_parts_are_an_error(tmp_path):
         read_records(out)
 
 
-def test_manifest_errors_come_before_any_model_work(tmp_path, capsys):
+def test_manifest_and_option_errors_come_before_any_model_work(tmp_path, capsys):
     manifest = tmp_path / "in.jsonl"
     manifest.write_text(
-        '{"id": "a", "audio": "a.wav"}\n{"id": "b", "audio": "b.wav"}\n{"id": "a", "audio": "c"}\n'
+        '{"id": "a", "audio": "a.wav"}\n{"id": "b", "audio": "b"}\n{"id": "a", "audio": "c"}\n'
     )
-    status = main(
-        ["--model", str(tmp_path / "no-model"), "--manifest", str(manifest), "--out", str(tmp_path / "o")]
-    )
-    assert status == 2
-    assert "line 3: duplicate id 'a' (first on line 1)" in capsys.readouterr().err
-    status = main(
-        [
-            "--model",
-            str(tmp_path / "no-model"),
-            "--manifest",
-            str(tmp_path / "in.jsonl"),
-            "--out",
-            "o",
-            "--token-budget",
-            "0",
-        ]
-    )
-    assert status == 2 and "token_budget=0" in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()
+    base = ["--model", str(tmp_path / "no-model"), "--manifest", str(manifest)]
+    assert main([*base, "--out", str(tmp_path / "o")]) == 2
+    assert "in.jsonl line 3: duplicate id 'a' (first on line 1)" in capsys.readouterr().err
+    manifest.write_text('{"id": "a", "audio": "a.wav"}\n')
+    for extra, message in [
+        (
+            ["--out", str(tmp_path / "o"), "--token-budget", "0"],
+            "token_budget=0: expected a positive integer",
+        ),
+        (["--out", str(manifest)], "not the manifest or a folder"),
+        (["--out", str(tmp_path)], "not the manifest or a folder"),
+        (["--out", str(tmp_path / "o")], "no such model folder"),
+    ]:
+        assert main([*base, *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not parts_dir(tmp_path / "o").exists()
