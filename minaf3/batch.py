@@ -37,7 +37,7 @@ from tqdm import tqdm
 from minaf3.audio import load_audio
 from minaf3.errors import ConfigError, GenerationError, InputError, Minaf3Error
 from minaf3.manifest import Item, audio_samples, build_conversation, pack, read_manifest, shard
-from minaf3.pipeline import DEFAULT_MAX_NEW_TOKENS, check_model_folder, load
+from minaf3.pipeline import DEFAULT_MAX_NEW_TOKENS, Pipeline, check_model_folder, load
 from minaf3.processor import strip_transcription_prefix
 from minaf3.windows import SAMPLING_RATE
 
@@ -65,9 +65,9 @@ def _lines(path: Path) -> list[dict]:
         try:
             record = json.loads(line)
         except ValueError:
-            continue  # a line torn by a crash, later overwritten in place: not a result
+            continue  # not a record (a damaged or foreign line): its item, if any, runs again
         if isinstance(record, dict) and ("text" in record or "error" in record):
-            if isinstance(record.get("id"), str | int):  # a manifest id (bool is an int, but never an id)
+            if isinstance(record.get("id"), str | int):  # the types a manifest id can have
                 records.append(record)
     return records
 
@@ -187,7 +187,7 @@ def _error(item: Item, exc: BaseException) -> dict:
     return {"id": item.id, "error": f"{type(exc).__name__}: {exc}"}
 
 
-def _generate(pipe, ready: list[tuple[Item, list, bool]], options: dict) -> tuple[list[dict], int]:
+def _generate(pipe: Pipeline, ready: list[tuple[Item, list, bool]], options: dict) -> tuple[list[dict], int]:
     """One generate call for items that share options -> their records and the new tokens produced."""
     kwargs = {k: v for k, v in options.items() if k != "seed"}
     if "seed" in options:  # a seeded item runs alone (manifest.pack), so its draw is the same on any rank
@@ -204,7 +204,7 @@ def _generate(pipe, ready: list[tuple[Item, list, bool]], options: dict) -> tupl
     return records, int((new != pad).sum()) if pad is not None else new.numel()
 
 
-def run_items(pipe, batch: list[Item], options: dict) -> tuple[list[dict], int]:
+def run_items(pipe: Pipeline, batch: list[Item], options: dict) -> tuple[list[dict], int]:
     """Records for one packed batch (in batch order) and its new tokens; never raises for an item's fault.
 
     Each item's audio and conversation are prepared alone, so a broken file costs only its own record. If
@@ -246,7 +246,7 @@ def run_items(pipe, batch: list[Item], options: dict) -> tuple[list[dict], int]:
     return [records[item.index] for item in batch], tokens
 
 
-def check_options(pipe, options: dict) -> None:
+def check_options(pipe: Pipeline, options: dict) -> None:
     """Settings generate would refuse, refused per item before any compute (GenerationError)."""
     seed = options.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
@@ -256,7 +256,9 @@ def check_options(pipe, options: dict) -> None:
         base.replace(**{k: v for k, v in options.items() if k != "seed"})
 
 
-def process(pipe, batches: list[tuple[list[Item], dict]], part: Path, show: bool, desc: str) -> None:
+def process(
+    pipe: Pipeline, batches: list[tuple[list[Item], dict]], part: Path, show: bool, desc: str
+) -> None:
     """Run the batches, each one's records appended to `part` as soon as it ends; a tqdm bar if `show`."""
     writer = PartWriter(part)
     bar = tqdm(total=sum(len(batch) for batch, _ in batches), unit="item", desc=desc, disable=not show)
