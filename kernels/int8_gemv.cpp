@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 namespace {
 
@@ -31,6 +32,9 @@ constexpr int64_t kLanes = 8;
 // Output rows per thread task: 64 rows of a 3584-wide layer are 224 KiB of int8, enough work to amortise
 // the task start, small enough that the smallest official layer (512 rows, k/v_proj) still spans 2 cores.
 constexpr int64_t kGrainRows = 64;
+// Least work per thread task, in weight bytes times activation rows: 256 KiB is ~10 us at batch 1, where
+// waking a second thread costs a few us. Tiny layers (the 112-wide test models) then stay on one thread.
+constexpr int64_t kMinTaskBytes = 256 * 1024;
 // Bytes of one cache line: one prefetch per row per line.
 constexpr int64_t kCacheLine = 64;
 // How far ahead each row stream is prefetched: 1 KiB (16 lines) measured best among 0.25-2 KiB.
@@ -137,15 +141,15 @@ void rows_kernel(const float* x, const int8_t* w, const float* scales, const flo
 
 }  // namespace
 
-// x (M, K) float32, w (N, K) int8, scales (N,) float32, bias (N,) float32 or None -> y (M, N) float32.
+// x (..., K) float32, w (N, K) int8, scales (N,) float32, bias (N,) float32 or None -> y (..., N) float32.
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                        const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "int8_linear: CPU tensors expected");
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "int8_linear: x (M, K) and w (N, K) expected");
+  TORCH_CHECK(x.dim() >= 1 && w.dim() == 2, "int8_linear: x (..., K) and w (N, K) expected");
   TORCH_CHECK(x.scalar_type() == at::kFloat, "int8_linear: x must be float32");
   TORCH_CHECK(w.scalar_type() == at::kChar, "int8_linear: w must be int8");
   TORCH_CHECK(scales.scalar_type() == at::kFloat, "int8_linear: scales must be float32");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const int64_t K = x.size(-1), N = w.size(0), M = K ? x.numel() / K : 0;
   TORCH_CHECK(w.size(1) == K, "int8_linear: x has ", K, " columns but w has ", w.size(1));
   TORCH_CHECK(scales.numel() == N, "int8_linear: ", N, " weight rows but ", scales.numel(), " scales");
   TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->numel() == N),
@@ -153,14 +157,18 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 
   const at::Tensor xc = x.contiguous(), wc = w.contiguous(), sc = scales.contiguous();
   const at::Tensor bc = bias ? bias->contiguous() : at::Tensor();
-  at::Tensor y = at::empty({M, N}, x.options());
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);  // (..., K) -> (..., N)
+  out_shape.push_back(N);
+  at::Tensor y = at::empty(out_shape, x.options());
   const float* xp = xc.data_ptr<float>();
   const int8_t* wp = wc.data_ptr<int8_t>();
   const float* sp = sc.data_ptr<float>();
   const float* bp = bias ? bc.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
 
-  at::parallel_for(0, N, kGrainRows, [&](int64_t begin, int64_t end) {
+  // A small layer runs on one thread: starting the pool costs more than its whole product.
+  const int64_t grain = std::max<int64_t>(kGrainRows, kMinTaskBytes / std::max<int64_t>(1, K * M));
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     if (M <= 2) {
       rows_kernel<4>(xp, wp, sp, bp, yp, M, N, K, begin, end);
     } else {

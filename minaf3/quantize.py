@@ -11,7 +11,7 @@ so every row uses the full [-127, 127] range and dequantizes as w_int8 * scales[
 the model's dtype; products accumulate in float32 (kernels/int8_linear.py).
 
 Why these layers: batch-1 decode reads every decoder weight and the lm_head once per token, so its time is
-their bytes over the memory bandwidth; they are 7.6 of AF3's 8.3 billion parameters. The audio encoder and
+their bytes over the memory bandwidth; they are 7.1 of AF3's 8.3 billion parameters. The audio encoder and
 projector run once per clip over many frames (compute-bound), and embed_tokens is only indexed.
 
 Memory: layers are converted one at a time, in row chunks of QUANT_CHUNK_BYTES, and each full-precision
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ConfigError
-from .kernels.int8_linear import int8_linear
+from .kernels.int8_linear import run_int8_linear
 from .lora import LoRALinear
 
 QUANTIZE_MODES = ("int8",)
@@ -67,11 +67,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in_features) -> (..., out_features) in x.dtype."""
-        return int8_linear(x, self.weight, self.scales, self.bias, backend=self.backend)
-
-    def dequantize(self) -> torch.Tensor:
-        """The weight this layer multiplies by, (out_features, in_features) float32."""
-        return self.weight.float() * self.scales[:, None]
+        return run_int8_linear(x, self.weight, self.scales, self.bias, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (
