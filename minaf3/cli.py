@@ -1,10 +1,11 @@
-"""The `minaf3` command (also `python -m minaf3`): chat, transcribe, demo, estimate.
+"""The `minaf3` command (also `python -m minaf3`): chat, transcribe, demo, estimate, batch.
 
     minaf3 chat --model DIR --audio FILE "What is in this audio?"   one answer, streamed as it is generated
     minaf3 chat --model DIR --audio FILE                            at a terminal: a multi-turn conversation
     minaf3 transcribe --model DIR FILE... [--format text|json|srt]  any length; JSON: one object per file
     minaf3 demo                                                     tiny random weights, no download
     minaf3 estimate --model DIR --seconds 600 --batch 4             memory needed, before loading anything
+    minaf3 batch --model DIR --manifest in.jsonl --out out.jsonl    a corpus, resumable; under torchrun too
 
 Errors minaf3 raises on purpose (a missing file, bad audio, a setting out of range) print as one
 `minaf3: error: ...` message with exit status 2, like argparse's own usage errors; anything else is a bug and
@@ -114,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--quantize", default=None, choices=["int8"])
     estimate.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N")
     estimate.set_defaults(run=run_estimate)
+
+    from minaf3.batch import add_parser as add_batch_parser
+
+    add_batch_parser(commands)
     return parser
 
 

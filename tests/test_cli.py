@@ -285,3 +285,35 @@ def test_empty_question_from_a_pipe(capsys, monkeypatch, demo_checkpoint):
     monkeypatch.setattr(sys, "stdin", io.StringIO("  \n"))
     status, _, err = run(capsys, "chat", "--model", demo_checkpoint)
     assert_one_line_error(status, err, "no question")
+
+
+def test_batch_subcommand(capsys, demo_checkpoint, tmp_path):
+    """`minaf3 batch` runs a manifest in one process: one JSON line per id, errors recorded per item."""
+    clip = demo_checkpoint / CLIP_NAME
+    manifest = tmp_path / "in.jsonl"
+    items = [
+        {"id": "a", "audio": str(clip), "prompt": "What is in this audio?"},
+        {"id": "b", "audio": str(tmp_path / "missing.wav"), "prompt": "What is in this audio?"},
+    ]
+    manifest.write_text("".join(json.dumps(item) + "\n" for item in items))
+    out = tmp_path / "out.jsonl"
+    argv = [
+        "batch",
+        "--model",
+        demo_checkpoint,
+        "--manifest",
+        manifest,
+        "--out",
+        out,
+        *GREEDY,
+        "--no-progress",
+    ]
+    status, _, _ = run(capsys, *argv)
+    assert status == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in records] == ["a", "b"]
+    assert isinstance(records[0]["text"], str) and "missing.wav" in records[1]["error"]
+    status, _, err = run(
+        capsys, "batch", "--model", demo_checkpoint, "--manifest", tmp_path / "no.jsonl", "--out", out
+    )
+    assert_one_line_error(status, err, "no.jsonl")
