@@ -85,6 +85,22 @@ class Message:
     content: str | tuple[str | AudioPart, ...]
 
 
+def check_text(text: str, where: str) -> str:
+    """`text`, refused with an InputError naming `where` if it is not valid Unicode.
+
+    Python strings may hold lone surrogates (a bad decode, `surrogateescape`); the tokenizer takes UTF-8
+    and would fail on them with a bare TypeError that names nothing.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(
+            f"{where}the text holds {text[exc.start]!r} at character {exc.start}: a lone surrogate, "
+            "not valid Unicode"
+        ) from None
+    return text
+
+
 def _prefix(conversation_index: int | None) -> str:
     return "" if conversation_index is None else f"conversation {conversation_index}, "
 
@@ -93,14 +109,15 @@ def _parse_part(part: Any, message: int, index: int, where: str) -> str | AudioP
     if not isinstance(part, dict):
         raise InputError(f"{where}part {index}: a part must be a dict, got {type(part).__name__}")
     kind = part.get("type")
-    if kind == "text":
+    # Compared only as a string: `array == "text"` would raise a bare ValueError.
+    if isinstance(kind, str) and kind == "text":
         text = part.get("text")
         if not isinstance(text, str):
             raise InputError(
                 f"{where}part {index}: a text part needs a string 'text', got {type(text).__name__}"
             )
-        return text
-    if kind == "audio":
+        return check_text(text, f"{where}part {index}: ")
+    if isinstance(kind, str) and kind == "audio":
         keys = [key for key in AUDIO_SOURCE_KEYS if part.get(key) is not None]
         if len(keys) != 1:
             found = "none" if not keys else " and ".join(repr(k) for k in keys)
@@ -110,7 +127,7 @@ def _parse_part(part: Any, message: int, index: int, where: str) -> str | AudioP
             )
         return AudioPart(source=part[keys[0]], message=message, part=index)
     raise InputError(
-        f"{where}part {index}: unknown part type {kind!r} (AF3 understands 'text' and 'audio' parts)"
+        f"{where}part {index}: unknown part type {kind!r:.40} (AF3 understands 'text' and 'audio' parts)"
     )
 
 
@@ -129,8 +146,8 @@ def parse(conversation: Any, conversation_index: int | None = None) -> list[Mess
         if not isinstance(message, dict):
             raise InputError(f"{where}a message must be a dict with 'role' and 'content'")
         role = message.get("role")
-        if role not in ROLES:
-            raise InputError(f"{where}unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        if not isinstance(role, str) or role not in ROLES:
+            raise InputError(f"{where}unknown role {role!r:.40} (expected one of {', '.join(ROLES)})")
         if "content" not in message:
             raise InputError(f"{where}has no 'content' (use None or '' for an empty message)")
         content = message["content"]
@@ -138,7 +155,7 @@ def parse(conversation: Any, conversation_index: int | None = None) -> list[Mess
         if content is None:
             content = ""
         if isinstance(content, str):
-            messages.append(Message(role, content))
+            messages.append(Message(role, check_text(content, where)))
         elif isinstance(content, list | tuple):
             where = f"{prefix}message {m}, "
             messages.append(Message(role, tuple(_parse_part(p, m, i, where) for i, p in enumerate(content))))

@@ -26,7 +26,7 @@ import torch
 
 from minaf3 import windows
 from minaf3.audio import load_audio
-from minaf3.chat_template import AUDIO_TOKEN, audio_parts, parse, render, split_batch
+from minaf3.chat_template import AUDIO_TOKEN, audio_parts, check_text, parse, render, split_batch
 from minaf3.errors import AudioError, AudioFileError, ConfigError, InputError
 from minaf3.features import log_mel_windows
 from minaf3.processor_files import BatchFeature, read_processor_files
@@ -175,10 +175,18 @@ class AudioFlamingo3Processor:
     ) -> str | list[str]:
         """Token ids (T,) -> a string, (B, T) -> a list of strings. strip_prefix removes AF3's transcription
         framing ('The spoken content of the audio is "..."') and keeps the quoted text."""
-        rows = torch.as_tensor(ids).tolist() if not isinstance(ids, list) else ids
+        try:
+            rows = torch.as_tensor(ids).tolist() if not isinstance(ids, list) else ids
+        except (TypeError, ValueError, RuntimeError):
+            raise InputError(f"decode: expected token ids (integers), got {type(ids).__name__}") from None
         rows = [rows] if isinstance(rows, int) else [r.tolist() if hasattr(r, "tolist") else r for r in rows]
         is_batch = bool(rows) and isinstance(rows[0], list | tuple)
         rows = rows if is_batch else [rows]
+        # The tokenizer would fail on a float or None with a TypeError that names nothing.
+        for b, row in enumerate(rows):
+            bad = [t for t in row if isinstance(t, bool) or not isinstance(t, int)]
+            if bad:
+                raise InputError(f"decode: row {b}: token ids must be integers, got {bad[0]!r:.40}")
         if any(t < 0 for row in rows for t in row):
             raise InputError("decode: token ids must be >= 0 (labels mark ignored positions with -100)")
         texts = self.tokenizer.decode_batch(rows, skip_special_tokens=skip_special_tokens)
@@ -322,6 +330,8 @@ def _pair_text_and_audio(text: Any, audio: Any) -> tuple[list[str], list[list[An
     texts = [text] if single else list(text) if isinstance(text, list | tuple) else None
     if texts is None or not texts or not all(isinstance(t, str) for t in texts):
         raise InputError(f"text must be a string or a non-empty list of strings, got {text!r:.80}")
+    for i, t in enumerate(texts):
+        check_text(t, f"sample {i}: ")
     if audio is None:
         return texts, [[] for _ in texts]
     if single:

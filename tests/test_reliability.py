@@ -7,14 +7,19 @@ the model-level limits and threads are in test_generate.py; file-by-file damage 
 
 import copy
 import gc
+import io
 import json
+import math
 import os
+import re
 import resource
 import shutil
 import threading
 
 import minaf3.weights.loader as loader
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from conftest import SR, speech_like
 from hypothesis import given, settings
@@ -25,7 +30,7 @@ import minaf3
 from minaf3 import AudioFlamingo3Config, AudioFlamingo3ForConditionalGeneration, AutoProcessor
 from minaf3.decoder import Qwen2Decoder
 from minaf3.encoder import WhisperEncoder
-from minaf3.errors import CheckpointError, ConfigError, GenerationError, InputError
+from minaf3.errors import AudioError, CheckpointError, ConfigError, GenerationError, InputError
 
 JOIN_SECONDS = 120  # a thread still running after this long is a hang, reported instead of waited for
 
@@ -70,79 +75,60 @@ def drop_index_entry(folder) -> None:
 
 
 SHARD = r"model-000\d\d-of-000\d\d\.safetensors"
-HINT = r"[\s\S]*huggingface-cli download"  # across the lines of the message
-# damage -> (change to the folder, then the outcome of the model's from_pretrained, AutoProcessor's
-# from_pretrained and minaf3.load: None means it loads, else (error class, message pattern)).
-DAMAGES = {
-    "truncated shard": (cut_shard, (CheckpointError, SHARD + ": truncated"), None, "model"),
-    "corrupt shard header": (
-        garble_header,
-        (CheckpointError, SHARD + ": corrupt safetensors header"),
-        None,
-        "model",
-    ),
-    "missing shard": (
-        lambda f: shard_of(f).unlink(),
-        (CheckpointError, SHARD + ": missing; model"),
-        None,
-        "model",
-    ),
+UP_PROJ = r"language_model.layers.0.mlp.up_proj.weight \(stored as " + re.escape(TENSOR) + r"\)"
+# damage -> (change to the folder, error class, message). The model's from_pretrained and minaf3.load raise it
+# (the processor does not read weights or config.json, and loads).
+MODEL_SIDE = {
+    "truncated shard": (cut_shard, CheckpointError, SHARD + ": truncated: the header describes"),
+    "corrupt shard header": (garble_header, CheckpointError, SHARD + ": corrupt safetensors header"),
+    "missing shard": (lambda f: shard_of(f).unlink(), CheckpointError, SHARD + ": missing; model"),
     "missing index entry": (
         drop_index_entry,
-        (CheckpointError, f"holds {TENSOR}, which model.safetensors.index.json does not list"),
-        None,
-        "model",
+        CheckpointError,
+        f"holds {TENSOR}, which model.safetensors.index",
     ),
     "wrong dtype": (
         lambda f: rewrite_tensor(f, lambda t: t.update({TENSOR: t[TENSOR].to(torch.int32)})),
-        (CheckpointError, r"layers.0.mlp.up_proj.weight .*holds I32; expected F16, BF16"),
-        None,
-        "model",
+        CheckpointError,
+        UP_PROJ + ": " + SHARD + " holds I32; expected F16, BF16, F32, F64",
     ),
     "wrong shape": (
         lambda f: rewrite_tensor(f, lambda t: t.update({TENSOR: t[TENSOR][:-1].contiguous()})),
-        (
-            CheckpointError,
-            r"layers.0.mlp.up_proj.weight .*the model expects \(128, 64\), .* holds \(127, 64\)",
-        ),
-        None,
-        "model",
+        CheckpointError,
+        UP_PROJ + r": the model expects \(128, 64\), " + SHARD + r" holds \(127, 64\)",
     ),
     "config missing a field": (
         lambda f: edit_json(f, "config.json", lambda c: c["text_config"].pop("num_key_value_heads")),
-        (ConfigError, "text_config is missing required field 'num_key_value_heads'"),
-        None,
-        "model",
+        ConfigError,
+        "config.json: text_config is missing required field 'num_key_value_heads'",
     ),
     "config field of the wrong type": (
         lambda f: edit_json(f, "config.json", lambda c: c["text_config"].update(num_attention_heads="4")),
-        (ConfigError, r"text_config.num_attention_heads='4' must be an integer >= 1"),
-        None,
-        "model",
+        ConfigError,
+        r"config.json: text_config.num_attention_heads='4' must be an integer >= 1",
     ),
+}
+# The same for the processor's files: AutoProcessor's from_pretrained and minaf3.load raise, the model loads.
+PROCESSOR_SIDE = {
     "missing tokenizer.json": (
         lambda f: (f / "tokenizer.json").unlink(),
-        None,
-        (CheckpointError, "tokenizer.json: missing"),
-        (CheckpointError, "missing tokenizer.json" + HINT),
+        CheckpointError,
+        "tokenizer.json: missing|missing tokenizer.json",
     ),
     "missing tokenizer_config.json": (
         lambda f: (f / "tokenizer_config.json").unlink(),
-        None,
-        (CheckpointError, "tokenizer_config.json: missing"),
-        (CheckpointError, "missing tokenizer_config.json" + HINT),
+        CheckpointError,
+        "tokenizer_config.json: missing|missing tokenizer_config.json",
     ),
     "corrupt tokenizer.json": (
         lambda f: (f / "tokenizer.json").write_text('{"model": 5'),
-        None,
-        (CheckpointError, "tokenizer.json: cannot be loaded by tokenizers"),
-        "processor",
+        CheckpointError,
+        "tokenizer.json: cannot be loaded by tokenizers",
     ),
     "pad token missing from the vocabulary": (
         lambda f: edit_json(f, "tokenizer_config.json", lambda c: c.update(pad_token="<|pad|>")),
-        None,
-        (ConfigError, r"tokenizer_config.json: pad_token '<\|pad\|>' is not in tokenizer.json's vocabulary"),
-        "processor",
+        ConfigError,
+        r"tokenizer_config.json: pad_token '<\|pad\|>' is not in tokenizer.json's vocabulary",
     ),
 }
 ENTRY_POINTS = {
@@ -169,36 +155,22 @@ def tensor_reads(monkeypatch) -> list:
     return opened
 
 
-@pytest.mark.parametrize("damage", list(DAMAGES))
+@pytest.mark.parametrize("damage", [*MODEL_SIDE, *PROCESSOR_SIDE])
 def test_broken_checkpoint_fails_clearly_before_any_tensor_is_read(
     tmp_path, tiny_checkpoint_sharded, tensor_reads, damage
 ):
     folder = shutil.copytree(tiny_checkpoint_sharded, tmp_path / "ckpt")
-    change, *outcomes = DAMAGES[damage]
+    side = "model" if damage in MODEL_SIDE else "processor"
+    change, error, pattern = {**MODEL_SIDE, **PROCESSOR_SIDE}[damage]
     change(folder)
-    # minaf3.load fails as the model or the processor does (plus the download hint for missing files).
-    outcomes[2] = {"model": outcomes[0], "processor": outcomes[1]}.get(outcomes[2], outcomes[2])
-    for (entry, load), outcome in zip(ENTRY_POINTS.items(), outcomes, strict=True):
+    for entry, load in ENTRY_POINTS.items():
         tensor_reads.clear()
-        if outcome is None:
+        if entry not in (side, "load"):
             load(folder)  # the damage does not concern this entry point: it loads
             continue
-        error, pattern = outcome
         with pytest.raises(error, match=pattern):
             load(folder)
         assert tensor_reads == [], f"{entry}: tensor data was read before the error"
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="model.py from_pretrained reads generation_config.json after read_checkpoint (reported)",
-)
-def test_bad_generation_config_fails_before_any_tensor_is_read(tmp_path, tiny_checkpoint, tensor_reads):
-    folder = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
-    edit_json(folder, "generation_config.json", lambda c: c.update(top_k=-3))
-    with pytest.raises(ConfigError, match="generation_config.json: top_k=-3"):
-        AudioFlamingo3ForConditionalGeneration.from_pretrained(folder)
-    assert tensor_reads == []
 
 
 # ---- config.json values ------------------------------------------------------------------------------------
@@ -206,7 +178,7 @@ JSON_VALUES = st.one_of(
     st.none(),
     st.booleans(),
     st.integers(-3, 4000),
-    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(-10, 5000) | st.sampled_from([math.nan, math.inf, 64.0]),  # sizes stay buildable
     st.text(max_size=4),
     st.lists(st.integers(0, 3), max_size=2),
     st.dictionaries(st.sampled_from(["rope_type", "rope_theta"]), st.integers(-1, 3) | st.text(max_size=3)),
@@ -374,3 +346,46 @@ def test_concurrent_chats_equal_sequential_chats(demo_pipeline):
     sequential = [demo_pipeline.chat(q, audio=c, **greedy) for q, c in zip(questions, clips, strict=True)]
     for stream in (False, True, False):
         assert chat_in_threads(demo_pipeline, questions, clips, stream, **greedy) == sequential, stream
+
+
+# ---- known bugs in other modules, reported to their owners: strict xfails until fixed ---------------------
+@pytest.mark.xfail(
+    strict=True,
+    reason="model.py from_pretrained reads generation_config.json after read_checkpoint (reported)",
+)
+def test_bad_generation_config_fails_before_any_tensor_is_read(tmp_path, tiny_checkpoint, tensor_reads):
+    folder = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    edit_json(folder, "generation_config.json", lambda c: c.update(top_k=-3))
+    with pytest.raises(ConfigError, match="generation_config.json: top_k=-3"):
+        AudioFlamingo3ForConditionalGeneration.from_pretrained(folder)
+    assert tensor_reads == []
+
+
+def header_lie(ext: str) -> bytes:
+    """A 1 s stereo file whose header announces ~10^11 frames (a corrupt download): load_audio allocates
+    them all up front (audio.py `_decode`, `f.read()`), so numpy raises MemoryError."""
+    buffer = io.BytesIO()
+    clip = speech_like(SR, SR)
+    sf.write(buffer, np.stack([clip, clip], 1), SR, format=ext.upper())
+    data = bytearray(buffer.getvalue())
+    # MP3: the top byte of the Xing header's frame count; FLAC: the top bits of STREAMINFO's total samples.
+    data[data.find(b"Xing") + 8 if ext == "mp3" else 21] |= 0x7F if ext == "mp3" else 0x0F
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(lambda: minaf3.load_audio(header_lie("mp3")), id="mp3 frame count (audio.py)"),
+        pytest.param(lambda: minaf3.load_audio(header_lie("flac")), id="flac frame count (audio.py)"),
+        pytest.param(lambda: minaf3.load_audio(torch.empty(8, device="meta")), id="meta tensor (audio.py)"),
+        pytest.param(
+            lambda: minaf3.log_mel_spectrogram(np.full(1600, 1e30, np.float32)),
+            id="huge samples (features.py)",
+        ),
+    ],
+)
+@pytest.mark.xfail(strict=True, reason="reported to the owner: another exception type escapes")
+def test_known_escapes(call):
+    with pytest.raises(AudioError):
+        call()
