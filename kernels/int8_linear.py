@@ -33,6 +33,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -78,6 +79,7 @@ def _ninja_on_path() -> None:
 
 
 _kernel_ready: bool | None = None  # load_extension's answer, once known
+_build_lock = threading.Lock()
 
 
 # torch.compile calls this while tracing and treats the answer as a constant (the ready kernel is a graph
@@ -91,11 +93,14 @@ def load_extension() -> bool:
     """
     global _kernel_ready
     if _kernel_ready is None:
-        _kernel_ready = _build_extension()
+        with _build_lock:  # two threads' first calls must not both build and register the operator
+            if _kernel_ready is None:
+                _kernel_ready = _build_extension()
     return _kernel_ready
 
 
 def _build_extension() -> bool:
+    """load_extension's work: check the CPU, build or reload the library, register the shape function."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         logger.warning("int8 kernel: this CPU has no AVX2; using torch's int8 ops instead (slower decode)")
         return False
