@@ -15,8 +15,9 @@ softmax would give NaN there, and that NaN would reach real rows through the val
 Grouped-query attention: Hq = G * Hkv and query head h reads key/value head h // G.
 
 Backends: "triton" (kernels/, CUDA), "sdpa" (torch.nn.functional.scaled_dot_product_attention) and "eager"
-(plain matmul/softmax, the readable definition). The default is triton on CUDA and sdpa elsewhere; force one
-with the `backend` argument or, for a whole block of code, `with use_backend("eager"): ...`.
+(plain matmul/softmax, the readable definition). The default is triton on CUDA and sdpa elsewhere, except
+one-token decode on the CPU, which runs eager (see `default_backend`); force one with the `backend` argument
+or, for a whole block of code, `with use_backend("eager"): ...`.
 """
 
 import contextlib
@@ -43,7 +44,13 @@ def use_backend(name: str | None) -> Iterator[None]:
         _forced.name = previous
 
 
-def default_backend(device: torch.device) -> str:
+def default_backend(device: torch.device, num_queries: int | None = None) -> str:
+    """The backend `attention` uses on `device` for `num_queries` query tokens (None: unknown).
+
+    Single-token decode on the CPU takes the eager path: torch's CPU sdpa kernel is built for blocks of
+    queries, and with one query it was 1.6x slower than the two matrix products of `eager_attention` at AF3's
+    sizes (28 query / 4 kv heads of 128, 1k-4k cache slots; tools/bench.py's machine).
+    """
     forced = getattr(_forced, "name", None)
     if forced is not None:
         return forced
@@ -52,6 +59,8 @@ def default_backend(device: torch.device) -> str:
 
         if is_available():
             return "triton"
+    if device.type == "cpu" and num_queries == 1:
+        return "eager"
     return "sdpa"
 
 
@@ -75,14 +84,20 @@ def attention(
     key_mask: torch.Tensor | None = None,
     query_pos: torch.Tensor | None = None,
     backend: str | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Scaled dot-product attention with D**-0.5 scaling; see the module docstring for shapes and masks."""
-    backend = backend or default_backend(q.device)
-    if backend == "sdpa":
+    """Scaled dot-product attention with D**-0.5 scaling; see the module docstring for shapes and masks.
+
+    mask: `attention_mask(key_mask, query_pos, S)` when the caller has built it already (the decoder builds
+    it once per forward pass for all its layers); the triton backend ignores it.
+    """
+    backend = backend or default_backend(q.device, q.shape[2])
+    if backend in ("sdpa", "eager") and mask is None:
         mask = attention_mask(key_mask, query_pos, k.shape[-2])
+    if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
     if backend == "eager":
-        return eager_attention(q, k, v, attention_mask(key_mask, query_pos, k.shape[-2]))
+        return eager_attention(q, k, v, mask)
     if backend == "triton":
         return triton_attention(q, k, v, key_mask, query_pos)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
@@ -91,16 +106,25 @@ def attention(
 def eager_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
 ) -> torch.Tensor:
-    """The definition: softmax(q k^T / sqrt(D) + mask) v, softmax in float32, zeros for rows with no key."""
-    groups = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(groups, dim=1)  # (B, Hkv, S, D) -> (B, Hq, S, D)
-    v = v.repeat_interleave(groups, dim=1)
-    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # (B, Hq, T, S)
+    """The definition: softmax(q k^T / sqrt(D) + mask) v, softmax in float32, zeros for rows with no key.
+
+    mask (B or 1, 1, T, S) bool or None. The G = Hq / Hkv query heads that share a key head are stacked as
+    G * T rows of one matrix product, so the cache is read in place rather than repeated G times.
+    """
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    # (B, Hq, T, D) -> (B, Hkv, G * T, D): query head h = kv head h // G, the same order as Hq's
+    scores = q.reshape(B, Hkv, G * T, D) @ k.transpose(-1, -2)  # (B, Hkv, G * T, S)
+    scores = scores.float().view(B, Hkv, G, T, S) * D**-0.5
     if mask is None:
-        return scores.softmax(dim=-1).to(v.dtype) @ v
-    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-    probs = probs.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)  # NaN rows (no key) -> 0
-    return probs.to(v.dtype) @ v
+        probs = scores.softmax(dim=-1)
+    else:
+        mask = mask[:, :, None]  # (B or 1, 1, T, S) -> (B or 1, 1, 1, T, S), broadcast over kv heads and G
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        probs = probs.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)  # NaN rows (no key) -> 0
+    y = probs.to(v.dtype).view(B, Hkv, G * T, S) @ v  # (B, Hkv, G * T, D)
+    return y.view(B, Hq, T, D)
 
 
 def triton_attention(q, k, v, key_mask, query_pos) -> torch.Tensor:

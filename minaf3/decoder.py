@@ -8,14 +8,45 @@
 Position bookkeeping belongs to the caller (model.py, generate.py): `positions` are the RoPE positions of the
 new tokens, `input_pos` the cache slots they are written to, and `key_mask` says which slots hold real tokens.
 With left padding the two differ: a row padded by p tokens has RoPE position t - p in slot t.
+
+Speed (issue 5): what every layer shares — RoPE cos/sin, the attention mask, the backend choice — is computed
+once per forward pass (`StepInputs`), not once per layer. `fuse_projections` concatenates q/k/v into
+`qkv_proj` and gate/up into `gate_up_proj` (one matrix product instead of three, resp. two); the checkpoint
+names stay the unfused ones, and `unfuse_projections` restores them. On the "triton" attention backend the
+RMSNorms (with the residual add folded in) and RoPE run as the fused kernels of kernels/rmsnorm_rope.py.
 """
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attention
+from .attention import attention, attention_mask, default_backend
 from .config import DecoderConfig
+
+
+@dataclass
+class StepInputs:
+    """What every layer needs besides the hidden states, built once per forward pass.
+
+    cos, sin (B, 1, T, head_dim); key_mask (B, S) bool or None; query_pos (T,) cache slot of each query;
+    input_pos (T,) slots to write, None without a cache; mask: attention_mask(...) for the sdpa and eager
+    backends (None for triton, whose kernels read key_mask and query_pos); backend: the attention backend,
+    whose "triton" choice also selects the fused norm and RoPE kernels.
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    key_mask: torch.Tensor | None
+    query_pos: torch.Tensor
+    input_pos: torch.Tensor | None
+    mask: torch.Tensor | None
+    backend: str
+
+    @property
+    def triton(self) -> bool:
+        return self.backend == "triton"
 
 
 class RMSNorm(nn.Module):
@@ -26,10 +57,25 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, triton: bool = False) -> torch.Tensor:
+        if triton:
+            from .kernels.rmsnorm_rope import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+    def add_forward(
+        self, x: torch.Tensor, residual: torch.Tensor, triton: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """h = x + residual, then (RMSNorm(h), h): one kernel on triton, one pass over memory fewer."""
+        if triton:
+            from .kernels.rmsnorm_rope import add_rms_norm
+
+            return add_rms_norm(x, residual, self.weight, self.eps)
+        h = x + residual
+        return self(h), h
 
 
 def rope_inv_freq(head_dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
@@ -61,9 +107,49 @@ class KVCache(nn.Module):
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, Hkv, T, D) at slots input_pos (T,); return the whole caches (B, Hkv, S, D)."""
-        self.k_cache.index_copy_(2, input_pos, k)
-        self.v_cache.index_copy_(2, input_pos, v)
+        # Indexed assignment rather than index_copy_: torch.compile turns it into an in-place write, where
+        # index_copy_ made it copy the whole cache of every layer at every step.
+        self.k_cache[:, :, input_pos] = k
+        self.v_cache[:, :, input_pos] = v
         return self.k_cache, self.v_cache
+
+
+def fuse_linears(layers: list[nn.Linear]) -> nn.Linear:
+    """One nn.Linear computing the concatenation of `layers`' outputs on their shared input."""
+    weight = torch.cat([layer.weight.detach() for layer in layers])  # (sum out_i, in)
+    has_bias = [layer.bias is not None for layer in layers]
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=any(has_bias), device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=layers[0].weight.requires_grad)
+    if any(has_bias):  # a layer without a bias (none here in Qwen2) contributes zeros
+        biases = [
+            layer.bias.detach() if layer.bias is not None else weight.new_zeros(layer.out_features)
+            for layer in layers
+        ]
+        fused.bias = nn.Parameter(torch.cat(biases), requires_grad=fused.weight.requires_grad)
+    return fused
+
+
+def split_linear(fused: nn.Linear, sizes: list[int], biases: list[bool]) -> list[nn.Linear]:
+    """Undo fuse_linears: the row blocks of `fused` (sizes[i] rows each) as separate layers."""
+    layers = []
+    for weight, bias, has_bias in zip(
+        fused.weight.detach().split(sizes),
+        fused.bias.detach().split(sizes) if fused.bias is not None else [None] * len(sizes),
+        biases,
+        strict=True,
+    ):
+        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")
+        layer.weight = nn.Parameter(weight.clone(), requires_grad=fused.weight.requires_grad)
+        if has_bias:
+            layer.bias = nn.Parameter(bias.clone(), requires_grad=fused.weight.requires_grad)
+        layers.append(layer)
+    return layers
+
+
+def _plain(*layers: nn.Module) -> bool:
+    # Only exact nn.Linear layers are fused: a LoRA wrapper must keep its own weight so that the adapter can
+    # be merged and unmerged, and quantized layers have their own storage format.
+    return all(type(layer) is nn.Linear for layer in layers)
 
 
 class DecoderAttention(nn.Module):
@@ -76,29 +162,47 @@ class DecoderAttention(nn.Module):
             config.num_kv_heads,
             config.head_dim,
         )
-        d, q_dim, kv_dim = (
-            config.hidden_size,
-            config.num_heads * config.head_dim,
-            config.num_kv_heads * config.head_dim,
-        )
-        self.q_proj = nn.Linear(d, q_dim)
-        self.k_proj = nn.Linear(d, kv_dim)
-        self.v_proj = nn.Linear(d, kv_dim)
-        self.o_proj = nn.Linear(q_dim, d, bias=False)
+        d = config.hidden_size
+        self.sizes = [config.num_heads * config.head_dim] + 2 * [config.num_kv_heads * config.head_dim]
+        self.q_proj = nn.Linear(d, self.sizes[0])
+        self.k_proj = nn.Linear(d, self.sizes[1])
+        self.v_proj = nn.Linear(d, self.sizes[2])
+        self.o_proj = nn.Linear(self.sizes[0], d, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, key_mask, input_pos):
+    def fuse(self) -> bool:
+        """Replace q_proj, k_proj, v_proj by one `qkv_proj`; False (nothing done) unless all are plain."""
+        if "qkv_proj" in self._modules or not _plain(self.q_proj, self.k_proj, self.v_proj):
+            return False
+        self.qkv_proj = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        del self.q_proj, self.k_proj, self.v_proj
+        return True
+
+    def unfuse(self) -> None:
+        if "qkv_proj" in self._modules:
+            self.q_proj, self.k_proj, self.v_proj = split_linear(self.qkv_proj, self.sizes, [True] * 3)
+            del self.qkv_proj
+
+    def forward(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, Dh)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if input_pos is None:  # no cache: the keys are exactly these T tokens, in order
-            query_pos = torch.arange(T, device=x.device)
+        if "qkv_proj" in self._modules:
+            q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
         else:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, S, Dh)
-            query_pos = input_pos
-        y = attention(q, k, v, key_mask=key_mask, query_pos=query_pos)  # (B, Hq, T, Dh)
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, T, Hq*Dh) -> (B, Hq, T, Dh)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # -> (B, Hkv, T, Dh)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # -> (B, Hkv, T, Dh)
+        if step.triton:
+            from .kernels.rmsnorm_rope import apply_rotary
+
+            q, k = apply_rotary(q, k, step.cos[:, 0], step.sin[:, 0])  # cos (B, 1, T, Dh) -> (B, T, Dh)
+        else:
+            q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
+        if step.input_pos is not None:
+            k, v = self.kv_cache.update(step.input_pos, k, v)  # (B, Hkv, S, Dh)
+        y = attention(
+            q, k, v, key_mask=step.key_mask, query_pos=step.query_pos, backend=step.backend, mask=step.mask
+        )  # (B, Hq, T, Dh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, Hq, T, Dh) -> (B, T, Hq * Dh)
 
 
@@ -107,12 +211,31 @@ class MLP(nn.Module):
 
     def __init__(self, config: DecoderConfig):
         super().__init__()
+        self.intermediate_size = config.intermediate_size
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
+    def fuse(self) -> bool:
+        """Replace gate_proj and up_proj by one `gate_up_proj`; False unless both are plain."""
+        if "gate_up_proj" in self._modules or not _plain(self.gate_proj, self.up_proj):
+            return False
+        self.gate_up_proj = fuse_linears([self.gate_proj, self.up_proj])
+        del self.gate_proj, self.up_proj
+        return True
+
+    def unfuse(self) -> None:
+        if "gate_up_proj" in self._modules:
+            sizes = [self.intermediate_size] * 2
+            self.gate_proj, self.up_proj = split_linear(self.gate_up_proj, sizes, [False] * 2)
+            del self.gate_up_proj
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if "gate_up_proj" in self._modules:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (..., 2 * I) -> 2 x (..., I)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -123,9 +246,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, key_mask, input_pos):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, key_mask, input_pos)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
+        attn = self.self_attn(self.input_layernorm(x, step.triton), step)
+        h, x = self.post_attention_layernorm.add_forward(attn, x, step.triton)  # x + attn, and its norm
+        return x + self.mlp(h)
 
 
 class Qwen2Decoder(nn.Module):
@@ -141,6 +265,19 @@ class Qwen2Decoder(nn.Module):
     def reset_buffers(self, device: torch.device) -> None:
         """Recompute the non-persistent RoPE table (after a meta-device build it holds no data)."""
         self.inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta, device)
+
+    @torch.no_grad()
+    def fuse_projections(self) -> int:
+        """Fuse q/k/v and gate/up of every layer whose layers are plain nn.Linear; returns how many groups
+        were fused. Layer by layer, so the transient memory is one layer's projections."""
+        return sum(int(layer.self_attn.fuse()) + int(layer.mlp.fuse()) for layer in self.layers)
+
+    @torch.no_grad()
+    def unfuse_projections(self) -> None:
+        """Back to the checkpoint's modules (q_proj, k_proj, v_proj, gate_proj, up_proj)."""
+        for layer in self.layers:
+            layer.self_attn.unfuse()
+            layer.mlp.unfuse()
 
     def setup_cache(self, batch_size: int, max_seq_len: int, dtype: torch.dtype, device) -> None:
         """Allocate each layer's static KV cache: k and v of (batch_size, Hkv, max_seq_len, head_dim)."""
@@ -171,8 +308,16 @@ class Qwen2Decoder(nn.Module):
         Without `input_pos` no cache is used and S = T. With it, the new keys are written to those slots of
         the cache set up by `setup_cache` and attention spans all S cache slots.
         """
+        T = inputs_embeds.shape[1]
+        backend = default_backend(inputs_embeds.device, T)
         cos, sin = rope_cos_sin(positions, self.inv_freq, inputs_embeds.dtype)
+        if input_pos is None:  # no cache: the keys are exactly these T tokens, in order
+            query_pos, num_keys = torch.arange(T, device=inputs_embeds.device), T
+        else:
+            query_pos, num_keys = input_pos, self.cache_shape[2]
+        mask = None if backend == "triton" else attention_mask(key_mask, query_pos, num_keys)
+        step = StepInputs(cos, sin, key_mask, query_pos, input_pos, mask, backend)
         x = inputs_embeds
         for layer in self.layers:
-            x = layer(x, cos, sin, key_mask, input_pos)
-        return self.norm(x)
+            x = layer(x, step)
+        return self.norm(x, step.triton)

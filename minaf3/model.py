@@ -24,6 +24,7 @@ from .decoder import Qwen2Decoder
 from .encoder import WhisperEncoder
 from .errors import CheckpointError, ConfigError, InputError
 
+THINK_FOLDER = "think"  # the AF-Think LoRA adapter's subfolder in the hub checkpoint
 DOWNLOAD_HINT = (
     "Download the official checkpoint with `huggingface-cli download nvidia/audio-flamingo-3-hf "
     "--local-dir audio-flamingo-3-hf` and pass that folder."
@@ -86,7 +87,8 @@ class AudioFlamingo3ForConditionalGeneration(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        """The dtype the model computes in (an int8-quantized lm_head keeps int8 weights: not this)."""
+        return self.language_model.embed_tokens.weight.dtype
 
     # ---- audio ------------------------------------------------------------------------------------------
     def get_audio_features(
@@ -178,6 +180,32 @@ class AudioFlamingo3ForConditionalGeneration(nn.Module):
 
         return generate(self, *args, **kwargs)
 
+    # ---- speed and adapters -----------------------------------------------------------------------------
+    def fuse_projections(self) -> int:
+        """Fuse each decoder layer's q/k/v into `qkv_proj` and gate/up into `gate_up_proj` (see decoder.py).
+
+        generate calls this before decoding, so the fused layers hold the final weights: an adapter merged
+        after loading (lora.load_adapter) is already in them. Layers wrapped by LoRA or quantized stay as
+        they are. Idempotent; returns the number of groups fused by this call.
+        """
+        return self.language_model.fuse_projections()
+
+    def load_adapter(self, path: str | Path, merge: bool = True):
+        """Apply the LoRA adapter in folder `path` (AF-Think: `<checkpoint>/think`); see minaf3.lora.
+
+        The adapter names its targets by the checkpoint's module names, so fused projections are split back
+        first; generate fuses again whatever plain layers remain. Returns the adapter's LoraSettings.
+        """
+        from .lora import load_adapter
+        from .quantize import Int8Linear
+
+        if any(isinstance(m, Int8Linear) for m in self.language_model.modules()):
+            raise ConfigError(
+                "load the adapter before quantizing: an int8 weight cannot take the LoRA update"
+            )
+        self.language_model.unfuse_projections()
+        return load_adapter(self, path, merge=merge)
+
     # ---- loading ----------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(
@@ -185,6 +213,8 @@ class AudioFlamingo3ForConditionalGeneration(nn.Module):
         path: str | Path,
         dtype: torch.dtype | str | None = None,
         device_map: str | torch.device | None = None,
+        quantize: str | None = None,
+        think: bool = False,
     ) -> "AudioFlamingo3ForConditionalGeneration":
         """Load a checkpoint folder in any of the three layouts (see weights/layouts.py).
 
@@ -192,13 +222,21 @@ class AudioFlamingo3ForConditionalGeneration(nn.Module):
         dtype: default float32 on CPU (bf16 matrix products are several times slower on CPUs without bf16
         instructions) and the checkpoint's dtype on CUDA. The model is built on the meta device and the
         tensors are assigned as they are read, so no second copy of the weights is ever made.
+        think: also apply the AF-Think LoRA adapter of `<path>/think`, merged into the weights.
+        quantize: None or "int8": int8 weight-only decoder and lm_head (minaf3.quantize), done last so that
+        the int8 weights hold the merged adapter.
         """
         from .generate import GenerationConfig
+        from .quantize import QUANTIZE_MODES, quantize_model
         from .weights.loader import read_checkpoint
 
+        if quantize is not None and quantize not in QUANTIZE_MODES:
+            raise ConfigError(f"quantize={quantize!r}: expected None or one of {list(QUANTIZE_MODES)}")
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"{path}: checkpoint folder not found. {DOWNLOAD_HINT}")
+        if think and not (path / THINK_FOLDER).is_dir():
+            raise CheckpointError(f"{path}: think=True but the folder has no {THINK_FOLDER}/ adapter")
         config = AudioFlamingo3Config.from_file(path)
         device = resolve_device(device_map)
         dtype = resolve_dtype(dtype, device, path)
@@ -209,6 +247,10 @@ class AudioFlamingo3ForConditionalGeneration(nn.Module):
         model.load_state_dict(tensors, strict=True, assign=True)
         model.language_model.reset_buffers(device)
         model.generation_config = GenerationConfig.from_pretrained(path, config)
+        if think:
+            model.load_adapter(path / THINK_FOLDER, merge=True)
+        if quantize is not None:
+            quantize_model(model, quantize)
         return model.eval()
 
 
