@@ -11,15 +11,19 @@ Backends: the `backend=` argument, else the environment variable MINAF3_INT8_BAC
            (and non-CPU devices) dequantize tiles of weight rows and multiply with F.linear.
   "auto"   "cpp" for CPU tensors when the kernel builds on an AVX2 CPU, otherwise "torch".
 
-Why this choice (measured on the 2-core AMD EPYC CI machine, torch 2.13, one 18944 x 3584 layer; the
-machine was shared, so each number is the best of many runs; tools/bench_int8.py reprints them):
-  batch 1: fp32 F.linear 14.2 ms; _weight_int8pack_mm 4.4 ms with bf16 activations, 63 ms with fp32;
-           dequantize-then-matmul 187 ms; this kernel ~3 ms, at the memory-bandwidth limit.
-  batch 8: the kernel is FMA-bound (about 40 GFMA/s per core, 80% of peak), still ~2x fp32's time.
-  prefill: the kernel keeps its FMA rate for any row count (tiles of weight rows stay in L2), which on
-           this CPU matches fp32 GEMM and beats dequantizing tiles before it (1.1-1.5x fp32's time).
+Why this choice: measured by tools/bench_int8.py and scratch scripts on the 2-core AMD EPYC (Zen 4) CI
+machine, torch 2.13, read bandwidth ~20 GB/s. The machine was shared (load 3-6), so each figure is the
+best of many calls; 1T = one thread.
+  18944 x 3584, batch 1: fp32 F.linear 13-19 ms; this kernel 4.2 (1T) - 4.8 ms, 67-83% of bandwidth;
+      _weight_int8pack_mm with bf16 activations 6-8 ms (63 ms with fp32 ones, issue 5);
+      dequantize-then-matmul 160 ms. The kernel is ~3.4-4x fp32 (the ratio of bytes read is 4) and
+      differs from the reference by ~1e-6 relative (int8pack_mm: 3e-3, its bf16 activations).
+  batch 8: the kernel is FMA-bound (~42 GFMA/s per core): 13 ms (1T) - 18 ms; int8pack_mm 18-26 ms;
+      fp32 GEMM 42-108 ms (MKL's small-batch path is slow on this CPU).
+  prefill, single thread, 16 / 256 rows: this kernel 49 / 937 ms, fp32 GEMM 145 / 990 ms, dequantizing
+      8 MiB tiles + GEMM 163 / 1083 ms: the kernel serves every row count, no separate prefill path.
   _weight_int8pack_mm's bf16 path crashes or returns NaN/inf unless in_features % 16 == 0 (torch 2.13
-  CPU); the torch backend dequantizes for those shapes instead.
+      CPU); the torch backend dequantizes for those shapes instead.
 
 Building: torch.utils.cpp_extension.load compiles with ninja into torch's extension cache
 ($TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions) on first use and reloads it afterwards; a
@@ -45,8 +49,8 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "cpp", "torch")
 BACKEND_ENV = "MINAF3_INT8_BACKEND"
-# Rows up to which the torch backend uses _weight_int8pack_mm; above, its cost grows with every row
-# (measured 4.4 ms at 1 row, ~44 ms at 8) while dequantized fp32 GEMM amortises over rows.
+# Rows up to which the torch backend uses _weight_int8pack_mm; its time grows with every row (6-8 ms at
+# 1 row, 18-26 ms at 8, 18944 x 3584) while dequantized tiles + GEMM amortise over many rows.
 SMALL_BATCH = 8
 # The torch backend dequantizes this many weight bytes (in the activation dtype) at a time: 8 MiB stays in
 # L3 between the conversion and the product and bounds the transient memory of a 2 GiB lm_head.
