@@ -173,7 +173,7 @@ def test_missing_compiler_falls_back_with_a_note(tmp_path):
     done = run_python(CHECK_KERNEL, TORCH_EXTENSIONS_DIR=str(tmp_path), CXX=str(tmp_path / "no-such-c++"))
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[1] == "False"
-    assert float(done.stdout.split()[3]) < 1.0  # bf16 activations; outputs are ~10-100 here
+    assert float(done.stdout.split()[3]) < 1e-3  # 40 columns: torch's dequantizing path, in float32
     assert "int8 kernel: building int8_gemv.cpp failed" in done.stderr
     assert "using torch's int8 ops instead" in done.stderr
 
