@@ -146,6 +146,19 @@ def split_linear(fused: nn.Linear, sizes: list[int], biases: list[bool]) -> list
     return layers
 
 
+def swap_children(parent: nn.Module, old: list[str], new: dict[str, nn.Module]) -> None:
+    """Replace the children named `old` by `new`, placed where the first of `old` was, so that printing the
+    model and its state_dict keep the architecture's order (q, k, v before o_proj)."""
+    children = {}
+    for name, child in parent._modules.items():
+        if name == old[0]:
+            children.update(new)
+        if name not in old:
+            children[name] = child
+    parent._modules.clear()
+    parent._modules.update(children)
+
+
 def _plain(*layers: nn.Module) -> bool:
     # Only exact nn.Linear layers are fused: a LoRA wrapper must keep its own weight so that the adapter can
     # be merged and unmerged, and quantized layers have their own storage format.
@@ -174,14 +187,14 @@ class DecoderAttention(nn.Module):
         """Replace q_proj, k_proj, v_proj by one `qkv_proj`; False (nothing done) unless all are plain."""
         if "qkv_proj" in self._modules or not _plain(self.q_proj, self.k_proj, self.v_proj):
             return False
-        self.qkv_proj = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
-        del self.q_proj, self.k_proj, self.v_proj
+        fused = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        swap_children(self, ["q_proj", "k_proj", "v_proj"], {"qkv_proj": fused})
         return True
 
     def unfuse(self) -> None:
         if "qkv_proj" in self._modules:
-            self.q_proj, self.k_proj, self.v_proj = split_linear(self.qkv_proj, self.sizes, [True] * 3)
-            del self.qkv_proj
+            q, k, v = split_linear(self.qkv_proj, self.sizes, [True] * 3)
+            swap_children(self, ["qkv_proj"], {"q_proj": q, "k_proj": k, "v_proj": v})
 
     def forward(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
         B, T, _ = x.shape
@@ -220,15 +233,14 @@ class MLP(nn.Module):
         """Replace gate_proj and up_proj by one `gate_up_proj`; False unless both are plain."""
         if "gate_up_proj" in self._modules or not _plain(self.gate_proj, self.up_proj):
             return False
-        self.gate_up_proj = fuse_linears([self.gate_proj, self.up_proj])
-        del self.gate_proj, self.up_proj
+        fused = fuse_linears([self.gate_proj, self.up_proj])
+        swap_children(self, ["gate_proj", "up_proj"], {"gate_up_proj": fused})
         return True
 
     def unfuse(self) -> None:
         if "gate_up_proj" in self._modules:
-            sizes = [self.intermediate_size] * 2
-            self.gate_proj, self.up_proj = split_linear(self.gate_up_proj, sizes, [False] * 2)
-            del self.gate_up_proj
+            gate, up = split_linear(self.gate_up_proj, [self.intermediate_size] * 2, [False] * 2)
+            swap_children(self, ["gate_up_proj"], {"gate_proj": gate, "up_proj": up})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if "gate_up_proj" in self._modules:

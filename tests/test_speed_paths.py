@@ -1,0 +1,180 @@
+"""The speed paths of issue 5 give the answers of the plain paths.
+
+Fused projections (decoder.py) against the checkpoint's separate layers, and their interplay with LoRA
+adapters; the compiled decode step against eager decoding (generate.py); the copy-free grouped-query eager
+attention that CPU decoding uses against torch's sdpa (attention.py); the loading options that order adapter,
+fusion and int8 quantization (model.py). Wall-clock times are tools/bench.py's business, not these tests'.
+"""
+
+import shutil
+
+import pytest
+import torch
+from conftest import write_reference_checkpoint
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_lora import ADAPTERS, write_adapter
+from test_model import reference_inputs
+
+from minaf3 import AudioFlamingo3ForConditionalGeneration, CheckpointError, ConfigError, GenerationError
+from minaf3.attention import attention, default_backend, use_backend
+from minaf3.lora import LoRALinear, load_adapter, unmerge
+from minaf3.quantize import Int8Linear, quantize_model
+
+GREEDY = dict(do_sample=False, repetition_penalty=1.0, eos_token_id=[])
+
+
+def load(path, **options) -> AudioFlamingo3ForConditionalGeneration:
+    return AudioFlamingo3ForConditionalGeneration.from_pretrained(path, **options)
+
+
+def logits(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.fixture(scope="module")
+def inputs(reference_processor):
+    return reference_inputs(reference_processor, ["short", "mid"])
+
+
+@pytest.fixture(scope="module")
+def think_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint with a think/ adapter whose LoRA targets q_proj and o_proj (not gate/up)."""
+    folder = shutil.copytree(tiny_checkpoint, tmp_path_factory.mktemp("think") / "af3")
+    write_adapter(folder / "think", tiny_checkpoint, ADAPTERS["bias_bin"], seed=5)
+    return folder
+
+
+# ---- fused projections ------------------------------------------------------------------------------------
+def test_fused_projections_give_the_same_logits_and_unfuse_exactly(tiny_checkpoint, inputs):
+    model = load(tiny_checkpoint)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = logits(model, inputs)
+    assert model.fuse_projections() == 2 * model.config.decoder.num_layers  # qkv and gate_up per layer
+    assert model.fuse_projections() == 0  # idempotent
+    names = list(model.state_dict())
+    assert "language_model.layers.0.self_attn.qkv_proj.bias" in names
+    assert "language_model.layers.1.mlp.gate_up_proj.weight" in names
+    decoder_names = [n for n in names if n.startswith("language_model.")]
+    assert not any(n.endswith(("q_proj.weight", "gate_proj.weight")) for n in decoder_names)
+    # One product instead of three sums in another order: equal up to float32 rounding.
+    assert (logits(model, inputs) - expected).abs().max() < 1e-5
+    model.language_model.unfuse_projections()
+    state = model.state_dict()
+    assert list(state) == list(base_state) and all(torch.equal(state[k], base_state[k]) for k in state)
+
+
+def test_generate_fuses_the_plain_layers_before_decoding(tiny_checkpoint, inputs):
+    model = load(tiny_checkpoint)
+    assert "qkv_proj" not in model.language_model.layers[0].self_attn._modules
+    model.generate(**inputs, max_new_tokens=2, **GREEDY)
+    assert "qkv_proj" in model.language_model.layers[0].self_attn._modules
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_adapter_on_a_fused_model_equals_the_adapter_on_a_fresh_one(think_checkpoint, inputs, merge):
+    """model.load_adapter splits fused layers back; layers under LoRA stay unfused, the others fuse again."""
+    expected_model = load(think_checkpoint)
+    load_adapter(expected_model, think_checkpoint / "think", merge=merge)
+    expected = logits(expected_model, inputs)
+    model = load(think_checkpoint)
+    model.fuse_projections()
+    model.load_adapter(think_checkpoint / "think", merge=merge)
+    assert (logits(model, inputs) - expected).abs().max() < 1e-5
+    # The adapter targets q_proj (and o_proj): q/k/v stay separate; gate/up are fused in every layer.
+    assert model.fuse_projections() == model.config.decoder.num_layers
+    attn = model.language_model.layers[0].self_attn
+    assert isinstance(attn.q_proj, LoRALinear) and "qkv_proj" not in attn._modules
+    assert (logits(model, inputs) - expected).abs().max() < 1e-5
+    unmerge(model)  # the LoRA layers were left intact, so the adapter comes out cleanly
+    assert (logits(model, inputs) - logits(load(think_checkpoint), inputs)).abs().max() < 1e-5
+
+
+# ---- loading options --------------------------------------------------------------------------------------
+def test_from_pretrained_think_applies_the_merged_adapter(think_checkpoint, tiny_checkpoint, inputs):
+    expected_model = load(think_checkpoint)
+    load_adapter(expected_model, think_checkpoint / "think")
+    model = load(think_checkpoint, think=True)
+    assert torch.equal(logits(model, inputs), logits(expected_model, inputs))
+    assert all(m.merged for m in model.modules() if isinstance(m, LoRALinear))
+    with pytest.raises(CheckpointError, match="no think/ adapter"):
+        load(tiny_checkpoint, think=True)
+
+
+def test_from_pretrained_quantize_comes_after_the_adapter(think_checkpoint, inputs):
+    expected_model = load(think_checkpoint)
+    load_adapter(expected_model, think_checkpoint / "think")
+    quantize_model(expected_model)
+    model = load(think_checkpoint, think=True, quantize="int8")
+    assert isinstance(model.lm_head, Int8Linear) and model.dtype == torch.float32
+    assert torch.equal(logits(model, inputs), logits(expected_model, inputs))
+    with pytest.raises(ConfigError, match="before quantizing"):
+        model.load_adapter(think_checkpoint / "think")
+    with pytest.raises(ConfigError, match=r"quantize='int4': expected None or one of \['int8'\]"):
+        load(think_checkpoint, quantize="int4")
+
+
+# ---- compiled decoding ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def one_layer(tmp_path_factory):
+    """A one-layer checkpoint: compiling its decode step takes seconds, not minutes."""
+    path = tmp_path_factory.mktemp("one_layer")
+    return write_reference_checkpoint(path, seed=3, audio_layers=1, text_layers=1)
+
+
+def test_compiled_decoding_gives_the_eager_tokens_and_logits(one_layer):
+    model = load(one_layer)
+    ids = torch.randint(0, 400, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding: the positions differ from the cache slots in row 0
+    for length in (12, 9):  # a second prompt length in the same cache bucket reuses graph and cache
+        args = dict(input_ids=ids[:, -length:], attention_mask=mask[:, -length:], max_new_tokens=10)
+        eager = model.generate(
+            **args, **GREEDY, compile=False, return_dict_in_generate=True, output_logits=True
+        )
+        compiled = model.generate(
+            **args, **GREEDY, compile=True, return_dict_in_generate=True, output_logits=True
+        )
+        assert torch.equal(compiled.sequences, eager.sequences)
+        for a, b in zip(compiled.logits, eager.logits, strict=True):
+            assert (a - b).abs().max() < 1e-5
+    assert model.language_model.cache_shape[2] == 256  # bucketed, and kept for the next compiled call
+
+
+def test_compile_argument_is_checked(one_layer):
+    model = load(one_layer)
+    with pytest.raises(GenerationError, match="compile='fast'"):
+        model.generate(torch.ones(1, 3, dtype=torch.long), max_new_tokens=1, compile="fast")
+
+
+# ---- attention --------------------------------------------------------------------------------------------
+def test_cpu_decode_uses_the_eager_path_unless_forced():
+    cpu = torch.device("cpu")
+    assert default_backend(cpu, 1) == "eager" and default_backend(cpu, 7) == "sdpa"
+    with use_backend("sdpa"):
+        assert default_backend(cpu, 1) == "sdpa"
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    kv_heads=st.integers(1, 3),
+    groups=st.integers(1, 4),
+    queries=st.integers(1, 5),
+    extra_keys=st.integers(0, 6),
+    head_dim=st.sampled_from([4, 16, 32]),
+    seed=st.integers(0, 2**16),
+)
+def test_grouped_eager_attention_matches_sdpa(batch, kv_heads, groups, queries, extra_keys, head_dim, seed):
+    """Causal by slot with random padding, including rows that see no key at all (zeros on both paths)."""
+    g = torch.Generator().manual_seed(seed)
+    S = queries + extra_keys
+    q = torch.randn(batch, kv_heads * groups, queries, head_dim, generator=g)
+    k, v = (torch.randn(batch, kv_heads, S, head_dim, generator=g) for _ in range(2))
+    key_mask = torch.rand(batch, S, generator=g) > 0.3
+    query_pos = torch.arange(extra_keys, S)
+    for pos in (None, query_pos):
+        eager = attention(q, k, v, key_mask=key_mask, query_pos=pos, backend="eager")
+        sdpa = attention(q, k, v, key_mask=key_mask, query_pos=pos, backend="sdpa")
+        assert (eager - sdpa).abs().max() < 1e-5
