@@ -15,6 +15,8 @@ setup(
     python_requires=">=3.10",
     packages=["minaf3", "minaf3.kernels", "minaf3.weights"],
     package_dir={"minaf3": "minaf3", "minaf3.kernels": "kernels", "minaf3.weights": "weights"},
+    # The int8 CPU kernel is C++ compiled on first use (ninja via torch.utils.cpp_extension).
+    package_data={"minaf3.kernels": ["*.cpp"]},
     install_requires=[
         "torch>=2.5",
         "numpy",
@@ -23,12 +25,13 @@ setup(
         "tokenizers>=0.20",
         "safetensors",
         "tqdm",
+        "ninja",
         # Kernels import triton lazily; other platforms run the torch path.
         "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
         # transformers is the behavioural reference: tests and benchmarks only, never imported by minaf3.
-        "test": ["pytest", "hypothesis", "transformers==5.23.0", "peft", "ninja", "ruff"],
+        "test": ["pytest", "hypothesis", "transformers==5.23.0", "peft", "ruff"],
     },
     entry_points={"console_scripts": ["minaf3=minaf3.cli:main"]},
 )
