@@ -37,6 +37,9 @@ UINT8_OFFSET = 128
 # libsndfile logs "data : <header length> (should be <length in file>)" when a WAV's data chunk is cut.
 WAV_DATA_CUT = re.compile(r"^data : (?P<header>\d+) \(should be (?P<file>\d+)\)", re.MULTILINE)
 WAV_UNKNOWN_LENGTHS = {0, 0xFFFFFFFF}  # streaming writers leave the length unset: not a truncation
+# Samples (frames x channels) decoded per read: 256 MB of float32, so 10 min of 48 kHz stereo (57.6 M) is one
+# read, exactly the reference's; and a bound on what a corrupt header can make us allocate up front.
+READ_BLOCK_SAMPLES = 2**26
 
 AudioSource = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO | np.ndarray | torch.Tensor
 
@@ -118,16 +121,16 @@ def _decode(data: bytes, name: str, sampling_rate: int) -> np.ndarray:
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
             file_rate, announced, header_log = f.samplerate, f.frames, f.extra_info
-            waveform = f.read(dtype="float32", always_2d=True).T  # (samples, channels) -> (channels, samples)
+            waveform = _read_mono(f)
     except (sf.LibsndfileError, RuntimeError) as exc:
         reason = getattr(exc, "error_string", exc)  # libsndfile's own words, without the BytesIO repr
         raise AudioError(
             f"{name}: cannot decode audio ({reason}); is it a complete WAV, FLAC, OGG or MP3?"
         ) from exc
-    # A stream cut short mid-file still opens, but yields fewer frames than its header announced.
-    if 0 < waveform.shape[1] < announced:
+    # A stream cut short mid-file, or a corrupt header, still opens but yields fewer frames than announced.
+    if 0 < waveform.shape[0] < announced:
         raise AudioError(
-            f"{name}: decoded {waveform.shape[1]} of the {announced} frames its header announces; "
+            f"{name}: decoded {waveform.shape[0]} of the {announced} frames its header announces; "
             "the file is truncated or corrupt"
         )
     # A WAV cut mid-data opens with its length silently shortened; libsndfile's header log still says so.
@@ -137,11 +140,8 @@ def _decode(data: bytes, name: str, sampling_rate: int) -> np.ndarray:
             f"{name}: its header announces {cut['header']} bytes of audio but the file holds {cut['file']}; "
             "the file is truncated"
         )
-    if waveform.shape[1] == 0:
+    if waveform.shape[0] == 0:
         raise AudioError(f"{name}: contains no audio samples")
-    # (channels, samples) -> (samples,)
-    waveform = waveform.mean(axis=0) if waveform.shape[0] > 1 else waveform[0]
-
     if file_rate != sampling_rate:
         # soxr's output length can differ from the exact ratio by a sample; the reference pads/trims to ceil.
         num_samples = math.ceil(waveform.shape[0] * sampling_rate / file_rate)
@@ -150,10 +150,40 @@ def _decode(data: bytes, name: str, sampling_rate: int) -> np.ndarray:
     return np.ascontiguousarray(waveform, dtype=np.float32)
 
 
+def _read_mono(f: sf.SoundFile) -> np.ndarray:
+    """The file's frames, channels averaged: (frames,) float32.
+
+    Read in blocks, never as one array of the frame count the header announces: a corrupt MP3 or FLAC
+    header can announce 10^12 frames, which would be allocated up front before a single one is decoded.
+    Each block is downmixed as it arrives, so at most one block of all channels is held at a time. The
+    mean over channels is per frame, so for WAV, FLAC and OGG blocks give the same samples as one read.
+    MP3 differs slightly for a few ms after each block boundary (soundfile re-seeks after every read, and
+    an MP3 seek restarts the decoder), which is why a block holds more than 10 minutes of audio.
+    """
+    block_frames = max(1, READ_BLOCK_SAMPLES // f.channels)
+    blocks = []
+    while True:
+        block = f.read(block_frames, dtype="float32", always_2d=True)  # (frames, channels)
+        if len(block) == 0:
+            break
+        # (frames, channels) -> (frames,)
+        blocks.append(block.mean(axis=1) if f.channels > 1 else block[:, 0])
+    if len(blocks) == 1:
+        return blocks[0]
+    return np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
+
+
 def _array_to_mono(array: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
     """1-D or 2-D samples (any real dtype) -> (samples,) float32, channels averaged."""
     if isinstance(array, torch.Tensor):
-        array = array.detach().cpu()
+        if array.device.type == "meta":
+            raise AudioError(f"{name}: is a meta tensor, which has a shape but no samples")
+        try:
+            array = array.detach().cpu()
+        except (RuntimeError, NotImplementedError) as exc:
+            raise AudioError(
+                f"{name}: cannot copy samples from device {array.device} to the CPU ({exc})"
+            ) from exc
         # numpy has no bfloat16; every other float widens exactly to float32 below.
         array = (array.float() if array.is_floating_point() else array).numpy()
     if array.ndim not in (1, 2):

@@ -16,6 +16,7 @@ import soundfile as sf
 import torch
 from conftest import speech_like
 
+from minaf3 import audio
 from minaf3.audio import load_audio
 from minaf3.errors import AudioError, AudioFileError, ConfigError
 
@@ -72,6 +73,32 @@ def test_silence_and_clipping_match_reference(tmp_path, fmt, kind, rate):
 @pytest.mark.parametrize("channels", [1, 2])
 def test_ogg_matches_reference(tmp_path, rate, channels):
     assert_matches_reference(write(tmp_path, "a.ogg", make_signal("speech", rate, channels), rate))
+
+
+@pytest.mark.parametrize("fmt", ["wav", "flac", "ogg"])  # not MP3: each block restarts its decoder
+@pytest.mark.parametrize("channels", [1, 2, 3])
+def test_reading_in_blocks_equals_one_read(tmp_path, monkeypatch, fmt, channels):
+    """Files are decoded in blocks (a header's frame count is not trusted for one allocation): block
+    boundaries, even ones that split nothing evenly, change no sample."""
+    path = write(tmp_path, f"a.{fmt}", make_signal("speech", 22050, channels), 22050)
+    whole = load_audio(path)
+    monkeypatch.setattr(audio, "READ_BLOCK_SAMPLES", 1001)
+    np.testing.assert_array_equal(load_audio(path), whole)
+
+
+def test_tensors_on_other_devices(monkeypatch):
+    with pytest.raises(AudioError, match=r"^Tensor of shape \(8,\): is a meta tensor"):
+        load_audio(torch.empty(8, device="meta"))
+    clip = torch.from_numpy(speech_like(1000, 16000))
+    if torch.cuda.is_available():  # moved to the CPU, samples unchanged
+        np.testing.assert_array_equal(load_audio(clip.cuda()), clip.numpy())
+
+    def unreachable(self, *args, **kwargs):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(torch.Tensor, "cpu", unreachable)
+    with pytest.raises(AudioError, match=r"^Tensor of shape \(1000,\): cannot copy .* \(device lost\)"):
+        load_audio(clip)
 
 
 def test_resampling_target_is_honoured(tmp_path):

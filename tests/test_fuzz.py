@@ -299,7 +299,8 @@ def encoded() -> dict[str, tuple[bytes, np.ndarray]]:
 @given(
     ext=st.sampled_from(sorted(FORMATS)),
     keep=st.just(1.0) | st.floats(0, 1),
-    flips=st.lists(st.tuples(st.integers(0, 2000), st.integers(0, 255)), max_size=6),
+    # Half the flips land in the first 64 bytes: the headers (FLAC's STREAMINFO, MP3's Xing, RIFF, OggS).
+    flips=st.lists(st.tuples(st.integers(0, 64) | st.integers(0, 2000), st.integers(0, 255)), max_size=6),
     tail=st.binary(max_size=256),
     as_path=st.booleans(),
 )
@@ -308,9 +309,8 @@ def test_damaged_files_give_a_prefix_or_an_error_naming_them(
 ):
     whole, full = encoded[ext]
     data = bytearray(whole[: int(len(whole) * keep)])
-    # Flipped header bytes in MP3 and FLAC can announce billions of frames: a known, reported bug
-    # (test_reliability.py::test_known_escapes), so only WAV and OGG headers are flipped here.
-    for at, value in flips if ext in ("wav", "ogg") else []:
+    # Flipped header bytes can announce billions of frames (MP3's Xing count, FLAC's STREAMINFO total).
+    for at, value in flips:
         if at < len(data):
             data[at] = value
     data = bytes(data) + (tail if not flips else b"")
@@ -331,6 +331,44 @@ def test_damaged_files_give_a_prefix_or_an_error_naming_them(
         assert len(waveform) <= len(full)
         if ext in ("wav", "flac"):  # lossless: exactly a prefix
             np.testing.assert_array_equal(waveform, full[: len(waveform)])
+
+
+def announce(data: bytes, ext: str, frames: int) -> bytes:
+    """The file with its header's frame count replaced: MP3's Xing count (32 bits, big-endian, 8 bytes
+    after "Xing"), FLAC's STREAMINFO total samples (36 bits: the low nibble of byte 21, then bytes 22-25)."""
+    data = bytearray(data)
+    if ext == "mp3":
+        at = data.find(b"Xing") + 8
+        data[at : at + 4] = (frames % 2**32).to_bytes(4, "big")
+    else:
+        data[21] = (data[21] & 0xF0) | (frames >> 32)
+        data[22:26] = (frames % 2**32).to_bytes(4, "big")
+    return bytes(data)
+
+
+@FUZZ
+@given(
+    ext=st.sampled_from(["mp3", "flac"]),
+    frames=st.integers(0, 2**32 - 1) | st.integers(2**32, 2**36 - 1) | st.integers(0, 2 * SR),
+)
+def test_any_announced_frame_count_gives_a_prefix_or_an_error(processor, encoded, ext, frames):
+    """A header may announce any number of frames: what is decoded is at most the real ones, and a header
+    that announces more than the file holds is an error, never an allocation of what it announces."""
+    whole, full = encoded[ext]
+    if ext == "mp3" and frames >= 2**32:
+        frames %= 2**32  # Xing holds 32 bits
+    data = announce(whole, ext, frames)
+    out = outcome(
+        lambda: processor.apply_chat_template(user_turn(audio_part(data))),
+        rf"conversation 0, message 0, part 0: <{len(data)} bytes>: ",
+    )
+    if out is None:
+        return
+    waveform = minaf3.load_audio(data)
+    check_audio_accounting(out, processor.audio_token_id, [[waveform]])
+    assert len(waveform) <= len(full)
+    if ext == "flac":
+        np.testing.assert_array_equal(waveform, full[: len(waveform)])
 
 
 @FUZZ
