@@ -243,21 +243,50 @@ def _scaled_log_mel(source: torch.Tensor, valid: torch.Tensor, counts: list[int]
     return out
 
 
-def _clamp_to_window_max(features: torch.Tensor, counts: list[int]) -> torch.Tensor:
+def _clamp_to_window_max(features: torch.Tensor, counts: list[int]) -> int | None:
     """Fill each window's padding frames, then apply Whisper's floor and clamp, in place.
 
     Reference: y = max(log, -1.5), then max(y, window max of y - 2) (in scaled units). With the floored
-    maximum m, that is one clamp at max(m - 2, -1.5). NaN or Inf samples reach m, so checking it is a free
-    test for them: raises AudioError naming the window.
+    maximum m, that is one clamp at max(m - 2, -1.5). A NaN or Inf anywhere in a window reaches m, so
+    checking it is a free test for bad samples: returns the first window whose maximum is not finite
+    (left unclamped), else None.
     """
     for w, count in enumerate(counts):
         features[w, :, count:] = PADDING_LOG_MEL
     top = features.amax(dim=(1, 2)).clamp_(min=PADDING_LOG_MEL)  # (W,); clamp keeps NaN
     bad = torch.nonzero(~torch.isfinite(top))
     if bad.numel():
-        raise AudioError(f"window {int(bad[0])}: audio contains NaN or Inf samples")
+        return int(bad[0])
     floor = (top - DYNAMIC_RANGE / 4).clamp_(min=PADDING_LOG_MEL)
-    return features.clamp_(min=floor[:, None, None])
+    features.clamp_(min=floor[:, None, None])
+    return None
+
+
+class SampleError(AudioError):
+    """A window whose log-mel is not finite, and the sample to blame: `window`, `sample` (its offset in
+    the window) and `problem` (what is wrong with it, e.g. "is nan (...)"), so that callers which cut the
+    windows from clips can name the clip and the sample's offset in it instead."""
+
+    def __init__(self, window: int, sample: int, problem: str):
+        super().__init__(f"window {window}, sample {sample} {problem}")
+        self.window, self.sample, self.problem = window, sample, problem
+
+
+def _blame_sample(source: torch.Tensor, window: int, valid: int) -> SampleError:
+    """The error for a window whose log-mel is not finite: its first NaN or Inf sample, or, when all its
+    samples are finite, its largest one, whose power overflowed float32 (samples near 1e17 and up)."""
+    samples = source[window * WINDOW_SAMPLES : window * WINDOW_SAMPLES + valid].cpu()
+    finite = torch.isfinite(samples)
+    if not finite.all():
+        first = int(torch.argmin(finite.to(torch.uint8)))
+        return SampleError(window, first, f"is {float(samples[first])} (NaN or Inf samples are not audio)")
+    peak = int(samples.abs().argmax())
+    return SampleError(
+        window,
+        peak,
+        f"is {float(samples[peak]):.3g}: samples this large overflow the float32 power spectrum (the "
+        "reference's features are NaN); audio samples should lie in [-1, 1]",
+    )
 
 
 def _frame_mask(valid: torch.Tensor) -> torch.Tensor:
@@ -272,7 +301,10 @@ def _features(source: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, 
     counts = [computed_frames(v) for v in valid_list]
     source = source.to(torch.float32).contiguous()
     features = _scaled_log_mel(source, valid, counts)
-    return _clamp_to_window_max(features, counts), _frame_mask(valid)
+    bad = _clamp_to_window_max(features, counts)
+    if bad is not None:
+        raise _blame_sample(source, bad, valid_list[bad])
+    return features, _frame_mask(valid)
 
 
 def _float_tensor(data, what: str) -> torch.Tensor:
@@ -293,7 +325,9 @@ def log_mel_windows(windows, valid, device=None) -> tuple[torch.Tensor, torch.Te
     windows: (W, 480000) float samples at 16 kHz, zero-padded; samples past valid[w] are ignored.
     valid: (W,) integers in [0, 480000], the real samples of each window.
     device: where to compute; default: the device of `windows`.
-    Returns features (W, 128, 3000) float32 and mask (W, 3000) int32 on that device.
+    Returns features (W, 128, 3000) float32 and mask (W, 3000) int32 on that device. A window whose
+    features are not finite (a NaN or Inf sample, or finite samples so large their power overflows)
+    raises SampleError, an AudioError naming the window and the sample.
     """
     windows = _float_tensor(windows, "windows")
     if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] != WINDOW_SAMPLES:
@@ -333,6 +367,6 @@ def log_mel_spectrogram(
     source = audio[: num_windows(audio.shape[0]) * WINDOW_SAMPLES].to(device)
     try:
         return _features(source, valid)
-    except AudioError:
-        first = int(torch.nonzero(~torch.isfinite(source))[0])
-        raise AudioError(f"audio sample {first} is {float(source[first])}: NaN or Inf is not audio") from None
+    except SampleError as exc:
+        sample = exc.window * WINDOW_SAMPLES + exc.sample  # windows are consecutive 30 s of the audio
+        raise AudioError(f"audio sample {sample} {exc.problem}") from None

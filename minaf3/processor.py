@@ -28,7 +28,7 @@ from minaf3 import windows
 from minaf3.audio import load_audio
 from minaf3.chat_template import AUDIO_TOKEN, audio_parts, check_text, parse, render, split_batch
 from minaf3.errors import AudioError, AudioFileError, ConfigError, InputError
-from minaf3.features import log_mel_windows
+from minaf3.features import SampleError, log_mel_windows
 from minaf3.processor_files import BatchFeature, read_processor_files
 
 logger = logging.getLogger(__name__)
@@ -112,12 +112,14 @@ class AudioFlamingo3Processor:
         or None for a text-only prompt.
         """
         texts, clips = _pair_text_and_audio(text, audio)
-        waveforms = [
-            [self._load(clip, f"sample {i}, audio {j}") for j, clip in enumerate(sample)]
-            for i, sample in enumerate(clips)
+        clip_names = [
+            [f"sample {i}, audio {j}" for j in range(len(sample))] for i, sample in enumerate(clips)
         ]
+        waveforms = self._load_all(clips, clip_names)
         names = [f"sample {i}" for i in range(len(texts))]
-        return self._encode(texts, waveforms, names, output_labels, padding_side, placeholders_from_text=True)
+        return self._encode(
+            texts, waveforms, names, clip_names, output_labels, padding_side, placeholders_from_text=True
+        )
 
     def apply_chat_template(
         self,
@@ -136,11 +138,12 @@ class AudioFlamingo3Processor:
         if not tokenize:
             return texts if is_batch else texts[0]
         names = [f"conversation {i}" for i in range(len(parsed))]
-        waveforms = [
-            [self._load(part.source, f"{name}, {part.where}") for part in audio_parts(messages)]
-            for name, messages in zip(names, parsed, strict=True)
-        ]
-        out = self._encode(texts, waveforms, names, output_labels, padding_side, placeholders_from_text=False)
+        parts = [audio_parts(messages) for messages in parsed]
+        clip_names = [[f"{name}, {p.where}" for p in ps] for name, ps in zip(names, parts, strict=True)]
+        waveforms = self._load_all([[p.source for p in ps] for ps in parts], clip_names)
+        out = self._encode(
+            texts, waveforms, names, clip_names, output_labels, padding_side, placeholders_from_text=False
+        )
         return out if return_dict else out["input_ids"]
 
     def apply_transcription_request(
@@ -198,6 +201,13 @@ class AudioFlamingo3Processor:
 
     # --- internals ------------------------------------------------------------------------------------
 
+    def _load_all(self, sources: list[list[Any]], names: list[list[str]]) -> list[list[np.ndarray]]:
+        """Each sample's clips loaded, names[i][j] naming clip j of sample i in errors."""
+        return [
+            [self._load(source, name) for source, name in zip(clips, clip_names, strict=True)]
+            for clips, clip_names in zip(sources, names, strict=True)
+        ]
+
     def _load(self, source: Any, name: str) -> np.ndarray:
         """A clip as a float32 waveform cut to max_audio_len; load errors are re-raised naming the part."""
         try:
@@ -253,12 +263,14 @@ class AudioFlamingo3Processor:
         texts: list[str],
         waveforms: list[list[np.ndarray]],
         names: list[str],
+        clip_names: list[list[str]],
         output_labels: bool,
         padding_side: str,
         placeholders_from_text: bool,
     ) -> BatchFeature:
         """Prompts and their loaded clips -> model inputs. placeholders_from_text: the prompt forms of
-        `__call__` apply; otherwise (rendered conversations) there is exactly one placeholder per clip."""
+        `__call__` apply; otherwise (rendered conversations) there is exactly one placeholder per clip.
+        names: one per sample; clip_names: one per clip, as waveforms, for errors found in the features."""
         if padding_side not in ("left", "right"):
             raise InputError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         if placeholders_from_text:
@@ -283,7 +295,8 @@ class AudioFlamingo3Processor:
         out = BatchFeature(input_ids=input_ids, attention_mask=attention_mask)
         clips = [w for sample in waveforms for w in sample]
         if clips:
-            out["input_features"], out["input_features_mask"] = _features(clips)
+            flat_names = [name for sample in clip_names for name in sample]
+            out["input_features"], out["input_features_mask"] = _features(clips, flat_names)
         if output_labels:
             labels = input_ids.clone()
             labels[input_ids == self.audio_token_id] = IGNORE_INDEX
@@ -310,18 +323,28 @@ class AudioFlamingo3Processor:
         return input_ids, attention_mask
 
 
-def _features(clips: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every window of every clip, in order, through one batched log-mel call: (W, 128, 3000), (W, 3000)."""
+def _features(clips: list[np.ndarray], names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every window of every clip, in order, through one batched log-mel call: (W, 128, 3000), (W, 3000).
+
+    A window whose features are not finite is reported as its clip's sample (names: one per clip).
+    """
     bounds = [windows.window_bounds(len(clip)) for clip in clips]
-    slab = torch.zeros(sum(len(b) for b in bounds), windows.WINDOW_SAMPLES, dtype=torch.float32)
+    # Not zeroed: log_mel_windows never reads past each window's valid samples, and a 10 min clip's slab
+    # is 38 MB to fill for nothing.
+    slab = torch.empty(sum(len(b) for b in bounds), windows.WINDOW_SAMPLES, dtype=torch.float32)
     valid = torch.zeros(len(slab), dtype=torch.int64)
-    w = 0
-    for clip, clip_bounds in zip(clips, bounds, strict=True):
+    origin = []  # per window: (clip, offset of its first sample in the clip)
+    for c, (clip, clip_bounds) in enumerate(zip(clips, bounds, strict=True)):
         for start, end in clip_bounds:
+            w = len(origin)
             slab[w, : end - start] = torch.from_numpy(clip[start:end])
             valid[w] = end - start
-            w += 1
-    return log_mel_windows(slab, valid)
+            origin.append((c, start))
+    try:
+        return log_mel_windows(slab, valid)
+    except SampleError as exc:
+        c, start = origin[exc.window]
+        raise AudioError(f"{names[c]}: sample {start + exc.sample} {exc.problem}") from exc
 
 
 def _pair_text_and_audio(text: Any, audio: Any) -> tuple[list[str], list[list[Any]]]:

@@ -15,7 +15,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minaf3.errors import AudioError, ConfigError
-from minaf3.features import computed_frames, log_mel_spectrogram, log_mel_windows, mel_filter_bank
+from minaf3.features import (
+    SampleError,
+    computed_frames,
+    log_mel_spectrogram,
+    log_mel_windows,
+    mel_filter_bank,
+)
 from minaf3.windows import FRAMES_PER_WINDOW, MAX_AUDIO_SAMPLES, N_MELS, WINDOW_SAMPLES
 
 TOLERANCE = 1e-4  # max abs difference allowed against the reference
@@ -96,14 +102,37 @@ def test_batch_of_windows_matches_reference(reference_processor):
     assert torch.equal(mask, expected_mask.to(torch.int32))
 
 
-def test_samples_past_valid_are_ignored():
-    audio = speech_like(50_000)
-    clean = torch.zeros(1, WINDOW_SAMPLES)
-    clean[0, :50_000] = torch.from_numpy(audio)
+@pytest.mark.parametrize("garbage", [1.0, np.nan, np.inf, 1e30])
+@pytest.mark.parametrize("valid", [0, 1, 50_000, WINDOW_SAMPLES - 1])
+def test_samples_past_valid_are_ignored(garbage, valid):
+    """Whatever lies past valid (the processor's slab is torch.empty: any bits, NaN included) is unread."""
+    clean = torch.zeros(2, WINDOW_SAMPLES)
+    clean[0, :valid] = torch.from_numpy(speech_like(valid))
+    clean[1] = torch.from_numpy(speech_like(WINDOW_SAMPLES, seed=1))  # a full window right after the garbage
     dirty = clean.clone()
-    dirty[0, 50_000:] = 1.0
-    for got, want in zip(log_mel_windows(dirty, [50_000]), log_mel_windows(clean, [50_000]), strict=True):
+    dirty[0, valid:] = garbage
+    lengths = [valid, WINDOW_SAMPLES]
+    for got, want in zip(log_mel_windows(dirty, lengths), log_mel_windows(clean, lengths), strict=True):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(
+    ("bad", "problem"), [(np.nan, r"is nan \(NaN or Inf"), (1e30, r"is 1e\+30: .*overflow")]
+)
+def test_log_mel_windows_names_the_window_and_sample(bad, problem):
+    windows = torch.zeros(3, WINDOW_SAMPLES)
+    windows[2, 1234] = bad
+    with pytest.raises(SampleError, match=rf"^window 2, sample 1234 {problem}") as caught:
+        log_mel_windows(windows, [10, 10, 2000])
+    assert (caught.value.window, caught.value.sample) == (2, 1234)
+
+
+@pytest.mark.parametrize("peak", [1e15, 1e17])
+def test_large_finite_samples_match_reference(reference_processor, peak):
+    """Far outside [-1, 1] but within float32's power range: the same features as the reference."""
+    audio = speech_like(20_000)
+    audio[700] = peak
+    assert_matches_reference(reference_processor, audio)
 
 
 def test_numpy_float64_and_torch_inputs_agree():
