@@ -27,6 +27,7 @@ import torch
 
 from minaf3.audio import load_audio
 from minaf3.chat_template import AUDIO_SOURCE_KEYS
+from minaf3.config import AudioFlamingo3Config
 from minaf3.errors import AudioError, AudioFileError, CheckpointError, ConfigError, InputError
 from minaf3.generate import TextIteratorStreamer
 from minaf3.lora import load_adapter
@@ -96,6 +97,7 @@ def load(
         raise ConfigError(f"quantize={quantize!r}: expected None or one of {QUANTIZE_MODES}")
     folder = check_model_folder(path)
     processor = AudioFlamingo3Processor.from_pretrained(folder)  # cheap: tokenizer problems show first
+    check_processor_fits_model(processor, AudioFlamingo3Config.from_file(folder), folder)
     options = {"quantize": quantize} if quantize else {}
     model = AudioFlamingo3ForConditionalGeneration.from_pretrained(
         folder, dtype=dtype, device_map=device, **options
@@ -107,6 +109,31 @@ def load(
             "%s has no think/ adapter folder: the base model is asked to reason without it", folder
         )
     return Pipeline(model, processor, think=think)
+
+
+def check_processor_fits_model(
+    processor: AudioFlamingo3Processor, config: AudioFlamingo3Config, folder: Path
+) -> None:
+    """Refuse a processor whose ids the model would misread, before any weight is read.
+
+    The model finds audio positions by config.json's audio_token_id: a different id from the processor
+    would leave the audio unused (or fail on a count mismatch deep in generate). Every id the tokenizer
+    can produce indexes the embedding table, so the largest must be below text_config.vocab_size.
+    Raises ConfigError naming both values and the files they come from.
+    """
+    if processor.audio_token_id != config.audio_token_id:
+        raise ConfigError(
+            f"{folder}: config.json has audio_token_id={config.audio_token_id} but the processor's audio "
+            f"token {processor.audio_token!r} is id {processor.audio_token_id} in tokenizer.json; "
+            "the two files come from different checkpoints"
+        )
+    largest = max(processor.tokenizer.get_vocab(with_added_tokens=True).values())
+    if largest >= config.decoder.vocab_size:
+        raise ConfigError(
+            f"{folder}: tokenizer.json holds token ids up to {largest} but config.json has "
+            f"text_config.vocab_size={config.decoder.vocab_size} (ids 0 to {config.decoder.vocab_size - 1}); "
+            "the two files come from different checkpoints"
+        )
 
 
 @dataclass
