@@ -220,6 +220,8 @@ def generate(
             pad_token_id=pad_token_id,
         )
         device = model.device
+        if generator is not None and not isinstance(getattr(generator, "device", None), torch.device):
+            raise GenerationError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         if generator is not None and generator.device.type != device.type:
             raise GenerationError(f"generator is on {generator.device} but the model on {device}")
         if not isinstance(input_ids, torch.Tensor):
@@ -307,7 +309,11 @@ def decode_loop(
     kept: list[torch.Tensor] = []
 
     logits = prefill(model, embeds, prompt_positions, key_mask, slots[:T])
+    # NaN logits (corrupt weights, fp16 overflow) would be decoded as token 0 without a word: note them on
+    # the device and report them at the stop check, which is a host sync anyway.
+    nan_step = torch.full((), -1, dtype=torch.long, device=device)
     for step in range(N):
+        nan_step = torch.where((nan_step < 0) & torch.isnan(logits).any(), step, nan_step)
         if keep_logits:  # a CUDA graph overwrites its output at the next step: keep a copy
             kept.append(logits if step_fn is decode_one_token else logits.clone())
         scores = process_logits(logits, config, seen, step, eos_ids)
@@ -321,7 +327,10 @@ def decode_loop(
             mark_seen_(seen, tokens)
         if streamer is not None:
             streamer.put(tokens.cpu())
-        if step + 1 == N or (eos_ids is not None and not unfinished.any()):  # the one host sync per step
+        running, first_nan = torch.stack((unfinished.any(), nan_step)).tolist()  # the one host sync per step
+        if first_nan >= 0:
+            raise GenerationError(f"the model produced NaN logits at generation step {first_nan}")
+        if step + 1 == N or (eos_ids is not None and not running):
             break
         logits = step_fn(
             model,

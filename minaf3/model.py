@@ -242,11 +242,14 @@ class AudioFlamingo3ForConditionalGeneration(nn.Module):
         dtype = resolve_dtype(dtype, device, path)
         with torch.device("meta"):
             model = cls(config)
+        # Every small file is read and checked before the first tensor, so a bad one fails fast.
+        generation_config = GenerationConfig.from_pretrained(path, config)
         expected = {name: t.shape for name, t in model.state_dict().items()}
         tensors = read_checkpoint(path, expected, dtype=dtype, device=device)
         model.load_state_dict(tensors, strict=True, assign=True)
+        del tensors  # the model holds the only references now: quantizing can free each weight it replaces
         model.language_model.reset_buffers(device)
-        model.generation_config = GenerationConfig.from_pretrained(path, config)
+        model.generation_config = generation_config
         if think:
             model.load_adapter(path / THINK_FOLDER, merge=True)
         if quantize is not None:

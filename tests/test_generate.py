@@ -354,3 +354,17 @@ def test_defaults_come_from_the_checkpoint_generation_config(model, singles):
     out = model.generate(**singles["text"], generator=generator)
     assert singles["text"]["input_ids"].shape[1] < out.shape[1] <= singles["text"]["input_ids"].shape[1] + 20
     assert torch.equal(out, model.generate(**singles["text"], generator=torch.Generator().manual_seed(3)))
+
+
+def test_generator_must_be_a_torch_generator(model, audio_batch):
+    with pytest.raises(GenerationError, match="generator must be a torch.Generator, got int"):
+        model.generate(**audio_batch, max_new_tokens=2, do_sample=True, generator=5)
+
+
+def test_nan_logits_are_an_error_not_token_zero(tiny_checkpoint, audio_batch):
+    """Corrupt weights must not decode silently as token 0: generation names the step instead."""
+    broken = AudioFlamingo3ForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    with torch.no_grad():
+        broken.lm_head.weight[7, 0] = float("nan")
+    with pytest.raises(GenerationError, match="NaN logits at generation step 0"):
+        broken.generate(**audio_batch, max_new_tokens=3, do_sample=False)

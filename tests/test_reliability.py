@@ -432,11 +432,6 @@ def test_huge_samples_are_refused_naming_the_part_and_the_sample(tiny_checkpoint
         processor(["a", "b"], [speech_like(SR, SR), clip])
 
 
-# ---- known bugs in other modules, reported to their owners: strict xfails until fixed ---------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="model.py from_pretrained reads generation_config.json after read_checkpoint (reported)",
-)
 def test_bad_generation_config_fails_before_any_tensor_is_read(tmp_path, tiny_checkpoint, tensor_reads):
     folder = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
     edit_json(folder, "generation_config.json", lambda c: c.update(top_k=-3))
