@@ -30,8 +30,7 @@ from minaf3.chat_template import AUDIO_SOURCE_KEYS
 from minaf3.config import AudioFlamingo3Config
 from minaf3.errors import AudioError, AudioFileError, CheckpointError, ConfigError, InputError
 from minaf3.generate import TextIteratorStreamer
-from minaf3.lora import load_adapter
-from minaf3.model import DOWNLOAD_HINT, AudioFlamingo3ForConditionalGeneration
+from minaf3.model import DOWNLOAD_HINT, THINK_FOLDER, AudioFlamingo3ForConditionalGeneration
 from minaf3.processor import AudioFlamingo3Processor
 from minaf3.segments import Segment, Transcription, join_texts, segment_bounds, to_seconds
 from minaf3.weights.layouts import scan_checkpoint
@@ -41,7 +40,6 @@ from minaf3.windows import MAX_AUDIO_SAMPLES, MAX_AUDIO_SECONDS, SAMPLING_RATE
 
 logger = logging.getLogger(__name__)
 
-THINK_FOLDER = "think"  # the AF-Think LoRA adapter's subfolder in the hub checkpoint
 THINK_SUFFIX = "Please think and reason about the input audio before you respond."  # AF-Think's trigger
 DEFAULT_MAX_NEW_TOKENS = 1024  # the model card's output limit; the shipped generation config says 20
 DEFAULT_BATCH_SIZE = 4  # segments per generate call in transcribe: a 600 s segment is ~15k prompt tokens
@@ -98,13 +96,12 @@ def load(
     folder = check_model_folder(path)
     processor = AudioFlamingo3Processor.from_pretrained(folder)  # cheap: tokenizer problems show first
     check_processor_fits_model(processor, AudioFlamingo3Config.from_file(folder), folder)
-    options = {"quantize": quantize} if quantize else {}
+    # from_pretrained merges the adapter (no cost per token) before it quantizes, the only working order.
+    has_adapter = think and (folder / THINK_FOLDER).is_dir()
     model = AudioFlamingo3ForConditionalGeneration.from_pretrained(
-        folder, dtype=dtype, device_map=device, **options
+        folder, dtype=dtype, device_map=device, quantize=quantize, think=has_adapter
     )
-    if think and (folder / THINK_FOLDER).is_dir():
-        load_adapter(model, folder / THINK_FOLDER)  # merged into the weights: no cost per token
-    elif think:
+    if think and not has_adapter:
         logger.warning(
             "%s has no think/ adapter folder: the base model is asked to reason without it", folder
         )
