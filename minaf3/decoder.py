@@ -268,14 +268,18 @@ class Qwen2Decoder(nn.Module):
     def __init__(self, config: DecoderConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # No random init (weights come from the checkpoint; see WhisperEncoder.embed_positions).
+        self.embed_tokens = nn.Embedding(
+            config.vocab_size, config.hidden_size, _weight=torch.empty(config.vocab_size, config.hidden_size)
+        )
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        inv_freq = rope_inv_freq(config.head_dim, config.rope_theta)
+        # On the CPU even inside a meta-device build: arange on meta costs a second (it imports torch._refs).
+        inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, torch.device("cpu"))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def reset_buffers(self, device: torch.device) -> None:
-        """Recompute the non-persistent RoPE table (after a meta-device build it holds no data)."""
+        """Recompute the non-persistent RoPE table on `device` (the loader assigns checkpoint tensors)."""
         self.inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta, device)
 
     @torch.no_grad()

@@ -68,7 +68,11 @@ class WhisperEncoder(nn.Module):
         h = config.hidden_size
         self.conv1 = nn.Conv1d(config.num_mel_bins, h, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(h, h, kernel_size=3, stride=2, padding=1)
-        self.embed_positions = nn.Embedding(config.max_source_positions, h)
+        # Weights always come from a checkpoint: passing the storage skips nn.Embedding's random init,
+        # which on the meta device costs about a second the first time (it imports torch._refs).
+        self.embed_positions = nn.Embedding(
+            config.max_source_positions, h, _weight=torch.empty(config.max_source_positions, h)
+        )
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_layers))
         self.layer_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
 
