@@ -146,6 +146,23 @@ def split_linear(fused: nn.Linear, sizes: list[int], biases: list[bool]) -> list
     return layers
 
 
+def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """layer(x), except in a torch.compile'd one-row step on the CPU, where a plain nn.Linear is written as a
+    multiply-and-sum: inductor generates it as one loop streaming the weight at the memory's full speed,
+    where the BLAS matrix-vector product it would call instead reached half of it (tools/bench.py, row 3),
+    and the small layers of a small model lose the cost of a library call each."""
+    if (
+        torch.compiler.is_compiling()
+        and type(layer) is nn.Linear
+        and x.device.type == "cpu"
+        and x.shape[:-1].numel() == 1
+    ):
+        # (..., 1, in) * (out, in) -> sum over in -> (..., out); fused by inductor, never materialised
+        y = (x.unsqueeze(-2).float() * layer.weight.float()).sum(-1).to(x.dtype)
+        return y if layer.bias is None else y + layer.bias
+    return layer(x)
+
+
 def swap_children(parent: nn.Module, old: list[str], new: dict[str, nn.Module]) -> None:
     """Replace the children named `old` by `new`, placed where the first of `old` was, so that printing the
     model and its state_dict keep the architecture's order (q, k, v before o_proj)."""
@@ -199,9 +216,9 @@ class DecoderAttention(nn.Module):
     def forward(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
         B, T, _ = x.shape
         if "qkv_proj" in self._modules:
-            q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+            q, k, v = linear(self.qkv_proj, x).split(self.sizes, dim=-1)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k, v = linear(self.q_proj, x), linear(self.k_proj, x), linear(self.v_proj, x)
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, T, Hq*Dh) -> (B, Hq, T, Dh)
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # -> (B, Hkv, T, Dh)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # -> (B, Hkv, T, Dh)
@@ -216,7 +233,7 @@ class DecoderAttention(nn.Module):
         y = attention(
             q, k, v, key_mask=step.key_mask, query_pos=step.query_pos, backend=step.backend, mask=step.mask
         )  # (B, Hq, T, Dh)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, Hq, T, Dh) -> (B, T, Hq * Dh)
+        return linear(self.o_proj, y.transpose(1, 2).reshape(B, T, -1))  # (B, Hq, T, Dh) -> (B, T, Hq * Dh)
 
 
 class MLP(nn.Module):
@@ -244,10 +261,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if "gate_up_proj" in self._modules:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (..., 2 * I) -> 2 x (..., I)
+            gate, up = linear(self.gate_up_proj, x).chunk(2, dim=-1)  # (..., 2 * I) -> 2 x (..., I)
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+            gate, up = linear(self.gate_proj, x), linear(self.up_proj, x)
+        return linear(self.down_proj, F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

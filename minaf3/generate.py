@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from .decoder import linear
 from .errors import GenerationError, InputError
 from .sampling import GenerationConfig, mark_seen_, process_logits, sample, seen_tokens
 
@@ -105,7 +106,7 @@ def decode_one_token(
     """tokens (B, 1) at RoPE positions (B, 1), written to cache slot input_pos (1,) -> logits (B, V) f32."""
     embeds = model.language_model.embed_tokens(tokens)  # (B, 1, D)
     hidden = model.language_model(embeds, positions, key_mask, input_pos)  # (B, 1, D)
-    return model.lm_head(hidden[:, -1]).float()
+    return linear(model.lm_head, hidden[:, -1]).float()
 
 
 def compile_mode(compile: bool | str | None, device: torch.device) -> str | None:
@@ -130,14 +131,19 @@ def decode_step(mode: str | None, device: torch.device) -> Callable:
     """decode_one_token, or its torch.compile'd form in `mode`, for one generate call.
 
     Static shapes: the cache length is fixed for a whole call (and bucketed across calls), so each (model,
-    batch size, bucket) gets one specialised graph. On the CPU the graph's wrapper is C++ as well: its Python
-    form spends more time allocating and checking buffers than the tiny kernels of a small model run.
+    batch size, bucket) gets one specialised graph. Two CPU settings, each measured on tools/bench.py's rows 1
+    and 3: the graph's wrapper is C++ (its Python form spends more time allocating and checking buffers than
+    a small model's kernels run), and every intermediate vector is materialised (realize_opcount_threshold
+    0): by default inductor recomputes an RMSNorm or SiLU output inside the loop that streams the next
+    weight matrix, once per output row, which halved the bandwidth of the one-row products.
     """
     if mode is None:
         return decode_one_token
     key = (mode, device.type)
     if key not in _compiled:
-        options = dict(torch._inductor.list_mode_options(mode), cpp_wrapper=device.type == "cpu")
+        options = torch._inductor.list_mode_options(mode)
+        if device.type == "cpu":
+            options.update(cpp_wrapper=True, realize_opcount_threshold=0)
         _compiled[key] = torch.compile(decode_one_token, dynamic=False, fullgraph=True, options=options)
     return guards_checked_once(_compiled[key])
 
