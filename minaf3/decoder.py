@@ -147,20 +147,26 @@ def split_linear(fused: nn.Linear, sizes: list[int], biases: list[bool]) -> list
 
 
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """layer(x), except in a torch.compile'd one-row step on the CPU, where a plain nn.Linear is written as a
-    multiply-and-sum: inductor generates it as one loop streaming the weight at the memory's full speed,
-    where the BLAS matrix-vector product it would call instead reached half of it (tools/bench.py, row 3),
-    and the small layers of a small model lose the cost of a library call each."""
-    if (
-        torch.compiler.is_compiling()
-        and type(layer) is nn.Linear
-        and x.device.type == "cpu"
-        and x.shape[:-1].numel() == 1
-    ):
-        # (..., 1, in) * (out, in) -> sum over in -> (..., out); fused by inductor, never materialised
-        y = (x.unsqueeze(-2).float() * layer.weight.float()).sum(-1).to(x.dtype)
-        return y if layer.bias is None else y + layer.bias
-    return layer(x)
+    """layer(x), except in a torch.compile'd one-row step on the CPU, where a plain nn.Linear or an int8
+    Int8Linear is written as a multiply-and-sum: inductor generates it as one loop streaming the weight at
+    the memory's full speed, where the BLAS matrix-vector product (or the int8 extension) it would call
+    instead reached half of it (tools/bench.py, row 3), and the small layers of a small model lose the cost
+    of a library call each."""
+    if not (torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[:-1].numel() == 1):
+        return layer(x)
+    from .quantize import Int8Linear
+
+    if type(layer) is nn.Linear:
+        weight, scales = layer.weight, None
+    elif type(layer) is Int8Linear:
+        weight, scales = layer.weight, layer.scales  # (out, in) int8, (out,): one scale per row
+    else:
+        return layer(x)
+    # (..., 1, in) * (out, in) -> sum over in -> (..., out); fused by inductor, never materialised
+    y = (x.unsqueeze(-2).float() * weight.float()).sum(-1)
+    if scales is not None:
+        y = y * scales
+    return (y if layer.bias is None else y + layer.bias).to(x.dtype)
 
 
 def swap_children(parent: nn.Module, old: list[str], new: dict[str, nn.Module]) -> None:

@@ -142,6 +142,16 @@ def test_compiled_decoding_gives_the_eager_tokens_and_logits(one_layer):
     assert model.language_model.cache_shape[2] == 256  # bucketed, and kept for the next compiled call
 
 
+def test_compiled_int8_decoding_gives_the_eager_tokens(one_layer):
+    """The compiled step streams int8 weights itself (decoder.linear); eager runs the int8 kernel."""
+    model = load(one_layer, quantize="int8")
+    ids = torch.randint(0, 400, (1, 9), generator=torch.Generator().manual_seed(1))
+    args = dict(max_new_tokens=10, return_dict_in_generate=True, output_logits=True, **GREEDY)
+    eager, compiled = (model.generate(ids, compile=mode, **args) for mode in (False, True))
+    assert torch.equal(compiled.sequences, eager.sequences)
+    assert max((a - b).abs().max() for a, b in zip(compiled.logits, eager.logits, strict=True)) < 1e-4
+
+
 def test_compile_argument_is_checked(one_layer):
     model = load(one_layer)
     with pytest.raises(GenerationError, match="compile='fast'"):
