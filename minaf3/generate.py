@@ -246,7 +246,8 @@ def generate(
             embeds = model.embed_inputs(input_ids, input_features, input_features_mask)  # (B, T, D)
             mode = compile_mode(compile, device)
             with model_lock(model):
-                model.fuse_projections()
+                with torch.inference_mode(False):  # fused weights stay ordinary tensors, usable by autograd
+                    model.fuse_projections()
                 slots = T + config.max_new_tokens
                 if mode is not None:  # one graph per bucket of cache lengths, not per prompt length
                     slots = min(

@@ -24,6 +24,9 @@ from .decoder import Qwen2Decoder
 from .encoder import WhisperEncoder
 from .errors import CheckpointError, ConfigError, InputError
 
+# Encoder windows batched together may be padded by up to this fraction of their own length: batching saves
+# per-call overhead (GPU launches), padding costs attention and matrix products in proportion.
+GROUP_SLACK = 0.25
 THINK_FOLDER = "think"  # the AF-Think LoRA adapter's subfolder in the hub checkpoint
 DOWNLOAD_HINT = (
     "Download the official checkpoint with `huggingface-cli download nvidia/audio-flamingo-3-hf "
@@ -68,6 +71,20 @@ def frames_needed(mel_lengths: torch.Tensor, num_frames: int) -> int:
     return min(num_frames, 2 * l1 + 2)
 
 
+def length_groups(mel_lengths: list[int], slack: float = GROUP_SLACK) -> list[list[int]]:
+    """Windows to encode together: indices grouped so that no window is padded by more than `slack` of its
+    own length (the group runs at its longest member's length). Full windows form one group; each sample's
+    short tail joins the tails of similar length, so a batch of short clips is still one batch."""
+    order = sorted(range(len(mel_lengths)), key=lambda i: -mel_lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and mel_lengths[groups[-1][0]] <= (1 + slack) * mel_lengths[i]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 class AudioFlamingo3ForConditionalGeneration(nn.Module):
     def __init__(self, config: AudioFlamingo3Config):
         super().__init__()
@@ -101,14 +118,14 @@ class AudioFlamingo3ForConditionalGeneration(nn.Module):
         mel_lengths = input_features_mask.sum(-1).long()
         tokens = audio_token_lengths(mel_lengths)
         num_frames = input_features.shape[-1]
-        # Full windows need every frame; a short tail needs few. Encoding the two groups apart keeps the
-        # tail's cost proportional to its length while the full windows still run as one batch.
-        full = mel_lengths >= num_frames - 1
         out = [None] * len(mel_lengths)
         features = input_features.to(self.dtype)
-        for group in (full.nonzero().flatten(), (~full).nonzero().flatten()):
-            if len(group) == 0:
-                continue
+        if self.crop_audio_padding:
+            groups = length_groups(mel_lengths.tolist())
+        else:
+            groups = [list(range(len(mel_lengths)))]
+        for group in groups:
+            group = torch.tensor(group, device=mel_lengths.device)
             crop = frames_needed(mel_lengths[group], num_frames) if self.crop_audio_padding else num_frames
             hidden = self.audio_tower(features[group, :, :crop], mel_lengths[group])  # (w, crop / 4, H)
             for i, h in zip(group.tolist(), hidden, strict=True):

@@ -19,6 +19,7 @@ from test_model import reference_inputs
 from minaf3 import AudioFlamingo3ForConditionalGeneration, CheckpointError, ConfigError, GenerationError
 from minaf3.attention import attention, default_backend, use_backend
 from minaf3.lora import LoRALinear, load_adapter, unmerge
+from minaf3.model import length_groups
 from minaf3.quantize import Int8Linear, quantize_model
 
 GREEDY = dict(do_sample=False, repetition_penalty=1.0, eos_token_id=[])
@@ -69,7 +70,8 @@ def test_generate_fuses_the_plain_layers_before_decoding(tiny_checkpoint, inputs
     model = load(tiny_checkpoint)
     assert "qkv_proj" not in model.language_model.layers[0].self_attn._modules
     model.generate(**inputs, max_new_tokens=2, **GREEDY)
-    assert "qkv_proj" in model.language_model.layers[0].self_attn._modules
+    qkv = model.language_model.layers[0].self_attn._modules["qkv_proj"]
+    assert not qkv.weight.is_inference() and qkv.weight.requires_grad  # still trainable after generate
 
 
 @pytest.mark.parametrize("merge", [True, False])
@@ -89,6 +91,20 @@ def test_adapter_on_a_fused_model_equals_the_adapter_on_a_fresh_one(think_checkp
     assert (logits(model, inputs) - expected).abs().max() < 1e-5
     unmerge(model)  # the LoRA layers were left intact, so the adapter comes out cleanly
     assert (logits(model, inputs) - logits(load(think_checkpoint), inputs)).abs().max() < 1e-5
+
+
+# ---- encoder batching ------------------------------------------------------------------------------------
+@given(
+    lengths=st.lists(st.integers(1, 3000), min_size=1, max_size=30), slack=st.sampled_from([0.0, 0.25, 1.0])
+)
+def test_length_groups_bound_the_padding(lengths, slack):
+    groups = length_groups(lengths, slack)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for group in groups:
+        longest = max(lengths[i] for i in group)
+        assert all(longest <= (1 + slack) * lengths[i] for i in group)
+    full = [i for i, n in enumerate(lengths) if n == 3000]
+    assert not full or any(set(full) <= set(g) for g in groups)  # the full windows run as one batch
 
 
 # ---- loading options --------------------------------------------------------------------------------------
