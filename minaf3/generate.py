@@ -56,9 +56,11 @@ _UNUSED_INPUTS = ("labels", "position_ids", "token_type_ids", "tokenizer")
 
 # torch.compile modes the decode step accepts; see `compile_mode`.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-# Compiled decoding rounds the cache length up to a multiple of this, so that prompts of similar length share
-# one graph. The extra slots are never attended to (causality hides slots past the current one).
-CACHE_BUCKET = 256
+# Compiled decoding rounds the cache length up to a power of two, at least this: each length is a graph of its
+# own (a minute to compile for 28 layers on a CPU), so prompts from 1 to 16k tokens share at most 7 graphs.
+# The extra slots are never attended to (causality hides slots past the current one); attention reads them,
+# which at batch 1 costs little next to reading the weights.
+MIN_COMPILED_SLOTS = 256
 _compiled: dict[tuple[str, str], Callable] = {}
 
 _locks: "weakref.WeakKeyDictionary[torch.nn.Module, threading.Lock]" = weakref.WeakKeyDictionary()
@@ -131,11 +133,13 @@ def decode_step(mode: str | None, device: torch.device) -> Callable:
     """decode_one_token, or its torch.compile'd form in `mode`, for one generate call.
 
     Static shapes: the cache length is fixed for a whole call (and bucketed across calls), so each (model,
-    batch size, bucket) gets one specialised graph. Two CPU settings, each measured on tools/bench.py's rows 1
-    and 3: the graph's wrapper is C++ (its Python form spends more time allocating and checking buffers than
-    a small model's kernels run), and every intermediate vector is materialised (realize_opcount_threshold
-    0): by default inductor recomputes an RMSNorm or SiLU output inside the loop that streams the next
-    weight matrix, once per output row, which halved the bandwidth of the one-row products.
+    batch size, bucket) gets one specialised graph. Three CPU settings, each measured on tools/bench.py's rows
+    1 and 3: the graph's wrapper is C++ (its Python form spends more time allocating and checking buffers
+    than a small model's kernels run); every intermediate vector is materialised (realize_opcount_threshold
+    0), where by default inductor recomputes an RMSNorm or SiLU output inside the loop that streams the next
+    weight matrix, once per output row, which halved the bandwidth of the one-row products; and loops of
+    under 64k elements per thread run on one thread (the default 512 split vectors of a few thousand
+    elements across threads, whose synchronisation costs more than the work: 7-15% of a step).
     """
     if mode is None:
         return decode_one_token
@@ -143,7 +147,9 @@ def decode_step(mode: str | None, device: torch.device) -> Callable:
     if key not in _compiled:
         options = torch._inductor.list_mode_options(mode)
         if device.type == "cpu":
-            options.update(cpp_wrapper=True, realize_opcount_threshold=0)
+            options.update(
+                {"cpp_wrapper": True, "realize_opcount_threshold": 0, "cpp.min_chunk_size": 1 << 16}
+            )
         _compiled[key] = torch.compile(decode_one_token, dynamic=False, fullgraph=True, options=options)
     return guards_checked_once(_compiled[key])
 
@@ -248,12 +254,11 @@ def generate(
             with model_lock(model):
                 with torch.inference_mode(False):  # fused weights stay ordinary tensors, usable by autograd
                     model.fuse_projections()
+                decoder = model.config.decoder
                 slots = T + config.max_new_tokens
                 if mode is not None:  # one graph per bucket of cache lengths, not per prompt length
-                    slots = min(
-                        -(-slots // CACHE_BUCKET) * CACHE_BUCKET, model.config.decoder.max_position_embeddings
-                    )
-                decoder = model.config.decoder
+                    bucket = max(MIN_COMPILED_SLOTS, 1 << (slots - 1).bit_length())
+                    slots = min(bucket, decoder.max_position_embeddings)
                 if model.language_model.cache_shape != (B, decoder.num_kv_heads, slots, decoder.head_dim):
                     model.language_model.setup_cache(B, slots, model.dtype, device)
                 try:
