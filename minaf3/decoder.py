@@ -24,6 +24,7 @@ from torch import nn
 
 from .attention import attention, attention_mask, default_backend
 from .config import DecoderConfig
+from .linear import fuse_linears, linear, plain, split_linear, swap_children
 
 
 @dataclass
@@ -114,80 +115,6 @@ class KVCache(nn.Module):
         return self.k_cache, self.v_cache
 
 
-def fuse_linears(layers: list[nn.Linear]) -> nn.Linear:
-    """One nn.Linear computing the concatenation of `layers`' outputs on their shared input."""
-    weight = torch.cat([layer.weight.detach() for layer in layers])  # (sum out_i, in)
-    has_bias = [layer.bias is not None for layer in layers]
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=any(has_bias), device="meta")
-    fused.weight = nn.Parameter(weight, requires_grad=layers[0].weight.requires_grad)
-    if any(has_bias):  # a layer without a bias (none here in Qwen2) contributes zeros
-        biases = [
-            layer.bias.detach() if layer.bias is not None else weight.new_zeros(layer.out_features)
-            for layer in layers
-        ]
-        fused.bias = nn.Parameter(torch.cat(biases), requires_grad=fused.weight.requires_grad)
-    return fused
-
-
-def split_linear(fused: nn.Linear, sizes: list[int], biases: list[bool]) -> list[nn.Linear]:
-    """Undo fuse_linears: the row blocks of `fused` (sizes[i] rows each) as separate layers."""
-    layers = []
-    for weight, bias, has_bias in zip(
-        fused.weight.detach().split(sizes),
-        fused.bias.detach().split(sizes) if fused.bias is not None else [None] * len(sizes),
-        biases,
-        strict=True,
-    ):
-        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")
-        layer.weight = nn.Parameter(weight.clone(), requires_grad=fused.weight.requires_grad)
-        if has_bias:
-            layer.bias = nn.Parameter(bias.clone(), requires_grad=fused.weight.requires_grad)
-        layers.append(layer)
-    return layers
-
-
-def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """layer(x), except in a torch.compile'd one-row step on the CPU, where a plain nn.Linear or an int8
-    Int8Linear is written as a multiply-and-sum: inductor generates it as one loop streaming the weight at
-    the memory's full speed, where the BLAS matrix-vector product (or the int8 extension) it would call
-    instead reached half of it (tools/bench.py, row 3), and the small layers of a small model lose the cost
-    of a library call each."""
-    if not (torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[:-1].numel() == 1):
-        return layer(x)
-    from .quantize import Int8Linear
-
-    if type(layer) is nn.Linear:
-        weight, scales = layer.weight, None
-    elif type(layer) is Int8Linear:
-        weight, scales = layer.weight, layer.scales  # (out, in) int8, (out,): one scale per row
-    else:
-        return layer(x)
-    # (..., 1, in) * (out, in) -> sum over in -> (..., out); fused by inductor, never materialised
-    y = (x.unsqueeze(-2).float() * weight.float()).sum(-1)
-    if scales is not None:
-        y = y * scales
-    return (y if layer.bias is None else y + layer.bias).to(x.dtype)
-
-
-def swap_children(parent: nn.Module, old: list[str], new: dict[str, nn.Module]) -> None:
-    """Replace the children named `old` by `new`, placed where the first of `old` was, so that printing the
-    model and its state_dict keep the architecture's order (q, k, v before o_proj)."""
-    children = {}
-    for name, child in parent._modules.items():
-        if name == old[0]:
-            children.update(new)
-        if name not in old:
-            children[name] = child
-    parent._modules.clear()
-    parent._modules.update(children)
-
-
-def _plain(*layers: nn.Module) -> bool:
-    # Only exact nn.Linear layers are fused: a LoRA wrapper must keep its own weight so that the adapter can
-    # be merged and unmerged, and quantized layers have their own storage format.
-    return all(type(layer) is nn.Linear for layer in layers)
-
-
 class DecoderAttention(nn.Module):
     """Grouped-query attention with RoPE; q, k and v projections have a bias, o_proj has none."""
 
@@ -208,7 +135,7 @@ class DecoderAttention(nn.Module):
 
     def fuse(self) -> bool:
         """Replace q_proj, k_proj, v_proj by one `qkv_proj`; False (nothing done) unless all are plain."""
-        if "qkv_proj" in self._modules or not _plain(self.q_proj, self.k_proj, self.v_proj):
+        if "qkv_proj" in self._modules or not plain(self.q_proj, self.k_proj, self.v_proj):
             return False
         fused = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
         swap_children(self, ["q_proj", "k_proj", "v_proj"], {"qkv_proj": fused})
@@ -254,7 +181,7 @@ class MLP(nn.Module):
 
     def fuse(self) -> bool:
         """Replace gate_proj and up_proj by one `gate_up_proj`; False unless both are plain."""
-        if "gate_up_proj" in self._modules or not _plain(self.gate_proj, self.up_proj):
+        if "gate_up_proj" in self._modules or not plain(self.gate_proj, self.up_proj):
             return False
         fused = fuse_linears([self.gate_proj, self.up_proj])
         swap_children(self, ["gate_proj", "up_proj"], {"gate_up_proj": fused})

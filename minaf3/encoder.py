@@ -18,6 +18,7 @@ from torch import nn
 
 from .attention import attention
 from .config import EncoderConfig
+from .linear import linear
 
 
 class EncoderAttention(nn.Module):
@@ -37,9 +38,9 @@ class EncoderAttention(nn.Module):
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(B, T, self.num_heads, -1).transpose(1, 2)  # (B, T, C) -> (B, H, T, C/H)
 
-        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        q, k, v = (heads(linear(proj, x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
         y = attention(q, k, v, key_mask=key_mask)  # (B, H, T, C/H)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, H, T, C/H) -> (B, T, C)
+        return linear(self.out_proj, y.transpose(1, 2).reshape(B, T, C))  # (B, H, T, C/H) -> (B, T, C)
 
 
 class EncoderLayer(nn.Module):
@@ -57,7 +58,7 @@ class EncoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         x = x + self.self_attn(self.self_attn_layer_norm(x), key_mask)
         # GELU is the exact (erf) form, as in Whisper.
-        return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
+        return x + linear(self.fc2, F.gelu(linear(self.fc1, self.final_layer_norm(x))))
 
 
 class WhisperEncoder(nn.Module):

@@ -36,8 +36,8 @@ from typing import Any
 
 import torch
 
-from .decoder import linear
 from .errors import GenerationError, InputError
+from .linear import linear
 from .sampling import GenerationConfig, mark_seen_, process_logits, sample, seen_tokens
 
 __all__ = ["GenerationConfig", "GenerateOutput", "TextIteratorStreamer", "generate", "prefill"]
@@ -99,7 +99,7 @@ def prefill(
     inputs_embeds (B, T, D); positions (B, T) RoPE positions; key_mask (B, S) bool; input_pos (T,) slots.
     """
     hidden = model.language_model(inputs_embeds, positions, key_mask, input_pos)  # (B, T, D)
-    return model.lm_head(hidden[:, -1]).float()  # (B, D) -> (B, V)
+    return linear(model.lm_head, hidden[:, -1]).float()  # (B, D) -> (B, V)
 
 
 def decode_one_token(

@@ -23,6 +23,7 @@ from .config import AudioFlamingo3Config
 from .decoder import Qwen2Decoder
 from .encoder import WhisperEncoder
 from .errors import CheckpointError, ConfigError, InputError
+from .linear import linear
 
 # Encoder windows batched together may be padded by up to this fraction of their own length: batching saves
 # per-call overhead (GPU launches), padding costs attention and matrix products in proportion.
@@ -51,7 +52,7 @@ class Projector(nn.Module):
         self.linear_2 = nn.Linear(text_hidden, text_hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.gelu(self.linear_1(x)))
+        return linear(self.linear_2, F.gelu(linear(self.linear_1, x)))
 
 
 def audio_token_lengths(mel_lengths: torch.Tensor) -> torch.Tensor:
@@ -187,7 +188,7 @@ class AudioFlamingo3ForConditionalGeneration(nn.Module):
             position_ids = torch.arange(T, device=inputs_embeds.device).expand(B, T)
         key_mask = None if attention_mask is None else attention_mask.bool()
         hidden = self.language_model(inputs_embeds, position_ids, key_mask)
-        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        logits = linear(self.lm_head, hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         loss = None if labels is None else causal_lm_loss(logits, labels)
         return CausalLMOutput(logits=logits, loss=loss)
 

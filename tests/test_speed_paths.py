@@ -18,6 +18,7 @@ from test_model import reference_inputs
 
 from minaf3 import AudioFlamingo3ForConditionalGeneration, CheckpointError, ConfigError, GenerationError
 from minaf3.attention import attention, default_backend, use_backend
+from minaf3.linear import ONEDNN_MIN_WEIGHTS, linear
 from minaf3.lora import LoRALinear, load_adapter, unmerge
 from minaf3.model import length_groups
 from minaf3.quantize import Int8Linear, quantize_model
@@ -172,6 +173,19 @@ def test_compile_argument_is_checked(one_layer):
     model = load(one_layer)
     with pytest.raises(GenerationError, match="compile='fast'"):
         model.generate(torch.ones(1, 3, dtype=torch.long), max_new_tokens=1, compile="fast")
+
+
+# ---- linear layers ----------------------------------------------------------------------------------------
+def test_linear_fast_paths_equal_the_layer():
+    """A layer large enough for oneDNN, without and with gradients (where the layer's own forward runs)."""
+    layer = torch.nn.Linear(1024, ONEDNN_MIN_WEIGHTS // 1024)
+    x = torch.randn(3, 5, 1024)
+    with torch.no_grad():
+        assert (linear(layer, x) - layer(x)).abs().max() < 1e-4
+        assert (linear(layer, x[0, :1]) - layer(x[0, :1])).abs().max() < 1e-4  # one row: a vector product
+    x.requires_grad_()
+    linear(layer, x).sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None
 
 
 # ---- attention --------------------------------------------------------------------------------------------

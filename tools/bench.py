@@ -11,7 +11,8 @@ best of --repeats turns, and the rates behind the limits are raced alongside.
      minaf3 eager and with its compiled decode step (--autotune adds "max-autotune-no-cudagraphs").
   2. Time to first token, official widths with 2 encoder + 2 decoder layers, a 5 s clip (125 audio tokens)
      and a 30-token question. Limit: FLOPs of the valid work (conv front end and encoder over the clip's
-     frames only, projector, decoder prefill) at the fp32 2048^3 matmul rate, plus one read of the lm_head.
+     frames only, projector, decoder prefill) at the fp32 2048^3 matmul rate (the faster of MKL and oneDNN),
+     plus one read of the lm_head at the read bandwidth.
   3. Memory-bound decode, official widths (2 decoder layers + lm_head, vocabulary 151,672), batch 1, fp32
      and int8. Limit = weight bytes read per token / read bandwidth (sum over 1 GiB). int8 logits are
      compared with fp32 on the same prompt (relative L2).
@@ -30,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from minaf3.linear import ONEDNN
 
 # (audio_config, text_config, init std) in transformers' own names
 TINY = (
@@ -119,13 +122,16 @@ def decode_race(runs: dict, n: int, repeats: int, extra: dict | None = None) -> 
 
 
 def rate_probes() -> dict:
+    """A 2048^3 float32 product by torch's default (MKL) and by oneDNN (what minaf3 uses for large layers;
+    the faster sets the limit), and a sum over 1 GiB."""
     a, b, x = torch.randn(2048, 2048), torch.randn(2048, 2048), torch.randn(GIB // 4)
-    return {"matmul": lambda: a @ b, "read": lambda: x.sum()}
+    onednn = {"onednn": lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")}
+    return {"matmul": lambda: a @ b, "read": lambda: x.sum()} | (onednn if ONEDNN else {})
 
 
 def rates(times: dict) -> tuple[float, float]:
     """(fp32 FLOP/s, read bytes/s) from the raced `rate_probes`."""
-    return 2 * 2048**3 / times["matmul"], GIB / times["read"]
+    return 2 * 2048**3 / min(times["matmul"], times.get("onednn", math.inf)), GIB / times["read"]
 
 
 def hf_generate(model, ids, mask, n, **audio):

@@ -1,0 +1,108 @@
+"""Linear layers: where each product runs fastest, and fusing layers that read the same input.
+
+    linear(layer, x)                 layer(x), on the fastest path for the device, size and mode (below)
+    fuse_linears([a, b, ...])        one nn.Linear whose output is the concatenation of theirs
+    split_linear(fused, sizes, ...)  its inverse
+
+Paths for `linear` on the CPU, each measured by tools/bench.py on its 2-core machine:
+  - in a torch.compile'd one-row decode step, a plain or int8 layer becomes a multiply-and-sum that inductor
+    generates as one loop streaming the weight at the memory's full speed (BLAS's matrix-vector product, or
+    the int8 extension, reached about half of it), with no library call per layer;
+  - otherwise a large float32 layer runs on oneDNN when no gradient is needed: 1.6x the bandwidth of MKL's
+    (torch's default) matrix-vector product, 1.6x / 1.15x its rate at 155 / 251 rows;
+  - anything else (small layers, LoRA wrappers, training) is the layer's own forward.
+The decoder, encoder, projector and lm_head all call it, so one place decides.
+"""
+
+import torch
+from torch import nn
+
+
+def fuse_linears(layers: list[nn.Linear]) -> nn.Linear:
+    """One nn.Linear computing the concatenation of `layers`' outputs on their shared input."""
+    weight = torch.cat([layer.weight.detach() for layer in layers])  # (sum out_i, in)
+    has_bias = [layer.bias is not None for layer in layers]
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=any(has_bias), device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=layers[0].weight.requires_grad)
+    if any(has_bias):  # a layer without a bias (none here in Qwen2) contributes zeros
+        biases = [
+            layer.bias.detach() if layer.bias is not None else weight.new_zeros(layer.out_features)
+            for layer in layers
+        ]
+        fused.bias = nn.Parameter(torch.cat(biases), requires_grad=fused.weight.requires_grad)
+    return fused
+
+
+def split_linear(fused: nn.Linear, sizes: list[int], biases: list[bool]) -> list[nn.Linear]:
+    """Undo fuse_linears: the row blocks of `fused` (sizes[i] rows each) as separate layers."""
+    layers = []
+    for weight, bias, has_bias in zip(
+        fused.weight.detach().split(sizes),
+        fused.bias.detach().split(sizes) if fused.bias is not None else [None] * len(sizes),
+        biases,
+        strict=True,
+    ):
+        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")
+        layer.weight = nn.Parameter(weight.clone(), requires_grad=fused.weight.requires_grad)
+        if has_bias:
+            layer.bias = nn.Parameter(bias.clone(), requires_grad=fused.weight.requires_grad)
+        layers.append(layer)
+    return layers
+
+
+# Weights from which oneDNN beats MKL: its fixed cost per call (~18 us against 5) loses on small layers.
+ONEDNN_MIN_WEIGHTS = 1 << 20
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """layer(x) for any layer (nn.Linear, LoRA, int8), on the fastest path (see the module docstring)."""
+    if x.device.type != "cpu":
+        return layer(x)
+    if torch.compiler.is_compiling() and x.shape[:-1].numel() == 1:
+        return streamed_linear(layer, x)
+    if (
+        ONEDNN
+        and type(layer) is nn.Linear
+        and layer.weight.numel() >= ONEDNN_MIN_WEIGHTS
+        and x.dtype == layer.weight.dtype == torch.float32
+        and not torch.is_grad_enabled()
+    ):
+        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
+    return layer(x)
+
+
+def streamed_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One row x (..., in) through a plain or int8 layer as a sum of products, for inductor to stream."""
+    from .quantize import Int8Linear
+
+    if type(layer) is nn.Linear:
+        weight, scales = layer.weight, None
+    elif type(layer) is Int8Linear:
+        weight, scales = layer.weight, layer.scales  # (out, in) int8, (out,): one scale per row
+    else:
+        return layer(x)
+    # (..., 1, in) * (out, in) -> sum over in -> (..., out); fused by inductor, never materialised
+    y = (x.unsqueeze(-2).float() * weight.float()).sum(-1)
+    if scales is not None:
+        y = y * scales
+    return (y if layer.bias is None else y + layer.bias).to(x.dtype)
+
+
+def swap_children(parent: nn.Module, old: list[str], new: dict[str, nn.Module]) -> None:
+    """Replace the children named `old` by `new`, placed where the first of `old` was, so that printing the
+    model and its state_dict keep the architecture's order (q, k, v before o_proj)."""
+    children = {}
+    for name, child in parent._modules.items():
+        if name == old[0]:
+            children.update(new)
+        if name not in old:
+            children[name] = child
+    parent._modules.clear()
+    parent._modules.update(children)
+
+
+def plain(*layers: nn.Module) -> bool:
+    # Only exact nn.Linear layers are fused: a LoRA wrapper must keep its own weight so that the adapter can
+    # be merged and unmerged, and quantized layers have their own storage format.
+    return all(type(layer) is nn.Linear for layer in layers)
