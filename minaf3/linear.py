@@ -14,8 +14,16 @@ Paths for `linear` on the CPU, each measured by tools/bench.py on its 2-core mac
 The decoder, encoder, projector and lm_head all call it, so one place decides.
 """
 
+import functools
+from pathlib import Path
+
 import torch
 from torch import nn
+
+# CPU flags (Linux /proc/cpuinfo) of instructions that multiply bf16 natively: AVX-512 BF16 (Zen 4,
+# Cooper Lake and later), AMX (Sapphire Rapids), Arm's BF16 extension. Without them oneDNN and MKL emulate
+# bf16 products through fp32 conversions, several times slower than fp32 itself.
+NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
 
 
 def fuse_linears(layers: list[nn.Linear]) -> nn.Linear:
@@ -53,6 +61,17 @@ def split_linear(fused: nn.Linear, sizes: list[int], biases: list[bool]) -> list
 # Weights from which oneDNN beats MKL: its fixed cost per call (~18 us against 5) loses on small layers.
 ONEDNN_MIN_WEIGHTS = 1 << 20
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@functools.cache
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """True when this CPU multiplies bf16 natively (see NATIVE_BF16_FLAGS); False when unknown."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    flags = next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
+    return not NATIVE_BF16_FLAGS.isdisjoint(flags.partition(":")[2].split())
 
 
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

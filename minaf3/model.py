@@ -23,7 +23,7 @@ from .config import AudioFlamingo3Config
 from .decoder import Qwen2Decoder
 from .encoder import WhisperEncoder
 from .errors import CheckpointError, ConfigError, InputError
-from .linear import linear
+from .linear import cpu_has_native_bf16, linear
 
 # Encoder windows batched together may be padded by up to this fraction of their own length: batching saves
 # per-call overhead (GPU launches), padding costs attention and matrix products in proportion.
@@ -237,19 +237,23 @@ class AudioFlamingo3ForConditionalGeneration(nn.Module):
         """Load a checkpoint folder in any of the three layouts (see weights/layouts.py).
 
         device_map: None or "cpu", "cuda", "auto" (CUDA when available) or a torch.device.
-        dtype: default float32 on CPU (bf16 matrix products are several times slower on CPUs without bf16
-        instructions) and the checkpoint's dtype on CUDA. The model is built on the meta device and the
-        tensors are assigned as they are read, so no second copy of the weights is ever made.
+        dtype: default (None) the checkpoint's dtype on CUDA; on CPU the checkpoint's bf16 where the CPU has
+        bf16 instructions (AVX-512 BF16, AMX), else float32 (emulated bf16 products are several times
+        slower than fp32); "auto" the checkpoint's dtype everywhere. The model is built on the meta device
+        and the tensors are assigned as they are read, so no second copy of the weights is ever made.
         think: also apply the AF-Think LoRA adapter of `<path>/think`, merged into the weights.
         quantize: None or "int8": int8 weight-only decoder and lm_head (minaf3.quantize), done last so that
         the int8 weights hold the merged adapter.
         """
         from .generate import GenerationConfig
-        from .quantize import QUANTIZE_MODES, quantize_model
         from .weights.loader import read_checkpoint
 
-        if quantize is not None and quantize not in QUANTIZE_MODES:
-            raise ConfigError(f"quantize={quantize!r}: expected None or one of {list(QUANTIZE_MODES)}")
+        if quantize is not None:
+            # Imported only when asked for: the int8 kernels' module pulls in torch's compiler (~1.4 s).
+            from .quantize import QUANTIZE_MODES, quantize_model
+
+            if quantize not in QUANTIZE_MODES:
+                raise ConfigError(f"quantize={quantize!r}: expected None or one of {list(QUANTIZE_MODES)}")
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"{path}: checkpoint folder not found. {DOWNLOAD_HINT}")
@@ -311,7 +315,10 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device, path: P
         raise ConfigError(f"dtype={dtype!r}: expected 'auto' or one of {sorted(_DTYPES)}")
     if dtype in _DTYPES:
         return _DTYPES[dtype]
-    if device.type != "cuda" and dtype is None:
-        return torch.float32
-    saved = json.loads((path / "config.json").read_text()).get("dtype") or "float32"
-    return _DTYPES.get(saved, torch.float32)
+    config = json.loads((path / "config.json").read_text())
+    saved = _DTYPES.get(config.get("dtype") or config.get("torch_dtype"), torch.float32)  # 5.x or 4.x key
+    if device.type == "cuda" or dtype == "auto":
+        return saved
+    # CPU default: bf16 checkpoints stay bf16 only where the CPU multiplies bf16 natively (half the memory
+    # and faster than fp32 there); elsewhere bf16 and fp16 products are emulated, several times slower.
+    return saved if saved == torch.bfloat16 and cpu_has_native_bf16() else torch.float32

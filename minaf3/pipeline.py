@@ -87,7 +87,8 @@ def load(
     """Load the checkpoint folder `path` (any layout weights/ reads) with its processor.
 
     device: "cpu" (default), "cuda", "auto" or a torch.device. dtype: "float32", "bfloat16", "float16" or a
-    torch dtype (default: float32 on CPU, the checkpoint's dtype on CUDA). quantize: None or "int8"
+    torch dtype (default: as from_pretrained: the checkpoint's bf16 on CUDA and on CPUs with bf16
+    instructions, else float32). quantize: None or "int8"
     (weight-only, decoder and lm_head). think: ask for reasoning in every chat (AF-Think's request), with
     the AF-Think adapter from the folder's think/ when it has one (a warning is logged when it has not).
     """

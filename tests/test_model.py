@@ -1,5 +1,7 @@
 """The model against transformers' AudioFlamingo3 on checkpoints it writes: logits, loss, gradients."""
 
+import json
+
 import pytest
 import torch
 from conftest import SR, speech_like, write_reference_checkpoint
@@ -118,6 +120,32 @@ def test_bfloat16_load_keeps_every_tensor_in_that_dtype(tiny_checkpoint):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     ids = torch.tensor([[1, 5, 6, 7]])
     assert model(input_ids=ids).logits.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("key", ["dtype", "torch_dtype"])  # transformers 5.x and 4.x spellings
+@pytest.mark.parametrize("saved", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_default_cpu_dtype_follows_the_cpu(tmp_path, monkeypatch, key, saved, native_bf16):
+    """A bf16 checkpoint stays bf16 on a CPU with bf16 instructions; everything else computes in fp32."""
+    from minaf3 import model as model_module
+
+    (tmp_path / "config.json").write_text(json.dumps({key: saved}))
+    monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: native_bf16)
+    cpu = torch.device("cpu")
+    expected = torch.bfloat16 if saved == "bfloat16" and native_bf16 else torch.float32
+    assert model_module.resolve_dtype(None, cpu, tmp_path) == expected
+    assert model_module.resolve_dtype("auto", cpu, tmp_path) == getattr(torch, saved)
+    assert model_module.resolve_dtype("float32", cpu, tmp_path) == torch.float32
+
+
+def test_cpu_bf16_capability_is_read_from_the_flags(tmp_path):
+    from minaf3.linear import cpu_has_native_bf16
+
+    for flags, expected in [("fpu avx2 avx512f avx512_bf16", True), ("fpu avx2 fma", False)]:
+        cpuinfo = tmp_path / f"cpuinfo_{expected}"
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        assert cpu_has_native_bf16(cpuinfo) is expected
+    assert cpu_has_native_bf16(tmp_path / "missing") is False
 
 
 def test_triton_backend_matches_sdpa(tmp_path, reference_processor):
