@@ -15,6 +15,11 @@ This equals transformers' WhisperFeatureExtractor(feature_size=128). The work is
 - the mel filters are triangles a few bins wide, so the mel product runs per band of 16 filters over only
   the bins they touch (an eighth of the dense multiply-adds, a quarter of its time);
 - frames that see only padding are not computed: their power is exactly 0, so their log-mel is a constant.
+
+On CPU the default is the C++ kernel of kernels/log_mel.cpp, which runs all of it per frame in one pass
+(~3x this torch path, see kernels/log_mel.py); the torch path below is the reference it is tested against,
+the path for CUDA, and the fallback where the kernel cannot be built. `backend=` chooses: "auto" (default),
+"cpp" or "torch"; otherwise the environment variable MINAF3_LOG_MEL_BACKEND does.
 """
 
 import threading
@@ -22,7 +27,7 @@ import threading
 import numpy as np
 import torch
 
-from minaf3.errors import AudioError
+from minaf3.errors import AudioError, ConfigError
 from minaf3.windows import (
     FRAMES_PER_WINDOW,
     HOP_LENGTH,
@@ -295,13 +300,54 @@ def _frame_mask(valid: torch.Tensor) -> torch.Tensor:
     return (frame < (valid[:, None] + HOP_LENGTH - 1) // HOP_LENGTH).to(torch.int32)
 
 
-def _features(source: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _kernel(device: torch.device, backend: str | None):
+    """kernels.log_mel when the C++ kernel is to compute on this device, else None (the torch path).
+
+    Imported here, not at the top: the kernels package imports triton, which `import minaf3` must not.
+    Raises ConfigError for an unknown backend, or for "cpp" where the kernel cannot run.
+    """
+    from minaf3.kernels import log_mel as kernel
+
+    chosen = kernel.resolve_backend(backend)
+    if chosen == "torch":
+        return None
+    if device.type == "cpu" and kernel.load_extension():
+        return kernel
+    if chosen == "cpp":
+        why = (
+            f"the tensors are on {device}" if device.type != "cpu" else "it could not be built (see the log)"
+        )
+        raise ConfigError(f"log-mel backend 'cpp' cannot run: {why}; use backend='torch' or 'auto'")
+    return None
+
+
+_KERNEL_TABLES: list[torch.Tensor] = []
+
+
+def _kernel_tables() -> list[torch.Tensor]:
+    """The C++ kernel's constants: the periodic Hann window (400,) and the mel filters (128, 201)."""
+    if not _KERNEL_TABLES:
+        filters = np.ascontiguousarray(mel_filter_bank().astype(np.float32).T)  # (201, 128) -> (128, 201)
+        _KERNEL_TABLES.extend([torch.hann_window(N_FFT, periodic=True), torch.from_numpy(filters)])
+    return _KERNEL_TABLES
+
+
+def _features(
+    source: torch.Tensor, valid: torch.Tensor, backend: str | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat source + (W,) valid samples per window -> (features, mask); see log_mel_windows."""
+    kernel = _kernel(source.device, backend)
     valid_list = valid.tolist()
-    counts = [computed_frames(v) for v in valid_list]
     source = source.to(torch.float32).contiguous()
-    features = _scaled_log_mel(source, valid, counts)
-    bad = _clamp_to_window_max(features, counts)
+    if kernel is not None:
+        features = torch.empty(len(valid_list), N_MELS, FRAMES_PER_WINDOW)
+        top = kernel.log_mel_into(source, valid_list, *_kernel_tables(), features)  # (W,) window maxima
+        bad_windows = torch.nonzero(~torch.isfinite(top))
+        bad = int(bad_windows[0]) if bad_windows.numel() else None
+    else:
+        counts = [computed_frames(v) for v in valid_list]
+        features = _scaled_log_mel(source, valid, counts)
+        bad = _clamp_to_window_max(features, counts)
     if bad is not None:
         raise _blame_sample(source, bad, valid_list[bad])
     return features, _frame_mask(valid)
@@ -319,12 +365,15 @@ def _float_tensor(data, what: str) -> torch.Tensor:
     return data
 
 
-def log_mel_windows(windows, valid, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def log_mel_windows(
+    windows, valid, device=None, backend: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-mel features of many 30 s windows at once: the processor's path.
 
     windows: (W, 480000) float samples at 16 kHz, zero-padded; samples past valid[w] are ignored.
     valid: (W,) integers in [0, 480000], the real samples of each window.
-    device: where to compute; default: the device of `windows`.
+    device: where to compute; default: the device of `windows`. backend: "auto", "cpp" or "torch" (see
+    the module docstring); default $MINAF3_LOG_MEL_BACKEND, else "auto".
     Returns features (W, 128, 3000) float32 and mask (W, 3000) int32 on that device. A window whose
     features are not finite (a NaN or Inf sample, or finite samples so large their power overflows)
     raises SampleError, an AudioError naming the window and the sample.
@@ -340,16 +389,17 @@ def log_mel_windows(windows, valid, device=None) -> tuple[torch.Tensor, torch.Te
     if valid.min() < 0 or valid.max() > WINDOW_SAMPLES:
         raise AudioError(f"valid sample counts must lie in [0, {WINDOW_SAMPLES}], got {valid.tolist()}")
     device = torch.device(device) if device is not None else windows.device
-    return _features(windows.to(device).reshape(-1), valid.to(device=device, dtype=torch.long))
+    return _features(windows.to(device).reshape(-1), valid.to(device=device, dtype=torch.long), backend)
 
 
 def log_mel_spectrogram(
-    audio, sampling_rate: int = SAMPLING_RATE, device=None
+    audio, sampling_rate: int = SAMPLING_RATE, device=None, backend: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-mel features of one 16 kHz mono waveform, cut into 30 s windows as AF3's processor cuts it.
 
     audio: (num_samples,) float numpy array or torch tensor, as load_audio returns. Audio past 600 s is
     dropped with a logged warning. device: where to compute; default: the audio's (CPU for numpy).
+    backend: "auto", "cpp" or "torch" (see the module docstring).
     Returns features (n_windows, 128, 3000) float32 and mask (n_windows, 3000) int32, 1 for frames that
     hold real samples.
     """
@@ -366,7 +416,7 @@ def log_mel_spectrogram(
     valid = torch.tensor([end - start for start, end in window_bounds(audio.shape[0])], device=device)
     source = audio[: num_windows(audio.shape[0]) * WINDOW_SAMPLES].to(device)
     try:
-        return _features(source, valid)
+        return _features(source, valid, backend)
     except SampleError as exc:
         sample = exc.window * WINDOW_SAMPLES + exc.sample  # windows are consecutive 30 s of the audio
         raise AudioError(f"audio sample {sample} {exc.problem}") from None

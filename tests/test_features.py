@@ -2,9 +2,15 @@
 
 The reference windows come from transformers' AudioFlamingo3Processor._process_audio (its 30 s chunking,
 then WhisperFeatureExtractor(feature_size=128) on the chunks), run on the tiny checkpoint's processor.
+Both CPU backends are held to the reference: the C++ kernel (kernels/log_mel.cpp) and the torch path. The
+kernel is also compared with the torch path on hypothesis-chosen windows, and its build is tested the way
+CI meets it (a fresh extension folder) and with the compiler missing (the torch path takes over).
 """
 
 import logging
+import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -13,18 +19,27 @@ import torch
 from conftest import speech_like
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from minaf3.kernels import log_mel as kernel
 
 from minaf3.errors import AudioError, ConfigError
 from minaf3.features import (
+    PADDING_LOG_MEL,
     SampleError,
     computed_frames,
     log_mel_spectrogram,
     log_mel_windows,
     mel_filter_bank,
 )
-from minaf3.windows import FRAMES_PER_WINDOW, MAX_AUDIO_SAMPLES, N_MELS, WINDOW_SAMPLES
+from minaf3.windows import FRAMES_PER_WINDOW, HOP_LENGTH, MAX_AUDIO_SAMPLES, N_MELS, WINDOW_SAMPLES
 
 TOLERANCE = 1e-4  # max abs difference allowed against the reference
+BACKENDS = ["cpp", "torch"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    """Each CPU backend in turn: the C++ kernel and the torch path."""
+    return request.param
 
 
 def reference_features(processor, audios: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,8 +50,8 @@ def reference_features(processor, audios: list[np.ndarray]) -> tuple[torch.Tenso
     return audio_inputs["input_features"], audio_inputs["input_features_mask"]
 
 
-def assert_matches_reference(processor, audio: np.ndarray):
-    features, mask = log_mel_spectrogram(audio)
+def assert_matches_reference(processor, audio: np.ndarray, backend: str):
+    features, mask = log_mel_spectrogram(audio, backend=backend)
     expected, expected_mask = reference_features(processor, [audio])
     n_windows = expected.shape[0]
     assert features.shape == (n_windows, N_MELS, FRAMES_PER_WINDOW) and features.dtype == torch.float32
@@ -61,42 +76,42 @@ def assert_matches_reference(processor, audio: np.ndarray):
         2 * WINDOW_SAMPLES + 123_457,  # several windows
     ],
 )
-def test_speech_matches_reference(reference_processor, num_samples):
-    assert_matches_reference(reference_processor, speech_like(num_samples, seed=num_samples))
+def test_speech_matches_reference(reference_processor, num_samples, backend):
+    assert_matches_reference(reference_processor, speech_like(num_samples, seed=num_samples), backend)
 
 
 @pytest.mark.parametrize("num_samples", [16000 * 3, WINDOW_SAMPLES])
-def test_silence_matches_reference(reference_processor, num_samples):
+def test_silence_matches_reference(reference_processor, num_samples, backend):
     """All-zero windows: every log-mel value is the floor; a full one has no padding frame to supply it."""
-    assert_matches_reference(reference_processor, np.zeros(num_samples, np.float32))
+    assert_matches_reference(reference_processor, np.zeros(num_samples, np.float32), backend)
 
 
-def test_clipping_matches_reference(reference_processor):
+def test_clipping_matches_reference(reference_processor, backend):
     clipped = np.clip(speech_like(16000 * 4) * 20.0, -1.0, 1.0)
-    assert_matches_reference(reference_processor, clipped)
+    assert_matches_reference(reference_processor, clipped, backend)
 
 
-def test_a_tone_burst_after_silence_matches_reference(reference_processor):
+def test_a_tone_burst_after_silence_matches_reference(reference_processor, backend):
     audio = np.zeros(WINDOW_SAMPLES + 50_000, np.float32)
     audio[-30_000:] = 0.5 * np.sin(np.arange(30_000) * 2 * np.pi * 440 / 16000)
-    assert_matches_reference(reference_processor, audio)
+    assert_matches_reference(reference_processor, audio, backend)
 
 
-def test_audio_past_600_seconds_is_cut_like_the_reference(reference_processor, caplog):
+def test_audio_past_600_seconds_is_cut_like_the_reference(reference_processor, caplog, backend):
     audio = speech_like(MAX_AUDIO_SAMPLES + 16000, seed=3)
     with caplog.at_level(logging.WARNING, logger="minaf3"):
-        assert_matches_reference(reference_processor, audio)
+        assert_matches_reference(reference_processor, audio, backend)
     assert any("600" in record.getMessage() for record in caplog.records)
 
 
-def test_batch_of_windows_matches_reference(reference_processor):
+def test_batch_of_windows_matches_reference(reference_processor, backend):
     """log_mel_windows, the processor's path, on the windows of two audios at once."""
     audios = [speech_like(WINDOW_SAMPLES + 4000, seed=1), speech_like(70_000, seed=2)]
     windows = torch.zeros(3, WINDOW_SAMPLES)
     windows[0] = torch.from_numpy(audios[0][:WINDOW_SAMPLES])
     windows[1, :4000] = torch.from_numpy(audios[0][WINDOW_SAMPLES:])
     windows[2, :70_000] = torch.from_numpy(audios[1])
-    features, mask = log_mel_windows(windows, torch.tensor([WINDOW_SAMPLES, 4000, 70_000]))
+    features, mask = log_mel_windows(windows, torch.tensor([WINDOW_SAMPLES, 4000, 70_000]), backend=backend)
     expected, expected_mask = reference_features(reference_processor, audios)
     assert (features - expected).abs().max().item() <= TOLERANCE
     assert torch.equal(mask, expected_mask.to(torch.int32))
@@ -104,7 +119,7 @@ def test_batch_of_windows_matches_reference(reference_processor):
 
 @pytest.mark.parametrize("garbage", [1.0, np.nan, np.inf, 1e30])
 @pytest.mark.parametrize("valid", [0, 1, 50_000, WINDOW_SAMPLES - 1])
-def test_samples_past_valid_are_ignored(garbage, valid):
+def test_samples_past_valid_are_ignored(garbage, valid, backend):
     """Whatever lies past valid (the processor's slab is torch.empty: any bits, NaN included) is unread."""
     clean = torch.zeros(2, WINDOW_SAMPLES)
     clean[0, :valid] = torch.from_numpy(speech_like(valid))
@@ -112,27 +127,28 @@ def test_samples_past_valid_are_ignored(garbage, valid):
     dirty = clean.clone()
     dirty[0, valid:] = garbage
     lengths = [valid, WINDOW_SAMPLES]
-    for got, want in zip(log_mel_windows(dirty, lengths), log_mel_windows(clean, lengths), strict=True):
-        assert torch.equal(got, want)
+    got = log_mel_windows(dirty, lengths, backend=backend)
+    for got_tensor, want in zip(got, log_mel_windows(clean, lengths, backend=backend), strict=True):
+        assert torch.equal(got_tensor, want)
 
 
 @pytest.mark.parametrize(
     ("bad", "problem"), [(np.nan, r"is nan \(NaN or Inf"), (1e30, r"is 1e\+30: .*overflow")]
 )
-def test_log_mel_windows_names_the_window_and_sample(bad, problem):
+def test_log_mel_windows_names_the_window_and_sample(bad, problem, backend):
     windows = torch.zeros(3, WINDOW_SAMPLES)
     windows[2, 1234] = bad
     with pytest.raises(SampleError, match=rf"^window 2, sample 1234 {problem}") as caught:
-        log_mel_windows(windows, [10, 10, 2000])
+        log_mel_windows(windows, [10, 10, 2000], backend=backend)
     assert (caught.value.window, caught.value.sample) == (2, 1234)
 
 
 @pytest.mark.parametrize("peak", [1e15, 1e17])
-def test_large_finite_samples_match_reference(reference_processor, peak):
+def test_large_finite_samples_match_reference(reference_processor, peak, backend):
     """Far outside [-1, 1] but within float32's power range: the same features as the reference."""
     audio = speech_like(20_000)
     audio[700] = peak
-    assert_matches_reference(reference_processor, audio)
+    assert_matches_reference(reference_processor, audio, backend)
 
 
 def test_numpy_float64_and_torch_inputs_agree():
@@ -194,11 +210,11 @@ def test_log_mel_spectrogram_refuses_bad_audio(audio, message):
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_log_mel_spectrogram_refuses_non_finite_samples(bad):
+def test_log_mel_spectrogram_refuses_non_finite_samples(bad, backend):
     audio = speech_like(WINDOW_SAMPLES + 5000)
     audio[WINDOW_SAMPLES + 10] = bad
     with pytest.raises(AudioError, match=f"sample {WINDOW_SAMPLES + 10}"):
-        log_mel_spectrogram(audio)
+        log_mel_spectrogram(audio, backend=backend)
 
 
 @pytest.mark.parametrize("rate", [8000, 44100])
@@ -235,10 +251,10 @@ def test_cuda_matches_cpu():
     assert torch.equal(cuda_mask.cpu(), cpu_mask)
 
 
-def test_thread_settings_are_restored_and_results_do_not_depend_on_them():
+def test_thread_settings_are_restored_and_results_do_not_depend_on_them(backend):
     audio = speech_like(WINDOW_SAMPLES + 77_000)
     threads = torch.get_num_threads()
-    features, _ = log_mel_spectrogram(audio)
+    features, _ = log_mel_spectrogram(audio, backend=backend)
     assert torch.get_num_threads() == threads
     seen_by_new_thread = []
     worker = threading.Thread(target=lambda: seen_by_new_thread.append(torch.get_num_threads()))
@@ -247,7 +263,119 @@ def test_thread_settings_are_restored_and_results_do_not_depend_on_them():
     assert seen_by_new_thread == [threads]
     torch.set_num_threads(1)
     try:
-        single, _ = log_mel_spectrogram(audio)
+        single, _ = log_mel_spectrogram(audio, backend=backend)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(single, features)
+
+
+# ---- the C++ kernel against the torch path ----------------------------------------------------------------
+# Valid sample counts where frames change kind: reflected at the start (< 200 real samples reach frame 2),
+# direct, reflected at the end (the last 200 samples), zero-padded, or pure padding.
+EDGE_LENGTHS = [0, 1, 2, 159, 160, 161, 199, 200, 201, 359, 360, 361, 2719, 2720, 2721, 479_799, 479_800]
+EDGE_LENGTHS += [479_801, 479_839, 479_840, 479_841, WINDOW_SAMPLES - 1, WINDOW_SAMPLES]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    valid=st.lists(
+        st.one_of(st.sampled_from(EDGE_LENGTHS), st.integers(0, WINDOW_SAMPLES)), min_size=1, max_size=3
+    ),
+    loudness=st.floats(1e-4, 30.0),
+    seed=st.integers(0, 2**16),
+)
+def test_cpp_kernel_matches_torch_path(valid, loudness, seed):
+    """Any window lengths, any loudness, NaN past the real samples: the two backends agree."""
+    windows = torch.full((len(valid), WINDOW_SAMPLES), float("nan"))
+    for w, v in enumerate(valid):
+        windows[w, :v] = torch.from_numpy(speech_like(v, seed=seed + w)) * loudness
+    features, mask = log_mel_windows(windows, valid, backend="cpp")
+    expected, expected_mask = log_mel_windows(windows, valid, backend="torch")
+    assert (features - expected).abs().max().item() <= TOLERANCE
+    assert torch.equal(mask, expected_mask)
+
+
+def test_cpp_kernel_fills_padding_frames_with_the_window_floor():
+    """Frames past the computed ones are not computed, only set: to the floor, max(top - 2, -1.5)."""
+    valid = [HOP_LENGTH * 100, 0]
+    windows = torch.zeros(2, WINDOW_SAMPLES)
+    windows[0, : valid[0]] = torch.from_numpy(speech_like(valid[0]))
+    features, _ = log_mel_windows(windows, valid, backend="cpp")
+    count = computed_frames(valid[0])
+    floor = max(features[0].max().item() - 2.0, PADDING_LOG_MEL)
+    assert torch.equal(features[0, :, count:], torch.full_like(features[0, :, count:], floor))
+    assert torch.equal(features[1], torch.full_like(features[1], PADDING_LOG_MEL))
+
+
+def test_backend_switch_by_argument_and_environment(monkeypatch):
+    calls = []
+    run_kernel = kernel.log_mel_into
+    monkeypatch.setattr(kernel, "log_mel_into", lambda *a: calls.append(1) or run_kernel(*a))
+    audio = speech_like(5000)
+    log_mel_spectrogram(audio)
+    assert calls == [1]  # auto: the C++ kernel builds on this machine
+    log_mel_spectrogram(audio, backend="torch")
+    assert calls == [1]
+    monkeypatch.setenv(kernel.BACKEND_ENV, "torch")
+    log_mel_windows(torch.zeros(1, WINDOW_SAMPLES), [10])
+    assert calls == [1]
+    log_mel_windows(torch.zeros(1, WINDOW_SAMPLES), [10], backend="cpp")  # the argument wins
+    assert calls == [1, 1]
+    monkeypatch.setenv(kernel.BACKEND_ENV, "fast")
+    with pytest.raises(ConfigError, match="MINAF3_LOG_MEL_BACKEND='fast'"):
+        log_mel_spectrogram(audio)
+    with pytest.raises(ConfigError, match="backend='gpu'"):
+        log_mel_spectrogram(audio, backend="gpu")
+
+
+def test_cpp_backend_refuses_when_the_kernel_cannot_run(monkeypatch):
+    monkeypatch.setattr(kernel, "_kernel_ready", False)
+    with pytest.raises(ConfigError, match="log-mel backend 'cpp' cannot run: it could not be built"):
+        log_mel_spectrogram(speech_like(5000), backend="cpp")
+    features, _ = log_mel_spectrogram(speech_like(5000))  # auto: the torch path
+    assert features.shape == (1, N_MELS, FRAMES_PER_WINDOW)
+
+
+def test_kernel_refuses_windows_past_the_end_of_the_source():
+    """The operator's own guard: a valid count reaching past the source would read outside it."""
+    hann, filters = torch.hann_window(400, periodic=True), torch.zeros(N_MELS, 201)
+    out = torch.empty(2, N_MELS, FRAMES_PER_WINDOW)
+    with pytest.raises(RuntimeError, match="window 1 has 1000 valid samples, outside the source"):
+        kernel.log_mel_into(torch.zeros(WINDOW_SAMPLES + 999), [WINDOW_SAMPLES, 1000], hann, filters, out)
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    """Run `code` in a new interpreter with this environment plus `env`, its venv's bin/ not on PATH."""
+    bin_dir = os.path.dirname(sys.executable)
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != bin_dir)
+    full_env = {**os.environ, "PATH": path, **env}
+    return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True)
+
+
+CHECK_KERNEL = """
+import logging, numpy as np
+logging.basicConfig()
+from minaf3.features import log_mel_spectrogram
+from minaf3.kernels.log_mel import load_extension
+audio = np.sin(np.arange(20_000) * 0.05).astype(np.float32)
+err = (log_mel_spectrogram(audio)[0] - log_mel_spectrogram(audio, backend="torch")[0]).abs().max().item()
+print("loaded", load_extension(), "error", err)
+"""
+
+
+@pytest.mark.slow
+def test_cpp_kernel_builds_from_scratch(tmp_path):
+    """What CI meets: an empty extension cache and ninja only beside the interpreter, not on PATH."""
+    done = run_python(CHECK_KERNEL, TORCH_EXTENSIONS_DIR=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    _, loaded, _, error = done.stdout.split()
+    assert loaded == "True" and float(error) <= TOLERANCE, done.stdout + done.stderr
+    assert list(tmp_path.rglob("*.so")), "no library was built in the fresh folder"
+
+
+def test_missing_compiler_falls_back_with_a_note(tmp_path):
+    done = run_python(CHECK_KERNEL, TORCH_EXTENSIONS_DIR=str(tmp_path), CXX=str(tmp_path / "no-such-c++"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[1:] == ["False", "error", "0.0"]  # both calls ran the torch path
+    assert "log-mel kernel: building log_mel.cpp failed" in done.stderr
+    assert "using the torch front end instead" in done.stderr
