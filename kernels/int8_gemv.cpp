@@ -2,17 +2,25 @@
 //
 // Decode multiplies a few activation rows (batch 1-8) by every weight once, so its time is the time to stream
 // the weights from memory. Reading int8 instead of fp32 cuts those bytes by 4; this kernel keeps the
-// arithmetic cheap enough (AVX2: sign-extend 8 int8 -> 8 int32 -> 8 float, one FMA per activation row) that
-// the stream, not the conversion, stays the limit. The per-row scale is applied once to each finished dot
-// product, since sum_k x[k] * w[n, k] * s[n] = s[n] * sum_k x[k] * w[n, k].
+// arithmetic cheap enough (sign-extend int8 -> int32 -> float, one FMA per activation row) that the stream,
+// not the conversion, stays the limit. The per-row scale is applied once to each finished dot product, since
+// sum_k x[k] * w[n, k] * s[n] = s[n] * sum_k x[k] * w[n, k]. Activations stay float32 throughout.
+//
+// Two instruction sets from one source: the kernel is written once over an `Isa` (Avx2: 8 float lanes in 16
+// ymm registers; Avx512: 16 lanes in 32 zmm registers). The file is built with -mavx2 -mfma; the AVX-512
+// entry point alone is compiled for AVX-512 (a target attribute, with `flatten` so that the generic kernel
+// is inlined into it and compiled for that target) and chosen at run time when the CPU has it.
 //
 // Blocking: R output rows x BT activation rows share one pass over K. Each converted weight vector is used
-// BT times and each activation vector R times, with R * BT accumulators held in the 16 ymm registers.
-// Many activation rows (prefill) are handled by tiling the weight rows so each tile is read from memory once.
-// Rows are split across threads with at::parallel_for, so torch.set_num_threads governs this kernel too.
+// BT times and each activation vector R times, with R * BT accumulators held in registers. Many activation
+// rows (prefill) are handled by tiling the weight rows so each tile is read from memory once.
 //
-// Built by kernels/int8_linear.py through torch.utils.cpp_extension.load with -mavx2 -mfma; it is only
-// called when torch reports AVX2 (or better) on this CPU. Measurements: the docstring of int8_linear.py.
+// Streaming: the weights are requested into L2 far ahead of their use (kPrefetchBytes), and threads claim
+// chunks of rows from a shared counter rather than a fixed half each, so that on a shared machine a thread
+// whose core is busy elsewhere does less of the work instead of holding the product back.
+//
+// Built by kernels/int8_linear.py through torch.utils.cpp_extension.load; it is only called when torch
+// reports AVX2 (or better) on this CPU. Measurements: the docstring of int8_linear.py.
 
 // Only the headers needed: <torch/extension.h> (pybind11 and the whole C++ API) triples the build time.
 #include <ATen/Parallel.h>
@@ -22,128 +30,197 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
+// The generic kernel below handles __m512 values in functions compiled for the default (AVX2) target; GCC
+// warns that passing them would use another ABI. They are never passed: `flatten` inlines all of them into
+// the AVX-512 entry point.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace {
 
-// Eight lanes of one ymm register hold eight consecutive k.
-constexpr int64_t kLanes = 8;
-// Output rows per thread task: 64 rows of a 3584-wide layer are 224 KiB of int8, enough work to amortise
-// the task start, small enough that the smallest official layer (512 rows, k/v_proj) still spans 2 cores.
-constexpr int64_t kGrainRows = 64;
-// Least work per thread task, in weight bytes times activation rows: 256 KiB is ~10 us at batch 1, where
-// waking a second thread costs a few us. Tiny layers (the 112-wide test models) then stay on one thread.
-constexpr int64_t kMinTaskBytes = 256 * 1024;
-// Bytes of one cache line: one prefetch per row per line.
+// Bytes of one cache line: the k loop advances one line of each weight row per iteration.
 constexpr int64_t kCacheLine = 64;
-// How far ahead each row stream is prefetched: 1 KiB (16 lines) measured best among 0.25-2 KiB.
-constexpr int64_t kPrefetchBytes = 1024;
+// How far ahead of the bytes being multiplied the weights are prefetched into L2, in bytes of the block's
+// stream (kPrefetchBytes / R ahead in each of its R rows). Measured (one core, batch 1, AVX-512, GB/s for
+// 151672 x 3584 / 3584 x 18944): no prefetch 14 / -; 1 KiB ahead of each row into L1 (this kernel's first
+// version) 11-13 / 15; 16 KiB 18 / 19; 32 KiB 23 / 19; 64 KiB 24 / 18.5, near a plain read of the same bytes.
+// The hardware prefetcher alone does not run far enough ahead of a compute loop.
+constexpr int64_t kPrefetchBytes = 32 * 1024;
 // Weight bytes per tile (see rows_kernel): a quarter of a 1 MiB L2, leaving room for the activations.
 constexpr int64_t kTileBytes = 256 * 1024;
+// Work per claimed chunk, in weight bytes times activation rows: 512 KiB is ~25 us at batch 1, long next to
+// a claim (one atomic add) and short enough that the threads finish within a chunk of each other.
+constexpr int64_t kChunkWork = 512 * 1024;
+// Fewest rows per chunk: at large batch a chunk is a tile that many activation rows pass over.
+constexpr int64_t kMinChunkRows = 16;
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));  // 8 -> 4 lanes
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));                                            // 4 -> 2
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));                                             // 2 -> 1
-  return _mm_cvtss_f32(s);
-}
-
-// Eight int8 weights at p as eight floats (exact: every int8 is a float).
-inline __m256 load_int8x8(const int8_t* p) {
-  __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
-}
-
-// One step of dot_block: 8 consecutive k of R weight rows against BT activation rows.
-template <int R, int BT>
-inline void dot_step(const float* xb, const int8_t* wr, int64_t K, int64_t k, __m256* acc) {
-  __m256 wv[R];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) wv[r] = load_int8x8(wr + r * K + k);
-#pragma GCC unroll 16
-  for (int b = 0; b < BT; ++b) {
-    const __m256 xv = _mm256_loadu_ps(xb + b * K + k);
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) acc[r * BT + b] = _mm256_fmadd_ps(xv, wv[r], acc[r * BT + b]);
+struct Avx2 {
+  static constexpr int kLanes = 8;
+  using Vec = __m256;
+  static inline Vec zero() { return _mm256_setzero_ps(); }
+  static inline Vec load(const float* p) { return _mm256_loadu_ps(p); }
+  // Eight int8 weights at p as eight floats (exact: every int8 is a float).
+  static inline Vec load_int8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
   }
-}
+  static inline Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline float sum(Vec v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));  // 8 -> 4 lanes
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));                                            // 4 -> 2
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));                                             // 2 -> 1
+    return _mm_cvtss_f32(s);
+  }
+  // R output rows x BT activation rows per block: R * BT accumulators + R weight vectors + 1 activation
+  // vector fit the 16 ymm registers; up to 2 activation rows take R = 4 (4-8 independent FMA chains hide
+  // the FMA latency), more take R = 2 with BT = 4.
+  static constexpr int rows_per_block(int64_t M) { return M <= 2 ? 4 : 2; }
+};
 
-// out[r * BT + b] = x[b0 + b] . w[n0 + r] for R weight rows and BT activation rows: dot products, unscaled.
-// The accumulators are one flat array indexed by constants after full unrolling: with a 2-D array GCC 12
-// kept a copy in memory and stored all of them on every iteration, which halved the FMA rate.
-template <int R, int BT>
-inline void dot_block(const float* x, const int8_t* w, int64_t K, int64_t n0, int64_t b0, float* out) {
-  const int8_t* wr = w + n0 * K;  // row r starts at wr + r * K
-  const float* xb = x + b0 * K;   // activation row b starts at xb + b * K
-  __m256 acc[R * BT];
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+struct Avx512 {
+  static constexpr int kLanes = 16;
+  using Vec = __m512;
+  static inline Vec zero() { return _mm512_setzero_ps(); }
+  static inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
+  static inline Vec load_int8(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  static inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline float sum(Vec v) { return _mm512_reduce_add_ps(v); }
+  // 32 zmm registers: R = 4 at every batch (4 x 4 accumulators + 4 weights + 1 activation = 21).
+  static constexpr int rows_per_block(int64_t) { return 4; }
+};
+#pragma GCC pop_options
+
+// out[r * BT + b] = x[b] . w[r] for R weight rows (w, row stride K) and BT activation rows (x, stride K):
+// dot products, unscaled. The accumulators are one flat array indexed by constants after full unrolling:
+// with a 2-D array GCC 12 kept a copy in memory and stored all of them on every iteration.
+template <class Isa, int R, int BT>
+inline void dot_block(const float* x, const int8_t* w, int64_t K, float* out) {
+  using Vec = typename Isa::Vec;
+  constexpr int L = Isa::kLanes;
+  Vec acc[R * BT];
 #pragma GCC unroll 16
-  for (int i = 0; i < R * BT; ++i) acc[i] = _mm256_setzero_ps();
+  for (int i = 0; i < R * BT; ++i) acc[i] = Isa::zero();
 
-  const int64_t k_vec = K - K % kLanes;
+  const int64_t k_vec = K - K % L;
   int64_t k = 0;
   for (; k + kCacheLine <= k_vec;) {
-    // R interleaved row streams of a few KiB each are too short for the hardware prefetcher to ramp up:
-    // ask for each row's bytes kPrefetchBytes ahead, and past a row's end for the same row of the next
-    // block, so a block starts warm. Measured (one core, 18944 x 3584, batch 1): 6.3 ms -> 4.2 ms.
+    // Each row's bytes kPrefetchBytes / R ahead; past the row's end, the same row of the next block (the
+    // next R * K bytes), so that a block starts warm. A prefetch never faults, even past the weights' end.
+    const int64_t ahead = k + kPrefetchBytes / R;
     for (int r = 0; r < R; ++r) {
-      const int64_t ahead = k + kPrefetchBytes;
-      const int8_t* p = ahead < K ? wr + r * K + ahead : wr + (r + R) * K + (ahead - K);
-      _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);  // never faults, even past the end
+      const int8_t* line = ahead < K ? w + r * K + ahead : w + (r + R) * K + (ahead - K);
+      _mm_prefetch(reinterpret_cast<const char*>(line), _MM_HINT_T1);
     }
 #pragma GCC unroll 8
-    for (int i = 0; i < kCacheLine / kLanes; ++i, k += kLanes) dot_step<R, BT>(xb, wr, K, k, acc);
-  }
-  for (; k < k_vec; k += kLanes) dot_step<R, BT>(xb, wr, K, k, acc);
+    for (int i = 0; i < kCacheLine / L; ++i, k += L) {
+      Vec wv[R];
 #pragma GCC unroll 16
-  for (int i = 0; i < R * BT; ++i) out[i] = hsum(acc[i]);
-  for (k = k_vec; k < K; ++k) {  // the K % 8 tail, scalar
+      for (int r = 0; r < R; ++r) wv[r] = Isa::load_int8(w + r * K + k);
+#pragma GCC unroll 16
+      for (int b = 0; b < BT; ++b) {
+        const Vec xv = Isa::load(x + b * K + k);
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) acc[r * BT + b] = Isa::fma(xv, wv[r], acc[r * BT + b]);
+      }
+    }
+  }
+  for (; k < k_vec; k += L) {  // the last K % 64 columns, a vector at a time
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const Vec wv = Isa::load_int8(w + r * K + k);
+#pragma GCC unroll 16
+      for (int b = 0; b < BT; ++b) acc[r * BT + b] = Isa::fma(Isa::load(x + b * K + k), wv, acc[r * BT + b]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < R * BT; ++i) out[i] = Isa::sum(acc[i]);
+  for (k = k_vec; k < K; ++k) {  // the K % L tail, scalar
     for (int r = 0; r < R; ++r)
-      for (int b = 0; b < BT; ++b) out[r * BT + b] += xb[b * K + k] * static_cast<float>(wr[r * K + k]);
+      for (int b = 0; b < BT; ++b) out[r * BT + b] += x[b * K + k] * static_cast<float>(w[r * K + k]);
   }
 }
 
+struct Problem {
+  const float* x;       // (M, K)
+  const int8_t* w;      // (N, K)
+  const float* scales;  // (N,)
+  const float* bias;    // (N,) or nullptr
+  float* y;             // (M, N)
+  int64_t M, N, K;
+};
+
 // y[b0 .. b0 + bt, n0 .. n0 + R] = scaled dot products + bias, for bt <= 4 activation rows.
-template <int R>
-inline void block(int64_t bt, const float* x, const int8_t* w, const float* scales, const float* bias,
-                  float* y, int64_t N, int64_t K, int64_t n0, int64_t b0) {
+template <class Isa, int R>
+inline void block(const Problem& p, int64_t bt, int64_t n0, int64_t b0) {
   float out[R * 4];  // (R, bt) row-major
+  const float* xb = p.x + b0 * p.K;
+  const int8_t* wr = p.w + n0 * p.K;
   switch (bt) {
-    case 1: dot_block<R, 1>(x, w, K, n0, b0, out); break;
-    case 2: dot_block<R, 2>(x, w, K, n0, b0, out); break;
-    case 3: dot_block<R, 3>(x, w, K, n0, b0, out); break;
-    default: dot_block<R, 4>(x, w, K, n0, b0, out); break;
+    case 1: dot_block<Isa, R, 1>(xb, wr, p.K, out); break;
+    case 2: dot_block<Isa, R, 2>(xb, wr, p.K, out); break;
+    case 3: dot_block<Isa, R, 3>(xb, wr, p.K, out); break;
+    default: dot_block<Isa, R, 4>(xb, wr, p.K, out); break;
   }
   for (int r = 0; r < R; ++r)
     for (int64_t b = 0; b < bt; ++b)
-      y[(b0 + b) * N + n0 + r] = out[r * bt + b] * scales[n0 + r] + (bias ? bias[n0 + r] : 0.0f);
+      p.y[(b0 + b) * p.N + n0 + r] = out[r * bt + b] * p.scales[n0 + r] + (p.bias ? p.bias[n0 + r] : 0.0f);
 }
 
 // Output rows [begin, end) for all M activation rows. Rows go in tiles of about kTileBytes of int8; each
 // tile meets every group of 4 activation rows while it sits in L2, so memory streams each weight once and
 // a group's activations (4 * K floats) stay in L1/L2 across the tile. Within a tile: blocks of R rows, then
-// single rows. Register budget (16 ymm): R * BT accumulators + R weight vectors + 1 activation vector; up
-// to 2 activation rows take R = 4 (4-8 independent FMA chains hide the FMA latency), more take R = 2.
-template <int R>
-void rows_kernel(const float* x, const int8_t* w, const float* scales, const float* bias, float* y, int64_t M,
-                 int64_t N, int64_t K, int64_t begin, int64_t end) {
-  const int64_t tile = std::max<int64_t>(R, kTileBytes / K / R * R);
+// single rows.
+template <class Isa, int R>
+inline void rows_kernel(const Problem& p, int64_t begin, int64_t end) {
+  const int64_t tile = std::max<int64_t>(R, kTileBytes / p.K / R * R);
   for (int64_t t0 = begin; t0 < end; t0 += tile) {
     const int64_t t1 = std::min(end, t0 + tile);
-    for (int64_t b0 = 0; b0 < M; b0 += 4) {
-      const int64_t bt = std::min<int64_t>(4, M - b0);
+    for (int64_t b0 = 0; b0 < p.M; b0 += 4) {
+      const int64_t bt = std::min<int64_t>(4, p.M - b0);
       int64_t n = t0;
-      for (; n + R <= t1; n += R) block<R>(bt, x, w, scales, bias, y, N, K, n, b0);
-      for (; n < t1; ++n) block<1>(bt, x, w, scales, bias, y, N, K, n, b0);
+      for (; n + R <= t1; n += R) block<Isa, R>(p, bt, n, b0);
+      for (; n < t1; ++n) block<Isa, 1>(p, bt, n, b0);
     }
   }
+}
+
+template <class Isa>
+inline void rows_for_isa(const Problem& p, int64_t begin, int64_t end) {
+  if (Isa::rows_per_block(p.M) == 4) {
+    rows_kernel<Isa, 4>(p, begin, end);
+  } else {
+    rows_kernel<Isa, 2>(p, begin, end);
+  }
+}
+
+// The entry points: everything they call is inlined (`flatten`) and so compiled for their target.
+__attribute__((flatten)) void rows_avx2(const Problem& p, int64_t begin, int64_t end) {
+  rows_for_isa<Avx2>(p, begin, end);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"), flatten))
+void rows_avx512(const Problem& p, int64_t begin, int64_t end) {
+  rows_for_isa<Avx512>(p, begin, end);
+}
+
+bool cpu_has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return has;
 }
 
 }  // namespace
 
 // x (..., K) float32, w (N, K) int8, scales (N,) float32, bias (N,) float32 or None -> y (..., N) float32.
+// allow_avx512: false forces the AVX2 code on an AVX-512 CPU (tests run both).
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
-                       const std::optional<at::Tensor>& bias) {
+                       const std::optional<at::Tensor>& bias, bool allow_avx512) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "int8_linear: CPU tensors expected");
   TORCH_CHECK(x.dim() >= 1 && w.dim() == 2, "int8_linear: x (..., K) and w (N, K) expected");
   TORCH_CHECK(x.scalar_type() == at::kFloat, "int8_linear: x must be float32");
@@ -160,20 +237,23 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);  // (..., K) -> (..., N)
   out_shape.push_back(N);
   at::Tensor y = at::empty(out_shape, x.options());
-  const float* xp = xc.data_ptr<float>();
-  const int8_t* wp = wc.data_ptr<int8_t>();
-  const float* sp = sc.data_ptr<float>();
-  const float* bp = bias ? bc.data_ptr<float>() : nullptr;
-  float* yp = y.data_ptr<float>();
+  if (M == 0 || N == 0) return y;
+  const Problem p{xc.data_ptr<float>(), wc.data_ptr<int8_t>(), sc.data_ptr<float>(),
+                  bias ? bc.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K};
+  const auto rows = allow_avx512 && cpu_has_avx512() ? rows_avx512 : rows_avx2;
 
-  // A small layer runs on one thread: starting the pool costs more than its whole product.
-  const int64_t grain = std::max<int64_t>(kGrainRows, kMinTaskBytes / std::max<int64_t>(1, K * M));
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    if (M <= 2) {
-      rows_kernel<4>(xp, wp, sp, bp, yp, M, N, K, begin, end);
-    } else {
-      rows_kernel<2>(xp, wp, sp, bp, yp, M, N, K, begin, end);
-    }
+  // Rows per chunk, a multiple of the 4-row blocks so that only the layer's last rows go one at a time.
+  int64_t chunk = std::max<int64_t>(kMinChunkRows, kChunkWork / std::max<int64_t>(1, K * M));
+  chunk = (chunk + 3) / 4 * 4;
+  const int64_t num_chunks = (N + chunk - 1) / chunk;
+  if (num_chunks == 1) {  // a small layer: waking a second thread costs more than its whole product
+    rows(p, 0, N);
+    return y;
+  }
+  // One task per thread; each claims chunks in order until none are left.
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(num_chunks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t c = next++; c < num_chunks; c = next++) rows(p, c * chunk, std::min(N, (c + 1) * chunk));
   });
   return y;
 }
@@ -181,7 +261,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 // A torch operator rather than a pybind11 function: torch.compile can trace through it (int8_linear.py
 // registers its shape function), and the build needs no Python headers.
 TORCH_LIBRARY(minaf3_int8, m) {
-  m.def("int8_linear(Tensor x, Tensor w, Tensor scales, Tensor? bias) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor w, Tensor scales, Tensor? bias, bool allow_avx512=True) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(minaf3_int8, CPU, m) { m.impl("int8_linear", &int8_linear); }

@@ -33,6 +33,8 @@ FLOAT32_EPS = torch.finfo(torch.float32).eps
 BF16_EPS = torch.finfo(torch.bfloat16).eps  # the torch backend rounds activations to bf16
 KERNEL_SETTINGS = settings(max_examples=40, deadline=None)
 BACKENDS = ["cpp", "torch"]
+# The C++ kernel takes AVX-512 where the CPU has it ("cpp"); "cpp-avx2" forces its AVX2 code.
+KERNEL_PATHS = ["cpp", "cpp-avx2", "torch"]
 
 
 def random_layer(out_features: int, in_features: int, bias: bool, seed: int):
@@ -53,39 +55,70 @@ def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.float() - expected.float()).norm() / expected.float().norm()).item()
 
 
+def run_path(path: str, x, w, scales, bias):
+    """int8_linear on one of KERNEL_PATHS."""
+    if path == "cpp-avx2":
+        assert load_extension()
+        return torch.ops.minaf3_int8.int8_linear(x, w, scales, bias, False)
+    return int8_linear(x, w, scales, bias, backend=path)
+
+
+def path_tolerance(path: str, in_features: int) -> float:
+    # float32 sums in another order (cpp) or bf16-rounded activations (torch's small-batch op)
+    return 2 * BF16_EPS if path == "torch" else in_features * FLOAT32_EPS
+
+
 # ---- the kernel ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", KERNEL_PATHS)
 @KERNEL_SETTINGS
 @given(
     rows=st.integers(1, 12),
     out_features=st.integers(1, 70),
-    in_features=st.integers(1, 100),
+    in_features=st.integers(1, 200),  # below and above one 64-column step, every remainder mod 8 and 16
     bias=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_int8_linear_matches_reference(backend, rows, out_features, in_features, bias, seed):
+def test_int8_linear_matches_reference(path, rows, out_features, in_features, bias, seed):
     w, scales, b = random_layer(out_features, in_features, bias, seed)
     x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(seed + 1))
-    out = int8_linear(x, w, scales, b, backend=backend)
+    out = run_path(path, x, w, scales, b)
     expected = int8_linear_reference(x, w, scales, b)
-    # float32 sums in another order (cpp) or bf16-rounded activations (torch's small-batch op)
-    rel = in_features * FLOAT32_EPS if backend == "cpp" else 2 * BF16_EPS
     assert out.shape == (rows, out_features) and out.dtype == x.dtype
-    assert ((out - expected).abs() <= error_bound(x, w, scales, b, rel)).all()
+    assert ((out - expected).abs() <= error_bound(x, w, scales, b, path_tolerance(path, in_features))).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", KERNEL_PATHS)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 33])
-def test_batch_rows_each_equal_that_row_alone(backend, rows):
+def test_batch_rows_each_equal_that_row_alone(path, rows):
     """Row blocking (1-4 rows per pass, tiles of weight rows) must not mix rows; width 3584 as in AF3."""
-    w, scales, b = random_layer(200, 3584, True, seed=rows)
+    w, scales, b = random_layer(203, 3584, True, seed=rows)  # 203: chunks of whole blocks, then odd rows
     x = torch.randn(rows, 3584)
-    out = int8_linear(x, w, scales, b, backend=backend)
-    alone = torch.cat([int8_linear(x[i : i + 1], w, scales, b, backend=backend) for i in range(rows)])
+    out = run_path(path, x, w, scales, b)
+    alone = torch.cat([run_path(path, x[i : i + 1], w, scales, b) for i in range(rows)])
     expected = int8_linear_reference(x, w, scales, b)
-    rel = 3584 * FLOAT32_EPS if backend == "cpp" else 2 * BF16_EPS
-    assert ((out - expected).abs() <= error_bound(x, w, scales, b, rel)).all()
-    assert ((out - alone).abs() <= error_bound(x, w, scales, b, rel)).all()
+    bound = error_bound(x, w, scales, b, path_tolerance(path, 3584))
+    assert ((out - expected).abs() <= bound).all()
+    assert ((out - alone).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("path", ["cpp", "cpp-avx2"])
+@pytest.mark.parametrize("shape", [(1, 1001, 1000), (3, 517, 4099)])
+def test_thread_count_does_not_change_any_bit(path, shape):
+    """Threads claim chunks of rows as they go; each row's sum is the same code whichever thread runs it."""
+    rows, out_features, in_features = shape  # several chunks, none a whole number of 4-row blocks
+    w, scales, b = random_layer(out_features, in_features, True, seed=8)
+    x = torch.randn(rows, in_features)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = run_path(path, x, w, scales, b)
+        torch.set_num_threads(max(2, threads))
+        shared = run_path(path, x, w, scales, b)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(alone, shared)
+    expected = int8_linear_reference(x, w, scales, b)
+    assert ((shared - expected).abs() <= error_bound(x, w, scales, b, in_features * FLOAT32_EPS)).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
