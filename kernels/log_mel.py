@@ -48,7 +48,10 @@ BACKENDS = ("auto", "cpp", "torch")
 BACKEND_ENV = "MINAF3_LOG_MEL_BACKEND"
 SOURCE = Path(__file__).with_name("log_mel.cpp")
 # -ffp-contract=fast: fused multiply-adds (ISO C++ mode forbids contracting a * b + c otherwise).
-COMMON_FLAGS = ["-O3", "-ffp-contract=fast"]
+# -fopenmp: at::parallel_for is a plain serial call in code compiled without it (ATen/ParallelOpenMP.h);
+# the library then links libgomp.so.1, which resolves to the copy torch has already loaded.
+COMMON_FLAGS = ["-O3", "-ffp-contract=fast", "-fopenmp"]
+LINK_FLAGS = ["-fopenmp"]
 # Vector flags per torch CPU capability; the names keep the builds apart in a shared extension cache.
 ISA_FLAGS = {
     "AVX512": ("minaf3_log_mel_avx512", ["-mavx512f", "-mavx512dq", "-mavx2", "-mfma"]),
@@ -94,7 +97,11 @@ def _build_extension() -> bool:
 
     try:
         cpp_extension.load(
-            name=name, sources=[str(SOURCE)], extra_cflags=COMMON_FLAGS + isa_flags, is_python_module=False
+            name=name,
+            sources=[str(SOURCE)],
+            extra_cflags=COMMON_FLAGS + isa_flags,
+            extra_ldflags=LINK_FLAGS,
+            is_python_module=False,
         )
     except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as e:
         reason = _build_failure_reason(str(e)) or type(e).__name__

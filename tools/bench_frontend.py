@@ -2,11 +2,12 @@
 
     python tools/bench_frontend.py [--seconds 600] [--repeats 7] [--threads N] [--device cpu]
 
-All three front ends get the same 16 kHz waveform and return (n_windows, 128, 3000) features and masks:
+All front ends get the same 16 kHz waveform and return (n_windows, 128, 3000) features and masks:
 - transformers, default: WhisperFeatureExtractor(feature_size=128) called on the AF3 processor's 30 s chunks,
   which runs its torch path (`_torch_extract_fbank_features`) whenever torch is installed;
 - transformers, numpy path: the same call with `_np_extract_fbank_features`;
-- minaf3: `log_mel_spectrogram(audio)`.
+- minaf3: `log_mel_spectrogram(audio)`, its default (on CPU the C++ kernel of kernels/log_mel.cpp), and on
+  CPU also with backend="torch", the plain torch path it falls back to where the kernel cannot be built.
 Rounds are interleaved so that load from other processes hits every method alike; the table reports the
 best round (the least disturbed) and the median. Prints the markdown table the README shows.
 """
@@ -82,29 +83,40 @@ def main() -> None:
     audio = speech_like(int(args.seconds * SAMPLING_RATE))
     reference_torch, reference_numpy = transformers_front_ends()
 
-    def minaf3_front_end(x):
-        features, mask = log_mel_spectrogram(x, device=args.device)
-        if features.is_cuda:
-            torch.cuda.synchronize()
-        return features, mask
+    def minaf3_front_end(backend: str | None):
+        def extract(x):
+            features, mask = log_mel_spectrogram(x, device=args.device, backend=backend)
+            if features.is_cuda:
+                torch.cuda.synchronize()
+            return features, mask
+
+        return extract
 
     methods = {
         "transformers WhisperFeatureExtractor (default, torch path)": reference_torch,
         "transformers WhisperFeatureExtractor (numpy path)": reference_numpy,
-        f"minaf3 log_mel_spectrogram ({args.device})": minaf3_front_end,
     }
-    ours, mask = minaf3_front_end(audio)
+    if args.device == "cpu":
+        methods["minaf3 log_mel_spectrogram (cpu, default: C++ kernel)"] = minaf3_front_end(None)
+        methods['minaf3 log_mel_spectrogram (cpu, backend="torch")'] = minaf3_front_end("torch")
+    else:
+        methods[f"minaf3 log_mel_spectrogram ({args.device})"] = minaf3_front_end(None)
+
     theirs, their_mask = reference_torch(audio)
-    error = (ours.cpu() - theirs).abs().max().item()
-    masks_equal = torch.equal(mask.cpu(), their_mask.to(torch.int32))
+    checks = []
+    for name, fn in list(methods.items())[2:]:
+        ours, mask = fn(audio)
+        error = (ours.cpu() - theirs).abs().max().item()
+        masks_equal = torch.equal(mask.cpu(), their_mask.to(torch.int32))
+        checks.append(f"{name} vs transformers: max abs difference {error:.2e}, masks equal: {masks_equal}")
 
     times = bench(methods, audio, args.repeats)
     baseline = times[next(iter(methods))]
     print(
-        f"{args.seconds:g} s of audio -> {tuple(ours.shape)} features; torch {torch.__version__}, "
+        f"{args.seconds:g} s of audio -> {tuple(theirs.shape)} features; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; best and median of {args.repeats} interleaved rounds"
     )
-    print(f"minaf3 vs transformers: max abs difference {error:.2e}, masks equal: {masks_equal}\n")
+    print("\n".join(checks) + "\n")
     print("| front end | best | median | speed-up vs transformers default (best / median) |")
     print("| --- | ---: | ---: | ---: |")
     for name, samples in times.items():
