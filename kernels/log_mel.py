@@ -1,11 +1,11 @@
 """The C++ log-mel kernel (log_mel.cpp): Whisper's front end for CPU windows, every step of a frame fused.
 
-    load_extension()                                  builds and loads log_mel.cpp; False, with a logged
-                                                      note, when it cannot be built here
-    log_mel_into(source, valid, hann, filters, out)   runs it: (W, 128, 3000) clamped features into out,
-                                                      returns each window's maximum (W,)
-    resolve_backend(backend)                          "auto" | "cpp" | "torch", from the argument or
-                                                      $MINAF3_LOG_MEL_BACKEND
+    load_extension()                 builds and loads log_mel.cpp; False, with a logged note, when it
+                                     cannot be built here
+    use_kernel(device, backend)      whether a call runs the kernel: backend "auto" | "cpp" | "torch",
+                                     from the argument or $MINAF3_LOG_MEL_BACKEND
+    log_mel_into(source, valid, out) runs it: (W, 128, 3000) clamped features into out, returns each
+                                     window's maximum (W,)
 
 minaf3/features.py calls it for CPU tensors unless the backend is "torch"; its torch path stays the
 reference and the path for other devices and for machines without a C++ compiler.
@@ -31,6 +31,7 @@ own extension name so that machines sharing a cache do not load each other's bui
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import subprocess
@@ -38,9 +39,12 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from minaf3.errors import ConfigError
+from minaf3.features import mel_filter_bank
+from minaf3.windows import N_FFT
 
 logger = logging.getLogger(__name__)
 
@@ -131,15 +135,37 @@ def resolve_backend(backend: str | None = None) -> str:
     return chosen
 
 
-def log_mel_into(
-    source: torch.Tensor, valid: list[int], hann: torch.Tensor, filters: torch.Tensor, out: torch.Tensor
-) -> torch.Tensor:
+def use_kernel(device: torch.device, backend: str | None = None) -> bool:
+    """Whether a front-end call on `device` runs the kernel: "auto" and "cpp" do on CPU when it builds.
+
+    Raises ConfigError for an unknown backend, or for "cpp" where the kernel cannot run.
+    """
+    chosen = resolve_backend(backend)
+    if chosen == "torch":
+        return False
+    if device.type == "cpu" and load_extension():
+        return True
+    if chosen == "cpp":
+        why = (
+            f"the tensors are on {device}" if device.type != "cpu" else "it could not be built (see the log)"
+        )
+        raise ConfigError(f"log-mel backend 'cpp' cannot run: {why}; use backend='torch' or 'auto'")
+    return False
+
+
+@functools.cache
+def _tables() -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's constants: the periodic Hann window (400,) and the mel filters (128, 201) float32."""
+    filters = np.ascontiguousarray(mel_filter_bank().astype(np.float32).T)  # (201, 128) -> (128, 201)
+    return torch.hann_window(N_FFT, periodic=True), torch.from_numpy(filters)
+
+
+def log_mel_into(source: torch.Tensor, valid: list[int], out: torch.Tensor) -> torch.Tensor:
     """Whisper's log-mel of W windows laid end to end in source, clamped, written into out.
 
-    source: (>= 480000 (W - 1) + valid[W - 1],) float32 CPU samples, window w from 480000 w; samples of a
-    window past valid[w] are never read. hann: (400,) periodic Hann window. filters: (128, 201) mel
-    filters. out: (W, 128, 3000) float32, contiguous. Returns each window's maximum scaled log-mel, (W,)
-    float32: a NaN or Inf there means the window's samples were not finite or overflowed the power, and its
-    features are left unclamped. Call load_extension() first.
+    source: (>= 480000 (W - 1) + valid[W - 1],) contiguous float32 CPU samples, window w from 480000 w;
+    samples of a window past valid[w] are never read. out: (W, 128, 3000) float32, contiguous. Returns
+    each window's maximum scaled log-mel, (W,) float32: a NaN or Inf there means the window's samples
+    were not finite or overflowed the power, and its features are left unclamped. Call use_kernel() first.
     """
-    return torch.ops.minaf3_log_mel.log_mel(source, valid, hann, filters, out)
+    return torch.ops.minaf3_log_mel.log_mel(source, valid, *_tables(), out)
