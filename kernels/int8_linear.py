@@ -59,7 +59,12 @@ DEQUANT_TILE_BYTES = 8 * 2**20
 PACK_MM_K_MULTIPLE = 16
 SOURCE = Path(__file__).with_name("int8_gemv.cpp")
 EXTENSION_NAME = "minaf3_int8_gemv"
-CFLAGS = ["-O3", "-mavx2", "-mfma"]
+# -fopenmp: at::parallel_for is a header template that runs its body serially unless the extension itself
+# is compiled with OpenMP (the first version of this kernel, built without it, used one core whatever
+# torch.set_num_threads said). Linking with it names libgomp.so.1, which resolves to the copy torch has
+# already loaded, so the kernel shares torch's thread pool.
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 
 
 def int8_linear_reference(
@@ -113,7 +118,11 @@ def _build_extension() -> bool:
 
     try:
         cpp_extension.load(
-            name=EXTENSION_NAME, sources=[str(SOURCE)], extra_cflags=CFLAGS, is_python_module=False
+            name=EXTENSION_NAME,
+            sources=[str(SOURCE)],
+            extra_cflags=CFLAGS,
+            extra_ldflags=LDFLAGS,
+            is_python_module=False,
         )
     except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as e:
         reason = _build_failure_reason(str(e)) or type(e).__name__
