@@ -97,16 +97,12 @@ inline vf scaled_log10(vf x) {
   vf e = __builtin_convertvector(exponent, vf);
   vf f = m - 1.0f;
   vf z = f * f;
-  // Cephes logf: ln(1 + f) = f - f^2 / 2 + f^3 P(f) on [sqrt(1/2) - 1, sqrt(2) - 1]
-  vf p = splat(7.0376836292e-2f);
-  p = p * f - 1.1514610310e-1f;
-  p = p * f + 1.1676998740e-1f;
-  p = p * f - 1.2420140846e-1f;
-  p = p * f + 1.4249322787e-1f;
-  p = p * f - 1.6668057665e-1f;
-  p = p * f + 2.0000714765e-1f;
-  p = p * f - 2.4999993993e-1f;
-  p = p * f + 3.3333331174e-1f;
+  // Cephes logf: ln(1 + f) = f - f^2 / 2 + f^3 P(f) on [sqrt(1/2) - 1, sqrt(2) - 1], P by Horner's rule
+  constexpr float kP[] = {7.0376836292e-2f, -1.1514610310e-1f, 1.1676998740e-1f,
+                          -1.2420140846e-1f, 1.4249322787e-1f, -1.6668057665e-1f,
+                          2.0000714765e-1f,  -2.4999993993e-1f, 3.3333331174e-1f};
+  vf p = splat(kP[0]);
+  for (int i = 1; i < 9; ++i) p = p * f + kP[i];
   // ln 2 split in a part exact in float (0.693359375) and a small correction, as Cephes does
   vf ln = f + (f * z * p - 0.5f * z - 2.12194440e-4f * e) + 0.693359375f * e;
   vf scaled = ln * float(0.25 / M_LN10) + 1.0f;  // (ln x / ln 10 + 4) / 4
