@@ -6,22 +6,24 @@
                                                when it cannot be built here
 
 Backends: the `backend=` argument, else the environment variable MINAF3_INT8_BACKEND, else "auto".
-  "cpp"    the AVX2 C++ kernel of int8_gemv.cpp (CPU); ConfigError when it cannot be built or run here.
+  "cpp"    the C++ kernel of int8_gemv.cpp (CPU; AVX-512 code where the CPU has it, else AVX2);
+           ConfigError when it cannot be built or run here.
   "torch"  torch ops only: up to SMALL_BATCH rows aten._weight_int8pack_mm with bf16 activations, more rows
            (and non-CPU devices) dequantize tiles of weight rows and multiply with F.linear.
   "auto"   "cpp" for CPU tensors when the kernel builds on an AVX2 CPU, otherwise "torch".
 
 Why this choice: measured by tools/bench_int8.py and scratch scripts on the 2-core AMD EPYC (Zen 4) CI
-machine, torch 2.13, read bandwidth ~20 GB/s. The machine was shared (load 3-6), so each figure is the
-best of many calls; 1T = one thread.
-  18944 x 3584, batch 1: fp32 F.linear 13-19 ms; this kernel 4.2 (1T) - 4.8 ms, 67-83% of bandwidth;
+machine, torch 2.13; a plain read of 1 GiB streams at ~25 GB/s on one core, 32-50 GB/s on two. The
+machine is shared, so each figure is the best of many calls; 1T / 2T = one / two threads.
+  18944 x 3584, batch 1: fp32 F.linear 13-19 ms; this kernel 2.8-3.0 ms 1T (23-24 GB/s), 1.65 ms 2T
+      (41 GB/s); the AVX2 code ~15% slower on one core, the same on two (memory-bound);
       _weight_int8pack_mm with bf16 activations 6-8 ms (63 ms with fp32 ones, issue 5);
-      dequantize-then-matmul 160 ms. The kernel is ~3.4-4x fp32 (the ratio of bytes read is 4) and
-      differs from the reference by ~1e-6 relative (int8pack_mm: 3e-3, its bf16 activations).
-  batch 8: the kernel is FMA-bound (~42 GFMA/s per core): 13 ms (1T) - 18 ms; int8pack_mm 18-26 ms;
+      dequantize-then-matmul 160 ms. The kernel differs from the reference by ~1e-6 relative
+      (int8pack_mm: 3e-3, its bf16 activations). lm_head (151672 x 3584): 23.5 ms 1T, 13.5 ms 2T.
+  batch 8: FMA-bound (AVX-512 ~50 GFMA/s per core): 10.8 ms 1T, 6.8 ms 2T; int8pack_mm 16-26 ms;
       fp32 GEMM 42-108 ms (MKL's small-batch path is slow on this CPU).
-  prefill, single thread, 16 / 256 rows: this kernel 49 / 937 ms, fp32 GEMM 145 / 990 ms, dequantizing
-      8 MiB tiles + GEMM 163 / 1083 ms: the kernel serves every row count, no separate prefill path.
+  prefill, 256 rows: this kernel 316 ms 1T, 238 ms 2T (AVX2 code 403 / 278); fp32 GEMM ~990 ms 1T;
+      dequantizing 8 MiB tiles + GEMM ~1080 ms 1T: the kernel serves every row count, no prefill path.
   _weight_int8pack_mm's bf16 path crashes or returns NaN/inf unless in_features % 16 == 0 (torch 2.13
       CPU); the torch backend dequantizes for those shapes instead.
 

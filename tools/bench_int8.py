@@ -5,7 +5,9 @@
 
 For each decoder layer shape (and the lm_head) and each row count it prints the milliseconds of
     fp32      F.linear on float32 weights (what an unquantized model runs)
-    cpp       the AVX2 kernel of kernels/int8_gemv.cpp (what a quantized model runs on CPU)
+    cpp       the C++ kernel of kernels/int8_gemv.cpp (what a quantized model runs on CPU), AVX-512 where
+              the CPU has it
+    avx2      the same kernel forced to its AVX2 code (shown on AVX-512 CPUs only)
     torch     the torch backend: aten._weight_int8pack_mm with bf16 activations (<= 8 rows), else
               float32 dequantization of weight tiles + F.linear
     naive     dequantize the whole weight, then F.linear (--naive; slow, for comparison)
@@ -52,8 +54,8 @@ def best_ms(fn, repeat: int) -> float:
 def read_bandwidth(repeat: int) -> float:
     """Bytes per second this machine streams from memory: the faster of two reads of BANDWIDTH_BYTES.
 
-    A sum and a matrix-vector product over the same float32 data: on the 2-core CI machine the sum is
-    partly compute-bound (~15 GB/s) while torch.mv streams at ~20 GB/s, so the better one is the limit.
+    A sum and a matrix-vector product over the same float32 data (tools/bench.py uses the sum): whichever
+    streams faster on this machine and thread count sets the limit.
     """
     data = torch.randn(BANDWIDTH_BYTES // 4)
     matrix, vector = data.view(-1, 4096), torch.randn(4096)
@@ -71,6 +73,9 @@ def candidates(x, weight, w_int8, scales, naive: bool) -> dict:
     out = {"fp32": (lambda: F.linear(x, weight), fp32_bytes)}
     if load_extension():
         out["cpp"] = (lambda: int8_linear(x, w_int8, scales, backend="cpp"), int8_bytes)
+        if torch.backends.cpu.get_cpu_capability() == "AVX512":
+            op = torch.ops.minaf3_int8.int8_linear
+            out["avx2"] = (lambda: op(x, w_int8, scales, None, False), int8_bytes)
     out["torch"] = (lambda: int8_linear(x, w_int8, scales, backend="torch"), int8_bytes)
     if naive:
         out["naive"] = (lambda: int8_linear_reference(x, w_int8, scales), int8_bytes)
