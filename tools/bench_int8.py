@@ -17,6 +17,10 @@ fp32. Batch-1 decode reads every weight once per token, so bandwidth is its limi
 a quarter of fp32's time. Accuracy columns: relative L2 of the int8 output against fp32 on the original
 weights (quantization error) and against int8_linear_reference (the kernel's own error).
 
+--weight-error adds, per layer, the relative L2 error of the dequantized weights under per-row absmax
+(minaf3.quantize), the per-row MSE-optimal clipping scale (searched on a grid of fractions of the absmax)
+and per-group absmax over 128 columns, on the first WEIGHT_ERROR_ROWS rows.
+
 The machine is shared: each time is the minimum over --repeat calls, after one warm-up call.
 """
 
@@ -38,6 +42,9 @@ LAYERS = {
     "lm_head": ("lm_head", 151672, 3584),
 }
 BANDWIDTH_BYTES = 2**30  # large enough to defeat the 32 MiB L3
+WEIGHT_ERROR_ROWS = 4096  # rows sampled by --weight-error: its grid search makes 21 passes over them
+CLIP_FRACTIONS = torch.arange(0.90, 1.0001, 0.005)  # the grid; below 0.9 a Gaussian row's error only grows
+GROUP = 128  # columns per group of the per-group comparison
 
 
 def best_ms(fn, repeat: int) -> float:
@@ -67,6 +74,29 @@ def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.float() - expected.float()).norm() / expected.float().norm()).item()
 
 
+def dequantized_error(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Per-row squared error of round-to-nearest int8 with these per-row scales: (N, K), (N,) -> (N,)."""
+    step = scales[:, None]
+    return ((weight / step).round().clamp(-127, 127) * step - weight).pow(2).sum(1)
+
+
+def weight_errors(weight: torch.Tensor) -> dict:
+    """Relative L2 error of the dequantized weight (N, K) under three int8 schemes."""
+    weight = weight[:WEIGHT_ERROR_ROWS]
+    total = weight.pow(2).sum()
+    amax = weight.abs().amax(1)
+    absmax = dequantized_error(weight, amax / 127).sum()
+    best = torch.stack([dequantized_error(weight, amax * f / 127) for f in CLIP_FRACTIONS]).amin(0).sum()
+    groups = weight.reshape(weight.shape[0], -1, GROUP)  # (N, K) -> (N, K / GROUP, GROUP)
+    step = groups.abs().amax(-1, keepdim=True) / 127
+    grouped = ((groups / step).round() * step - groups).pow(2).sum()
+    return {
+        "per-row absmax": (absmax / total).sqrt().item(),
+        "per-row MSE-optimal clip": (best / total).sqrt().item(),
+        f"per-group-{GROUP} absmax": (grouped / total).sqrt().item(),
+    }
+
+
 def candidates(x, weight, w_int8, scales, naive: bool) -> dict:
     """label -> (function of no arguments, weight bytes it reads) for one input x (rows, in_features)."""
     fp32_bytes, int8_bytes = weight.nbytes, w_int8.nbytes + scales.nbytes
@@ -82,7 +112,9 @@ def candidates(x, weight, w_int8, scales, naive: bool) -> dict:
     return out
 
 
-def bench_layer(key: str, rows_list: list[int], repeat: int, bandwidth: float, naive: bool) -> None:
+def bench_layer(
+    key: str, rows_list: list[int], repeat: int, bandwidth: float, naive: bool, weight_error: bool
+) -> None:
     name, out_features, in_features = LAYERS[key]
     torch.manual_seed(0)
     # Row-wise Gaussian weights as in a trained linear layer, at Qwen2's init scale.
@@ -90,6 +122,9 @@ def bench_layer(key: str, rows_list: list[int], repeat: int, bandwidth: float, n
     w_int8, scales = quantize_weight(weight)
     megabytes = f"fp32 {weight.nbytes / 1e6:.0f} MB, int8 {(w_int8.nbytes + scales.nbytes) / 1e6:.0f} MB"
     print(f"\n{name}: {in_features} -> {out_features}  ({megabytes})")
+    if weight_error:
+        errors = ", ".join(f"{label} {error:.3%}" for label, error in weight_errors(weight).items())
+        print(f"weight error: {errors}")
     print(
         f"{'rows':>4} {'kernel':>6} {'ms':>9} {'GB/s':>7} {'of bw':>6} {'vs fp32':>8} "
         f"{'limit ms':>9} {'err vs fp32':>12} {'err vs ref':>11}"
@@ -123,6 +158,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=20, help="timed calls per measurement (minimum kept)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--naive", action="store_true", help="also time dequantize-then-F.linear")
+    parser.add_argument(
+        "--weight-error", action="store_true", help="also compare per-row absmax, MSE-optimal and per-group"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -134,7 +172,7 @@ def main() -> None:
     print(f"measured read bandwidth: {bandwidth / 1e9:.1f} GB/s (best of sum and mv over 1 GiB of float32)")
     print("limit ms = weight bytes / measured bandwidth; 'of bw' = achieved GB/s / measured bandwidth")
     for key in args.layers:
-        bench_layer(key, args.rows, args.repeat, bandwidth, args.naive)
+        bench_layer(key, args.rows, args.repeat, bandwidth, args.naive, args.weight_error)
 
 
 if __name__ == "__main__":
