@@ -15,9 +15,10 @@
 // BT times and each activation vector R times, with R * BT accumulators held in registers. Many activation
 // rows (prefill) are handled by tiling the weight rows so each tile is read from memory once.
 //
-// Streaming: the weights are requested into L2 far ahead of their use (kPrefetchBytes), and threads claim
-// chunks of rows from a shared counter rather than a fixed half each, so that on a shared machine a thread
-// whose core is busy elsewhere does less of the work instead of holding the product back.
+// Streaming: the weights are requested into L2 far ahead of their use (kPrefetchBytes). Each thread streams
+// its own contiguous share of the rows in chunks and then helps with what is left of the others' shares,
+// so that on a shared machine a thread whose core is busy elsewhere does less of the work instead of
+// holding the product back.
 //
 // Built by kernels/int8_linear.py through torch.utils.cpp_extension.load; it is only called when torch
 // reports AVX2 (or better) on this CPU. Measurements: the docstring of int8_linear.py.
@@ -209,6 +210,13 @@ void rows_avx512(const Problem& p, int64_t begin, int64_t end) {
   rows_for_isa<Avx512>(p, begin, end);
 }
 
+// One thread's run of chunks [next, end): `next` is claimed with an atomic increment, by its owner or by a
+// thread that has finished its own run. A cache line each, so that claims in one run do not slow another's.
+struct alignas(64) Run {
+  std::atomic<int64_t> next{0};
+  int64_t end = 0;
+};
+
 bool cpu_has_avx512() {
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
@@ -250,10 +258,24 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
     rows(p, 0, N);
     return y;
   }
-  // One task per thread; each claims chunks in order until none are left.
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(num_chunks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-    for (int64_t c = next++; c < num_chunks; c = next++) rows(p, c * chunk, std::min(N, (c + 1) * chunk));
+  // Each thread owns a contiguous run of chunks and claims them in order, so its weights arrive as one
+  // stream (the prefetch past a chunk's end lands in its own next chunk); a thread done with its run
+  // claims the chunks left in the others' runs, so a thread whose core is busy elsewhere does less.
+  const int64_t threads = std::min<int64_t>(num_chunks, at::get_num_threads());
+  std::vector<Run> runs(threads);
+  for (int64_t t = 0; t < threads; ++t) {
+    runs[t].next = t * num_chunks / threads;
+    runs[t].end = (t + 1) * num_chunks / threads;
+  }
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t i = 0; i < threads; ++i) {  // its own run first, then the others'
+        Run& run = runs[(t + i) % threads];
+        for (int64_t c = run.next++; c < run.end; c = run.next++) {
+          rows(p, c * chunk, std::min(N, (c + 1) * chunk));
+        }
+      }
+    }
   });
   return y;
 }
