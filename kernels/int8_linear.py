@@ -15,11 +15,11 @@ Backends: the `backend=` argument, else the environment variable MINAF3_INT8_BAC
 Why this choice: measured by tools/bench_int8.py and scratch scripts on the 2-core AMD EPYC (Zen 4) CI
 machine, torch 2.13; a plain read of 1 GiB streams at ~25 GB/s on one core, 32-50 GB/s on two. The
 machine is shared, so each figure is the best of many calls; 1T / 2T = one / two threads.
-  18944 x 3584, batch 1: fp32 F.linear 13-19 ms; this kernel 2.8-3.0 ms 1T (23-24 GB/s), 1.65 ms 2T
-      (41 GB/s); the AVX2 code ~15% slower on one core, the same on two (memory-bound);
-      _weight_int8pack_mm with bf16 activations 6-8 ms (63 ms with fp32 ones, issue 5);
+  18944 x 3584, batch 1: fp32 F.linear 13-19 ms; this kernel 2.8-3.0 ms 1T (23-24 GB/s), 1.4-1.6 ms 2T
+      (43-48 GB/s, as fast as torch's 2-thread sum over 1 GiB: 42-51 GB/s); the AVX2 code ~15% slower on
+      one core; _weight_int8pack_mm with bf16 activations 6-8 ms (63 ms with fp32 ones, issue 5);
       dequantize-then-matmul 160 ms. The kernel differs from the reference by ~1e-6 relative
-      (int8pack_mm: 3e-3, its bf16 activations). lm_head (151672 x 3584): 23.5 ms 1T, 13.5 ms 2T.
+      (int8pack_mm: 3e-3, its bf16 activations). lm_head (151672 x 3584): 23.5 ms 1T, 12.2 ms 2T.
   batch 8: FMA-bound (AVX-512 ~50 GFMA/s per core): 10.8 ms 1T, 6.8 ms 2T; int8pack_mm 16-26 ms;
       fp32 GEMM 42-108 ms (MKL's small-batch path is slow on this CPU).
   prefill, 256 rows: this kernel 316 ms 1T, 238 ms 2T (AVX2 code 403 / 278); fp32 GEMM ~990 ms 1T;
