@@ -171,6 +171,18 @@ def test_input_errors_name_the_mismatch():
         int8_linear(x, w, scales, b[:3])
 
 
+def test_kernel_is_built_with_openmp():
+    """at::parallel_for runs serially in an extension compiled without OpenMP: the kernel must call the
+    OpenMP runtime (the entry of `#pragma omp parallel`: GOMP_parallel in GCC's libgomp, __kmpc_fork_call in
+    LLVM's libomp) to use torch's threads at all."""
+    assert load_extension()
+    library = [path for path in torch.ops.loaded_libraries if kernel.EXTENSION_NAME in path]
+    assert len(library) == 1
+    with open(library[0], "rb") as f:
+        binary = f.read()
+    assert b"GOMP_parallel" in binary or b"__kmpc_fork_call" in binary
+
+
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
     """Run `code` in a new interpreter with this environment plus `env`, its venv's bin/ not on PATH."""
     bin_dir = os.path.dirname(sys.executable)
