@@ -61,12 +61,13 @@ DEQUANT_TILE_BYTES = 8 * 2**20
 PACK_MM_K_MULTIPLE = 16
 SOURCE = Path(__file__).with_name("int8_gemv.cpp")
 EXTENSION_NAME = "minaf3_int8_gemv"
-# -fopenmp: at::parallel_for is a header template that runs its body serially unless the extension itself
-# is compiled with OpenMP (the first version of this kernel, built without it, used one core whatever
+CFLAGS = ["-O3", "-mavx2", "-mfma"]
+# at::parallel_for is a header template that runs its body serially unless the extension itself is compiled
+# with OpenMP (the first version of this kernel, built without it, used one core whatever
 # torch.set_num_threads said). Linking with it names libgomp.so.1, which resolves to the copy torch has
-# already loaded, so the kernel shares torch's thread pool.
-CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
-LDFLAGS = ["-fopenmp"]
+# already loaded, so the kernel shares torch's thread pool. A compiler without OpenMP gets a one-thread
+# build, still ~2x torch's int8 ops.
+OPENMP_FLAGS = ["-fopenmp"]
 
 
 def int8_linear_reference(
@@ -118,23 +119,32 @@ def _build_extension() -> bool:
     _ninja_on_path()
     from torch.utils import cpp_extension
 
-    try:
+    def build(openmp: bool) -> None:
+        flags = OPENMP_FLAGS if openmp else []
         cpp_extension.load(
             name=EXTENSION_NAME,
             sources=[str(SOURCE)],
-            extra_cflags=CFLAGS,
-            extra_ldflags=LDFLAGS,
+            extra_cflags=CFLAGS + flags,
+            extra_ldflags=flags,
             is_python_module=False,
         )
-    except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as e:
+
+    failures = (OSError, RuntimeError, ImportError, subprocess.SubprocessError)
+    try:
+        build(openmp=True)
+    except failures as e:
         reason = _build_failure_reason(str(e)) or type(e).__name__
-        logger.warning(
-            "int8 kernel: building %s failed (%s); using torch's int8 ops instead (slower decode). "
-            "Install a C++ compiler and ninja to enable it.",
-            SOURCE.name,
-            reason,
-        )
-        return False
+        try:
+            build(openmp=False)
+        except failures:
+            logger.warning(
+                "int8 kernel: building %s failed (%s); using torch's int8 ops instead (slower decode). "
+                "Install a C++ compiler and ninja to enable it.",
+                SOURCE.name,
+                reason,
+            )
+            return False
+        logger.warning("int8 kernel: built without OpenMP (%s); it runs on one thread", reason)
 
     # The operator's output shape without running it, so torch.compile can trace through the call.
     @torch.library.register_fake("minaf3_int8::int8_linear")

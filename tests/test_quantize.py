@@ -223,6 +223,20 @@ def test_missing_compiler_falls_back_with_a_note(tmp_path):
     assert "using torch's int8 ops instead" in done.stderr
 
 
+@pytest.mark.slow
+def test_compiler_without_openmp_builds_a_one_thread_kernel(tmp_path):
+    compiler = tmp_path / "c++-without-openmp"
+    compiler.write_text(
+        '#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && { echo "error: no OpenMP" >&2; exit 1; }; done\n'
+        'exec c++ "$@"\n'
+    )
+    compiler.chmod(0o755)
+    done = run_python(CHECK_KERNEL, TORCH_EXTENSIONS_DIR=str(tmp_path), CXX=str(compiler))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[1] == "True" and float(done.stdout.split()[3]) < 1e-3, done.stdout
+    assert "int8 kernel: built without OpenMP" in done.stderr and "runs on one thread" in done.stderr
+
+
 def test_cpp_backend_refuses_tensors_it_cannot_run(monkeypatch):
     monkeypatch.setattr(kernel, "_kernel_ready", False)
     w, scales, _ = random_layer(4, 16, False, seed=7)
