@@ -19,8 +19,8 @@ This equals transformers' WhisperFeatureExtractor(feature_size=128). The work is
 On CPU the default is the C++ kernel of kernels/log_mel.cpp, which runs all of it per frame in one pass
 (10 minutes of audio, 2 threads: 12 ms against this torch path's 37 ms; see kernels/log_mel.py). The torch
 path below is the reference it is tested against, the path for CUDA, and the fallback where the kernel
-cannot be built. `backend=` chooses: "auto" (default),
-"cpp" or "torch"; otherwise the environment variable MINAF3_LOG_MEL_BACKEND does.
+cannot be built. `backend=` chooses: "auto" (default), "cpp" or "torch"; when it is not given, the
+environment variable MINAF3_LOG_MEL_BACKEND does.
 """
 
 import threading
