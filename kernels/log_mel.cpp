@@ -24,8 +24,8 @@
 // that finishes a window's last block clamps that window while it is still in cache.
 //
 // Built by kernels/log_mel.py through torch.utils.cpp_extension.load, with the widest vector flags this CPU
-// has (the code uses GCC vector extensions, no intrinsics, so any target compiles). Measurements: the
-// docstring of kernels/log_mel.py.
+// has (the code uses GCC vector extensions, which GCC and Clang compile for any target; no intrinsics).
+// Measurements: the docstring of kernels/log_mel.py.
 
 // Only the headers needed: <torch/extension.h> (pybind11 and the whole C++ API) triples the build time.
 #include <ATen/Parallel.h>
@@ -257,8 +257,13 @@ inline float padded_sample(const Job& job, int64_t w, int64_t p) {
 // transpose. Lane c of x becomes y[c - B] where bit B of c is set, lane c of y becomes x[c + B] where not.
 template <int B, int... C>
 inline void swap_bit(vf& x, vf& y, std::integer_sequence<int, C...>) {
+#if defined(__clang__) || __GNUC__ >= 12
   vf low = __builtin_shufflevector(x, y, ((C & B) ? kLanes + C - B : C)...);
   vf high = __builtin_shufflevector(x, y, ((C & B) ? kLanes + C : C + B)...);
+#else  // GCC before 12 (Ubuntu 22.04's 11) has only its own form, with the lane indices as a vector
+  vf low = __builtin_shuffle(x, y, vi{((C & B) ? kLanes + C - B : C)...});
+  vf high = __builtin_shuffle(x, y, vi{((C & B) ? kLanes + C : C + B)...});
+#endif
   x = low, y = high;
 }
 
