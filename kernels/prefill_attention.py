@@ -22,7 +22,7 @@ import torch
 
 from minaf3.errors import ConfigError
 
-from . import check_attention_inputs, check_launchable, jit, tile, tl, triton
+from .triton_common import check_attention_inputs, check_launchable, jit, tile, tl, triton
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
 

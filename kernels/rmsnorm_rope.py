@@ -19,7 +19,7 @@ import torch
 
 from minaf3.errors import ConfigError
 
-from . import check_launchable, jit, tl, triton
+from .triton_common import check_launchable, jit, tl, triton
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -55,7 +55,7 @@ def default_backend(device: torch.device, num_queries: int | None = None) -> str
     if forced is not None:
         return forced
     if device.type == "cuda":
-        from .kernels import is_available
+        from .kernels.triton_common import is_available
 
         if is_available():
             return "triton"

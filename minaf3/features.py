@@ -305,7 +305,7 @@ def _features(
     source: torch.Tensor, valid: torch.Tensor, backend: str | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat source + (W,) valid samples per window -> (features, mask); see log_mel_windows."""
-    from minaf3.kernels import log_mel as kernel  # here, not on top: the kernels package imports triton
+    from minaf3.kernels import log_mel as kernel  # here, not on top: it imports minaf3.features
 
     use_kernel = kernel.use_kernel(source.device, backend)
     valid_list = valid.tolist()

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from minaf3.kernels import triton_common as kernels
 from minaf3.kernels.decode_attention import decode_attention, decode_attention_reference
 from minaf3.kernels.encoder_attention import encoder_attention, encoder_attention_reference
 from minaf3.kernels.prefill_attention import prefill_attention, prefill_attention_reference
@@ -26,7 +27,6 @@ from minaf3.kernels.rmsnorm_rope import (
     rms_norm_reference,
 )
 
-from minaf3 import kernels
 from minaf3.errors import ConfigError
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
