@@ -31,9 +31,8 @@ The exception is a loud pure tone over noise 60-70 dB below it (0.9 sin(3 kHz) +
 1.4e-4 from the float64 features and the kernel 1.2e-4, 1.4e-4 to 2e-4 apart. No float32 FFT other than
 MKL's own can be held to 1e-4 of MKL there; backend="torch" matches transformers to ~1e-7 (same calls).
 
-Building: torch.utils.cpp_extension.load compiles with ninja into torch's extension cache
-($TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions) on first use and reloads it afterwards; a
-changed source is rebuilt. The source uses GCC vector extensions, no intrinsics, so it compiles for any
+Building (cpp_build.py): compiled with ninja into torch's extension cache on first use, reloaded afterwards,
+rebuilt when the source changes. The source uses GCC vector extensions, no intrinsics, so it compiles for any
 CPU; the flags pick the widest vectors torch reports (AVX-512: 16 frames per register, AVX2: 8, else 4:
 60 ms on one thread, the torch path's time), each under its own extension name so that machines sharing
 a cache do not load each other's build.
@@ -43,10 +42,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -56,9 +51,11 @@ from minaf3.errors import ConfigError
 from minaf3.features import mel_filter_bank
 from minaf3.windows import N_FFT
 
+from . import cpp_build
+from .cpp_build import BUILD_ERRORS, build_once, compile_library, failure_reason
+
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "cpp", "torch")
 BACKEND_ENV = "MINAF3_LOG_MEL_BACKEND"
 SOURCE = Path(__file__).with_name("log_mel.cpp")
 # -ffp-contract=fast: fused multiply-adds (ISO C++ mode forbids contracting a * b + c otherwise).
@@ -74,75 +71,32 @@ ISA_FLAGS = {
 BASELINE = ("minaf3_log_mel", [])  # the compiler's default target (SSE2 on x86-64)
 
 
-def _ninja_on_path() -> None:
-    """Make a `ninja` installed in this Python's environment visible to torch's build.
-
-    pip installs ninja's binary beside the interpreter (venv/bin); CI often runs venv/bin/python without
-    activating the venv, so that folder is not on PATH and torch would report ninja missing.
-    """
-    bin_dir = str(Path(sys.executable).parent)
-    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
-        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-
-
-_kernel_ready: bool | None = None  # load_extension's answer, once known
-_build_lock = threading.Lock()
-
-
-def load_extension() -> bool:
+def _build() -> bool:
     """Build (first time) and load the C++ kernel; True when torch.ops.minaf3_log_mel.log_mel is ready.
 
     Returns False, logging one warning that says why and what runs instead, when the build fails (no C++
     compiler, no ninja, missing torch headers). Decided once per process.
     """
-    global _kernel_ready
-    if _kernel_ready is None:
-        with _build_lock:  # two threads' first calls must not both build and register the operator
-            if _kernel_ready is None:
-                _kernel_ready = _build_extension()
-    return _kernel_ready
-
-
-def _build_extension() -> bool:
-    """load_extension's work: pick the flags for this CPU, build or reload the library."""
     name, isa_flags = ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability(), BASELINE)
-    _ninja_on_path()
-    from torch.utils import cpp_extension
-
     try:
-        cpp_extension.load(
-            name=name,
-            sources=[str(SOURCE)],
-            extra_cflags=COMMON_FLAGS + isa_flags,
-            extra_ldflags=LINK_FLAGS,
-            is_python_module=False,
-        )
-    except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as e:
-        reason = _build_failure_reason(str(e)) or type(e).__name__
+        compile_library(name, SOURCE, COMMON_FLAGS + isa_flags, LINK_FLAGS, "log-mel kernel")
+    except BUILD_ERRORS as e:
         logger.warning(
             "log-mel kernel: building %s failed (%s); using the torch front end instead (~3x slower). "
             "Install a C++ compiler and ninja to enable it.",
             SOURCE.name,
-            reason,
+            failure_reason(e),
         )
         return False
     return True
 
 
-def _build_failure_reason(log: str) -> str:
-    """The line of a failed build's log that says why (the compiler's error), not ninja's summary."""
-    lines = [line.strip() for line in log.splitlines() if line.strip()]
-    telling = [line for line in lines if "error" in line.lower() or "not found" in line.lower()]
-    return (telling or lines or [""])[-1][:300]
+load_extension = build_once(_build)
 
 
 def resolve_backend(backend: str | None = None) -> str:
     """The backend a call will use: the argument, else $MINAF3_LOG_MEL_BACKEND, else "auto"."""
-    chosen = backend if backend is not None else os.environ.get(BACKEND_ENV, "auto")
-    if chosen not in BACKENDS:
-        source = "backend" if backend is not None else BACKEND_ENV
-        raise ConfigError(f"{source}={chosen!r}: expected one of {list(BACKENDS)}")
-    return chosen
+    return cpp_build.resolve_backend(backend, BACKEND_ENV)
 
 
 def use_kernel(device: torch.device, backend: str | None = None) -> bool:

@@ -329,7 +329,7 @@ def test_backend_switch_by_argument_and_environment(monkeypatch):
 
 
 def test_cpp_backend_refuses_when_the_kernel_cannot_run(monkeypatch):
-    monkeypatch.setattr(kernel, "_kernel_ready", False)
+    monkeypatch.setattr(kernel, "load_extension", lambda: False)
     with pytest.raises(ConfigError, match="log-mel backend 'cpp' cannot run: it could not be built"):
         log_mel_spectrogram(speech_like(5000), backend="cpp")
     features, _ = log_mel_spectrogram(speech_like(5000))  # auto: the torch path
@@ -400,3 +400,4 @@ def test_narrower_vector_builds_match_the_torch_path(tmp_path, capability, libra
     loaded, error = done.stdout.split()
     assert loaded == "True" and float(error) <= TOLERANCE, done.stdout + done.stderr
     assert list(tmp_path.rglob(f"{library}.so")), f"{library} was not built"
+    assert "log-mel kernel: compiling log_mel.cpp for this CPU (first use only" in done.stderr

@@ -1,0 +1,103 @@
+"""Building the C++ kernels: what log_mel.py and int8_linear.py share.
+
+    build_once(build)              a thread-safe `load_extension`: calls build() once per process
+    compile_library(name, ...)     torch.utils.cpp_extension.load with ninja, saying so when it compiles
+    failure_reason(error)          the line of a failed build's log that says why
+    resolve_backend(...)           "auto" | "cpp" | "torch" from an argument or an environment variable
+
+A kernel is compiled on first use, into torch's extension cache ($TORCH_EXTENSIONS_DIR, default
+~/.cache/torch_extensions), and loaded from there afterwards; a changed source is rebuilt. Compiling takes
+about 10 s on two cores, so the first use on a machine logs a line saying so rather than stall in silence.
+A failed build is never fatal: each kernel keeps a torch path and logs one warning naming the cause.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from minaf3.errors import ConfigError
+
+logger = logging.getLogger("minaf3.kernels")
+
+BACKENDS = ("auto", "cpp", "torch")
+# What a failed cpp_extension.load raises: a compiler or ninja error, a missing tool, an unloadable library.
+BUILD_ERRORS = (OSError, RuntimeError, ImportError, subprocess.SubprocessError)
+NOTICE_SECONDS = 1.0
+
+
+def build_once(build: Callable[[], bool]) -> Callable[[], bool]:
+    """load_extension for one kernel: the first call runs build() (True when the kernel is ready), under a
+    lock, since two threads' first calls must not both compile and register the operator; later calls
+    return its answer."""
+    lock, answer = threading.Lock(), []
+
+    def load_extension() -> bool:
+        if not answer:
+            with lock:
+                if not answer:
+                    answer.append(build())
+        return answer[0]
+
+    load_extension.__doc__ = build.__doc__
+    return load_extension
+
+
+def _ninja_on_path() -> None:
+    """Make a `ninja` installed in this Python's environment visible to torch's build.
+
+    pip installs ninja's binary beside the interpreter (venv/bin); CI often runs venv/bin/python without
+    activating the venv, so that folder is not on PATH and torch would report ninja missing.
+    """
+    bin_dir = str(Path(sys.executable).parent)
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+
+
+def compile_library(name: str, source: Path, cflags: list[str], ldflags: list[str], what: str) -> None:
+    """Build (or reload) `source` as the operator library `name`; raises one of BUILD_ERRORS on failure.
+
+    Reloading a cached build takes a fraction of a second; a load still running after NOTICE_SECONDS is
+    compiling, and logs one line saying so.
+    """
+    _ninja_on_path()
+    from torch.utils import cpp_extension
+
+    notice = threading.Timer(
+        NOTICE_SECONDS,
+        logger.warning,
+        ("%s: compiling %s for this CPU (first use only, about 10 s)", what, source.name),
+    )
+    notice.daemon = True
+    notice.start()
+    try:
+        cpp_extension.load(
+            name=name,
+            sources=[str(source)],
+            extra_cflags=cflags,
+            extra_ldflags=ldflags,
+            is_python_module=False,
+        )
+    finally:
+        notice.cancel()
+
+
+def failure_reason(error: BaseException) -> str:
+    """The line of a failed build's log that says why (the compiler's error), not ninja's summary."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    telling = [line for line in lines if "error" in line.lower() or "not found" in line.lower()]
+    return (telling or lines or [type(error).__name__])[-1][:300]
+
+
+def resolve_backend(backend: str | None, env: str) -> str:
+    """The backend a call will use: the argument, else the environment variable `env`, else "auto"."""
+    chosen = backend if backend is not None else os.environ.get(env, "auto")
+    if chosen not in BACKENDS:
+        source = "backend" if backend is not None else env
+        raise ConfigError(f"{source}={chosen!r}: expected one of {list(BACKENDS)}")
+    return chosen
