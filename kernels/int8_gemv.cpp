@@ -45,11 +45,12 @@ namespace {
 // Bytes of one cache line: the k loop advances one line of each weight row per iteration.
 constexpr int64_t kCacheLine = 64;
 // How far ahead of the bytes being multiplied the weights are prefetched into L2, in bytes of the block's
-// stream (kPrefetchBytes / R ahead in each of its R rows). Measured (one core, batch 1, AVX-512, GB/s for
-// 151672 x 3584 / 3584 x 18944): no prefetch 14 / -; 1 KiB ahead of each row into L1 (this kernel's first
-// version) 11-13 / 15; 16 KiB 18 / 19; 32 KiB 23 / 19; 64 KiB 24 / 18.5, near a plain read of the same bytes.
-// The hardware prefetcher alone does not run far enough ahead of a compute loop.
-constexpr int64_t kPrefetchBytes = 32 * 1024;
+// stream (kPrefetchBytes / R ahead in each of its R rows). Measured (batch 1, AVX-512, GB/s for
+// 151672 x 3584 / 3584 x 18944), one core: no prefetch 14 / -; 1 KiB ahead of each row into L1 (this
+// kernel's first version) 11-13 / 15; 16 KiB 18 / 19; 32 KiB 21-23 / 16-25; 64 KiB 22-24 / 19-26;
+// 128 KiB 21-22 / 19-26. Two cores, quiet machine: 32 KiB 47.5 / 52; 64 KiB 50 / 53.5; 128 KiB 50 / 55,
+// where torch's sum over 1 GiB read 46 GB/s. The hardware prefetcher alone does not run far enough ahead.
+constexpr int64_t kPrefetchBytes = 64 * 1024;
 // Weight bytes per tile (see rows_kernel): a quarter of a 1 MiB L2, leaving room for the activations.
 constexpr int64_t kTileBytes = 256 * 1024;
 // Work per claimed chunk, in weight bytes times activation rows: 512 KiB is ~25 us at batch 1, long next to
