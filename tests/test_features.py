@@ -97,6 +97,16 @@ def test_a_tone_burst_after_silence_matches_reference(reference_processor, backe
     assert_matches_reference(reference_processor, audio, backend)
 
 
+@pytest.mark.parametrize("level", [1e-3, 0.3])
+def test_noise_and_a_chirp_match_reference(reference_processor, backend, level):
+    """White noise, and a 50 Hz -> 7.9 kHz sweep, quiet and loud: every bin of the spectrum in use."""
+    rng = np.random.default_rng(7)
+    t = np.arange(16000 * 6) / 16000
+    chirp = np.sin(2 * np.pi * (50 * t + (7850 / 12) * t**2))  # instantaneous 50 + 7850 t / 6 Hz
+    audio = np.concatenate([level * rng.standard_normal(16000 * 3), level * chirp]).astype(np.float32)
+    assert_matches_reference(reference_processor, audio, backend)
+
+
 def test_audio_past_600_seconds_is_cut_like_the_reference(reference_processor, caplog, backend):
     audio = speech_like(MAX_AUDIO_SAMPLES + 16000, seed=3)
     with caplog.at_level(logging.WARNING, logger="minaf3"):
