@@ -27,19 +27,14 @@ machine is shared, so each figure is the best of many calls; 1T / 2T = one / two
   _weight_int8pack_mm's bf16 path crashes or returns NaN/inf unless in_features % 16 == 0 (torch 2.13
       CPU); the torch backend dequantizes for those shapes instead.
 
-Building: torch.utils.cpp_extension.load compiles with ninja into torch's extension cache
-($TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions) on first use and reloads it afterwards; a
-changed source is rebuilt. The operator registers as torch.ops.minaf3_int8.int8_linear with a shape
+Building (cpp_build.py): compiled with ninja into torch's extension cache on first use, reloaded afterwards,
+rebuilt when the source changes. The operator registers as torch.ops.minaf3_int8.int8_linear with a shape
 function, so torch.compile traces through it.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import torch
@@ -47,9 +42,11 @@ import torch.nn.functional as F
 
 from minaf3.errors import ConfigError
 
+from . import cpp_build
+from .cpp_build import BUILD_ERRORS, build_once, compile_library, failure_reason
+
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "cpp", "torch")
 BACKEND_ENV = "MINAF3_INT8_BACKEND"
 # Rows up to which the torch backend uses _weight_int8pack_mm; its time grows with every row (6-8 ms at
 # 1 row, 18-26 ms at 8, 18944 x 3584) while dequantized tiles + GEMM amortise over many rows.
@@ -79,64 +76,22 @@ def int8_linear_reference(
     return out.to(x.dtype)
 
 
-def _ninja_on_path() -> None:
-    """Make a `ninja` installed in this Python's environment visible to torch's build.
-
-    pip installs ninja's binary beside the interpreter (venv/bin); CI often runs venv/bin/python without
-    activating the venv, so that folder is not on PATH and torch would report ninja missing.
-    """
-    bin_dir = str(Path(sys.executable).parent)
-    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
-        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-
-
-_kernel_ready: bool | None = None  # load_extension's answer, once known
-_build_lock = threading.Lock()
-
-
-# torch.compile calls this while tracing and treats the answer as a constant (the ready kernel is a graph
-# node; no build or environment check is traced).
-@torch.compiler.assume_constant_result
-def load_extension() -> bool:
+def _build() -> bool:
     """Build (first time) and load the C++ kernel; True when torch.ops.minaf3_int8.int8_linear is ready.
 
     Returns False, logging one warning that says why and what runs instead, when this CPU lacks AVX2 or
     the build fails (no C++ compiler, no ninja, missing torch headers). Decided once per process.
     """
-    global _kernel_ready
-    if _kernel_ready is None:
-        with _build_lock:  # two threads' first calls must not both build and register the operator
-            if _kernel_ready is None:
-                _kernel_ready = _build_extension()
-    return _kernel_ready
-
-
-def _build_extension() -> bool:
-    """load_extension's work: check the CPU, build or reload the library, register the shape function."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         logger.warning("int8 kernel: this CPU has no AVX2; using torch's int8 ops instead (slower decode)")
         return False
-    _ninja_on_path()
-    from torch.utils import cpp_extension
-
-    def build(openmp: bool) -> None:
-        flags = OPENMP_FLAGS if openmp else []
-        cpp_extension.load(
-            name=EXTENSION_NAME,
-            sources=[str(SOURCE)],
-            extra_cflags=CFLAGS + flags,
-            extra_ldflags=flags,
-            is_python_module=False,
-        )
-
-    failures = (OSError, RuntimeError, ImportError, subprocess.SubprocessError)
     try:
-        build(openmp=True)
-    except failures as e:
-        reason = _build_failure_reason(str(e)) or type(e).__name__
+        compile_library(EXTENSION_NAME, SOURCE, CFLAGS + OPENMP_FLAGS, OPENMP_FLAGS, "int8 kernel")
+    except BUILD_ERRORS as e:
+        reason = failure_reason(e)
         try:
-            build(openmp=False)
-        except failures:
+            compile_library(EXTENSION_NAME, SOURCE, CFLAGS, [], "int8 kernel")
+        except BUILD_ERRORS:
             logger.warning(
                 "int8 kernel: building %s failed (%s); using torch's int8 ops instead (slower decode). "
                 "Install a C++ compiler and ninja to enable it.",
@@ -154,20 +109,14 @@ def _build_extension() -> bool:
     return True
 
 
-def _build_failure_reason(log: str) -> str:
-    """The line of a failed build's log that says why (the compiler's error), not ninja's summary."""
-    lines = [line.strip() for line in log.splitlines() if line.strip()]
-    telling = [line for line in lines if "error" in line.lower() or "not found" in line.lower()]
-    return (telling or lines or [""])[-1][:300]
+# torch.compile calls this while tracing and treats the answer as a constant (the ready kernel is a graph
+# node; no build or environment check is traced).
+load_extension = torch.compiler.assume_constant_result(build_once(_build))
 
 
 def resolve_backend(backend: str | None = None) -> str:
     """The backend a call will use: the argument, else $MINAF3_INT8_BACKEND, else "auto"."""
-    chosen = backend if backend is not None else os.environ.get(BACKEND_ENV, "auto")
-    if chosen not in BACKENDS:
-        source = "backend" if backend is not None else BACKEND_ENV
-        raise ConfigError(f"{source}={chosen!r}: expected one of {list(BACKENDS)}")
-    return chosen
+    return cpp_build.resolve_backend(backend, BACKEND_ENV)
 
 
 def int8_linear(

@@ -160,7 +160,7 @@ def test_compiled_decoding_gives_the_eager_tokens_and_logits(one_layer):
 
 
 def test_compiled_int8_decoding_gives_the_eager_tokens(one_layer):
-    """The compiled step streams int8 weights itself (decoder.linear); eager runs the int8 kernel."""
+    """The compiled step calls the int8 kernel as a graph node (linear.streamed_linear), like eager."""
     model = load(one_layer, quantize="int8")
     ids = torch.randint(0, 400, (1, 9), generator=torch.Generator().manual_seed(1))
     args = dict(max_new_tokens=10, return_dict_in_generate=True, output_logits=True, **GREEDY)
