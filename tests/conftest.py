@@ -5,6 +5,9 @@ parity test compares minaf3 with the reference on files neither side wrote by ha
 """
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -257,3 +260,12 @@ def hour_checkpoint(tmp_path_factory) -> Path:
     from minaf3.demo import write_demo_checkpoint
 
     return write_demo_checkpoint(tmp_path_factory.mktemp("af3_hour"), **HOUR_SIZES)
+
+
+# ---- C++ kernel builds (tests/test_features.py, tests/test_quantize.py) -----------------------------------
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    """Run `code` in a new interpreter with this environment plus `env`, its venv's bin/ not on PATH."""
+    bin_dir = os.path.dirname(sys.executable)
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != bin_dir)
+    full_env = {**os.environ, "PATH": path, **env}
+    return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True)

@@ -8,15 +8,12 @@ vectors are tested the way CI meets a build (a fresh extension folder), and with
 """
 
 import logging
-import os
-import subprocess
-import sys
 import threading
 
 import numpy as np
 import pytest
 import torch
-from conftest import speech_like
+from conftest import run_python, speech_like
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from minaf3.kernels import log_mel as kernel
@@ -352,14 +349,6 @@ def test_kernel_refuses_windows_past_the_end_of_the_source():
     out = torch.empty(2, N_MELS, FRAMES_PER_WINDOW)
     with pytest.raises(RuntimeError, match="window 1 has 1000 valid samples, outside the source"):
         kernel.log_mel_into(torch.zeros(WINDOW_SAMPLES + 999), [WINDOW_SAMPLES, 1000], out)
-
-
-def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
-    """Run `code` in a new interpreter with this environment plus `env`, its venv's bin/ not on PATH."""
-    bin_dir = os.path.dirname(sys.executable)
-    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != bin_dir)
-    full_env = {**os.environ, "PATH": path, **env}
-    return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True)
 
 
 CHECK_KERNEL = """

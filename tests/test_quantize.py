@@ -11,12 +11,12 @@ fp32 weights released one layer at a time, int8 bytes a quarter of fp32's, gener
 """
 
 import os
-import subprocess
 import sys
 import weakref
 
 import pytest
 import torch
+from conftest import run_python
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from minaf3.kernels import int8_linear as kernel
@@ -181,14 +181,6 @@ def test_kernel_is_built_with_openmp():
     with open(library[0], "rb") as f:
         binary = f.read()
     assert b"GOMP_parallel" in binary or b"__kmpc_fork_call" in binary
-
-
-def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
-    """Run `code` in a new interpreter with this environment plus `env`, its venv's bin/ not on PATH."""
-    bin_dir = os.path.dirname(sys.executable)
-    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != bin_dir)
-    full_env = {**os.environ, "PATH": path, **env}
-    return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True)
 
 
 CHECK_KERNEL = """
