@@ -65,8 +65,13 @@ struct Avx2 {
   static inline Vec zero() { return _mm256_setzero_ps(); }
   static inline Vec load(const float* p) { return _mm256_loadu_ps(p); }
   // Eight int8 weights at p as eight floats (exact: every int8 is a float).
-  static inline Vec load_int8(const int8_t* p) {
+  static inline Vec load_w(const int8_t* p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  // Eight bf16 weights (their bit patterns) as eight floats: a bf16 is the top half of a float32.
+  static inline Vec load_w(const uint16_t* p) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
   }
   static inline Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
   static inline float sum(Vec v) {
@@ -88,8 +93,12 @@ struct Avx512 {
   using Vec = __m512;
   static inline Vec zero() { return _mm512_setzero_ps(); }
   static inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
-  static inline Vec load_int8(const int8_t* p) {
+  static inline Vec load_w(const int8_t* p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  static inline Vec load_w(const uint16_t* p) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
   }
   static inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
   static inline float sum(Vec v) { return _mm512_reduce_add_ps(v); }
@@ -98,11 +107,21 @@ struct Avx512 {
 };
 #pragma GCC pop_options
 
+// A weight as a float, for the scalar tail: int8 exactly; bf16 from its bit pattern (the top half of a float).
+inline float to_float(int8_t w) { return static_cast<float>(w); }
+inline float to_float(uint16_t w) {
+  const uint32_t bits = static_cast<uint32_t>(w) << 16;
+  float f;
+  __builtin_memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
 // out[r * BT + b] = x[b] . w[r] for R weight rows (w, row stride K) and BT activation rows (x, stride K):
-// dot products, unscaled. The accumulators are one flat array indexed by constants after full unrolling:
-// with a 2-D array GCC 12 kept a copy in memory and stored all of them on every iteration.
-template <class Isa, int R, int BT>
-inline void dot_block(const float* x, const int8_t* w, int64_t K, float* out) {
+// dot products, unscaled. W: int8_t, or uint16_t holding bf16 bit patterns. The accumulators are one flat
+// array indexed by constants after full unrolling: with a 2-D array GCC 12 kept a copy in memory and stored
+// all of them on every iteration.
+template <class Isa, int R, int BT, class W>
+inline void dot_block(const float* x, const W* w, int64_t K, float* out) {
   using Vec = typename Isa::Vec;
   constexpr int L = Isa::kLanes;
   Vec acc[R * BT];
@@ -113,17 +132,19 @@ inline void dot_block(const float* x, const int8_t* w, int64_t K, float* out) {
   int64_t k = 0;
   for (; k + kCacheLine <= k_vec;) {
     // Each row's bytes kPrefetchBytes / R ahead; past the row's end, the same row of the next block (the
-    // next R * K bytes), so that a block starts warm. A prefetch never faults, even past the weights' end.
-    const int64_t ahead = k + kPrefetchBytes / R;
+    // next R * K weights), so that a block starts warm. A prefetch never faults, even past the weights' end.
+    // An iteration covers 64 weights: one cache line of int8, two of bf16.
+    const int64_t ahead = k + kPrefetchBytes / R / static_cast<int64_t>(sizeof(W));
     for (int r = 0; r < R; ++r) {
-      const int8_t* line = ahead < K ? w + r * K + ahead : w + (r + R) * K + (ahead - K);
-      _mm_prefetch(reinterpret_cast<const char*>(line), _MM_HINT_T1);
+      const W* line = ahead < K ? w + r * K + ahead : w + (r + R) * K + (ahead - K);
+      for (size_t half = 0; half < sizeof(W); ++half)
+        _mm_prefetch(reinterpret_cast<const char*>(line) + half * kCacheLine, _MM_HINT_T1);
     }
 #pragma GCC unroll 8
     for (int i = 0; i < kCacheLine / L; ++i, k += L) {
       Vec wv[R];
 #pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) wv[r] = Isa::load_int8(w + r * K + k);
+      for (int r = 0; r < R; ++r) wv[r] = Isa::load_w(w + r * K + k);
 #pragma GCC unroll 16
       for (int b = 0; b < BT; ++b) {
         const Vec xv = Isa::load(x + b * K + k);
@@ -135,7 +156,7 @@ inline void dot_block(const float* x, const int8_t* w, int64_t K, float* out) {
   for (; k < k_vec; k += L) {  // the last K % 64 columns, a vector at a time
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      const Vec wv = Isa::load_int8(w + r * K + k);
+      const Vec wv = Isa::load_w(w + r * K + k);
 #pragma GCC unroll 16
       for (int b = 0; b < BT; ++b) acc[r * BT + b] = Isa::fma(Isa::load(x + b * K + k), wv, acc[r * BT + b]);
     }
@@ -144,71 +165,75 @@ inline void dot_block(const float* x, const int8_t* w, int64_t K, float* out) {
   for (int i = 0; i < R * BT; ++i) out[i] = Isa::sum(acc[i]);
   for (k = k_vec; k < K; ++k) {  // the K % L tail, scalar
     for (int r = 0; r < R; ++r)
-      for (int b = 0; b < BT; ++b) out[r * BT + b] += x[b * K + k] * static_cast<float>(w[r * K + k]);
+      for (int b = 0; b < BT; ++b) out[r * BT + b] += x[b * K + k] * to_float(w[r * K + k]);
   }
 }
 
+template <class W>
 struct Problem {
   const float* x;       // (M, K)
-  const int8_t* w;      // (N, K)
-  const float* scales;  // (N,)
+  const W* w;           // (N, K)
+  const float* scales;  // (N,), or nullptr: unscaled (bf16 weights)
   const float* bias;    // (N,) or nullptr
   float* y;             // (M, N)
   int64_t M, N, K;
 };
 
 // y[b0 .. b0 + bt, n0 .. n0 + R] = scaled dot products + bias, for bt <= 4 activation rows.
-template <class Isa, int R>
-inline void block(const Problem& p, int64_t bt, int64_t n0, int64_t b0) {
+template <class Isa, int R, class W>
+inline void block(const Problem<W>& p, int64_t bt, int64_t n0, int64_t b0) {
   float out[R * 4];  // (R, bt) row-major
   const float* xb = p.x + b0 * p.K;
-  const int8_t* wr = p.w + n0 * p.K;
+  const W* wr = p.w + n0 * p.K;
   switch (bt) {
     case 1: dot_block<Isa, R, 1>(xb, wr, p.K, out); break;
     case 2: dot_block<Isa, R, 2>(xb, wr, p.K, out); break;
     case 3: dot_block<Isa, R, 3>(xb, wr, p.K, out); break;
     default: dot_block<Isa, R, 4>(xb, wr, p.K, out); break;
   }
-  for (int r = 0; r < R; ++r)
-    for (int64_t b = 0; b < bt; ++b)
-      p.y[(b0 + b) * p.N + n0 + r] = out[r * bt + b] * p.scales[n0 + r] + (p.bias ? p.bias[n0 + r] : 0.0f);
+  for (int r = 0; r < R; ++r) {
+    const float scale = p.scales ? p.scales[n0 + r] : 1.0f, bias = p.bias ? p.bias[n0 + r] : 0.0f;
+    for (int64_t b = 0; b < bt; ++b) p.y[(b0 + b) * p.N + n0 + r] = out[r * bt + b] * scale + bias;
+  }
 }
 
 // Output rows [begin, end) for all M activation rows. Rows go in tiles of about kTileBytes of int8; each
 // tile meets every group of 4 activation rows while it sits in L2, so memory streams each weight once and
 // a group's activations (4 * K floats) stay in L1/L2 across the tile. Within a tile: blocks of R rows, then
 // single rows.
-template <class Isa, int R>
-inline void rows_kernel(const Problem& p, int64_t begin, int64_t end) {
-  const int64_t tile = std::max<int64_t>(R, kTileBytes / p.K / R * R);
+template <class Isa, int R, class W>
+inline void rows_kernel(const Problem<W>& p, int64_t begin, int64_t end) {
+  const int64_t tile = std::max<int64_t>(R, kTileBytes / (p.K * static_cast<int64_t>(sizeof(W))) / R * R);
   for (int64_t t0 = begin; t0 < end; t0 += tile) {
     const int64_t t1 = std::min(end, t0 + tile);
     for (int64_t b0 = 0; b0 < p.M; b0 += 4) {
       const int64_t bt = std::min<int64_t>(4, p.M - b0);
       int64_t n = t0;
-      for (; n + R <= t1; n += R) block<Isa, R>(p, bt, n, b0);
-      for (; n < t1; ++n) block<Isa, 1>(p, bt, n, b0);
+      for (; n + R <= t1; n += R) block<Isa, R, W>(p, bt, n, b0);
+      for (; n < t1; ++n) block<Isa, 1, W>(p, bt, n, b0);
     }
   }
 }
 
-template <class Isa>
-inline void rows_for_isa(const Problem& p, int64_t begin, int64_t end) {
+template <class Isa, class W>
+inline void rows_for_isa(const Problem<W>& p, int64_t begin, int64_t end) {
   if (Isa::rows_per_block(p.M) == 4) {
-    rows_kernel<Isa, 4>(p, begin, end);
+    rows_kernel<Isa, 4, W>(p, begin, end);
   } else {
-    rows_kernel<Isa, 2>(p, begin, end);
+    rows_kernel<Isa, 2, W>(p, begin, end);
   }
 }
 
 // The entry points: everything they call is inlined (`flatten`) and so compiled for their target.
-__attribute__((flatten)) void rows_avx2(const Problem& p, int64_t begin, int64_t end) {
-  rows_for_isa<Avx2>(p, begin, end);
+template <class W>
+__attribute__((flatten)) void rows_avx2(const Problem<W>& p, int64_t begin, int64_t end) {
+  rows_for_isa<Avx2, W>(p, begin, end);
 }
 
+template <class W>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"), flatten))
-void rows_avx512(const Problem& p, int64_t begin, int64_t end) {
-  rows_for_isa<Avx512>(p, begin, end);
+void rows_avx512(const Problem<W>& p, int64_t begin, int64_t end) {
+  rows_for_isa<Avx512, W>(p, begin, end);
 }
 
 // One thread's run of chunks [next, end): `next` is claimed with an atomic increment, by its owner or by a
@@ -224,40 +249,18 @@ bool cpu_has_avx512() {
   return has;
 }
 
-}  // namespace
-
-// x (..., K) float32, w (N, K) int8, scales (N,) float32, bias (N,) float32 or None -> y (..., N) float32.
-// allow_avx512: false forces the AVX2 code on an AVX-512 CPU (tests run both).
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
-                       const std::optional<at::Tensor>& bias, bool allow_avx512) {
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "int8_linear: CPU tensors expected");
-  TORCH_CHECK(x.dim() >= 1 && w.dim() == 2, "int8_linear: x (..., K) and w (N, K) expected");
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "int8_linear: x must be float32");
-  TORCH_CHECK(w.scalar_type() == at::kChar, "int8_linear: w must be int8");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat, "int8_linear: scales must be float32");
-  const int64_t K = x.size(-1), N = w.size(0), M = K ? x.numel() / K : 0;
-  TORCH_CHECK(w.size(1) == K, "int8_linear: x has ", K, " columns but w has ", w.size(1));
-  TORCH_CHECK(scales.numel() == N, "int8_linear: ", N, " weight rows but ", scales.numel(), " scales");
-  TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->numel() == N),
-              "int8_linear: bias must be float32 with ", N, " entries");
-
-  const at::Tensor xc = x.contiguous(), wc = w.contiguous(), sc = scales.contiguous();
-  const at::Tensor bc = bias ? bias->contiguous() : at::Tensor();
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);  // (..., K) -> (..., N)
-  out_shape.push_back(N);
-  at::Tensor y = at::empty(out_shape, x.options());
-  if (M == 0 || N == 0) return y;
-  const Problem p{xc.data_ptr<float>(), wc.data_ptr<int8_t>(), sc.data_ptr<float>(),
-                  bias ? bc.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K};
-  const auto rows = allow_avx512 && cpu_has_avx512() ? rows_avx512 : rows_avx2;
-
+// y = the product of p, split over torch's threads (see "Streaming" at the top).
+template <class W>
+void run(const Problem<W>& p, bool allow_avx512) {
+  const auto rows = allow_avx512 && cpu_has_avx512() ? rows_avx512<W> : rows_avx2<W>;
   // Rows per chunk, a multiple of the 4-row blocks so that only the layer's last rows go one at a time.
-  int64_t chunk = std::max<int64_t>(kMinChunkRows, kChunkWork / std::max<int64_t>(1, K * M));
+  const int64_t row_work = std::max<int64_t>(1, p.K * p.M * static_cast<int64_t>(sizeof(W)));
+  int64_t chunk = std::max<int64_t>(kMinChunkRows, kChunkWork / row_work);
   chunk = (chunk + 3) / 4 * 4;
-  const int64_t num_chunks = (N + chunk - 1) / chunk;
+  const int64_t N = p.N, num_chunks = (N + chunk - 1) / chunk;
   if (num_chunks == 1) {  // a small layer: waking a second thread costs more than its whole product
     rows(p, 0, N);
-    return y;
+    return;
   }
   // Each thread owns a contiguous run of chunks and claims them in order, so its weights arrive as one
   // stream (the prefetch past a chunk's end lands in its own next chunk); a thread done with its run
@@ -278,6 +281,56 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
       }
     }
   });
+}
+
+// (..., K) -> (..., N) float32 output for x (..., K) float32 and a weight of N rows; bias checked too.
+at::Tensor output_for(const char* name, const at::Tensor& x, const at::Tensor& w,
+                      const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), name, ": CPU tensors expected");
+  TORCH_CHECK(x.dim() >= 1 && w.dim() == 2, name, ": x (..., K) and w (N, K) expected");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, name, ": x must be float32");
+  TORCH_CHECK(w.size(1) == x.size(-1), name, ": x has ", x.size(-1), " columns but w has ", w.size(1));
+  TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->numel() == w.size(0)), name,
+              ": bias must be float32 with ", w.size(0), " entries");
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);  // (..., K) -> (..., N)
+  out_shape.push_back(w.size(0));
+  return at::empty(out_shape, x.options());
+}
+
+}  // namespace
+
+// x (..., K) float32, w (N, K) int8, scales (N,) float32, bias (N,) float32 or None -> y (..., N) float32.
+// allow_avx512: false forces the AVX2 code on an AVX-512 CPU (tests run both).
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                       const std::optional<at::Tensor>& bias, bool allow_avx512) {
+  at::Tensor y = output_for("int8_linear", x, w, bias);
+  TORCH_CHECK(w.scalar_type() == at::kChar, "int8_linear: w must be int8");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == w.size(0), "int8_linear: ",
+              w.size(0), " weight rows need as many float32 scales, got ", scales.numel());
+  const int64_t K = x.size(-1), N = w.size(0), M = K ? x.numel() / K : 0;
+  if (M == 0 || N == 0) return y;
+  const at::Tensor xc = x.contiguous(), wc = w.contiguous(), sc = scales.contiguous();
+  const at::Tensor bc = bias ? bias->contiguous() : at::Tensor();
+  run(Problem<int8_t>{xc.data_ptr<float>(), wc.data_ptr<int8_t>(), sc.data_ptr<float>(),
+                      bias ? bc.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K},
+      allow_avx512);
+  return y;
+}
+
+// x (..., K) float32, w (N, K) bfloat16, bias (N,) float32 or None -> y (..., N) float32: the same
+// streaming product over bf16 weights, which torch's own bf16 matrix-vector products read at about 60% of
+// the speed this reaches (tools/bench_int8.py --bf16).
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                       bool allow_avx512) {
+  at::Tensor y = output_for("bf16_linear", x, w, bias);
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16, "bf16_linear: w must be bfloat16");
+  const int64_t K = x.size(-1), N = w.size(0), M = K ? x.numel() / K : 0;
+  if (M == 0 || N == 0) return y;
+  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
+  const at::Tensor bc = bias ? bias->contiguous() : at::Tensor();
+  run(Problem<uint16_t>{xc.data_ptr<float>(), reinterpret_cast<const uint16_t*>(wc.data_ptr()), nullptr,
+                        bias ? bc.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K},
+      allow_avx512);
   return y;
 }
 
@@ -285,6 +338,10 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 // registers its shape function), and the build needs no Python headers.
 TORCH_LIBRARY(minaf3_int8, m) {
   m.def("int8_linear(Tensor x, Tensor w, Tensor scales, Tensor? bias, bool allow_avx512=True) -> Tensor");
+  m.def("bf16_linear(Tensor x, Tensor w, Tensor? bias, bool allow_avx512=True) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(minaf3_int8, CPU, m) { m.impl("int8_linear", &int8_linear); }
+TORCH_LIBRARY_IMPL(minaf3_int8, CPU, m) {
+  m.impl("int8_linear", &int8_linear);
+  m.impl("bf16_linear", &bf16_linear);
+}

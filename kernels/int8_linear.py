@@ -4,6 +4,9 @@
     int8_linear(x, w, scales, bias, backend)   the fast path, chosen per call (below)
     load_extension()                           builds and loads int8_gemv.cpp; False, with a logged note,
                                                when it cannot be built here
+    bf16_linear(x, w_bf16, bias)               the same streaming kernel over bf16 weights, for the few
+                                               rows of decode (torch's bf16 matrix-vector products read
+                                               ~20 GB/s here, this kernel ~31; minaf3/linear.py uses it)
 
 Backends: the `backend=` argument, else the environment variable MINAF3_INT8_BACKEND, else "auto".
   "cpp"    the C++ kernel of int8_gemv.cpp (CPU; AVX-512 code where the CPU has it, else AVX2);
@@ -101,9 +104,13 @@ def _build() -> bool:
             return False
         logger.warning("int8 kernel: built without OpenMP (%s); it runs on one thread", reason)
 
-    # The operator's output shape without running it, so torch.compile can trace through the call.
+    # The operators' output shapes without running them, so torch.compile can trace through the calls.
     @torch.library.register_fake("minaf3_int8::int8_linear")
     def _(x, w, scales, bias, allow_avx512=True):
+        return x.new_empty(*x.shape[:-1], w.shape[0])
+
+    @torch.library.register_fake("minaf3_int8::bf16_linear")
+    def _(x, w, bias, allow_avx512=True):
         return x.new_empty(*x.shape[:-1], w.shape[0])
 
     return True
@@ -207,3 +214,10 @@ def _torch_int8_linear(
         weight = (w_int8[tile].float() * scales[tile, None].float()).to(x.dtype)  # (rows, K)
         out[:, tile] = F.linear(x, weight, None if bias is None else bias[tile].to(x.dtype))
     return out
+
+
+def bf16_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) @ w (N, K).T + bias for a bf16 weight on the CPU, accumulated in float32 -> (..., N) in
+    x.dtype. Needs load_extension(); callers check it (minaf3/linear.py)."""
+    y = torch.ops.minaf3_int8.bf16_linear(x.float(), w, None if bias is None else bias.float())
+    return y.to(x.dtype)

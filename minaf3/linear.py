@@ -10,7 +10,9 @@ Paths for `linear` on the CPU, each measured by tools/bench.py on its 2-core mac
     reached about half of it), with no library call per layer; an int8 layer calls the C++ kernel of
     kernels/int8_gemv.cpp, which streams int8 rows faster than inductor's loop (24.8 against 36.8 ms per
     token at official widths, 2 layers + lm_head), or, where that kernel cannot be built, the loop;
-  - otherwise a large float32 layer runs on oneDNN when no gradient is needed: 1.6x the bandwidth of MKL's
+  - otherwise a bf16 layer with at most 8 rows and no gradient streams its weights through the C++ kernel
+    of kernels/int8_gemv.cpp (1.5x the bandwidth of torch's bf16 matrix-vector product);
+  - a large float32 layer runs on oneDNN when no gradient is needed: 1.6x the bandwidth of MKL's
     (torch's default) matrix-vector product, 1.6x / 1.15x its rate at 155 / 251 rows;
   - anything else (small layers, LoRA wrappers, training) is the layer's own forward.
 The decoder, encoder, projector and lm_head all call it, so one place decides.
@@ -60,6 +62,19 @@ def split_linear(fused: nn.Linear, sizes: list[int], biases: list[bool]) -> list
     return layers
 
 
+# Rows up to which a bf16 layer streams its weights through the C++ kernel of kernels/int8_gemv.cpp:
+# 37888 x 3584 at 1 / 4 / 8 / 16 rows took 7.0 / 6.9 / 11.7 / 21.5 ms there against torch's 13-17 / 14.8 /
+# 17.5 / 22.3 ms (oneDNN's bf16 matrix-vector product reads ~20 GB/s; the kernel ~31, a plain read ~33).
+BF16_STREAM_MAX_ROWS = 8
+
+
+def bf16_kernel_ready() -> bool:
+    """Whether the C++ kernel runs here (built on first use; False, with one logged warning, otherwise)."""
+    from .kernels.int8_linear import load_extension
+
+    return load_extension()
+
+
 # Weights from which oneDNN beats MKL: its fixed cost per call (~18 us against 5) loses on small layers.
 ONEDNN_MIN_WEIGHTS = 1 << 20
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -82,6 +97,16 @@ def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return layer(x)
     if torch.compiler.is_compiling() and x.shape[:-1].numel() == 1:
         return streamed_linear(layer, x)
+    if (
+        type(layer) is nn.Linear
+        and layer.weight.dtype == torch.bfloat16
+        and x.shape[:-1].numel() <= BF16_STREAM_MAX_ROWS
+        and not torch.is_grad_enabled()
+        and bf16_kernel_ready()
+    ):
+        from .kernels.int8_linear import bf16_linear
+
+        return bf16_linear(x, layer.weight, layer.bias)
     if (
         ONEDNN
         and type(layer) is nn.Linear

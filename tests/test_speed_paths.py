@@ -13,12 +13,13 @@ import torch
 from conftest import write_reference_checkpoint
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from minaf3.kernels.int8_linear import bf16_linear as linear_bf16
 from test_lora import ADAPTERS, write_adapter
 from test_model import reference_inputs
 
 from minaf3 import AudioFlamingo3ForConditionalGeneration, CheckpointError, ConfigError, GenerationError
 from minaf3.attention import attention, default_backend, use_backend
-from minaf3.linear import ONEDNN_MIN_WEIGHTS, linear
+from minaf3.linear import ONEDNN_MIN_WEIGHTS, bf16_kernel_ready, linear
 from minaf3.lora import LoRALinear, load_adapter, unmerge
 from minaf3.model import length_groups
 from minaf3.quantize import Int8Linear, quantize_model
@@ -186,6 +187,47 @@ def test_linear_fast_paths_equal_the_layer():
     x.requires_grad_()
     linear(layer, x).sum().backward()
     assert x.grad is not None and layer.weight.grad is not None
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.integers(1, 9),
+    in_features=st.integers(1, 200),  # below and above one 64-column step, odd widths
+    out_features=st.integers(1, 70),
+    bias=st.booleans(),
+    avx512=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_bf16_kernel_equals_the_float32_product(rows, in_features, out_features, bias, avx512, seed):
+    """The streaming kernel over bf16 weights: the exact float32 product of the bf16 values."""
+    assert bf16_kernel_ready()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, in_features, generator=g)
+    w = torch.randn(out_features, in_features, generator=g).to(torch.bfloat16)
+    b = torch.randn(out_features, generator=g) if bias else None
+    got = torch.ops.minaf3_int8.bf16_linear(x, w, b, avx512)
+    expected = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    assert (got.double() - expected).abs().max() <= 1e-5 * (1 + expected.abs().max())
+
+
+def test_bf16_decode_streams_through_the_kernel_with_torch_s_answers(one_layer, monkeypatch):
+    """A bf16 model's decode (few rows) runs the kernel; its tokens and logits match torch's bf16 path."""
+    from minaf3.kernels import int8_linear as kernel
+
+    from minaf3 import linear as linear_module
+
+    model = load(one_layer, dtype=torch.bfloat16)
+    ids = torch.randint(0, 400, (1, 9), generator=torch.Generator().manual_seed(2))
+    args = dict(max_new_tokens=8, return_dict_in_generate=True, output_logits=True, **GREEDY)
+    calls = []
+    monkeypatch.setattr(kernel, "bf16_linear", lambda *a: calls.append(1) or linear_bf16(*a))
+    streamed = model.generate(ids, **args)
+    assert calls  # the decode steps' layers (one row each) went through the kernel
+    monkeypatch.setattr(linear_module, "BF16_STREAM_MAX_ROWS", 0)
+    plain = model.generate(ids, **args)
+    assert torch.equal(streamed.sequences, plain.sequences)
+    # bf16 outputs: the kernel accumulates in float32, torch in its own order; both round to bf16
+    assert max((a - b).abs().max() for a, b in zip(streamed.logits, plain.logits, strict=True)) < 0.05
 
 
 # ---- attention --------------------------------------------------------------------------------------------
