@@ -319,7 +319,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 
 // x (..., K) float32, w (N, K) bfloat16, bias (N,) float32 or None -> y (..., N) float32: the same
 // streaming product over bf16 weights, which torch's own bf16 matrix-vector products read at about 60% of
-// the speed this reaches (tools/bench_int8.py --bf16).
+// the speed this reaches (tools/bench.py, row 3 bf16).
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                        bool allow_avx512) {
   at::Tensor y = output_for("bf16_linear", x, w, bias);

@@ -14,8 +14,9 @@ best of --repeats turns, and the rates behind the limits are raced alongside.
      frames only, projector, decoder prefill) at the fp32 2048^3 matmul rate (the faster of MKL and oneDNN),
      plus one read of the lm_head at the read bandwidth.
   3. Memory-bound decode, official widths (2 decoder layers + lm_head, vocabulary 151,672), batch 1, fp32
-     and int8. Limit = weight bytes read per token / read bandwidth (sum over 1 GiB). int8 logits are
-     compared with fp32 on the same prompt (relative L2).
+     and int8 against transformers in fp32, and bf16 (eager) against transformers in bf16. Limit = weight
+     bytes read per token / read bandwidth (sum over 1 GiB). int8 logits are compared with fp32 on the
+     same prompt (relative L2).
   4. Batched decode throughput: the tiny model of row 1, batch 8, prompts of 8..50 tokens (left padded).
   5. CUDA only: the full official model in bf16 (random weights made in memory): batch-1 decode tokens/s,
      its fraction of the copy bandwidth, and the encoder on 10 minutes of audio (20 windows).
@@ -89,7 +90,7 @@ def load(path: Path, which: str, **options):
     if which == "transformers":
         from transformers import AudioFlamingo3ForConditionalGeneration as Reference
 
-        return Reference.from_pretrained(path, dtype=torch.float32).eval()
+        return Reference.from_pretrained(path, dtype=options.get("dtype", torch.float32)).eval()
     from minaf3 import AudioFlamingo3ForConditionalGeneration
 
     return AudioFlamingo3ForConditionalGeneration.from_pretrained(path, **options)
@@ -284,11 +285,16 @@ def official_rows(path: Path, table: Table, args) -> None:
         for mode in (False, "default"):
             name = f"{label}, {'compiled' if mode else 'eager'}"
             runs[name] = lambda k, model=model, mode=mode: ours_generate(model, text, ones, k, mode)
+    # bf16 (the default on CPUs with bf16 instructions), eager, against transformers in bf16
+    ref_bf16, ours_bf16 = (load(path, which, dtype=torch.bfloat16) for which in ("transformers", "minaf3"))
+    runs["transformers bf16"] = lambda k: hf_generate(ref_bf16, text, ones, k)
+    runs["bf16, eager"] = lambda k: ours_generate(ours_bf16, text, ones, k)
     step = decode_race(runs, args.big_tokens, args.repeats, extra=rate_probes())
-    for name in list(runs)[1:]:
-        model = int8 if name.startswith("int8") else ours
+    for name in [name for name in runs if not name.startswith("transformers")]:
+        model = {"int8": int8, "bf16": ours_bf16}.get(name.split(",")[0], ours)
+        ref_name = "transformers bf16" if model is ours_bf16 else "transformers"
         table.add(f"3. decode, official widths, 2 layers + lm_head, batch 1, {name} (ms/token)",
-                  1e3 * step["transformers"], 1e3 * step[name], "ms", speedup=3 if model is int8 else None,
+                  1e3 * step[ref_name], 1e3 * step[name], "ms", speedup=3 if model is int8 else None,
                   limit=1e3 * decode_bytes(model) / rates(step)[1], of_limit=0.8, fmt="{:.1f}")  # fmt: skip
     with torch.inference_mode():
         expected, got = (m(input_ids=text).logits[0, -1] for m in (ours, int8))
