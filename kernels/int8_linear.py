@@ -4,9 +4,6 @@
     int8_linear(x, w, scales, bias, backend)   the fast path, chosen per call (below)
     load_extension()                           builds and loads int8_gemv.cpp; False, with a logged note,
                                                when it cannot be built here
-    bf16_linear(x, w_bf16, bias)               the same streaming kernel over bf16 weights, for the few
-                                               rows of decode (torch's bf16 matrix-vector products read
-                                               ~20 GB/s here, this kernel ~31; minaf3/linear.py uses it)
 
 Backends: the `backend=` argument, else the environment variable MINAF3_INT8_BACKEND, else "auto".
   "cpp"    the C++ kernel of int8_gemv.cpp (CPU; AVX-512 code where the CPU has it, else AVX2);
@@ -30,15 +27,13 @@ machine is shared, so each figure is the best of many calls; 1T / 2T = one / two
   _weight_int8pack_mm's bf16 path crashes or returns NaN/inf unless in_features % 16 == 0 (torch 2.13
       CPU); the torch backend dequantizes for those shapes instead.
 
-Building (cpp_build.py): compiled with ninja into torch's extension cache on first use, reloaded afterwards,
-rebuilt when the source changes. The operator registers as torch.ops.minaf3_int8.int8_linear with a shape
-function, so torch.compile traces through it.
+Building: gemv.py (the library int8_gemv.cpp, shared with bf16 decode). The operator registers as
+torch.ops.minaf3_int8.int8_linear with a shape function, so torch.compile traces through it.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +41,7 @@ import torch.nn.functional as F
 from minaf3.errors import ConfigError
 
 from . import cpp_build
-from .cpp_build import BUILD_ERRORS, build_once, compile_library, failure_reason
+from .gemv import load_library
 
 logger = logging.getLogger(__name__)
 
@@ -59,15 +54,6 @@ SMALL_BATCH = 8
 DEQUANT_TILE_BYTES = 8 * 2**20
 # _weight_int8pack_mm's bf16 kernel is wrong or crashes for other widths (see the module docstring).
 PACK_MM_K_MULTIPLE = 16
-SOURCE = Path(__file__).with_name("int8_gemv.cpp")
-EXTENSION_NAME = "minaf3_int8_gemv"
-CFLAGS = ["-O3", "-mavx2", "-mfma"]
-# at::parallel_for is a header template that runs its body serially unless the extension itself is compiled
-# with OpenMP (the first version of this kernel, built without it, used one core whatever
-# torch.set_num_threads said). Linking with it names libgomp.so.1, which resolves to the copy torch has
-# already loaded, so the kernel shares torch's thread pool. A compiler without OpenMP gets a one-thread
-# build, still ~2x torch's int8 ops.
-OPENMP_FLAGS = ["-fopenmp"]
 
 
 def int8_linear_reference(
@@ -79,46 +65,9 @@ def int8_linear_reference(
     return out.to(x.dtype)
 
 
-def _build() -> bool:
-    """Build (first time) and load the C++ kernel; True when torch.ops.minaf3_int8.int8_linear is ready.
-
-    Returns False, logging one warning that says why and what runs instead, when this CPU lacks AVX2 or
-    the build fails (no C++ compiler, no ninja, missing torch headers). Decided once per process.
-    """
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        logger.warning("int8 kernel: this CPU has no AVX2; using torch's int8 ops instead (slower decode)")
-        return False
-    try:
-        compile_library(EXTENSION_NAME, SOURCE, CFLAGS + OPENMP_FLAGS, OPENMP_FLAGS, "int8 kernel")
-    except BUILD_ERRORS as e:
-        reason = failure_reason(e)
-        try:
-            compile_library(EXTENSION_NAME, SOURCE, CFLAGS, [], "int8 kernel")
-        except BUILD_ERRORS:
-            logger.warning(
-                "int8 kernel: building %s failed (%s); using torch's int8 ops instead (slower decode). "
-                "Install a C++ compiler and ninja to enable it.",
-                SOURCE.name,
-                reason,
-            )
-            return False
-        logger.warning("int8 kernel: built without OpenMP (%s); it runs on one thread", reason)
-
-    # The operators' output shapes without running them, so torch.compile can trace through the calls.
-    @torch.library.register_fake("minaf3_int8::int8_linear")
-    def _(x, w, scales, bias, allow_avx512=True):
-        return x.new_empty(*x.shape[:-1], w.shape[0])
-
-    @torch.library.register_fake("minaf3_int8::bf16_linear")
-    def _(x, w, bias, allow_avx512=True):
-        return x.new_empty(*x.shape[:-1], w.shape[0])
-
-    return True
-
-
 # torch.compile calls this while tracing and treats the answer as a constant (the ready kernel is a graph
 # node; no build or environment check is traced).
-load_extension = torch.compiler.assume_constant_result(build_once(_build))
+load_extension = torch.compiler.assume_constant_result(load_library)
 
 
 def resolve_backend(backend: str | None = None) -> str:
@@ -214,10 +163,3 @@ def _torch_int8_linear(
         weight = (w_int8[tile].float() * scales[tile, None].float()).to(x.dtype)  # (rows, K)
         out[:, tile] = F.linear(x, weight, None if bias is None else bias[tile].to(x.dtype))
     return out
-
-
-def bf16_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., K) @ w (N, K).T + bias for a bf16 weight on the CPU, accumulated in float32 -> (..., N) in
-    x.dtype. Needs load_extension(); callers check it (minaf3/linear.py)."""
-    y = torch.ops.minaf3_int8.bf16_linear(x.float(), w, None if bias is None else bias.float())
-    return y.to(x.dtype)

@@ -70,9 +70,9 @@ BF16_STREAM_MAX_ROWS = 8
 
 def bf16_kernel_ready() -> bool:
     """Whether the C++ kernel runs here (built on first use; False, with one logged warning, otherwise)."""
-    from .kernels.int8_linear import load_extension
+    from .kernels.gemv import load_library
 
-    return load_extension()
+    return load_library()
 
 
 # Weights from which oneDNN beats MKL: its fixed cost per call (~18 us against 5) loses on small layers.
@@ -104,7 +104,7 @@ def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         and not torch.is_grad_enabled()
         and bf16_kernel_ready()
     ):
-        from .kernels.int8_linear import bf16_linear
+        from .kernels.gemv import bf16_linear
 
         return bf16_linear(x, layer.weight, layer.bias)
     if (

@@ -19,6 +19,7 @@ import torch
 from conftest import run_python
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from minaf3.kernels import gemv
 from minaf3.kernels import int8_linear as kernel
 from minaf3.kernels.int8_linear import int8_linear, int8_linear_reference, load_extension
 from test_model import reference_inputs
@@ -176,7 +177,7 @@ def test_kernel_is_built_with_openmp():
     OpenMP runtime (the entry of `#pragma omp parallel`: GOMP_parallel in GCC's libgomp, __kmpc_fork_call in
     LLVM's libomp) to use torch's threads at all."""
     assert load_extension()
-    library = [path for path in torch.ops.loaded_libraries if kernel.EXTENSION_NAME in path]
+    library = [path for path in torch.ops.loaded_libraries if gemv.EXTENSION_NAME in path]
     assert len(library) == 1
     with open(library[0], "rb") as f:
         binary = f.read()
@@ -211,8 +212,8 @@ def test_missing_compiler_falls_back_with_a_note(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[1] == "False"
     assert float(done.stdout.split()[3]) < 1e-3  # 40 columns: torch's dequantizing path, in float32
-    assert "int8 kernel: building int8_gemv.cpp failed" in done.stderr
-    assert "using torch's int8 ops instead" in done.stderr
+    assert "int8/bf16 decode kernel: building int8_gemv.cpp failed" in done.stderr
+    assert "using torch's ops instead" in done.stderr
 
 
 @pytest.mark.slow
@@ -226,7 +227,9 @@ def test_compiler_without_openmp_builds_a_one_thread_kernel(tmp_path):
     done = run_python(CHECK_KERNEL, TORCH_EXTENSIONS_DIR=str(tmp_path), CXX=str(compiler))
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[1] == "True" and float(done.stdout.split()[3]) < 1e-3, done.stdout
-    assert "int8 kernel: built without OpenMP" in done.stderr and "runs on one thread" in done.stderr
+    assert (
+        "int8/bf16 decode kernel: built without OpenMP" in done.stderr and "runs on one thread" in done.stderr
+    )
 
 
 def test_cpp_backend_refuses_tensors_it_cannot_run(monkeypatch):

@@ -13,7 +13,7 @@ import torch
 from conftest import write_reference_checkpoint
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from minaf3.kernels.int8_linear import bf16_linear as linear_bf16
+from minaf3.kernels.gemv import bf16_linear as linear_bf16
 from test_lora import ADAPTERS, write_adapter
 from test_model import reference_inputs
 
@@ -212,7 +212,7 @@ def test_bf16_kernel_equals_the_float32_product(rows, in_features, out_features,
 
 def test_bf16_decode_streams_through_the_kernel_with_torch_s_answers(one_layer, monkeypatch):
     """A bf16 model's decode (few rows) runs the kernel; its tokens and logits match torch's bf16 path."""
-    from minaf3.kernels import int8_linear as kernel
+    from minaf3.kernels import gemv as kernel
 
     from minaf3 import linear as linear_module
 
