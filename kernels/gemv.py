@@ -35,7 +35,8 @@ OPENMP_FLAGS = ["-fopenmp"]
 
 
 def _build() -> bool:
-    """Build (first time) and load the C++ kernel; True when torch.ops.minaf3_int8.int8_linear is ready.
+    """Build (first time) and load the library; True when its operators (torch.ops.minaf3_int8.int8_linear
+    and .bf16_linear) are ready.
 
     Returns False, logging one warning that says why and what runs instead, when this CPU lacks AVX2 or
     the build fails (no C++ compiler, no ninja, missing torch headers). Decided once per process.

@@ -33,8 +33,6 @@ torch.ops.minaf3_int8.int8_linear with a shape function, so torch.compile traces
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 
@@ -42,8 +40,6 @@ from minaf3.errors import ConfigError
 
 from . import cpp_build
 from .gemv import load_library
-
-logger = logging.getLogger(__name__)
 
 BACKEND_ENV = "MINAF3_INT8_BACKEND"
 # Rows up to which the torch backend uses _weight_int8pack_mm; its time grows with every row (6-8 ms at

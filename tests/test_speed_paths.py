@@ -210,6 +210,20 @@ def test_bf16_kernel_equals_the_float32_product(rows, in_features, out_features,
     assert (got.double() - expected).abs().max() <= 1e-5 * (1 + expected.abs().max())
 
 
+def test_bf16_kernel_refuses_what_it_cannot_multiply():
+    """The operator's own checks name the operator and the problem before reading any data."""
+    assert bf16_kernel_ready()
+    x, w = torch.randn(2, 16), torch.randn(4, 16).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="bf16_linear: w must be bfloat16"):
+        torch.ops.minaf3_int8.bf16_linear(x, w.float(), None)
+    with pytest.raises(RuntimeError, match="bf16_linear: x has 15 columns but w has 16"):
+        torch.ops.minaf3_int8.bf16_linear(x[:, :15], w, None)
+    with pytest.raises(RuntimeError, match="bf16_linear: x must be float32"):
+        torch.ops.minaf3_int8.bf16_linear(x.double(), w, None)
+    with pytest.raises(RuntimeError, match="bf16_linear: bias must be float32 with 4 entries"):
+        torch.ops.minaf3_int8.bf16_linear(x, w, torch.zeros(3))
+
+
 def test_bf16_decode_streams_through_the_kernel_with_torch_s_answers(one_layer, monkeypatch):
     """A bf16 model's decode (few rows) runs the kernel; its tokens and logits match torch's bf16 path."""
     from minaf3.kernels import gemv as kernel
