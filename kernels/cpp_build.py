@@ -2,6 +2,7 @@
 
     build_once(build)              a thread-safe `load_extension`: calls build() once per process
     compile_library(name, ...)     torch.utils.cpp_extension.load with ninja, saying so when it compiles
+    build_openmp_library(...)      the same for an AVX2 operator library, with OpenMP when the compiler has it
     failure_reason(error)          the line of a failed build's log that says why
     resolve_backend(...)           "auto" | "cpp" | "torch" from an argument or an environment variable
 
@@ -85,6 +86,45 @@ def compile_library(name: str, source: Path, cflags: list[str], ldflags: list[st
         )
     finally:
         notice.cancel()
+
+
+# at::parallel_for is a header template that runs its body serially unless the library itself is compiled
+# with OpenMP (the first int8 kernel, built without it, used one core whatever torch.set_num_threads said).
+# Linking with it names libgomp.so.1, which resolves to the copy torch has already loaded, so the kernels
+# share torch's thread pool.
+OPENMP_FLAGS = ["-fopenmp"]
+AVX2_FLAGS = ["-O3", "-mavx2", "-mfma"]
+
+
+def build_openmp_library(name: str, source: Path, what: str) -> bool:
+    """Build (first time) and load the AVX2 operator library `source`; True when its operators are ready.
+
+    False, with one logged warning that says why and that torch's ops run instead, when this CPU lacks AVX2
+    or the build fails (no C++ compiler, no ninja, missing torch headers). A compiler without OpenMP gets a
+    one-thread build, with a warning.
+    """
+    import torch
+
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        logger.warning("%s: this CPU has no AVX2; using torch's ops instead (slower decode)", what)
+        return False
+    try:
+        compile_library(name, source, AVX2_FLAGS + OPENMP_FLAGS, OPENMP_FLAGS, what)
+    except BUILD_ERRORS as e:
+        reason = failure_reason(e)
+        try:
+            compile_library(name, source, AVX2_FLAGS, [], what)
+        except BUILD_ERRORS:
+            logger.warning(
+                "%s: building %s failed (%s); using torch's ops instead (slower decode). Install a C++ "
+                "compiler and ninja to enable it.",
+                what,
+                source.name,
+                reason,
+            )
+            return False
+        logger.warning("%s: built without OpenMP (%s); it runs on one thread", what, reason)
+    return True
 
 
 def failure_reason(error: BaseException) -> str:

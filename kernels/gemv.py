@@ -14,55 +14,22 @@ int8_linear.py wraps load_library for tracing.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
 
-from .cpp_build import BUILD_ERRORS, build_once, compile_library, failure_reason
-
-logger = logging.getLogger(__name__)
+from .cpp_build import build_once, build_openmp_library
 
 SOURCE = Path(__file__).with_name("int8_gemv.cpp")
 EXTENSION_NAME = "minaf3_int8_gemv"
-CFLAGS = ["-O3", "-mavx2", "-mfma"]
-# at::parallel_for is a header template that runs its body serially unless the extension itself is compiled
-# with OpenMP (the first version of this kernel, built without it, used one core whatever
-# torch.set_num_threads said). Linking with it names libgomp.so.1, which resolves to the copy torch has
-# already loaded, so the kernel shares torch's thread pool. A compiler without OpenMP gets a one-thread
-# build, still ~2x torch's int8 ops.
-OPENMP_FLAGS = ["-fopenmp"]
 
 
 def _build() -> bool:
     """Build (first time) and load the library; True when its operators (torch.ops.minaf3_int8.int8_linear
-    and .bf16_linear) are ready.
-
-    Returns False, logging one warning that says why and what runs instead, when this CPU lacks AVX2 or
-    the build fails (no C++ compiler, no ninja, missing torch headers). Decided once per process.
-    """
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        logger.warning(
-            "int8/bf16 decode kernel: this CPU has no AVX2; using torch's ops instead (slower decode)"
-        )
+    and .bf16_linear) are ready; False, with one logged warning, when they cannot be built here.
+    Decided once per process."""
+    if not build_openmp_library(EXTENSION_NAME, SOURCE, "int8/bf16 decode kernel"):
         return False
-    try:
-        compile_library(
-            EXTENSION_NAME, SOURCE, CFLAGS + OPENMP_FLAGS, OPENMP_FLAGS, "int8/bf16 decode kernel"
-        )
-    except BUILD_ERRORS as e:
-        reason = failure_reason(e)
-        try:
-            compile_library(EXTENSION_NAME, SOURCE, CFLAGS, [], "int8/bf16 decode kernel")
-        except BUILD_ERRORS:
-            logger.warning(
-                "int8/bf16 decode kernel: building %s failed (%s); using torch's ops instead (slower "
-                "decode). Install a C++ compiler and ninja to enable it.",
-                SOURCE.name,
-                reason,
-            )
-            return False
-        logger.warning("int8/bf16 decode kernel: built without OpenMP (%s); it runs on one thread", reason)
 
     # The operators' output shapes without running them, so torch.compile can trace through the calls.
     @torch.library.register_fake("minaf3_int8::int8_linear")

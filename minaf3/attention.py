@@ -1,4 +1,4 @@
-"""Attention: one signature, three backends.
+"""Attention: one signature, four backends.
 
     attention(q, k, v, key_mask=None, query_pos=None, backend=None) -> out
         q:         (B, Hq, T, D)   queries
@@ -14,9 +14,10 @@ softmax would give NaN there, and that NaN would reach real rows through the val
 
 Grouped-query attention: Hq = G * Hkv and query head h reads key/value head h // G.
 
-Backends: "triton" (kernels/, CUDA), "sdpa" (torch.nn.functional.scaled_dot_product_attention) and "eager"
-(plain matmul/softmax, the readable definition). The default is triton on CUDA and sdpa elsewhere, except
-one-token decode on the CPU, which runs eager (see `default_backend`); force one with the `backend` argument
+Backends: "triton" (kernels/, CUDA), "cpp" (CPU: kernels/cpu_attention.cpp for one query token, sdpa
+for more), "sdpa" (torch.nn.functional.scaled_dot_product_attention) and "eager" (plain matmul/softmax, the
+readable definition). The default is triton on CUDA, cpp for one-token decode on the CPU (eager where the
+kernel cannot be built) and sdpa otherwise (see `default_backend`); force one with the `backend` argument
 or, for a whole block of code, `with use_backend("eager"): ...`.
 """
 
@@ -27,7 +28,9 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("triton", "sdpa", "eager")
+from .errors import ConfigError
+
+BACKENDS = ("triton", "cpp", "sdpa", "eager")
 _forced = threading.local()
 
 
@@ -47,9 +50,10 @@ def use_backend(name: str | None) -> Iterator[None]:
 def default_backend(device: torch.device, num_queries: int | None = None) -> str:
     """The backend `attention` uses on `device` for `num_queries` query tokens (None: unknown).
 
-    Single-token decode on the CPU takes the eager path: torch's CPU sdpa kernel is built for blocks of
+    Single-token decode on the CPU runs the cpp kernel: torch's CPU sdpa kernel is built for blocks of
     queries, and with one query it was 1.6x slower than the two matrix products of `eager_attention` at AF3's
-    sizes (28 query / 4 kv heads of 128, 1k-4k cache slots; tools/bench.py's machine).
+    sizes (28 query / 4 kv heads of 128, 1k-4k cache slots; tools/bench.py's machine), whose library calls
+    the kernel replaces by one (see kernels/cpu_attention.py); eager where the kernel cannot be built.
     """
     forced = getattr(_forced, "name", None)
     if forced is not None:
@@ -60,8 +64,16 @@ def default_backend(device: torch.device, num_queries: int | None = None) -> str
         if is_available():
             return "triton"
     if device.type == "cpu" and num_queries == 1:
-        return "eager"
+        return "cpp" if cpu_kernel_ready() else "eager"
     return "sdpa"
+
+
+def cpu_kernel_ready() -> bool:
+    """Whether the C++ decode kernel runs here: built on first use in eager code; a torch.compile'd step
+    reads only whether it is loaded (generate loads it before compiling)."""
+    from .kernels import cpu_attention
+
+    return cpu_attention.ready() if torch.compiler.is_compiling() else cpu_attention.load_library()
 
 
 def attention_mask(
@@ -92,12 +104,14 @@ def attention(
     it once per forward pass for all its layers); the triton backend ignores it.
     """
     backend = backend or default_backend(q.device, q.shape[2])
-    if backend in ("sdpa", "eager") and mask is None:
+    if backend in ("sdpa", "eager", "cpp") and mask is None:
         mask = attention_mask(key_mask, query_pos, k.shape[-2])
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
     if backend == "eager":
         return eager_attention(q, k, v, mask)
+    if backend == "cpp":
+        return cpp_attention(q, k, v, mask)
     if backend == "triton":
         return triton_attention(q, k, v, key_mask, query_pos)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
@@ -125,6 +139,23 @@ def eager_attention(
         probs = probs.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)  # NaN rows (no key) -> 0
     y = probs.to(v.dtype).view(B, Hkv, G * T, S) @ v  # (B, Hkv, G * T, D)
     return y.view(B, Hq, T, D)
+
+
+def cpp_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """The CPU's kernels: one query token per row in C++; blocks of queries (prefill, the encoder) in torch's
+    sdpa, which already is a fused CPU kernel. mask (B or 1, 1, T, S) bool or None."""
+    if q.device.type != "cpu":
+        raise ConfigError(f"attention backend 'cpp' runs on the CPU; got tensors on {q.device}")
+    if q.shape[2] != 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+    if not cpu_kernel_ready():
+        raise ConfigError("attention backend 'cpp' cannot run: its kernel could not be built (see the log)")
+    from .kernels.cpu_attention import decode_attention
+
+    visible = None if mask is None else mask.reshape(mask.shape[0], mask.shape[-1])  # (B|1,1,1,S) -> (B|1,S)
+    return decode_attention(q, k, v, visible)
 
 
 def triton_attention(q, k, v, key_mask, query_pos) -> torch.Tensor:

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from .attention import cpu_kernel_ready
 from .errors import GenerationError, InputError
 from .linear import linear
 from .sampling import GenerationConfig, mark_seen_, process_logits, sample, seen_tokens
@@ -144,6 +145,8 @@ def decode_step(mode: str | None, device: torch.device) -> Callable:
     """
     if mode is None:
         return decode_one_token
+    if device.type == "cpu":
+        cpu_kernel_ready()  # build the attention kernel now: the traced step only reads whether it is loaded
     key = (mode, device.type)
     if key not in _compiled:
         options = torch._inductor.list_mode_options(mode)

@@ -18,7 +18,7 @@ from test_lora import ADAPTERS, write_adapter
 from test_model import reference_inputs
 
 from minaf3 import AudioFlamingo3ForConditionalGeneration, CheckpointError, ConfigError, GenerationError
-from minaf3.attention import attention, default_backend, use_backend
+from minaf3.attention import attention
 from minaf3.linear import ONEDNN_MIN_WEIGHTS, bf16_kernel_ready, linear
 from minaf3.lora import LoRALinear, load_adapter, unmerge
 from minaf3.model import length_groups
@@ -245,13 +245,6 @@ def test_bf16_decode_streams_through_the_kernel_with_torch_s_answers(one_layer, 
 
 
 # ---- attention --------------------------------------------------------------------------------------------
-def test_cpu_decode_uses_the_eager_path_unless_forced():
-    cpu = torch.device("cpu")
-    assert default_backend(cpu, 1) == "eager" and default_backend(cpu, 7) == "sdpa"
-    with use_backend("sdpa"):
-        assert default_backend(cpu, 1) == "sdpa"
-
-
 @settings(max_examples=40, deadline=None)
 @given(
     batch=st.integers(1, 3),

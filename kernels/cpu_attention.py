@@ -1,0 +1,63 @@
+"""One-token decode attention on the CPU, in C++ (cpu_attention.cpp): building it and calling it.
+
+    load_library()                       builds (first use) and loads it; False, with one logged warning,
+                                         when it cannot be built here
+    ready()                              whether it is loaded, without building it (what a traced graph reads)
+    decode_attention(q, k, v, visible)   q (B, Hq, 1, D), k/v (B, Hkv, S, D), visible (Bm, S) -> (B, Hq, 1, D)
+
+minaf3/attention.py calls it as the "cpp" backend, the default for one query token on the CPU; its
+definition is attention.py's eager_attention, which the tests compare it with. Why a kernel: the eager
+path is two batched matrix products and a softmax per layer, and BLAS's fixed cost per call (and waking
+threads for a few thousand multiply-adds) was a fifth of tools/bench.py's overhead-bound decode step (row 1:
+28 layers, 7 query heads of 16 over 256 cache slots).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .cpp_build import build_once, build_openmp_library
+
+SOURCE = Path(__file__).with_name("cpu_attention.cpp")
+EXTENSION_NAME = "minaf3_cpu_attention"
+_loaded = {"ready": False}
+
+
+def _build() -> bool:
+    """Build (first time) and load the library; True when torch.ops.minaf3_attn.decode_attention is ready."""
+    if not build_openmp_library(EXTENSION_NAME, SOURCE, "CPU decode attention kernel"):
+        return False
+
+    # The operator's output shape without running it, so torch.compile can trace through the call.
+    @torch.library.register_fake("minaf3_attn::decode_attention")
+    def _(q, k, v, visible):
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+    _loaded["ready"] = True
+    return True
+
+
+load_library = build_once(_build)
+
+
+def ready() -> bool:
+    """True once load_library() has loaded the kernel. A torch.compile'd step reads this rather than
+    load_library, whose first call builds under a lock that tracing cannot follow."""
+    return _loaded["ready"]
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None = None
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v over the visible cache slots, in float32, for one query token per row.
+
+    q (B, Hq, 1, D); k, v (B, Hkv, S, D), Hq a multiple of Hkv (query head h reads key head h // (Hq/Hkv));
+    all float32 or all bfloat16. visible (B or 1, S) bool, None for every slot. A query that sees no slot
+    outputs zeros. Returns (B, Hq, 1, D) in q's dtype. Needs load_library(); the operator checks its inputs
+    and raises RuntimeError naming the mismatch.
+    """
+    if visible is None:
+        visible = torch.ones(1, k.shape[2], dtype=torch.bool, device=k.device)
+    return torch.ops.minaf3_attn.decode_attention(q, k, v, visible)

@@ -1,0 +1,165 @@
+"""kernels/cpu_attention.cpp: one-token decode attention on the CPU against its definition.
+
+The definition is minaf3/attention.py's eager_attention, run in float64; the kernel is also checked through
+`attention(backend="cpp")` (its mask conversion), through decoding (the default on the CPU) against the
+eager backend, and for what it refuses. The build-failure fallback runs in a fresh interpreter.
+"""
+
+import pytest
+import torch
+from conftest import run_python
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from minaf3.kernels import cpu_attention
+
+from minaf3 import AudioFlamingo3ForConditionalGeneration, ConfigError
+from minaf3.attention import attention, default_backend, eager_attention, use_backend
+
+GREEDY = dict(do_sample=False, repetition_penalty=1.0, eos_token_id=[])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel():
+    assert cpu_attention.load_library(), "the kernel must build on the test machine"
+
+
+def definition(q, k, v, visible):
+    """eager_attention in float64, visible (B or 1, S) as attention()'s (B or 1, 1, 1, S) mask."""
+    mask = None if visible is None else visible[:, None, None, :]
+    return eager_attention(q.double(), k.double(), v.double(), mask)
+
+
+def problem(batch, kv_heads, groups, slots, head_dim, seed, dtype=torch.float32, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, kv_heads * groups, 1, head_dim, generator=g) * scale
+    k, v = (torch.randn(batch, kv_heads, slots, head_dim, generator=g) for _ in range(2))
+    return q.to(dtype), k.to(dtype), v.to(dtype), g
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    kv_heads=st.integers(1, 3),
+    groups=st.integers(1, 7),
+    slots=st.integers(1, 70),
+    head_dim=st.sampled_from([1, 4, 8, 12, 16, 24, 64, 128]),  # multiples of 8 and tails
+    shared_mask=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_float32_kernel_matches_the_definition(batch, kv_heads, groups, slots, head_dim, shared_mask, seed):
+    """Random visibility, including rows that see no slot (zeros on both sides)."""
+    q, k, v, g = problem(batch, kv_heads, groups, slots, head_dim, seed)
+    visible = torch.rand(1 if shared_mask else batch, slots, generator=g) > 0.4
+    if not shared_mask:
+        visible[0] = False
+    out = cpu_attention.decode_attention(q, k, v, visible)
+    assert out.shape == q.shape and out.dtype == torch.float32
+    assert (out.double() - definition(q, k, v, visible)).abs().max() < 1e-5
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    groups=st.integers(1, 7),
+    slots=st.integers(1, 300),
+    head_dim=st.sampled_from([16, 64, 128]),
+    seed=st.integers(0, 2**16),
+)
+def test_bfloat16_kernel_matches_the_definition_on_the_same_values(groups, slots, head_dim, seed):
+    """bf16 in and out, float32 inside: the only error left is rounding the output to bf16 (8 bits)."""
+    q, k, v, g = problem(2, 4, groups, slots, head_dim, seed, dtype=torch.bfloat16)
+    out = cpu_attention.decode_attention(q, k, v, None)
+    assert out.dtype == torch.bfloat16
+    expected = definition(q, k, v, None)
+    assert ((out.double() - expected).abs() <= 2**-8 * expected.abs() + 1e-6).all()
+
+
+def test_peaked_and_flat_scores():
+    """Scores spread over hundreds (exp underflows for all but one slot) and all equal (uniform weights)."""
+    q, k, v, _ = problem(1, 2, 4, 50, 16, seed=1, scale=300.0)
+    assert (cpu_attention.decode_attention(q, k, v) - definition(q, k, v, None)).abs().max() < 1e-5
+    flat = cpu_attention.decode_attention(torch.zeros_like(q), k, v)
+    assert torch.allclose(flat, v.mean(dim=2, keepdim=True).repeat_interleave(4, dim=1), atol=1e-6)
+
+
+@settings(max_examples=20, deadline=None)
+@given(batch=st.integers(1, 3), slots=st.integers(2, 40), seed=st.integers(0, 2**16), padded=st.booleans())
+def test_cpp_backend_equals_eager_through_attention(batch, slots, seed, padded):
+    """attention()'s decode call: causal by slot plus left padding, the mask reshaped for the kernel."""
+    q, k, v, g = problem(batch, 2, 3, slots, 16, seed)
+    key_mask = torch.rand(batch, slots, generator=g) > 0.3 if padded else None
+    query_pos = torch.tensor([slots - 2])
+    cpp = attention(q, k, v, key_mask=key_mask, query_pos=query_pos, backend="cpp")
+    eager = attention(q, k, v, key_mask=key_mask, query_pos=query_pos, backend="eager")
+    assert (cpp - eager).abs().max() < 1e-5
+
+
+def test_cpp_backend_runs_blocks_of_queries_in_sdpa():
+    q, k, v, _ = problem(2, 2, 2, 9, 16, seed=3)
+    q = torch.cat([q] * 9, dim=2)  # (B, Hq, 9, D): a prefill
+    pos = torch.arange(9)
+    cpp = attention(q, k, v, query_pos=pos, backend="cpp")
+    assert torch.equal(cpp, attention(q, k, v, query_pos=pos, backend="sdpa"))
+
+
+def test_one_token_on_the_cpu_defaults_to_the_kernel():
+    cpu = torch.device("cpu")
+    assert default_backend(cpu, 1) == "cpp" and default_backend(cpu, 7) == "sdpa"
+    with use_backend("eager"):
+        assert default_backend(cpu, 1) == "eager"
+
+
+def test_decoding_through_the_kernel_gives_the_eager_tokens_and_logits(tiny_checkpoint):
+    model = AudioFlamingo3ForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    ids = torch.randint(0, 400, (2, 11), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    args = dict(attention_mask=mask, max_new_tokens=12, return_dict_in_generate=True, output_logits=True)
+    kernel = model.generate(ids, **args, **GREEDY)
+    with use_backend("eager"):
+        eager = model.generate(ids, **args, **GREEDY)
+    assert torch.equal(kernel.sequences, eager.sequences)
+    assert max((a - b).abs().max() for a, b in zip(kernel.logits, eager.logits, strict=True)) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda q, k, v, m: (q.expand(-1, -1, 2, -1), k, v, m), r"q must be \(B, Hq, 1, D\)"),
+        (lambda q, k, v, m: (q, k, v[:, :, :-1], m), "k and v must both be"),
+        (lambda q, k, v, m: (q[:, :5], k, v, m), "5 query heads are not a multiple of 2"),
+        (lambda q, k, v, m: (q, k.double(), v, m), "q, k, v must share one dtype"),
+        (lambda q, k, v, m: (q.half(), k.half(), v.half(), m), "float32 or bfloat16 expected"),
+        (lambda q, k, v, m: (q, k, v, m.int()), "visible must be bool"),
+        (lambda q, k, v, m: (q, k, v, m[:, :-1]), "visible must be bool"),
+        (lambda q, k, v, m: (q[:, :, :, :8], k, v, m), r"k \[2, 2, 10, 16\] does not match q"),
+    ],
+)
+def test_operator_refuses_what_it_cannot_compute(change, message):
+    q, k, v, _ = problem(2, 2, 3, 10, 16, seed=0)
+    with pytest.raises(RuntimeError, match=f"decode_attention: {message}"):
+        cpu_attention.decode_attention(*change(q, k, v, torch.ones(2, 10, dtype=torch.bool)))
+
+
+def test_forced_cpp_backend_without_its_kernel_is_a_config_error(monkeypatch):
+    monkeypatch.setattr(cpu_attention, "load_library", lambda: False)
+    q, k, v, _ = problem(1, 1, 2, 5, 8, seed=0)
+    assert default_backend(torch.device("cpu"), 1) == "eager"
+    with pytest.raises(ConfigError, match="backend 'cpp' cannot run"):
+        attention(q, k, v, query_pos=torch.tensor([4]), backend="cpp")
+
+
+CHECK_FALLBACK = """
+import logging, torch
+logging.basicConfig()
+from minaf3.attention import attention, default_backend
+q, k, v = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 6, 16), torch.randn(1, 2, 6, 16)
+out = attention(q, k, v, query_pos=torch.tensor([5]))
+print(default_backend(torch.device("cpu"), 1), out.shape[1])
+"""
+
+
+def test_missing_compiler_falls_back_to_the_eager_path_with_a_note(tmp_path):
+    done = run_python(CHECK_FALLBACK, TORCH_EXTENSIONS_DIR=str(tmp_path), CXX=str(tmp_path / "no-such-c++"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["eager", "4"]
+    assert "CPU decode attention kernel: building cpu_attention.cpp failed" in done.stderr
