@@ -1,6 +1,6 @@
 """Issue 5's "Must show" table: minaf3 against transformers 5.23 on the same random weights, in one run.
 
-    python tools/bench.py [--threads 2] [--tokens 64] [--autotune] [--dir DIR]
+    python tools/bench.py [--threads 2] [--tokens 64] [--rows all|tiny|official] [--autotune] [--dir DIR]
 
 Checkpoints are written by transformers' own save_pretrained into a temporary folder; both libraries load
 them in float32 (both memory-map them, so two models cost the pages once). The machine is shared and its
@@ -356,6 +356,8 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--autotune", action="store_true", help="also max-autotune-no-cudagraphs (slow)")
+    parser.add_argument("--rows", choices=["all", "tiny", "official"], default="all",
+                        help="tiny: rows 1 and 4 only; official: rows 2, 3 (and 5 on CUDA) only")  # fmt: skip
     parser.add_argument("--dir", default=None, help="folder for the temporary checkpoints (about 7 GB)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -368,9 +370,11 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
     table = Table()
     with torch.inference_mode(), tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        tiny_rows(write_checkpoint(Path(tmp) / "tiny", TINY), table, args)
-        official_rows(write_checkpoint(Path(tmp) / "official", OFFICIAL), table, args)
-        if torch.cuda.is_available():
+        if args.rows != "official":
+            tiny_rows(write_checkpoint(Path(tmp) / "tiny", TINY), table, args)
+        if args.rows != "tiny":
+            official_rows(write_checkpoint(Path(tmp) / "official", OFFICIAL), table, args)
+        if torch.cuda.is_available() and args.rows != "tiny":
             cuda_rows(table, args)
     print(f"\n{table.markdown()}\n\n{time.perf_counter() - start:.0f} s in all; "
           f"load average {os.getloadavg()[0]:.1f} at the end")  # fmt: skip
