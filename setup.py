@@ -15,7 +15,7 @@ setup(
     python_requires=">=3.10",
     packages=["minaf3", "minaf3.kernels", "minaf3.weights"],
     package_dir={"minaf3": "minaf3", "minaf3.kernels": "kernels", "minaf3.weights": "weights"},
-    # The int8 CPU kernel is C++ compiled on first use (ninja via torch.utils.cpp_extension).
+    # The CPU kernels are C++ compiled on first use (ninja via torch.utils.cpp_extension).
     package_data={"minaf3.kernels": ["*.cpp"]},
     install_requires=[
         "torch>=2.5",
