@@ -42,6 +42,7 @@ from torch import nn
 
 from .errors import CheckpointError, ConfigError
 from .kernels.int8_linear import run_int8_linear
+from .linear import streamed_empty
 from .lora import LoRALinear
 
 QUANTIZE_MODES = ("int8",)
@@ -99,7 +100,7 @@ def quantize_weight(weight: torch.Tensor, name: str = "weight") -> tuple[torch.T
     and the first bad rows if the weight holds NaN or Inf: such a row has no meaningful scale.
     """
     N, K = weight.shape
-    w_int8 = torch.empty(N, K, dtype=torch.int8, device=weight.device)
+    w_int8 = streamed_empty((N, K), torch.int8, weight.device)
     scales = torch.empty(N, dtype=torch.float32, device=weight.device)
     rows = max(1, QUANT_CHUNK_BYTES // (4 * K))
     for n0 in range(0, N, rows):

@@ -19,7 +19,14 @@ from test_model import reference_inputs
 
 from minaf3 import AudioFlamingo3ForConditionalGeneration, CheckpointError, ConfigError, GenerationError
 from minaf3.attention import attention
-from minaf3.linear import ONEDNN_MIN_WEIGHTS, bf16_kernel_ready, linear
+from minaf3.linear import (
+    HUGE_PAGE,
+    MADV_HUGEPAGE,
+    ONEDNN_MIN_WEIGHTS,
+    bf16_kernel_ready,
+    linear,
+    streamed_empty,
+)
 from minaf3.lora import LoRALinear, load_adapter, unmerge
 from minaf3.model import length_groups
 from minaf3.quantize import Int8Linear, quantize_model
@@ -242,6 +249,28 @@ def test_bf16_decode_streams_through_the_kernel_with_torch_s_answers(one_layer, 
     assert torch.equal(streamed.sequences, plain.sequences)
     # bf16 outputs: the kernel accumulates in float32, torch in its own order; both round to bf16
     assert max((a - b).abs().max() for a, b in zip(streamed.logits, plain.logits, strict=True)) < 0.05
+
+
+@pytest.mark.parametrize("megabytes", [4, 12, 37])
+def test_streamed_weights_ask_for_huge_pages_inside_their_allocation(monkeypatch, megabytes):
+    from minaf3 import linear as linear_module
+
+    calls = []
+    monkeypatch.setattr(linear_module, "_madvise", lambda: lambda *args: calls.append(args) or 0)
+    weight = streamed_empty((megabytes * 2**18,), torch.float32)  # megabytes MiB
+    ((start, length, advice),) = calls
+    assert advice == MADV_HUGEPAGE and start % HUGE_PAGE == 0 and length % HUGE_PAGE == 0
+    assert weight.data_ptr() <= start and start + length <= weight.data_ptr() + weight.nbytes
+    assert length > weight.nbytes - 2 * HUGE_PAGE  # every whole 2 MiB page of it
+    calls.clear()
+    streamed_empty((1000, 100), torch.int8)  # under two huge pages: no hint
+    assert not calls
+
+
+def test_streamed_weights_are_ordinary_tensors_on_this_system():
+    """The real madvise (a hint the kernel may refuse): the tensor behaves like torch.empty's."""
+    weight = streamed_empty((2048, 3000), torch.float32).fill_(2.0)
+    assert weight.shape == (2048, 3000) and weight.sum() == 2.0 * weight.numel()
 
 
 # ---- attention --------------------------------------------------------------------------------------------
