@@ -17,9 +17,10 @@ Paths for `linear` on the CPU, each measured by tools/bench.py on its 2-core mac
   - anything else (small layers, LoRA wrappers, training) is the layer's own forward.
 The decoder, encoder, projector and lm_head all call it, so one place decides.
 
-Weights made at load time (dtype conversion, fused projections, int8) are allocated by `streamed_empty`,
-in 2 MiB pages where Linux allows: a decode step streams every weight once, and with 4 KiB pages the
-page-table walks slow the stream (below).
+Weights made for decoding (fused projections, int8) are allocated by `streamed_empty`, in 2 MiB pages
+where Linux allows: a decode step streams every weight once, and with 4 KiB pages the page-table walks
+slow the stream (below). Not the dtype conversions of loading: faulting in 2 MiB pages (which the kernel
+may first have to compact) doubled the float32 load of tools/bench_load.py (3.1 -> 6.4 s).
 """
 
 import ctypes

@@ -25,7 +25,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from minaf3.errors import CheckpointError, ConfigError
-from minaf3.linear import streamed_empty
 
 from .layouts import checkpoint_names, scan_checkpoint
 from .shards import TensorInfo, listing
@@ -88,7 +87,7 @@ def _read_file(
                 # Its own mapping, closed right after the copy: this tensor's pages leave memory again.
                 with safe_open(file, framework="pt", device="cpu") as own:
                     stored = own.get_tensor(info.key)  # a view: nothing read yet
-                    out[ours] = streamed_empty(stored.shape, dtype or stored.dtype, device)
+                    out[ours] = torch.empty(stored.shape, dtype=dtype or stored.dtype, device=device)
                     out[ours].copy_(stored)  # reads, converts and moves in one pass, no intermediate copy
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(f"{label}: could not be read ({e})") from None
