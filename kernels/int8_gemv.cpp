@@ -73,6 +73,7 @@ struct Avx2 {
     const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
   }
+  static inline Vec load_w(const float* p) { return _mm256_loadu_ps(p); }
   static inline Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
   static inline float sum(Vec v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));  // 8 -> 4 lanes
@@ -100,6 +101,7 @@ struct Avx512 {
     const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
   }
+  static inline Vec load_w(const float* p) { return _mm512_loadu_ps(p); }
   static inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
   static inline float sum(Vec v) { return _mm512_reduce_add_ps(v); }
   // 32 zmm registers: R = 4 at every batch (4 x 4 accumulators + 4 weights + 1 activation = 21).
@@ -109,6 +111,7 @@ struct Avx512 {
 
 // A weight as a float, for the scalar tail: int8 exactly; bf16 from its bit pattern (the top half of a float).
 inline float to_float(int8_t w) { return static_cast<float>(w); }
+inline float to_float(float w) { return w; }
 inline float to_float(uint16_t w) {
   const uint32_t bits = static_cast<uint32_t>(w) << 16;
   float f;
@@ -334,14 +337,33 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const std::opti
   return y;
 }
 
+// x (..., K) float32, w (N, K) float32, bias (N,) float32 or None -> y (..., N) float32: the same loop over
+// float32 weights, for eager decoding, where oneDNN's and MKL's matrix-vector products stream a large layer
+// at ~80% and ~50% of the memory's speed (tools/bench.py, row 3 fp32).
+at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                      bool allow_avx512) {
+  at::Tensor y = output_for("f32_linear", x, w, bias);
+  TORCH_CHECK(w.scalar_type() == at::kFloat, "f32_linear: w must be float32");
+  const int64_t K = x.size(-1), N = w.size(0), M = K ? x.numel() / K : 0;
+  if (M == 0 || N == 0) return y;
+  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
+  const at::Tensor bc = bias ? bias->contiguous() : at::Tensor();
+  run(Problem<float>{xc.data_ptr<float>(), wc.data_ptr<float>(), nullptr, bias ? bc.data_ptr<float>() : nullptr,
+                     y.data_ptr<float>(), M, N, K},
+      allow_avx512);
+  return y;
+}
+
 // A torch operator rather than a pybind11 function: torch.compile can trace through it (int8_linear.py
 // registers its shape function), and the build needs no Python headers.
 TORCH_LIBRARY(minaf3_int8, m) {
   m.def("int8_linear(Tensor x, Tensor w, Tensor scales, Tensor? bias, bool allow_avx512=True) -> Tensor");
   m.def("bf16_linear(Tensor x, Tensor w, Tensor? bias, bool allow_avx512=True) -> Tensor");
+  m.def("f32_linear(Tensor x, Tensor w, Tensor? bias, bool allow_avx512=True) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(minaf3_int8, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("bf16_linear", &bf16_linear);
+  m.impl("f32_linear", &f32_linear);
 }

@@ -10,10 +10,11 @@ Paths for `linear` on the CPU, each measured by tools/bench.py on its 2-core mac
     reached about half of it), with no library call per layer; an int8 layer calls the C++ kernel of
     kernels/int8_gemv.cpp, which streams int8 rows faster than inductor's loop (24.8 against 36.8 ms per
     token at official widths, 2 layers + lm_head), or, where that kernel cannot be built, the loop;
-  - otherwise a bf16 layer with at most 8 rows and no gradient streams its weights through the C++ kernel
-    of kernels/int8_gemv.cpp (1.5x the bandwidth of torch's bf16 matrix-vector product);
-  - a large float32 layer runs on oneDNN when no gradient is needed: 1.6x the bandwidth of MKL's
-    (torch's default) matrix-vector product, 1.6x / 1.15x its rate at 155 / 251 rows;
+  - otherwise a bf16 or float32 layer with at most 8 rows and no gradient streams its weights through the
+    C++ kernel of kernels/int8_gemv.cpp (bf16: 1.5x the bandwidth of torch's matrix-vector product;
+    float32: 1.1-1.6x oneDNN's, 1.7-5x MKL's; figures in kernels/gemv.py);
+  - a large float32 layer with more rows runs on oneDNN when no gradient is needed: 1.6x / 1.15x MKL's
+    (torch's default) rate at 155 / 251 rows;
   - anything else (small layers, LoRA wrappers, training) is the layer's own forward.
 The decoder, encoder, projector and lm_head all call it, so one place decides.
 
@@ -110,13 +111,15 @@ def split_linear(fused: nn.Linear, sizes: list[int], biases: list[bool]) -> list
     return layers
 
 
-# Rows up to which a bf16 layer streams its weights through the C++ kernel of kernels/int8_gemv.cpp:
-# 37888 x 3584 at 1 / 4 / 8 / 16 rows took 7.0 / 6.9 / 11.7 / 21.5 ms there against torch's 13-17 / 14.8 /
-# 17.5 / 22.3 ms (oneDNN's bf16 matrix-vector product reads ~20 GB/s; the kernel ~31, a plain read ~33).
-BF16_STREAM_MAX_ROWS = 8
+# Rows up to which a bf16 or float32 layer streams its weights through the C++ kernel of
+# kernels/int8_gemv.cpp. bf16 37888 x 3584 at 1 / 4 / 8 / 16 rows took 7.0 / 6.9 / 11.7 / 21.5 ms there
+# against torch's 13-17 / 14.8 / 17.5 / 22.3 ms (oneDNN's bf16 matrix-vector product reads ~20 GB/s; the
+# kernel ~31, a plain read ~33); float32 wins at every count up to 16 (kernels/gemv.py).
+STREAM_MAX_ROWS = 8
+STREAM_DTYPES = (torch.bfloat16, torch.float32)
 
 
-def bf16_kernel_ready() -> bool:
+def gemv_kernel_ready() -> bool:
     """Whether the C++ kernel runs here (built on first use; False, with one logged warning, otherwise)."""
     from .kernels.gemv import load_library
 
@@ -147,14 +150,14 @@ def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return streamed_linear(layer, x)
     if (
         type(layer) is nn.Linear
-        and layer.weight.dtype == torch.bfloat16
-        and x.shape[:-1].numel() <= BF16_STREAM_MAX_ROWS
+        and layer.weight.dtype in STREAM_DTYPES
+        and x.shape[:-1].numel() <= STREAM_MAX_ROWS
         and not torch.is_grad_enabled()
-        and bf16_kernel_ready()
+        and gemv_kernel_ready()
     ):
-        from .kernels.gemv import bf16_linear
+        from .kernels.gemv import gemv_linear
 
-        return bf16_linear(x, layer.weight, layer.bias)
+        return gemv_linear(x, layer.weight, layer.bias)
     if (
         ONEDNN
         and type(layer) is nn.Linear

@@ -13,7 +13,7 @@ import torch
 from conftest import write_reference_checkpoint
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from minaf3.kernels.gemv import bf16_linear as linear_bf16
+from minaf3.kernels.gemv import gemv_linear
 from test_lora import ADAPTERS, write_adapter
 from test_model import reference_inputs
 
@@ -23,7 +23,7 @@ from minaf3.linear import (
     HUGE_PAGE,
     MADV_HUGEPAGE,
     ONEDNN_MIN_WEIGHTS,
-    bf16_kernel_ready,
+    gemv_kernel_ready,
     linear,
     streamed_empty,
 )
@@ -196,6 +196,9 @@ def test_linear_fast_paths_equal_the_layer():
     assert x.grad is not None and layer.weight.grad is not None
 
 
+OPERATORS = {torch.bfloat16: "bf16_linear", torch.float32: "f32_linear"}
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     rows=st.integers(1, 9),
@@ -203,52 +206,63 @@ def test_linear_fast_paths_equal_the_layer():
     out_features=st.integers(1, 70),
     bias=st.booleans(),
     avx512=st.booleans(),
+    dtype=st.sampled_from([torch.bfloat16, torch.float32]),
     seed=st.integers(0, 2**16),
 )
-def test_bf16_kernel_equals_the_float32_product(rows, in_features, out_features, bias, avx512, seed):
-    """The streaming kernel over bf16 weights: the exact float32 product of the bf16 values."""
-    assert bf16_kernel_ready()
+def test_streaming_kernel_equals_the_float64_product(
+    rows, in_features, out_features, bias, avx512, dtype, seed
+):
+    """The streaming kernel over bf16 or float32 weights: the float32 product of the stored values."""
+    assert gemv_kernel_ready()
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, in_features, generator=g)
-    w = torch.randn(out_features, in_features, generator=g).to(torch.bfloat16)
+    w = torch.randn(out_features, in_features, generator=g).to(dtype)
     b = torch.randn(out_features, generator=g) if bias else None
-    got = torch.ops.minaf3_int8.bf16_linear(x, w, b, avx512)
+    got = getattr(torch.ops.minaf3_int8, OPERATORS[dtype])(x, w, b, avx512)
     expected = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
     assert (got.double() - expected).abs().max() <= 1e-5 * (1 + expected.abs().max())
 
 
-def test_bf16_kernel_refuses_what_it_cannot_multiply():
-    """The operator's own checks name the operator and the problem before reading any data."""
-    assert bf16_kernel_ready()
-    x, w = torch.randn(2, 16), torch.randn(4, 16).to(torch.bfloat16)
-    with pytest.raises(RuntimeError, match="bf16_linear: w must be bfloat16"):
-        torch.ops.minaf3_int8.bf16_linear(x, w.float(), None)
-    with pytest.raises(RuntimeError, match="bf16_linear: x has 15 columns but w has 16"):
-        torch.ops.minaf3_int8.bf16_linear(x[:, :15], w, None)
-    with pytest.raises(RuntimeError, match="bf16_linear: x must be float32"):
-        torch.ops.minaf3_int8.bf16_linear(x.double(), w, None)
-    with pytest.raises(RuntimeError, match="bf16_linear: bias must be float32 with 4 entries"):
-        torch.ops.minaf3_int8.bf16_linear(x, w, torch.zeros(3))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_streaming_kernel_refuses_what_it_cannot_multiply(dtype):
+    """The operators' own checks name the operator and the problem before reading any data."""
+    assert gemv_kernel_ready()
+    name = OPERATORS[dtype]
+    op = getattr(torch.ops.minaf3_int8, name)
+    x, w = torch.randn(2, 16), torch.randn(4, 16).to(dtype)
+    other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
+    with pytest.raises(RuntimeError, match=f"{name}: w must be {str(dtype).removeprefix('torch.')}"):
+        op(x, w.to(other), None)
+    with pytest.raises(RuntimeError, match=f"{name}: x has 15 columns but w has 16"):
+        op(x[:, :15], w, None)
+    with pytest.raises(RuntimeError, match=f"{name}: x must be float32"):
+        op(x.double(), w, None)
+    with pytest.raises(RuntimeError, match=f"{name}: bias must be float32 with 4 entries"):
+        op(x, w, torch.zeros(3))
 
 
-def test_bf16_decode_streams_through_the_kernel_with_torch_s_answers(one_layer, monkeypatch):
-    """A bf16 model's decode (few rows) runs the kernel; its tokens and logits match torch's bf16 path."""
+@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 0.05), (torch.float32, 1e-4)])
+def test_eager_decode_streams_through_the_kernel_with_torch_s_answers(
+    one_layer, monkeypatch, dtype, tolerance
+):
+    """A bf16 or float32 model's eager decode (one row per layer) runs the kernel; its tokens and logits
+    match torch's own products."""
     from minaf3.kernels import gemv as kernel
 
     from minaf3 import linear as linear_module
 
-    model = load(one_layer, dtype=torch.bfloat16)
+    model = load(one_layer, dtype=dtype)
     ids = torch.randint(0, 400, (1, 9), generator=torch.Generator().manual_seed(2))
     args = dict(max_new_tokens=8, return_dict_in_generate=True, output_logits=True, **GREEDY)
     calls = []
-    monkeypatch.setattr(kernel, "bf16_linear", lambda *a: calls.append(1) or linear_bf16(*a))
+    monkeypatch.setattr(kernel, "gemv_linear", lambda *a: calls.append(1) or gemv_linear(*a))
     streamed = model.generate(ids, **args)
     assert calls  # the decode steps' layers (one row each) went through the kernel
-    monkeypatch.setattr(linear_module, "BF16_STREAM_MAX_ROWS", 0)
+    monkeypatch.setattr(linear_module, "STREAM_MAX_ROWS", 0)
     plain = model.generate(ids, **args)
     assert torch.equal(streamed.sequences, plain.sequences)
-    # bf16 outputs: the kernel accumulates in float32, torch in its own order; both round to bf16
-    assert max((a - b).abs().max() for a, b in zip(streamed.logits, plain.logits, strict=True)) < 0.05
+    # the kernel accumulates in float32 in its own order; bf16 outputs are then rounded to bf16
+    assert max((a - b).abs().max() for a, b in zip(streamed.logits, plain.logits, strict=True)) < tolerance
 
 
 @pytest.mark.parametrize("megabytes", [4, 12, 37])
