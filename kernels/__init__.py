@@ -8,8 +8,9 @@ Triton (CUDA; tested on the CPU under TRITON_INTERPRET=1), sharing triton_common
 
 C++ for the CPU, built on first use with ninja (cpp_build.py):
     log_mel.cpp / .py     Whisper's log-mel front end, every step of a frame fused (minaf3/features.py)
-    int8_gemv.cpp         streaming matrix-vector products over int8 or bf16 weights (gemv.py builds it;
-                          int8_linear.py and minaf3/quantize.py for int8, minaf3/linear.py for bf16)
+    int8_gemv.cpp         streaming matrix-vector products over int8, bf16 or float32 weights (gemv.py
+                          builds it; int8_linear.py and minaf3/quantize.py for int8, minaf3/linear.py for
+                          bf16 and float32 decode)
     cpu_attention.cpp/.py one-token decode attention over the GQA cache (minaf3/attention.py's "cpp")
 
 Importing this package imports nothing heavy: each kernel module brings in what it needs.

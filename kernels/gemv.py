@@ -1,4 +1,4 @@
-"""The streaming matrix-vector library of int8_gemv.cpp: building it, and its bf16 entry point.
+"""The streaming matrix-vector library of int8_gemv.cpp: building it, and its bf16 / float32 entry point.
 
     load_library()               builds (first use) and loads it; False, with one logged warning, when it
                                  cannot be built here
@@ -32,7 +32,7 @@ def _build() -> bool:
     """Build (first time) and load the library; True when its operators (torch.ops.minaf3_int8.int8_linear,
     .bf16_linear and .f32_linear) are ready; False, with one logged warning, when they cannot be built
     here. Decided once per process."""
-    if not build_openmp_library(EXTENSION_NAME, SOURCE, "int8/bf16 decode kernel"):
+    if not build_openmp_library(EXTENSION_NAME, SOURCE, "decode matrix-vector kernel"):
         return False
 
     # The operators' output shapes without running them, so torch.compile can trace through the calls.

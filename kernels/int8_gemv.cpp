@@ -5,6 +5,8 @@
 // arithmetic cheap enough (sign-extend int8 -> int32 -> float, one FMA per activation row) that the stream,
 // not the conversion, stays the limit. The per-row scale is applied once to each finished dot product, since
 // sum_k x[k] * w[n, k] * s[n] = s[n] * sum_k x[k] * w[n, k]. Activations stay float32 throughout.
+// The same loop serves bf16 weights (widened by a 16-bit shift) and float32 ones, unscaled: their decode
+// is as much a stream of weights, which torch's matrix-vector products read more slowly (kernels/gemv.py).
 //
 // Two instruction sets from one source: the kernel is written once over an `Isa` (Avx2: 8 float lanes in 16
 // ymm registers; Avx512: 16 lanes in 32 zmm registers). The file is built with -mavx2 -mfma; the AVX-512
