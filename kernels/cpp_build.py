@@ -3,6 +3,7 @@
     build_once(build)              a thread-safe `load_extension`: calls build() once per process
     compile_library(name, ...)     torch.utils.cpp_extension.load with ninja, saying so when it compiles
     build_openmp_library(...)      the same for an AVX2 operator library, with OpenMP when the compiler has it
+    load_together(*loaders)        several kernels' load_extension at once: first builds run side by side
     failure_reason(error)          the line of a failed build's log that says why
     resolve_backend(...)           "auto" | "cpp" | "torch" from an argument or an environment variable
 
@@ -47,6 +48,28 @@ def build_once(build: Callable[[], bool]) -> Callable[[], bool]:
 
     load_extension.__doc__ = build.__doc__
     return load_extension
+
+
+def load_together(*loaders: Callable[[], bool]) -> list[bool]:
+    """Call each kernel's load_extension on a thread of its own and wait for all; their answers in order.
+
+    A first build is one compiler process (~10 s) and a cached one a quick load, so on a machine's first
+    use two kernels built side by side take the time of one on a 2-core machine. Each loader is
+    build_once's, so a loader already done returns at once and one in progress elsewhere is waited for.
+    """
+    answers: list[bool] = [False] * len(loaders)
+
+    def run(i: int) -> None:
+        answers[i] = loaders[i]()
+
+    threads = [
+        threading.Thread(target=run, args=(i,), name=f"minaf3-kernel-{i}") for i in range(len(loaders))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return answers
 
 
 def _ninja_on_path() -> None:

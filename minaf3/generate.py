@@ -39,7 +39,8 @@ import torch
 
 from .attention import cpu_kernel_ready
 from .errors import GenerationError, InputError
-from .linear import linear
+from .kernels.cpp_build import load_together
+from .linear import gemv_kernel_ready, linear
 from .sampling import GenerationConfig, mark_seen_, process_logits, sample, seen_tokens
 
 __all__ = ["GenerationConfig", "GenerateOutput", "TextIteratorStreamer", "generate", "prefill"]
@@ -145,8 +146,6 @@ def decode_step(mode: str | None, device: torch.device) -> Callable:
     """
     if mode is None:
         return decode_one_token
-    if device.type == "cpu":
-        cpu_kernel_ready()  # build the attention kernel now: the traced step only reads whether it is loaded
     key = (mode, device.type)
     if key not in _compiled:
         options = torch._inductor.list_mode_options(mode)
@@ -227,6 +226,11 @@ def generate(
         check_inputs(input_ids, attention_mask, model.config.decoder.vocab_size)
         B, T = input_ids.shape
         check_length(T, config.max_new_tokens, model.config.decoder.max_position_embeddings)
+        if device.type == "cpu":
+            # Load the decode kernels now (built side by side on a machine's first use, ~10 s, with a
+            # notice): the notice then comes before any streamed text, and a compiled step's trace finds
+            # them loaded.
+            load_together(cpu_kernel_ready, gemv_kernel_ready)
         if streamer is not None:
             streamer.put(input_ids.cpu())
         with torch.inference_mode():
