@@ -186,10 +186,11 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && visible.device().is_cpu(),
               "decode_attention: CPU tensors expected");
   TORCH_CHECK(q.dim() == 4 && q.size(2) == 1, "decode_attention: q must be (B, Hq, 1, D), got ", q.sizes());
-  TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes(), "decode_attention: k and v must both be (B, Hkv, S, D), got ",
-              k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes(),
+              "decode_attention: k and v must both be (B, Hkv, S, D), got ", k.sizes(), " and ", v.sizes());
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3), Hkv = k.size(1), S = k.size(2);
-  TORCH_CHECK(k.size(0) == B && k.size(3) == D, "decode_attention: k ", k.sizes(), " does not match q ", q.sizes());
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D, "decode_attention: k ", k.sizes(), " does not match q ",
+              q.sizes());
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "decode_attention: ", Hq, " query heads are not a multiple of ", Hkv,
               " key heads");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(),
@@ -199,8 +200,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
               "decode_attention: float32 or bfloat16 expected, got ", q.scalar_type());
   TORCH_CHECK(visible.scalar_type() == at::kBool && visible.dim() == 2 && visible.size(1) == S &&
                   (visible.size(0) == 1 || visible.size(0) == B),
-              "decode_attention: visible must be bool (1 or ", B, ", ", S, "), got ", visible.scalar_type(), " ",
-              visible.sizes());
+              "decode_attention: visible must be bool (1 or ", B, ", ", S, "), got ", visible.scalar_type(),
+              " ", visible.sizes());
   at::Tensor out = at::empty(q.sizes(), q.options());  // every element is written below
   if (out.numel() == 0) return out;
   const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), mc = visible.contiguous();
@@ -216,6 +217,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 }
 
 // A torch operator, so torch.compile can trace through it (cpu_attention.py registers its shape function).
-TORCH_LIBRARY(minaf3_attn, m) { m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor visible) -> Tensor"); }
+TORCH_LIBRARY(minaf3_attn, m) {
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor visible) -> Tensor");
+}
 
 TORCH_LIBRARY_IMPL(minaf3_attn, CPU, m) { m.impl("decode_attention", &decode_attention); }

@@ -111,9 +111,9 @@ struct Avx512 {
 };
 #pragma GCC pop_options
 
-// A weight as a float, for the scalar tail: int8 exactly; bf16 from its bit pattern (the top half of a float).
+// A weight as a float, for the scalar tail: int8 exactly; bf16 from its bit pattern (a float's top half).
 inline float to_float(int8_t w) { return static_cast<float>(w); }
-inline float to_float(float w) { return w; }
+inline float to_float(float w) { return w; }  // float32 weights as they are
 inline float to_float(uint16_t w) {
   const uint32_t bits = static_cast<uint32_t>(w) << 16;
   float f;
@@ -350,8 +350,8 @@ at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& w, const std::optio
   if (M == 0 || N == 0) return y;
   const at::Tensor xc = x.contiguous(), wc = w.contiguous();
   const at::Tensor bc = bias ? bias->contiguous() : at::Tensor();
-  run(Problem<float>{xc.data_ptr<float>(), wc.data_ptr<float>(), nullptr, bias ? bc.data_ptr<float>() : nullptr,
-                     y.data_ptr<float>(), M, N, K},
+  run(Problem<float>{xc.data_ptr<float>(), wc.data_ptr<float>(), nullptr,
+                     bias ? bc.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K},
       allow_avx512);
   return y;
 }
