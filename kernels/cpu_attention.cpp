@@ -59,9 +59,10 @@ inline float hmax(__m256 v) {
 
 // exp(x) for x <= 0 (scores minus their maximum): x = n ln2 + r with |r| <= ln2 / 2, exp(r) by Cephes'
 // degree-6 polynomial, 2^n built in the exponent bits. Below -87.3 (where float32's exp is denormal or 0)
-// the exponent field is 0 and the result 0.
+// the exponent field is 0 and the result 0. A NaN stays NaN (maxps returns its second operand when either
+// is NaN), so a corrupt score poisons its row as in the eager path instead of vanishing from the softmax.
 inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.33654f));
+  x = _mm256_max_ps(_mm256_set1_ps(-87.33654f), x);
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   // r = x - n ln2, with ln2 split in two so that n * ln2_hi is exact

@@ -81,6 +81,15 @@ def test_peaked_and_flat_scores():
     assert torch.allclose(flat, v.mean(dim=2, keepdim=True).repeat_interleave(4, dim=1), atol=1e-6)
 
 
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_nan_inputs_give_nan_outputs_like_the_definition(where):
+    """A NaN must reach the logits (generate stops with an error there), not vanish in the softmax."""
+    q, k, v, _ = problem(1, 2, 3, 20, 16, seed=5)
+    {"q": q[0, 1, 0], "k": k[0, 0, 7], "v": v[0, 1, 3]}[where][2] = float("nan")
+    got = cpu_attention.decode_attention(q, k, v)
+    assert torch.equal(got.isnan(), definition(q, k, v, None).isnan()) and got.isnan().any()
+
+
 @settings(max_examples=20, deadline=None)
 @given(batch=st.integers(1, 3), slots=st.integers(2, 40), seed=st.integers(0, 2**16), padded=st.booleans())
 def test_cpp_backend_equals_eager_through_attention(batch, slots, seed, padded):
