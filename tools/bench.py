@@ -303,6 +303,24 @@ def official_rows(path: Path, table: Table, args) -> None:
         expected, got = (m(input_ids=text).logits[0, -1] for m in (ours, int8))
     error = ((got - expected).norm() / expected.norm()).item()
     table.note(f"3. int8 logits vs fp32: relative L2 {error:.2%} (target < 2%: {'✗✓'[error < 0.02]})")
+    sources = ", ".join(f"{what} {e:.2%}" for what, e in int8_error_sources(path, text, expected).items())
+    table.note(f"3. the same with only some layers int8: {sources}")
+
+
+def int8_error_sources(path: Path, text: torch.Tensor, expected: torch.Tensor) -> dict:
+    """Relative L2 of the last position's logits when only the layers under one prefix are int8: where the
+    whole model's error comes from (each run loads the fp32 model afresh and quantizes those layers)."""
+    from minaf3.quantize import quantizable_linears, quantize_layers
+
+    errors = {}
+    for what, prefix in (("lm_head", "lm_head"), ("layer 0", "language_model.layers.0."),
+                         ("layer 1", "language_model.layers.1.")):  # fmt: skip
+        model = load(path, "minaf3")
+        quantize_layers(model, [name for name in quantizable_linears(model) if name.startswith(prefix)])
+        with torch.inference_mode():
+            got = model(input_ids=text).logits[0, -1]
+        errors[what] = ((got - expected).norm() / expected.norm()).item()
+    return errors
 
 
 def cuda_rows(table: Table, args) -> None:
