@@ -38,7 +38,7 @@ _forced = threading.local()
 def use_backend(name: str | None) -> Iterator[None]:
     """Force an attention backend for the calls made inside the block (None restores the default choice)."""
     if name is not None and name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKENDS}")
+        raise ConfigError(f"unknown attention backend {name!r}; choose one of {BACKENDS}")
     previous = getattr(_forced, "name", None)
     _forced.name = name
     try:
@@ -114,7 +114,7 @@ def attention(
         return cpp_attention(q, k, v, mask)
     if backend == "triton":
         return triton_attention(q, k, v, key_mask, query_pos)
-    raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    raise ConfigError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
 
 
 def eager_attention(

@@ -172,3 +172,14 @@ def test_missing_compiler_falls_back_to_the_eager_path_with_a_note(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["eager", "4"]
     assert "CPU decode attention kernel: building cpu_attention.cpp failed" in done.stderr
+
+
+def test_unknown_backends_are_config_errors_naming_the_choices():
+    q, k, v, _ = problem(1, 1, 2, 5, 8, seed=0)
+    with pytest.raises(
+        ConfigError, match=r"unknown attention backend 'flash'; choose one of \('triton', 'cpp'"
+    ):
+        attention(q, k, v, backend="flash")
+    with pytest.raises(ConfigError, match="unknown attention backend 'fast'"):
+        with use_backend("fast"):
+            pass
