@@ -28,6 +28,7 @@ an iterator (usually from another thread than the one running generate):
 """
 
 import contextlib
+import functools
 import queue
 import threading
 import weakref
@@ -87,6 +88,13 @@ class GenerateOutput:
 
     sequences: torch.Tensor
     logits: tuple[torch.Tensor, ...] | None = None
+
+
+@functools.cache
+def load_cpu_kernels() -> None:
+    """Build (first use on this machine) or load the CPU decode kernels, side by side, once per process:
+    later calls skip the threads."""
+    load_together(cpu_kernel_ready, gemv_kernel_ready)
 
 
 def prefill(
@@ -230,7 +238,7 @@ def generate(
             # Load the decode kernels now (built side by side on a machine's first use, ~10 s, with a
             # notice): the notice then comes before any streamed text, and a compiled step's trace finds
             # them loaded.
-            load_together(cpu_kernel_ready, gemv_kernel_ready)
+            load_cpu_kernels()
         if streamer is not None:
             streamer.put(input_ids.cpu())
         with torch.inference_mode():
