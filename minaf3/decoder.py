@@ -24,7 +24,7 @@ from torch import nn
 
 from .attention import attention, attention_mask, default_backend
 from .config import DecoderConfig
-from .linear import fuse_linears, linear, plain, split_linear, swap_children
+from .linear import fusable, fuse_linears, linear, split_linear, swap_children
 
 
 @dataclass
@@ -134,8 +134,8 @@ class DecoderAttention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def fuse(self) -> bool:
-        """Replace q_proj, k_proj, v_proj by one `qkv_proj`; False (nothing done) unless all are plain."""
-        if "qkv_proj" in self._modules or not plain(self.q_proj, self.k_proj, self.v_proj):
+        """Replace q_proj, k_proj, v_proj by one `qkv_proj`; False (nothing done) unless they are fusable."""
+        if "qkv_proj" in self._modules or not fusable(self.q_proj, self.k_proj, self.v_proj):
             return False
         fused = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
         swap_children(self, ["q_proj", "k_proj", "v_proj"], {"qkv_proj": fused})
@@ -180,8 +180,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def fuse(self) -> bool:
-        """Replace gate_proj and up_proj by one `gate_up_proj`; False unless both are plain."""
-        if "gate_up_proj" in self._modules or not plain(self.gate_proj, self.up_proj):
+        """Replace gate_proj and up_proj by one `gate_up_proj`; False unless they are fusable."""
+        if "gate_up_proj" in self._modules or not fusable(self.gate_proj, self.up_proj):
             return False
         fused = fuse_linears([self.gate_proj, self.up_proj])
         swap_children(self, ["gate_proj", "up_proj"], {"gate_up_proj": fused})
@@ -234,8 +234,9 @@ class Qwen2Decoder(nn.Module):
 
     @torch.no_grad()
     def fuse_projections(self) -> int:
-        """Fuse q/k/v and gate/up of every layer whose layers are plain nn.Linear; returns how many groups
-        were fused. Layer by layer, so the transient memory is one layer's projections."""
+        """Fuse q/k/v and gate/up of every layer whose layers are fusable (plain or int8, see linear.py);
+        returns how many groups were fused. Layer by layer, so the transient memory is one layer's
+        projections."""
         return sum(int(layer.self_attn.fuse()) + int(layer.mlp.fuse()) for layer in self.layers)
 
     @torch.no_grad()

@@ -75,8 +75,10 @@ def streamed_empty(shape: tuple[int, ...], dtype: torch.dtype, device=None) -> t
     return tensor
 
 
-def fuse_linears(layers: list[nn.Linear]) -> nn.Linear:
-    """One nn.Linear computing the concatenation of `layers`' outputs on their shared input."""
+def fuse_linears(layers: list[nn.Module]) -> nn.Module:
+    """One layer computing the concatenation of `layers`' outputs on their shared input (see `fusable`)."""
+    if type(layers[0]) is not nn.Linear:
+        return type(layers[0]).stack(layers)  # Int8Linear
     parts = [layer.weight.detach() for layer in layers]
     out_features = sum(part.shape[0] for part in parts)
     weight = torch.cat(
@@ -94,8 +96,10 @@ def fuse_linears(layers: list[nn.Linear]) -> nn.Linear:
     return fused
 
 
-def split_linear(fused: nn.Linear, sizes: list[int], biases: list[bool]) -> list[nn.Linear]:
+def split_linear(fused: nn.Module, sizes: list[int], biases: list[bool]) -> list[nn.Module]:
     """Undo fuse_linears: the row blocks of `fused` (sizes[i] rows each) as separate layers."""
+    if type(fused) is not nn.Linear:
+        return fused.split(sizes, biases)  # Int8Linear
     layers = []
     for weight, bias, has_bias in zip(
         fused.weight.detach().split(sizes),
@@ -202,7 +206,10 @@ def swap_children(parent: nn.Module, old: list[str], new: dict[str, nn.Module]) 
     parent._modules.update(children)
 
 
-def plain(*layers: nn.Module) -> bool:
-    # Only exact nn.Linear layers are fused: a LoRA wrapper must keep its own weight so that the adapter can
-    # be merged and unmerged, and quantized layers have their own storage format.
-    return all(type(layer) is nn.Linear for layer in layers)
+def fusable(*layers: nn.Module) -> bool:
+    """Whether `layers` can be fused: all exact nn.Linear, or all Int8Linear (stacked as int8 rows). A LoRA
+    wrapper is not: it must keep its own weight so that the adapter can be merged and unmerged."""
+    from .quantize import Int8Linear
+
+    kinds = {type(layer) for layer in layers}
+    return kinds == {nn.Linear} or kinds == {Int8Linear}

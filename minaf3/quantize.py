@@ -1,8 +1,8 @@
 """int8 weight-only quantization of the language model's linear layers and lm_head.
 
     quantize_model(model, "int8")  replaces, in place, every nn.Linear under model.language_model
-                                   (q/k/v/o_proj, gate/up/down_proj, or their fused forms) and
-                                   model.lm_head by an Int8Linear; returns the model
+                                   (q/k/v/o_proj, gate/up/down_proj) and model.lm_head by an
+                                   Int8Linear, then fuses q/k/v and gate/up; returns the model
     quantize_layers(model, names)  the same for the named layers only
     quantize_weight(w)             -> (w_int8 (N, K) int8, scales (N,) float32)
     Int8Linear                     weight int8 (out, in), scales float32 (out,), bias (out,) or None
@@ -40,6 +40,8 @@ copy, never a second copy of the decoder; afterwards the quantized weights take 
 (plus 4 bytes of scale per row). A weight still referenced elsewhere (a state_dict the caller keeps) stays
 alive, so drop such references before calling.
 """
+
+import itertools
 
 import torch
 from torch import nn
@@ -85,6 +87,42 @@ class Int8Linear(nn.Module):
         out.weight, out.scales = quantize_weight(linear.weight, name)
         out.register_parameter("bias", linear.bias)
         return out
+
+    @classmethod
+    @torch.no_grad()
+    def stack(cls, layers: list["Int8Linear"]) -> "Int8Linear":
+        """One Int8Linear computing the concatenation of `layers`' outputs (decoder.py's qkv_proj and
+        gate_up_proj): with one scale per output row, stacking the rows is exact."""
+        has_bias = [layer.bias is not None for layer in layers]
+        out = cls(
+            layers[0].in_features, sum(layer.out_features for layer in layers), bias=False, device="meta"
+        )
+        weight = streamed_empty((out.out_features, out.in_features), torch.int8, layers[0].weight.device)
+        out.weight = torch.cat([layer.weight for layer in layers], out=weight)  # (sum out_i, in)
+        out.scales = torch.cat([layer.scales for layer in layers])
+        if any(has_bias):  # a layer without a bias contributes zeros
+            bias = [b.bias if b.bias is not None else b.scales.new_zeros(b.out_features) for b in layers]
+            out.bias = nn.Parameter(torch.cat([b.to(bias[0].dtype) for b in bias]), requires_grad=False)
+        else:
+            out.register_parameter("bias", None)
+        out.backend = layers[0].backend
+        return out
+
+    @torch.no_grad()
+    def split(self, sizes: list[int], biases: list[bool]) -> list["Int8Linear"]:
+        """Undo `stack`: the row blocks of this layer (sizes[i] rows each) as separate layers."""
+        parts = []
+        for rows, has_bias, start in zip(sizes, biases, [0, *itertools.accumulate(sizes)], strict=False):
+            part = type(self)(self.in_features, rows, bias=False, device="meta")
+            part.weight = self.weight[start : start + rows].clone()
+            part.scales = self.scales[start : start + rows].clone()
+            if has_bias:
+                part.bias = nn.Parameter(self.bias[start : start + rows].clone(), requires_grad=False)
+            else:
+                part.register_parameter("bias", None)
+            part.backend = self.backend
+            parts.append(part)
+        return parts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in_features) -> (..., out_features) in x.dtype."""
@@ -152,6 +190,10 @@ def quantize_model(model: nn.Module, mode: str = "int8") -> nn.Module:
             "call minaf3.lora.merge(model) before quantizing"
         )
     quantize_layers(model, names)
+    if hasattr(model, "fuse_projections"):
+        # q/k/v and gate/up as one int8 product each (issue 5); stacked after quantizing, so the transient
+        # memory is one group's int8 rows, and the numbers are those of the separate layers.
+        model.fuse_projections()
     return model
 
 

@@ -318,30 +318,58 @@ def test_logits_within_two_percent_of_fp32(fp32_model, int8_model, audio_inputs,
     assert rel_l2(logits[valid], expected[valid]) < MAX_LOGIT_ERROR
 
 
-def test_every_decoder_linear_and_lm_head_is_replaced(tiny_checkpoint, fp32_model, int8_model):
-    expected = set(quantizable_linears(fp32_model))
+# The groups quantize_model fuses after quantizing: fused name -> the checkpoint's layers, in order.
+FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "self_attn.o_proj": ("self_attn.o_proj",), "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+         "mlp.down_proj": ("mlp.down_proj",)}  # fmt: skip
+
+
+def fused_layers(layers: int) -> dict[str, list[str]]:
+    """Every layer quantize_model leaves (fused names) -> the fp32 model's layers it stacks."""
+    prefix = "language_model.layers."
+    groups = {f"{prefix}{i}.{fused}": [f"{prefix}{i}.{part}" for part in parts]
+              for i in range(layers) for fused, parts in FUSED.items()}  # fmt: skip
+    return groups | {"lm_head": ["lm_head"]}
+
+
+def test_every_decoder_linear_and_lm_head_is_replaced_and_fused(tiny_checkpoint, fp32_model, int8_model):
+    """Each int8 layer is exactly the separate layers quantized and stacked (one scale per output row);
+    biases are the checkpoint's."""
     layers = fp32_model.config.decoder.num_layers
-    assert len(expected) == 7 * layers + 1 and "lm_head" in expected  # q, k, v, o, gate, up, down
+    assert len(quantizable_linears(fp32_model)) == 7 * layers + 1  # q, k, v, o, gate, up, down; lm_head
+    groups = fused_layers(layers)
     replaced = {name for name, m in int8_model.named_modules() if isinstance(m, Int8Linear)}
-    assert replaced == expected
+    assert replaced == set(groups)
+    for name, parts in groups.items():
+        layer, separate = int8_model.get_submodule(name), [fp32_model.get_submodule(p) for p in parts]
+        weights, scales = zip(*(quantize_weight(part.weight) for part in separate), strict=True)
+        assert torch.equal(layer.weight, torch.cat(weights)) and torch.equal(layer.scales, torch.cat(scales))
+        biases = [part.bias for part in separate]
+        assert (layer.bias is None) == (biases[0] is None)
+        assert layer.bias is None or torch.equal(layer.bias, torch.cat(biases))
     # the audio side stays in full precision
     audio_side = [*int8_model.audio_tower.modules(), *int8_model.multi_modal_projector.modules()]
     assert not any(isinstance(m, Int8Linear) for m in audio_side)
     assert all(p.dtype == torch.float32 for m in audio_side for p in m.parameters())
-    for name in expected:  # biases are the checkpoint's, untouched
-        ref_bias = fp32_model.get_submodule(name).bias
-        bias = int8_model.get_submodule(name).bias
-        assert (bias is None) == (ref_bias is None) and (bias is None or torch.equal(bias, ref_bias))
+
+
+def test_fused_int8_layers_split_back_exactly(tiny_checkpoint, int8_model):
+    model = quantize_model(AudioFlamingo3ForConditionalGeneration.from_pretrained(tiny_checkpoint))
+    model.language_model.unfuse_projections()
+    attn, fused = model.language_model.layers[0].self_attn, int8_model.language_model.layers[0].self_attn
+    assert all(isinstance(getattr(attn, n), Int8Linear) for n in ("q_proj", "k_proj", "v_proj"))
+    stacked = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+    assert torch.equal(stacked, fused.qkv_proj.weight)
+    assert torch.equal(torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]), fused.qkv_proj.bias)
+    assert model.language_model.fuse_projections() == 2 * model.config.decoder.num_layers
 
 
 def test_quantized_weights_take_a_quarter_of_fp32(fp32_model, int8_model):
-    names = quantizable_linears(fp32_model)
-    fp32_bytes = sum(fp32_model.get_submodule(n).weight.nbytes for n in names)
-    int8_bytes = sum(int8_model.get_submodule(n).weight.nbytes for n in names)
-    scale_bytes = sum(int8_model.get_submodule(n).scales.nbytes for n in names)
-    assert int8_bytes * 4 == fp32_bytes
-    rows = sum(int8_model.get_submodule(n).out_features for n in names)
-    assert scale_bytes == 4 * rows  # one float32 per output row, nothing else kept
+    fp32_bytes = sum(fp32_model.get_submodule(n).weight.nbytes for n in quantizable_linears(fp32_model))
+    int8_layers = [m for m in int8_model.modules() if isinstance(m, Int8Linear)]
+    assert 4 * sum(m.weight.nbytes for m in int8_layers) == fp32_bytes
+    rows = sum(m.out_features for m in int8_layers)
+    assert sum(m.scales.nbytes for m in int8_layers) == 4 * rows  # one float32 per output row, nothing else
 
 
 def test_fp32_weights_are_released_one_layer_at_a_time(tiny_checkpoint, monkeypatch):
@@ -388,7 +416,7 @@ def test_bfloat16_model_quantizes_and_runs(tiny_checkpoint, fp32_model, audio_in
     )
     assert (
         model.lm_head.bias is None
-        and model.language_model.layers[0].self_attn.q_proj.bias.dtype == torch.bfloat16
+        and model.language_model.layers[0].self_attn.qkv_proj.bias.dtype == torch.bfloat16
     )
     with torch.no_grad():
         logits = model(**audio_inputs).logits
@@ -411,4 +439,4 @@ def test_quantize_model_errors_and_idempotence(tiny_checkpoint, int8_model):
         quantize_model(model)
     attn.q_proj.merge()
     quantize_model(model)
-    assert isinstance(attn.q_proj, Int8Linear)
+    assert isinstance(attn.qkv_proj, Int8Linear)  # the merged layer, quantized, fused with k and v
