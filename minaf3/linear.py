@@ -1,7 +1,7 @@
 """Linear layers: where each product runs fastest, and fusing layers that read the same input.
 
     linear(layer, x)                 layer(x), on the fastest path for the device, size and mode (below)
-    fuse_linears([a, b, ...])        one nn.Linear whose output is the concatenation of theirs
+    fuse_linears([a, b, ...])        one layer (nn.Linear or Int8Linear) whose output is theirs, concatenated
     split_linear(fused, sizes, ...)  its inverse
 
 Paths for `linear` on the CPU, each measured by tools/bench.py on its 2-core machine:
