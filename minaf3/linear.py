@@ -209,7 +209,10 @@ def swap_children(parent: nn.Module, old: list[str], new: dict[str, nn.Module]) 
 def fusable(*layers: nn.Module) -> bool:
     """Whether `layers` can be fused: all exact nn.Linear, or all Int8Linear (stacked as int8 rows). A LoRA
     wrapper is not: it must keep its own weight so that the adapter can be merged and unmerged."""
-    from .quantize import Int8Linear
-
     kinds = {type(layer) for layer in layers}
-    return kinds == {nn.Linear} or kinds == {Int8Linear}
+    if kinds == {nn.Linear}:
+        return True
+    # Int8Linear without importing minaf3.quantize, whose kernel module imports torch._dynamo (a second of
+    # every cold start): a model holds int8 layers only if that module was loaded.
+    quantize = sys.modules.get(f"{__package__}.quantize")
+    return quantize is not None and kinds == {quantize.Int8Linear}

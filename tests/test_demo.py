@@ -153,7 +153,7 @@ def test_run_demo_prints_answer_timings_and_next_step(tmp_path, demo_pipeline):
     answer, timings = run_demo(cache_dir=tmp_path / "demo", max_new_tokens=8, out=out)
     text = out.getvalue()
     assert "RANDOM WEIGHT" in text and answer in text
-    for stage in ("load", "features", "encoder", "prefill", "decode"):
+    for stage in ("load", "kernels", "features", "encoder", "prefill", "decode"):
         assert f"\n  {stage} " in text
     assert "tokens/s" in text
     assert "huggingface-cli download nvidia/audio-flamingo-3-hf --local-dir audio-flamingo-3-hf" in text
