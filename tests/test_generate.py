@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import SR, speech_like
+from conftest import SR, run_python, speech_like
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -368,3 +368,20 @@ def test_nan_logits_are_an_error_not_token_zero(tiny_checkpoint, audio_batch):
         broken.lm_head.weight[7, 0] = float("nan")
     with pytest.raises(GenerationError, match="NaN logits at generation step 0"):
         broken.generate(**audio_batch, max_new_tokens=3, do_sample=False)
+
+
+EAGER_GENERATE = """
+import sys, torch
+from minaf3 import AudioFlamingo3ForConditionalGeneration
+model = AudioFlamingo3ForConditionalGeneration.from_pretrained({path!r})
+model.generate(torch.ones(1, 5, dtype=torch.long), max_new_tokens=3)
+print(sorted(name for name in ("torch._dynamo", "transformers") if name in sys.modules))
+"""
+
+
+def test_eager_generation_never_imports_torch_compile(tiny_checkpoint):
+    """torch._dynamo costs about a second to import: eager decoding (fusing, the C++ kernels) must not pull
+    it in; only compile=True or quantize= may."""
+    done = run_python(EAGER_GENERATE.format(path=str(tiny_checkpoint)))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "[]"
