@@ -4,6 +4,7 @@
     compile_library(name, ...)     torch.utils.cpp_extension.load with ninja, saying so when it compiles
     build_openmp_library(...)      the same for an AVX2 operator library, with OpenMP when the compiler has it
     load_together(*loaders)        several kernels' load_extension at once: first builds run side by side
+    exclusive_build(build_dir)     one process builds a library at a time; clears a killed build's lock
     failure_reason(error)          the line of a failed build's log that says why
     resolve_backend(...)           "auto" | "cpp" | "torch" from an argument or an environment variable
 
@@ -15,13 +16,19 @@ A failed build is never fatal: each kernel keeps a torch path and logs one warni
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 from minaf3.errors import ConfigError
 
@@ -99,16 +106,44 @@ def compile_library(name: str, source: Path, cflags: list[str], ldflags: list[st
     )
     notice.daemon = True
     notice.start()
+    # The folder torch itself would use ($TORCH_EXTENSIONS_DIR/name, or its per-Python default), so that
+    # the lock below sits beside the build it guards; passed back to load() as build_directory.
+    build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
     try:
-        cpp_extension.load(
-            name=name,
-            sources=[str(source)],
-            extra_cflags=cflags,
-            extra_ldflags=ldflags,
-            is_python_module=False,
-        )
+        with exclusive_build(build_dir):
+            cpp_extension.load(
+                name=name,
+                sources=[str(source)],
+                extra_cflags=cflags,
+                extra_ldflags=ldflags,
+                build_directory=str(build_dir),
+                is_python_module=False,
+            )
     finally:
         notice.cancel()
+
+
+@contextlib.contextmanager
+def exclusive_build(build_dir: Path) -> Iterator[None]:
+    """Hold the build in `build_dir` against other processes, and clear a build lock left behind.
+
+    torch's cpp_extension marks a build in progress with a `lock` file in the build folder, and every other
+    process waits until that file is gone. A process killed mid-build (Ctrl-C during a first use, a
+    timeout) leaves it behind, and every later load on the machine then waits forever without a word. An
+    flock on a file beside the folder is released by the kernel when its holder dies, so whoever holds it
+    knows that no build is running: a `lock` file it finds is stale, and is removed with a warning.
+    """
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir.with_name(build_dir.name + ".minaf3-lock"), "a") as handle:
+        if fcntl is None:  # not POSIX: torch's own lock only
+            yield
+            return
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        stale = build_dir / "lock"
+        if stale.exists():
+            logger.warning("%s: removing a build lock left by an interrupted build", build_dir.name)
+            stale.unlink(missing_ok=True)
+        yield
 
 
 # at::parallel_for is a header template that runs its body serially unless the library itself is compiled

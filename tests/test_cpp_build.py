@@ -2,10 +2,19 @@
 compiler, a compiler without OpenMP) are tested with each kernel: test_features.py, test_quantize.py,
 test_cpu_attention.py."""
 
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
-from minaf3.kernels.cpp_build import build_once, failure_reason, load_together, resolve_backend
+from minaf3.kernels.cpp_build import (
+    build_once,
+    exclusive_build,
+    failure_reason,
+    load_together,
+    resolve_backend,
+)
 
 from minaf3 import ConfigError
 
@@ -62,3 +71,55 @@ def test_backend_comes_from_the_argument_then_the_environment(monkeypatch):
     monkeypatch.setenv("MINAF3_TEST_BACKEND", "gpu")
     with pytest.raises(ConfigError, match="MINAF3_TEST_BACKEND='gpu'"):
         resolve_backend(None, "MINAF3_TEST_BACKEND")
+
+
+def test_exclusive_build_clears_a_lock_left_by_a_killed_build(tmp_path, caplog):
+    """torch's `lock` file without a live holder of our flock is stale: a later build must not wait on it."""
+    build_dir = tmp_path / "minaf3_kernel"
+    build_dir.mkdir()
+    (build_dir / "lock").touch()  # what a build killed mid-way leaves
+    with caplog.at_level("WARNING", logger="minaf3.kernels"), exclusive_build(build_dir):
+        assert not (build_dir / "lock").exists()
+    assert "removing a build lock left by an interrupted build" in caplog.text
+
+
+def test_exclusive_build_makes_other_builders_wait(tmp_path):
+    """While one holder builds, a second waits; it enters only after the first leaves."""
+    build_dir, events = tmp_path / "minaf3_kernel", []
+    inside = threading.Event()
+
+    def second() -> None:
+        inside.wait(5)
+        with exclusive_build(build_dir):
+            events.append("second in")
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    with exclusive_build(build_dir):
+        inside.set()
+        thread.join(0.5)  # blocked on the flock, not done
+        events.append("first out")
+    thread.join(10)
+    assert events == ["first out", "second in"]
+
+
+STALE_LOCK_BUILD = """
+import logging
+logging.basicConfig()
+from minaf3.kernels import cpu_attention
+print(cpu_attention.load_library())
+"""
+
+
+@pytest.mark.slow
+def test_a_build_killed_mid_way_does_not_hang_the_next_one(tmp_path):
+    """The next process on the machine builds and loads the kernel instead of waiting forever."""
+    (tmp_path / "minaf3_cpu_attention").mkdir()
+    (tmp_path / "minaf3_cpu_attention" / "lock").touch()
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", STALE_LOCK_BUILD], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True"]
+    assert "removing a build lock left by an interrupted build" in done.stderr
