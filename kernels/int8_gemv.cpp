@@ -304,56 +304,48 @@ at::Tensor output_for(const char* name, const at::Tensor& x, const at::Tensor& w
 
 }  // namespace
 
-// x (..., K) float32, w (N, K) int8, scales (N,) float32, bias (N,) float32 or None -> y (..., N) float32.
-// allow_avx512: false forces the AVX2 code on an AVX-512 CPU (tests run both).
+// y (..., N) float32 = x (..., K) float32 @ (w (N, K) * scales[:, None]).T + bias (N,) float32, for a weight
+// stored as `dtype` (element type W) and scales (N,) float32 or none: the three operators below.
+template <class W>
+at::Tensor stream_product(const char* name, at::ScalarType dtype, const char* dtype_name,
+                          const at::Tensor& x, const at::Tensor& w, const at::Tensor* scales,
+                          const std::optional<at::Tensor>& bias, bool allow_avx512) {
+  at::Tensor y = output_for(name, x, w, bias);
+  TORCH_CHECK(w.scalar_type() == dtype, name, ": w must be ", dtype_name);
+  TORCH_CHECK(!scales || (scales->scalar_type() == at::kFloat && scales->numel() == w.size(0)), name, ": ",
+              w.size(0), " weight rows need as many float32 scales, got ", scales ? scales->numel() : 0);
+  const int64_t K = x.size(-1), N = w.size(0), M = K ? x.numel() / K : 0;
+  if (M == 0 || N == 0) return y;
+  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
+  const at::Tensor sc = scales ? scales->contiguous() : at::Tensor();
+  const at::Tensor bc = bias ? bias->contiguous() : at::Tensor();
+  run(Problem<W>{xc.data_ptr<float>(), reinterpret_cast<const W*>(wc.data_ptr()),
+                 scales ? sc.data_ptr<float>() : nullptr, bias ? bc.data_ptr<float>() : nullptr,
+                 y.data_ptr<float>(), M, N, K},
+      allow_avx512);
+  return y;
+}
+
+// int8 weights with one scale per row. allow_avx512: false forces the AVX2 code on an AVX-512 CPU (tests
+// run both).
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                        const std::optional<at::Tensor>& bias, bool allow_avx512) {
-  at::Tensor y = output_for("int8_linear", x, w, bias);
-  TORCH_CHECK(w.scalar_type() == at::kChar, "int8_linear: w must be int8");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == w.size(0), "int8_linear: ",
-              w.size(0), " weight rows need as many float32 scales, got ", scales.numel());
-  const int64_t K = x.size(-1), N = w.size(0), M = K ? x.numel() / K : 0;
-  if (M == 0 || N == 0) return y;
-  const at::Tensor xc = x.contiguous(), wc = w.contiguous(), sc = scales.contiguous();
-  const at::Tensor bc = bias ? bias->contiguous() : at::Tensor();
-  run(Problem<int8_t>{xc.data_ptr<float>(), wc.data_ptr<int8_t>(), sc.data_ptr<float>(),
-                      bias ? bc.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K},
-      allow_avx512);
-  return y;
+  return stream_product<int8_t>("int8_linear", at::kChar, "int8", x, w, &scales, bias, allow_avx512);
 }
 
-// x (..., K) float32, w (N, K) bfloat16, bias (N,) float32 or None -> y (..., N) float32: the same
-// streaming product over bf16 weights, which torch's own bf16 matrix-vector products read at about 60% of
-// the speed this reaches (tools/bench.py, row 3 bf16).
+// bf16 weights (their bit patterns read as uint16), unscaled: torch's own bf16 matrix-vector products read
+// them at about 60% of the speed this reaches (tools/bench.py, row 3 bf16).
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                        bool allow_avx512) {
-  at::Tensor y = output_for("bf16_linear", x, w, bias);
-  TORCH_CHECK(w.scalar_type() == at::kBFloat16, "bf16_linear: w must be bfloat16");
-  const int64_t K = x.size(-1), N = w.size(0), M = K ? x.numel() / K : 0;
-  if (M == 0 || N == 0) return y;
-  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
-  const at::Tensor bc = bias ? bias->contiguous() : at::Tensor();
-  run(Problem<uint16_t>{xc.data_ptr<float>(), reinterpret_cast<const uint16_t*>(wc.data_ptr()), nullptr,
-                        bias ? bc.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K},
-      allow_avx512);
-  return y;
+  return stream_product<uint16_t>("bf16_linear", at::kBFloat16, "bfloat16", x, w, nullptr, bias,
+                                  allow_avx512);
 }
 
-// x (..., K) float32, w (N, K) float32, bias (N,) float32 or None -> y (..., N) float32: the same loop over
-// float32 weights, for eager decoding, where oneDNN's and MKL's matrix-vector products stream a large layer
-// at ~80% and ~50% of the memory's speed (tools/bench.py, row 3 fp32).
+// float32 weights, unscaled, for eager decoding, where oneDNN's and MKL's matrix-vector products stream a
+// large layer at ~80% and ~50% of the memory's speed (tools/bench.py, row 3 fp32).
 at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                       bool allow_avx512) {
-  at::Tensor y = output_for("f32_linear", x, w, bias);
-  TORCH_CHECK(w.scalar_type() == at::kFloat, "f32_linear: w must be float32");
-  const int64_t K = x.size(-1), N = w.size(0), M = K ? x.numel() / K : 0;
-  if (M == 0 || N == 0) return y;
-  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
-  const at::Tensor bc = bias ? bias->contiguous() : at::Tensor();
-  run(Problem<float>{xc.data_ptr<float>(), wc.data_ptr<float>(), nullptr,
-                     bias ? bc.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K},
-      allow_avx512);
-  return y;
+  return stream_product<float>("f32_linear", at::kFloat, "float32", x, w, nullptr, bias, allow_avx512);
 }
 
 // A torch operator rather than a pybind11 function: torch.compile can trace through it (int8_linear.py
