@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from minaf3.errors import ConfigError
+
 from .cpp_build import build_once, build_openmp_library
 
 SOURCE = Path(__file__).with_name("cpu_attention.cpp")
@@ -55,9 +57,15 @@ def decode_attention(
 
     q (B, Hq, 1, D); k, v (B, Hkv, S, D), Hq a multiple of Hkv (query head h reads key head h // (Hq/Hkv));
     all float32 or all bfloat16. visible (B or 1, S) bool, None for every slot. A query that sees no slot
-    outputs zeros. Returns (B, Hq, 1, D) in q's dtype. Needs load_library(); the operator checks its inputs
-    and raises RuntimeError naming the mismatch.
+    outputs zeros. Returns (B, Hq, 1, D) in q's dtype. Needs load_library(). Raises ConfigError naming the
+    mismatch (the operator's own checks, made before it reads any data, so they cost nothing in Python).
     """
     if visible is None:
         visible = torch.ones(1, k.shape[2], dtype=torch.bool, device=k.device)
-    return torch.ops.minaf3_attn.decode_attention(q, k, v, visible)
+    try:
+        return torch.ops.minaf3_attn.decode_attention(q, k, v, visible)
+    except RuntimeError as error:
+        message = str(error).splitlines()[0]
+        if not message.startswith("decode_attention:"):
+            raise
+        raise ConfigError(message) from None
