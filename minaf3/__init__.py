@@ -36,7 +36,7 @@ _EXPORTS = {
     "AudioFlamingo3Processor": "processor",
     "AutoProcessor": "processor",
     "GenerationConfig": "sampling",
-    "TextIteratorStreamer": "generate",
+    "TextIteratorStreamer": "streamer",
     "load": "pipeline",
     "Minaf3Error": "errors",
     "AudioError": "errors",

@@ -29,10 +29,10 @@ from minaf3.audio import load_audio
 from minaf3.chat_template import AUDIO_SOURCE_KEYS
 from minaf3.config import AudioFlamingo3Config
 from minaf3.errors import AudioError, AudioFileError, CheckpointError, ConfigError, InputError
-from minaf3.generate import TextIteratorStreamer
 from minaf3.model import DOWNLOAD_HINT, THINK_FOLDER, AudioFlamingo3ForConditionalGeneration
 from minaf3.processor import AudioFlamingo3Processor
 from minaf3.segments import Segment, Transcription, join_texts, segment_bounds, to_seconds
+from minaf3.streamer import TextIteratorStreamer
 from minaf3.weights.layouts import scan_checkpoint
 from minaf3.weights.loader import SUPPORT_FILES
 from minaf3.weights.shards import INDEX_FILE, SINGLE_FILE

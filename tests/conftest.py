@@ -14,34 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from minaf3.chat_template import REFERENCE_TEMPLATE
+
 SR = 16000
-# The chat template the official checkpoint ships (transformers' conversion script writes it).
-CHAT_TEMPLATE = (
-    "{% if messages[0]['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}"
-    "{% for m in messages if m['content'] is not none %}"
-    "<|im_start|>{{ m['role'] }}\n"
-    "{% if m['content'] is string %}"
-    "{{ m['content'] }}"
-    "{% else %}"
-    "{% set audio = namespace(found=False) %}"
-    "{% set text_buf = namespace(v='') %}"
-    "{% for c in m['content'] %}"
-    "{% if c.get('type') == 'audio' or 'audio' in c %}"
-    "{% set audio.found = True %}"
-    "{% elif c.get('type') == 'text' or 'text' in c %}"
-    "{% set text_buf.v = text_buf.v + c['text'] %}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if audio.found %}{{ '<sound>' }}{% endif %}{{ text_buf.v }}"
-    "{% endif %}"
-    "<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}"
-    "<|im_start|>assistant\n"
-    "{% endif %}"
-)
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<sound>"]
 CORPUS = [
     "Transcribe the input speech.",
@@ -148,7 +123,8 @@ def write_reference_checkpoint(path: Path, seed: int = 0, max_shard_size=None, *
     processor = AudioFlamingo3Processor(
         feature_extractor=WhisperFeatureExtractor(feature_size=128, return_attention_mask=True),
         tokenizer=hf_tok,
-        chat_template=CHAT_TEMPLATE,
+        # the official checkpoint's template; the parity tests render it with transformers' Jinja
+        chat_template=REFERENCE_TEMPLATE,
     )
     processor.save_pretrained(path)
     return Path(path)

@@ -20,8 +20,8 @@ from conftest import SR, run_python, speech_like
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minaf3 import AudioFlamingo3ForConditionalGeneration, GenerationError, InputError
-from minaf3.generate import TextIteratorStreamer
+from minaf3 import AudioFlamingo3ForConditionalGeneration, ConfigError, GenerationError, InputError
+from minaf3.streamer import TextIteratorStreamer
 
 N = 32  # new tokens in parity tests (issue 4 asks for at least 32)
 
@@ -329,6 +329,11 @@ def test_streamer_receives_generation_errors(model, audio_batch, reference_proce
         model.generate(**audio_batch, streamer=streamer)
     with pytest.raises(GenerationError, match="streams one sequence"):
         next(streamer)
+
+
+def test_streamer_refuses_a_decoder_it_cannot_call():
+    with pytest.raises(ConfigError, match="decoder must be callable or have a decode method, got int"):
+        TextIteratorStreamer(42)
 
 
 def test_concurrent_calls_equal_sequential_calls(model, singles):

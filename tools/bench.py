@@ -296,10 +296,16 @@ def official_rows(path: Path, table: Table, args) -> None:
     for name in [name for name in runs if not name.startswith("transformers")]:
         model = {"int8": int8, "bf16": ours_bf16}.get(name.split(",")[0], ours)
         ref_name = "transformers bf16" if model is ours_bf16 else "transformers"
-        table.add(f"3. decode, official widths, 2 layers + lm_head, batch 1, {name} (ms/token)",
-                  1e3 * step[ref_name], 1e3 * step[name], "ms", speedup=3 if model is int8 else None,
-                  limit=1e3 * decode_bytes(model) / rates(step)[1],
-                  of_limit=None if model is ours_bf16 else 0.8, fmt="{:.1f}")  # fmt: skip (bf16: no target)
+        table.add(
+            f"3. decode, official widths, 2 layers + lm_head, batch 1, {name} (ms/token)",
+            1e3 * step[ref_name],
+            1e3 * step[name],
+            "ms",
+            speedup=3 if model is int8 else None,
+            limit=1e3 * decode_bytes(model) / rates(step)[1],
+            of_limit=None if model is ours_bf16 else 0.8,  # bf16: no target
+            fmt="{:.1f}",
+        )
     with torch.inference_mode():
         expected, got = (m(input_ids=text).logits[0, -1] for m in (ours, int8))
     error = ((got - expected).norm() / expected.norm()).item()
