@@ -16,8 +16,8 @@ from conftest import speech_like
 
 import minaf3
 from minaf3.cli import main
+from minaf3.conversation import THINK_SUFFIX
 from minaf3.demo import CLIP_NAME
-from minaf3.pipeline import THINK_SUFFIX
 
 GREEDY = ["--greedy", "--max-new-tokens", "8"]
 SRT_CUE = re.compile(r"(\d+)\n(\d\d:\d\d:\d\d,\d{3}) --> (\d\d:\d\d:\d\d,\d{3})\n(.*)\n")

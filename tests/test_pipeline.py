@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import minaf3
+from minaf3.conversation import THINK_SUFFIX, add_think_request, build_conversation
 from minaf3.demo import CLIP_NAME
 from minaf3.errors import AudioFileError, CheckpointError, ConfigError, InputError
-from minaf3.pipeline import THINK_SUFFIX, add_think_request, build_conversation
 from minaf3.windows import MAX_AUDIO_SAMPLES, SAMPLING_RATE
 
 GREEDY = {"do_sample": False, "max_new_tokens": 12}
