@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import minaf3
-from minaf3.conversation import THINK_SUFFIX, add_think_request, build_conversation
+from minaf3.conversation import THINK_SUFFIX
 from minaf3.demo import CLIP_NAME
 from minaf3.errors import AudioFileError, CheckpointError, ConfigError, InputError
 from minaf3.windows import MAX_AUDIO_SAMPLES, SAMPLING_RATE
@@ -79,31 +79,6 @@ def test_messages_multi_turn_and_text_only(demo_pipeline, clip):
 def test_think_appends_the_request(demo_pipeline, clip):
     answer = demo_pipeline.chat("What is it?", audio=clip, think=True, **GREEDY)
     assert answer == by_hand(demo_pipeline, user_turn(clip, f"What is it? {THINK_SUFFIX}"))[0]
-
-
-@pytest.mark.parametrize(
-    "content, expected",
-    [
-        ("Why?", f"Why? {THINK_SUFFIX}"),
-        ([{"type": "text", "text": "Why?"}], [{"type": "text", "text": f"Why? {THINK_SUFFIX}"}]),
-        (
-            [{"type": "audio", "path": "a.wav"}],
-            [{"type": "audio", "path": "a.wav"}, {"type": "text", "text": THINK_SUFFIX}],
-        ),
-    ],
-)
-def test_add_think_request_edits_only_the_last_user_turn(content, expected):
-    messages = [
-        {"role": "user", "content": "First."},
-        {"role": "assistant", "content": "Ok."},
-        {"role": "user", "content": content},
-    ]
-    original = [dict(m) for m in messages]
-    conversation = build_conversation(messages)
-    add_think_request(conversation)
-    assert conversation[-1]["content"] == expected
-    assert conversation[0]["content"] == "First."
-    assert messages == original  # the caller's messages are not modified
 
 
 def test_load_think_sets_the_default_and_warns_without_adapter(demo_checkpoint, clip, caplog):
