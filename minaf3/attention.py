@@ -158,7 +158,13 @@ def cpp_attention(
     return decode_attention(q, k, v, visible)
 
 
-def triton_attention(q, k, v, key_mask, query_pos) -> torch.Tensor:
+def triton_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    query_pos: torch.Tensor | None,
+) -> torch.Tensor:
     """Route to the kernel built for the case: bidirectional encoder, causal prefill, or one-token decode."""
     from .kernels.decode_attention import decode_attention
     from .kernels.encoder_attention import encoder_attention

@@ -11,6 +11,8 @@ are malformed are passed on untouched for the processor to name.
 import logging
 from typing import Any
 
+import numpy as np
+
 from minaf3.audio import load_audio
 from minaf3.chat_template import AUDIO_SOURCE_KEYS
 from minaf3.errors import AudioError, AudioFileError, InputError
@@ -83,7 +85,7 @@ def load_conversation_audio(conversation: list[dict], refuse_long_audio: bool) -
     return out
 
 
-def read_audio(source: Any, name: str):
+def read_audio(source: Any, name: str) -> np.ndarray:
     """load_audio at 16 kHz, with `name` (which input or part) in front of any error."""
     try:
         return load_audio(source, SAMPLING_RATE)
@@ -91,7 +93,7 @@ def read_audio(source: Any, name: str):
         raise type(exc)(f"{name}: {exc}") from exc
 
 
-def _limit(waveform, name: str, refuse: bool):
+def _limit(waveform: np.ndarray, name: str, refuse: bool) -> np.ndarray:
     """The first 600 s of `waveform`, with a warning when that drops audio (or an InputError if refusing)."""
     if len(waveform) <= MAX_AUDIO_SAMPLES:
         return waveform

@@ -84,7 +84,9 @@ def rope_inv_freq(head_dim: int, theta: float, device: torch.device | None = Non
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=device) / head_dim))
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+def rope_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """positions (B, T) -> cos, sin (B, 1, T, head_dim), computed in float32 then cast."""
     angles = positions[..., None].float() * inv_freq  # (B, T, head_dim / 2)
     angles = torch.cat((angles, angles), dim=-1)  # rotate-half layout: the two halves share angles
@@ -106,7 +108,9 @@ class KVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    def update(
+        self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, Hkv, T, D) at slots input_pos (T,); return the whole caches (B, Hkv, S, D)."""
         # Indexed assignment rather than index_copy_: torch.compile turns it into an in-place write, where
         # index_copy_ made it copy the whole cache of every layer at every step.
@@ -246,7 +250,9 @@ class Qwen2Decoder(nn.Module):
             layer.self_attn.unfuse()
             layer.mlp.unfuse()
 
-    def setup_cache(self, batch_size: int, max_seq_len: int, dtype: torch.dtype, device) -> None:
+    def setup_cache(
+        self, batch_size: int, max_seq_len: int, dtype: torch.dtype, device: torch.device | str
+    ) -> None:
         """Allocate each layer's static KV cache: k and v of (batch_size, Hkv, max_seq_len, head_dim)."""
         c = self.config
         for layer in self.layers:

@@ -24,6 +24,7 @@ from .decoder import Qwen2Decoder
 from .encoder import WhisperEncoder
 from .errors import CheckpointError, ConfigError, InputError
 from .linear import cpu_has_native_bf16, linear
+from .weights.adapter import LoraSettings
 
 # Encoder windows batched together may be padded by up to this fraction of their own length: batching saves
 # per-call overhead (GPU launches), padding costs attention and matrix products in proportion.
@@ -208,7 +209,7 @@ class AudioFlamingo3ForConditionalGeneration(nn.Module):
         """
         return self.language_model.fuse_projections()
 
-    def load_adapter(self, path: str | Path, merge: bool = True):
+    def load_adapter(self, path: str | Path, merge: bool = True) -> LoraSettings:
         """Apply the LoRA adapter in folder `path` (AF-Think: `<checkpoint>/think`); see minaf3.lora.
 
         The adapter names its targets by the checkpoint's module names, so fused projections are split back
