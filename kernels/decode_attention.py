@@ -26,7 +26,16 @@ import torch
 
 from minaf3.errors import ConfigError
 
-from .triton_common import check_attention_inputs, check_launchable, jit, tile, tl, triton
+from .triton_common import (
+    check_attention_inputs,
+    check_launchable,
+    jit,
+    online_softmax_start,
+    online_softmax_step,
+    tile,
+    tl,
+    triton,
+)
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
 MAX_SPLITS = 64  # the reduce kernel holds all splits of one head at once: (64, D) fp32 is small
@@ -99,10 +108,7 @@ def _decode_partial_kernel(
     k_base = k_ptr + b * skb + kvh * skh + offs_d[None, :] * skd
     v_base = v_ptr + b * svb + kvh * svh + offs_d[None, :] * svd
 
-    # Finite start for the running max: exp2(m_old - m_new) is never exp2(-inf + inf) = NaN.
-    m_i = tl.full((BLOCK_G,), -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_G, HEAD_DIM), dtype=tl.float32)
+    m_i, l_i, acc = online_softmax_start(BLOCK_G, HEAD_DIM)
     for start in range(lo, hi, BLOCK_N):
         keys = start + offs_n
         visible = keys < hi
@@ -113,14 +119,7 @@ def _decode_partial_kernel(
             if CAUSAL and OWN_SLOT:
                 filled |= keys == qp  # the new token always sees itself
             visible &= filled
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_G, BLOCK_N), log2 units
-        s = tl.where(visible[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(q, k, v, visible[None, :], m_i, l_i, acc, qk_scale, DOT_PRECISION)
 
     # partial state layout: m, l (B * Hq, NUM_SPLITS); acc (B * Hq, NUM_SPLITS, HEAD_DIM)
     state = (b * (Hkv * GROUPS) + heads) * NUM_SPLITS + split  # (BLOCK_G,)

@@ -21,7 +21,19 @@ import torch
 
 from minaf3.errors import ConfigError
 
-from .triton_common import check_attention_inputs, check_launchable, jit, tile, tl, triton
+from .triton_common import (
+    check_attention_inputs,
+    check_launchable,
+    default_blocks,
+    jit,
+    load_query_block,
+    online_softmax_finish,
+    online_softmax_start,
+    online_softmax_step,
+    tile,
+    tl,
+    triton,
+)
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
 MASK_NONE, MASK_BOOL, MASK_LENGTHS = 0, 1, 2
@@ -65,16 +77,10 @@ def _encoder_attention_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     # grid: (cdiv(T, BLOCK_M), B * Hq); one program = BLOCK_M queries of one (row, head)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // Hq).to(tl.int64)
-    h = pid_bh % Hq
-    kvh = h // GROUPS
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    b, h, kvh, offs_m, offs_d, q = load_query_block(
+        q_ptr, sqb, sqh, sqt, sqd, Hq, T, GROUPS, BLOCK_M, HEAD_DIM
+    )
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-
-    q_rows = q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd
-    q = tl.load(q_rows, mask=offs_m[:, None] < T, other=0.0)  # (BLOCK_M, HEAD_DIM)
     k_base = k_ptr + b * skb + kvh * skh + offs_d[None, :] * skd
     v_base = v_ptr + b * svb + kvh * svh + offs_d[None, :] * svd
 
@@ -83,11 +89,7 @@ def _encoder_attention_kernel(
     else:
         hi = S
 
-    # A finite start for the running max keeps exp2(m_old - m_new) at 0 or 1, never exp2(-inf + inf) = NaN,
-    # when a whole key block of a row is masked out.
-    m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    m_i, l_i, acc = online_softmax_start(BLOCK_M, HEAD_DIM)
     for start in range(0, hi, BLOCK_N):
         keys = start + offs_n
         valid = keys < hi
@@ -95,25 +97,11 @@ def _encoder_attention_kernel(
             valid &= tl.load(mask_ptr + b * smb + keys * sms, mask=valid, other=0) != 0
         k = tl.load(k_base + keys[:, None] * sks, mask=valid[:, None], other=0.0)  # (BLOCK_N, HEAD_DIM)
         v = tl.load(v_base + keys[:, None] * svs, mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old max
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(q, k, v, valid[None, :], m_i, l_i, acc, qk_scale, DOT_PRECISION)
 
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # l == 0: no visible key, acc == 0, output 0
+    out = online_softmax_finish(acc, l_i)
     o_rows = o_ptr + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :] * sod
     tl.store(o_rows, out.to(o_ptr.dtype.element_ty), mask=offs_m[:, None] < T)
-
-
-def _default_blocks(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages): tiles that fit shared memory for this head dim and dtype."""
-    if dtype == torch.float32:  # 4-byte tiles: halve the key block so K and V stages still fit
-        return 64, 32, 4, 2
-    return (128, 64, 8, 3) if head_dim <= 64 else (64, 64, 4, 2)
 
 
 def encoder_attention(
@@ -141,7 +129,7 @@ def encoder_attention(
     extras = [t for t in (key_mask, valid_len) if t is not None]
     check_launchable("encoder_attention", q, k, v, *extras)
 
-    bm, bn, num_warps, num_stages = _default_blocks(D, q.dtype)
+    bm, bn, num_warps, num_stages = default_blocks(D, q.dtype, wide_stages=2)
     bm, bn = tile("encoder_attention", block_m, bm), tile("encoder_attention", block_n, bn)
     out = torch.empty_like(q)
     if key_mask is not None:

@@ -9,7 +9,8 @@ the slots of this call's own tokens are already filled.
 `own_slot=False` drops that last rule for callers that follow torch's sdpa instead: a query that sees no
 key then outputs zeros (so does the kernel, for any row with no visible key).
 
-The kernel is flash attention (see encoder_attention.py for the online softmax) with two changes:
+The kernel is flash attention (encoder_attention.py explains the online softmax; its steps live in
+triton_common.py) with two changes:
 - causal skipping: a block of queries stops its key loop after the largest slot among its queries, so a
   prompt of T tokens does about half the T x T work, and a chunk appended at the end of a long cache
   reads only the filled part;
@@ -22,7 +23,19 @@ import torch
 
 from minaf3.errors import ConfigError
 
-from .triton_common import check_attention_inputs, check_launchable, jit, tile, tl, triton
+from .triton_common import (
+    check_attention_inputs,
+    check_launchable,
+    default_blocks,
+    jit,
+    load_query_block,
+    online_softmax_finish,
+    online_softmax_start,
+    online_softmax_step,
+    tile,
+    tl,
+    triton,
+)
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
 
@@ -67,28 +80,18 @@ def _prefill_attention_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     # grid: (cdiv(T, BLOCK_M), B * Hq); one program = BLOCK_M queries of one (row, query head)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // Hq).to(tl.int64)
-    h = pid_bh % Hq
-    kvh = h // GROUPS
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    b, h, kvh, offs_m, offs_d, q = load_query_block(
+        q_ptr, sqb, sqh, sqt, sqd, Hq, T, GROUPS, BLOCK_M, HEAD_DIM
+    )
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
     in_range = offs_m < T
-
-    q_rows = q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd
-    q = tl.load(q_rows, mask=in_range[:, None], other=0.0)  # (BLOCK_M, HEAD_DIM)
     # Rows past T pretend to sit at slot 0: they see one key, stay finite, and are never stored.
     qp = tl.load(qpos_ptr + offs_m, mask=in_range, other=0).to(tl.int32)  # (BLOCK_M,)
     hi = tl.minimum(tl.max(qp, axis=0) + 1, S)  # causal skipping: no query of the block looks further
     k_base = k_ptr + b * skb + kvh * skh + offs_d[None, :] * skd
     v_base = v_ptr + b * svb + kvh * svh + offs_d[None, :] * svd
 
-    # A finite start for the running max keeps exp2(m_old - m_new) at 0 or 1, never exp2(-inf + inf) = NaN,
-    # when a whole key block of a row is masked out (left padding does that to the first blocks).
-    m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    m_i, l_i, acc = online_softmax_start(BLOCK_M, HEAD_DIM)
     for start in range(0, hi, BLOCK_N):
         keys = start + offs_n
         in_cache = keys < hi
@@ -101,25 +104,11 @@ def _prefill_attention_kernel(
                 visible &= filled[None, :] | (keys[None, :] == qp[:, None])
             else:
                 visible &= filled[None, :]
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old max
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(q, k, v, visible, m_i, l_i, acc, qk_scale, DOT_PRECISION)
 
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # l == 0: no visible key, acc == 0, output 0
+    out = online_softmax_finish(acc, l_i)
     o_rows = o_ptr + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :] * sod
     tl.store(o_rows, out.to(o_ptr.dtype.element_ty), mask=in_range[:, None])
-
-
-def _default_blocks(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages): tiles that fit shared memory for this head dim and dtype."""
-    if dtype == torch.float32:  # 4-byte tiles of 128 dims: a smaller key block keeps K and V stages in SRAM
-        return 64, 32, 4, 2
-    return (128, 64, 8, 3) if head_dim <= 64 else (64, 64, 4, 3)
 
 
 def prefill_attention(
@@ -146,7 +135,7 @@ def prefill_attention(
     extras = [key_mask] if key_mask is not None else []
     check_launchable("prefill_attention", q, k, v, query_pos, *extras)
 
-    bm, bn, num_warps, num_stages = _default_blocks(D, q.dtype)
+    bm, bn, num_warps, num_stages = default_blocks(D, q.dtype, wide_stages=3)
     bm, bn = tile("prefill_attention", block_m, bm), tile("prefill_attention", block_n, bn)
     out = torch.empty_like(q)
     mask = key_mask.view(torch.uint8) if key_mask is not None else q  # q: an unused placeholder pointer

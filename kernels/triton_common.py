@@ -1,4 +1,6 @@
-"""What the Triton kernels share: triton imported if installed, `jit`, and input checks.
+"""What the Triton kernels share: triton imported if installed, `jit`, input checks, and for the attention
+kernels their default tiles, the query-block load, and the steps of the online softmax (start, key-block
+update, division).
 
 "Lazily" means guarded: without triton installed every module still imports and every reference runs;
 only launching a kernel needs triton. Triton decides once, when it is first imported, whether kernels are
@@ -108,3 +110,69 @@ def check_attention_inputs(
             f"{name}: query_pos must be integer (T={T},); got {query_pos.dtype} {tuple(query_pos.shape)}"
         )
     return B, Hq, Hkv, T, S, D
+
+
+def default_blocks(head_dim: int, dtype: torch.dtype, wide_stages: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a flash-attention kernel: tiles that fit shared memory for
+    this head dim and dtype. wide_stages: the kernel's pipeline depth for 16-bit head dims above 64."""
+    if dtype == torch.float32:  # 4-byte tiles: halve the key block so K and V stages still fit
+        return 64, 32, 4, 2
+    return (128, 64, 8, 3) if head_dim <= 64 else (64, 64, 4, wide_stages)
+
+
+@jit
+def load_query_block(
+    q_ptr, sqb, sqh, sqt, sqd, Hq, T,
+    GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+):  # fmt: skip
+    """Prologue of a program of grid (cdiv(T, BLOCK_M), B * Hq), BLOCK_M queries of one (row, query head).
+
+    Returns (b, h, kvh, offs_m, offs_d, q): row b (int64: b * stride spans the whole cache), query head h,
+    its key/value head kvh, query indices offs_m (BLOCK_M,), dims offs_d (HEAD_DIM,), and the queries q
+    (BLOCK_M, HEAD_DIM), zero past T.
+    """
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = pid_bh % Hq
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_rows = q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd
+    q = tl.load(q_rows, mask=offs_m[:, None] < T, other=0.0)  # (BLOCK_M, HEAD_DIM)
+    return b, h, h // GROUPS, offs_m, offs_d, q
+
+
+@jit
+def online_softmax_start(ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The empty softmax state (m_i, l_i, acc) of ROWS queries: running max, row sum, unnormalised output.
+
+    A row that never sees a key keeps m = -1e30 and l = 0, which is what decode's reduce weighs at nothing.
+    """
+    # A finite start for the running max keeps exp2(m_old - m_new) at 0 or 1, never exp2(-inf + inf) = NaN,
+    # when a whole key block of a row is masked out (left padding does that to a prefill's first blocks).
+    m_i = tl.full((ROWS,), -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros((ROWS,), dtype=tl.float32)
+    acc = tl.zeros((ROWS, HEAD_DIM), dtype=tl.float32)
+    return m_i, l_i, acc
+
+
+@jit
+def online_softmax_step(q, k, v, visible, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr):
+    """Fold one key block into the softmax state and return the new (m_i, l_i, acc).
+
+    q (ROWS, HEAD_DIM); k, v (BLOCK_N, HEAD_DIM); visible: bool, (ROWS, BLOCK_N) or (1, BLOCK_N), False
+    hides a key from a query. qk_scale is D**-0.5 * log2(e): the exponentials are taken base 2.
+    """
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (ROWS, BLOCK_N), log2 units
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old max
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@jit
+def online_softmax_finish(acc, l_i):
+    """The attention output (ROWS, HEAD_DIM) in fp32 from the final state."""
+    return acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # l == 0: no visible key, acc == 0, output 0
