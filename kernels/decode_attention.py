@@ -30,6 +30,7 @@ from .triton_common import (
     check_attention_inputs,
     check_launchable,
     jit,
+    masked_attention,
     online_softmax_start,
     online_softmax_step,
     tile,
@@ -56,8 +57,7 @@ def decode_attention_reference(
     query_pos (1,) the cache slot of the new token (None: no causal limit); key_mask (B, S) bool;
     own_slot: the token always sees its own slot. A query with no visible key outputs zeros.
     """
-    B, Hq, _, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
+    B, S = q.shape[0], k.shape[2]
     slots = torch.arange(S, device=q.device)
     visible = torch.ones(B, S, dtype=torch.bool, device=q.device) if key_mask is None else key_mask
     if query_pos is not None:
@@ -65,13 +65,7 @@ def decode_attention_reference(
         if own_slot:
             visible = visible | (slots == qp)[None, :]
         visible = visible & (slots <= qp)[None, :]  # (B, S)
-    # (B, Hkv, S, D) -> (B, Hq, S, D): each key/value head serves G consecutive query heads
-    k = k.repeat_interleave(Hq // Hkv, dim=1).float()
-    v = v.repeat_interleave(Hq // Hkv, dim=1).float()
-    scores = q.float() @ k.transpose(-1, -2) * D**-0.5  # (B, Hq, 1, S)
-    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
-    probs = scores.softmax(dim=-1).nan_to_num(0.0)  # rows with no visible key: 0/0 -> 0
-    return (probs @ v).to(q.dtype)
+    return masked_attention(q, k, v, visible[:, None, None, :])
 
 
 @jit

@@ -27,6 +27,7 @@ from .triton_common import (
     default_blocks,
     jit,
     load_query_block,
+    masked_attention,
     online_softmax_finish,
     online_softmax_start,
     online_softmax_step,
@@ -52,20 +53,13 @@ def encoder_attention_reference(
     key_mask (B, S) bool and/or valid_len (B,): key j of row b is visible iff key_mask[b, j] and
     j < valid_len[b]. A query with no visible key outputs zeros.
     """
-    B, Hq, _, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
+    B, S = q.shape[0], k.shape[2]
     visible = torch.ones(B, S, dtype=torch.bool, device=q.device)
     if key_mask is not None:
         visible &= key_mask
     if valid_len is not None:
         visible &= torch.arange(S, device=q.device)[None, :] < valid_len[:, None]
-    # (B, Hkv, S, D) -> (B, Hq, S, D): each key/value head serves G consecutive query heads
-    k = k.repeat_interleave(Hq // Hkv, dim=1).float()
-    v = v.repeat_interleave(Hq // Hkv, dim=1).float()
-    scores = q.float() @ k.transpose(-1, -2) * D**-0.5  # (B, Hq, T, S)
-    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
-    probs = scores.softmax(dim=-1).nan_to_num(0.0)  # rows with no visible key: 0/0 -> 0
-    return (probs @ v).to(q.dtype)
+    return masked_attention(q, k, v, visible[:, None, None, :])
 
 
 @jit

@@ -29,6 +29,7 @@ from .triton_common import (
     default_blocks,
     jit,
     load_query_block,
+    masked_attention,
     online_softmax_finish,
     online_softmax_start,
     online_softmax_step,
@@ -54,21 +55,14 @@ def prefill_attention_reference(
     query_pos (T,) cache slots of the queries; key_mask (B, S) bool, None for all slots filled; own_slot:
     a query always sees its own slot. A query with no visible key outputs zeros.
     """
-    B, Hq, _, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
+    B, S = q.shape[0], k.shape[2]
     slots = torch.arange(S, device=q.device)
     qp = query_pos.to(slots.dtype)[:, None]  # (T, 1)
     filled = key_mask if key_mask is not None else torch.ones(B, S, dtype=torch.bool, device=q.device)
     # (B, 1, T, S): causal by slot, masked keys hidden, own slot visible if asked
     seen = filled[:, None, None, :] | (slots == qp) if own_slot else filled[:, None, None, :]
     visible = (slots[None, None, None, :] <= qp) & seen
-    # (B, Hkv, S, D) -> (B, Hq, S, D): each key/value head serves G consecutive query heads
-    k = k.repeat_interleave(Hq // Hkv, dim=1).float()
-    v = v.repeat_interleave(Hq // Hkv, dim=1).float()
-    scores = q.float() @ k.transpose(-1, -2) * D**-0.5  # (B, Hq, T, S)
-    scores = scores.masked_fill(~visible, float("-inf"))
-    probs = scores.softmax(dim=-1).nan_to_num(0.0)  # rows with no visible key: 0/0 -> 0
-    return (probs @ v).to(q.dtype)
+    return masked_attention(q, k, v, visible)
 
 
 @jit

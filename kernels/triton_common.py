@@ -1,6 +1,6 @@
 """What the Triton kernels share: triton imported if installed, `jit`, input checks, and for the attention
-kernels their default tiles, the query-block load, and the steps of the online softmax (start, key-block
-update, division).
+kernels the plain-torch definition their references apply, their default tiles, the query-block load, and
+the steps of the online softmax (start, key-block update, division).
 
 "Lazily" means guarded: without triton installed every module still imports and every reference runs;
 only launching a kernel needs triton. Triton decides once, when it is first imported, whether kernels are
@@ -110,6 +110,24 @@ def check_attention_inputs(
             f"{name}: query_pos must be integer (T={T},); got {query_pos.dtype} {tuple(query_pos.shape)}"
         )
     return B, Hq, Hkv, T, S, D
+
+
+def masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v over the visible keys, in fp32: what every attention kernel must match.
+
+    q (B, Hq, T, D), k/v (B, Hkv, S, D) -> (B, Hq, T, D) in q's dtype; visible bool, broadcastable to
+    (B, Hq, T, S). A query with no visible key outputs zeros (as the kernels' l == 0 case).
+    """
+    D, G = q.shape[-1], q.shape[1] // k.shape[1]
+    # (B, Hkv, S, D) -> (B, Hq, S, D): each key/value head serves G consecutive query heads
+    k = k.repeat_interleave(G, dim=1).float()
+    v = v.repeat_interleave(G, dim=1).float()
+    scores = q.float() @ k.transpose(-1, -2) * D**-0.5  # (B, Hq, T, S)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = scores.softmax(dim=-1).nan_to_num(0.0)  # rows with no visible key: 0/0 -> 0
+    return (probs @ v).to(q.dtype)
 
 
 def default_blocks(head_dim: int, dtype: torch.dtype, wide_stages: int) -> tuple[int, int, int, int]:
