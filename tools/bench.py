@@ -312,6 +312,10 @@ def official_rows(path: Path, table: Table, args) -> None:
     table.note(f"3. int8 logits vs fp32: relative L2 {error:.2%} (target < 2%: {'✗✓'[error < 0.02]})")
     sources = ", ".join(f"{what} {e:.2%}" for what, e in int8_error_sources(path, text, expected).items())
     table.note(f"3. the same with only some layers int8: {sources}")
+    with torch.inference_mode():  # how much this random model amplifies small weight errors, on the reference
+        ref_fp32, ref_half = (m(input_ids=text).logits[0, -1].float() for m in (ref, ref_bf16))
+    error = ((ref_half - ref_fp32).norm() / ref_fp32.norm()).item()
+    table.note(f"3. for scale, transformers' own bf16 logits vs its fp32: relative L2 {error:.2%}")
 
 
 def int8_error_sources(path: Path, text: torch.Tensor, expected: torch.Tensor) -> dict:
