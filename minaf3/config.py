@@ -65,12 +65,13 @@ def _expect(value: Any, supported: Any, field: str) -> None:
 class EncoderConfig:
     """The Whisper-style audio encoder (`audio_config`)."""
 
-    num_mel_bins: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    intermediate_size: int
-    max_source_positions: int
+    # The official checkpoint's values in the comments (Whisper large-v3's encoder).
+    num_mel_bins: int  # 128: log-mel channels in, conv1's input channels
+    hidden_size: int  # 1280
+    num_layers: int  # 32 pre-LN transformer layers
+    num_heads: int  # 20, so head_dim 64
+    intermediate_size: int  # 5120: fc1's outputs
+    max_source_positions: int  # 1500: learned positions, one per frame after conv2 (30 s / 20 ms)
     layer_norm_eps: float = 1e-5  # nn.LayerNorm's default, which the reference uses
 
     @property
@@ -112,16 +113,17 @@ class EncoderConfig:
 class DecoderConfig:
     """The Qwen2 language model (`text_config`)."""
 
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rope_theta: float
-    rms_norm_eps: float
-    max_position_embeddings: int
+    # The official checkpoint's values in the comments (Qwen2.5-7B).
+    vocab_size: int  # 151672 rows of embed_tokens and of the untied lm_head
+    hidden_size: int  # 3584
+    intermediate_size: int  # 18944: gate_proj's and up_proj's outputs
+    num_layers: int  # 28
+    num_heads: int  # 28 query heads
+    num_kv_heads: int  # 4: each key/value head serves 7 query heads (GQA)
+    head_dim: int  # 128 = hidden_size / num_heads unless config.json says otherwise
+    rope_theta: float  # 1e6
+    rms_norm_eps: float  # 1e-6
+    max_position_embeddings: int  # the context generate checks prompt + new tokens against
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
 
