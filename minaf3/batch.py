@@ -77,7 +77,7 @@ def read_records(out: Path) -> dict[Any, dict]:
 
     A text beats an error (an error retried with success); otherwise the later record wins. Two texts for
     one id in the part files cannot happen (each id is dealt to one rank, and done ids are skipped), so they
-    mean two jobs share OUT: an error rather than a silent pick.
+    mean two jobs share OUT: a ConfigError rather than a silent pick.
     """
     sources = [out] if out.is_file() else []
     parts = parts_dir(out)
@@ -89,7 +89,9 @@ def read_records(out: Path) -> dict[Any, dict]:
             key, old = record["id"], records.get(record["id"])
             if "text" in record and source != out:
                 if key in texts_in_parts:
-                    raise RuntimeError(f"{source}: a second result for id {key!r}; do two jobs write {out}?")
+                    raise ConfigError(
+                        f"{source}: a second result for id {key!r}; do two jobs write --out {out}?"
+                    )
                 texts_in_parts.add(key)
             if old is None or "error" in old or "text" in record:
                 records[key] = record

@@ -19,6 +19,7 @@ import soundfile as sf
 from conftest import speech_like
 
 from minaf3.batch import PartWriter, main, merge, parts_dir, read_records, run_batch
+from minaf3.errors import ConfigError
 from minaf3.manifest import pack, read_manifest, shard
 
 ITEMS = 20
@@ -208,7 +209,7 @@ def test_two_texts_for_one_id_in_the_parts_are_an_error(tmp_path):
     parts_dir(out).mkdir()
     for rank in range(2):
         (parts_dir(out) / f"rank-0000{rank}.jsonl").write_text('{"id": "a", "text": "A"}\n')
-    with pytest.raises(RuntimeError, match="a second result for id 'a'"):
+    with pytest.raises(ConfigError, match="a second result for id 'a'; do two jobs write --out"):
         read_records(out)
 
 
