@@ -61,7 +61,9 @@ def write_checkpoint(path: Path, audio_layers: int, text_layers: int) -> None:
     )
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import CHAT_TEMPLATE, build_tokenizer, speech_like
+    from conftest import build_tokenizer, speech_like
+
+    from minaf3.chat_template import REFERENCE_TEMPLATE
 
     tok = build_tokenizer()
     bos, eos, sound = (tok.token_to_id(t) for t in ("<|endoftext|>", "<|im_end|>", "<sound>"))
@@ -102,7 +104,7 @@ def write_checkpoint(path: Path, audio_layers: int, text_layers: int) -> None:
     AudioFlamingo3Processor(
         feature_extractor=WhisperFeatureExtractor(feature_size=128, return_attention_mask=True),
         tokenizer=tokenizer,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=REFERENCE_TEMPLATE,
     ).save_pretrained(path)
     np.save(path / "clip.npy", speech_like(CLIP_SECONDS * SR, SR, seed=0))
 
