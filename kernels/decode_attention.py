@@ -27,6 +27,7 @@ import torch
 from minaf3.errors import ConfigError
 
 from .triton_common import (
+    LOG2E,
     check_attention_inputs,
     check_launchable,
     jit,
@@ -38,7 +39,6 @@ from .triton_common import (
     triton,
 )
 
-LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
 MAX_SPLITS = 64  # the reduce kernel holds all splits of one head at once: (64, D) fp32 is small
 MIN_GROUP_BLOCK = 16  # tl.dot needs at least 16 rows: the G query heads of a group are padded up to it
 

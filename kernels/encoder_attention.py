@@ -22,6 +22,7 @@ import torch
 from minaf3.errors import ConfigError
 
 from .triton_common import (
+    LOG2E,
     check_attention_inputs,
     check_launchable,
     default_blocks,
@@ -36,7 +37,6 @@ from .triton_common import (
     triton,
 )
 
-LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
 MASK_NONE, MASK_BOOL, MASK_LENGTHS = 0, 1, 2
 
 

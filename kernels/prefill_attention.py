@@ -24,6 +24,7 @@ import torch
 from minaf3.errors import ConfigError
 
 from .triton_common import (
+    LOG2E,
     check_attention_inputs,
     check_launchable,
     default_blocks,
@@ -37,8 +38,6 @@ from .triton_common import (
     tl,
     triton,
 )
-
-LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
 
 
 def prefill_attention_reference(

@@ -24,6 +24,8 @@ except ImportError:  # the references still work; is_available() says False
     tl = None
 
 # Read once, like triton itself: kernels decorated below this point follow the state at import time.
+# The kernels compute exp(x) as exp2(x * LOG2E), folded into the score scale (one multiply fewer per score).
+LOG2E = 1.4426950408889634  # log2(e)
 INTERPRET = bool(triton is not None and triton.knobs.runtime.interpret)
 
 
