@@ -244,14 +244,14 @@ class AudioFlamingo3ForConditionalGeneration(nn.Module):
         and the tensors are assigned as they are read, so no second copy of the weights is ever made.
         think: also apply the AF-Think LoRA adapter of `<path>/think`, merged into the weights.
         quantize: None or "int8": int8 weight-only decoder and lm_head (minaf3.quantize), done last so that
-        the int8 weights hold the merged adapter.
+        the int8 weights hold the merged adapter; without an adapter, quantized from the tensors as stored.
         """
         from .generate import GenerationConfig
         from .weights.loader import read_checkpoint
 
         if quantize is not None:
             # Imported only when asked for: the int8 kernels' module pulls in torch's compiler (~1.4 s).
-            from .quantize import QUANTIZE_MODES, quantize_model
+            from .quantize import QUANTIZE_MODES, quantize_model, widen_unquantized_
 
             if quantize not in QUANTIZE_MODES:
                 raise ConfigError(f"quantize={quantize!r}: expected None or one of {list(QUANTIZE_MODES)}")
@@ -268,7 +268,12 @@ class AudioFlamingo3ForConditionalGeneration(nn.Module):
         # Every small file is read and checked before the first tensor, so a bad one fails fast.
         generation_config = GenerationConfig.from_pretrained(path, config)
         expected = {name: t.shape for name, t in model.state_dict().items()}
-        tensors = read_checkpoint(path, expected, dtype=dtype, device=device)
+        # int8 in float32 (the default on CPUs without bf16 instructions): read the tensors as stored (on the
+        # CPU, views of the file), quantize, then widen what stays floating point. Widening first would hold
+        # the whole model in float32 at once, 33 GB for the 7B decoder; widening is exact, so the numbers
+        # are the same. With an adapter the weights are widened first: the merge is done in float32.
+        read_as_stored = quantize is not None and dtype == torch.float32 and not think
+        tensors = read_checkpoint(path, expected, dtype=None if read_as_stored else dtype, device=device)
         model.load_state_dict(tensors, strict=True, assign=True)
         del tensors  # the model holds the only references now: quantizing can free each weight it replaces
         model.language_model.reset_buffers(device)
@@ -277,6 +282,8 @@ class AudioFlamingo3ForConditionalGeneration(nn.Module):
             model.load_adapter(path / THINK_FOLDER, merge=True)
         if quantize is not None:
             quantize_model(model, quantize)
+        if read_as_stored:
+            widen_unquantized_(model, dtype)
         return model.eval()
 
 

@@ -199,6 +199,20 @@ def quantize_model(model: nn.Module, mode: str = "int8") -> nn.Module:
     return model
 
 
+@torch.no_grad()
+def widen_unquantized_(model: nn.Module, dtype: torch.dtype) -> None:
+    """Convert every floating-point parameter of `model` to `dtype` in place, one tensor at a time (so the
+    transient memory is one tensor); Int8Linear's int8 weights and float32 scales are buffers, untouched.
+    A parameter shared by several modules (tied weights) stays shared."""
+    widened: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != dtype:
+                if id(param) not in widened:
+                    widened[id(param)] = nn.Parameter(param.to(dtype), requires_grad=param.requires_grad)
+                setattr(module, name, widened[id(param)])
+
+
 def quantize_layers(model: nn.Module, names: list[str]) -> None:
     """Replace the nn.Linear layers `names` of `model` by Int8Linear, in place (quantize_model's loop; also
     tools/bench.py's, which quantizes one part of a model at a time to see where the error comes from)."""
