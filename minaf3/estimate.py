@@ -17,6 +17,7 @@ short question (PROMPT_OVERHEAD_TOKENS). Audio longer than 600 s is read in segm
 largest tensors alive at once, not a measurement; weights and KV cache are exact.
 """
 
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ from minaf3.windows import (
     audio_token_count,
     num_windows,
 )
+
+logger = logging.getLogger(__name__)
 
 PROMPT_OVERHEAD_TOKENS = 64  # system prompt (~20 tokens), role markers and a question of a few dozen tokens
 FLOAT32_BYTES = 4
@@ -134,6 +137,42 @@ def weight_bytes(folder: Path, dtype: torch.dtype, quantize: str | None) -> tupl
         else:
             total += numel * dtype.itemsize
     return parameters, total
+
+
+def weights_dtype(
+    folder: Path, dtype: torch.dtype, device: torch.device, quantize: str | None, automatic: bool
+) -> torch.dtype:
+    """The dtype from_pretrained loads in: `dtype` if its weights fit the memory available (available_memory),
+    else, when minaf3 chose `dtype` itself (`automatic`: float32 over a bf16 checkpoint on a CPU without
+    bf16 instructions), the checkpoint's own dtype with a warning; else a ConfigError before any read.
+
+    Only new memory counts: on the CPU, tensors kept in their stored dtype are views of the file, whose pages
+    the OS can drop and read again. Without this check the load would end in the OOM killer, without a word.
+    """
+    stored = resolve_dtype("auto", device, folder)
+    if device.type == "cpu" and dtype == stored and quantize is None:
+        return dtype
+    available, what = available_memory(device)
+    _, needed = weight_bytes(folder, dtype, quantize)
+    if available is None or needed <= available:
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if automatic and stored != dtype:
+        own = 0 if device.type == "cpu" and quantize is None else weight_bytes(folder, stored, quantize)[1]
+        if own <= available:
+            stored_name = str(stored).removeprefix("torch.")
+            logger.warning(
+                "%s: the weights need %.1f GB in %s but %s is %.1f GB: loading them in %s as stored "
+                "(its products are slower on this CPU; dtype= or quantize='int8' choose otherwise)",
+                folder, needed / 1e9, name, what, available / 1e9, stored_name,
+            )  # fmt: skip
+            return stored
+    with_quantize = f" with quantize={quantize!r}" if quantize else ""
+    raise ConfigError(
+        f"{folder}: the weights need {needed / 1e9:.1f} GB in {name}{with_quantize} "
+        f"but {what} is {available / 1e9:.1f} GB; try dtype='bfloat16', quantize='int8' or another device "
+        "(`minaf3 estimate` shows the whole budget)"
+    )
 
 
 def encoder_peak(config: AudioFlamingo3Config, windows: int, size: int) -> int:

@@ -240,8 +240,10 @@ class AudioFlamingo3ForConditionalGeneration(nn.Module):
         device_map: None or "cpu", "cuda", "auto" (CUDA when available) or a torch.device.
         dtype: default (None) the checkpoint's dtype on CUDA; on CPU the checkpoint's bf16 where the CPU has
         bf16 instructions (AVX-512 BF16, AMX), else float32 (emulated bf16 products are several times
-        slower than fp32); "auto" the checkpoint's dtype everywhere. The model is built on the meta device
-        and the tensors are assigned as they are read, so no second copy of the weights is ever made.
+        slower than fp32), or the checkpoint's bf16 when float32 weights would not fit (with a warning;
+        weights that cannot fit in a dtype asked for are a ConfigError: estimate.weights_dtype); "auto" the
+        checkpoint's dtype everywhere. The model is built on the meta device and the tensors are assigned as
+        they are read, so no second copy of the weights is ever made.
         think: also apply the AF-Think LoRA adapter of `<path>/think`, merged into the weights.
         quantize: None or "int8": int8 weight-only decoder and lm_head (minaf3.quantize), done last so that
         the int8 weights hold the merged adapter; without an adapter, quantized from the tensors as stored.
@@ -262,7 +264,10 @@ class AudioFlamingo3ForConditionalGeneration(nn.Module):
             raise CheckpointError(f"{path}: think=True but the folder has no {THINK_FOLDER}/ adapter")
         config = AudioFlamingo3Config.from_file(path)
         device = resolve_device(device_map)
-        dtype = resolve_dtype(dtype, device, path)
+        from .estimate import weights_dtype
+
+        automatic = dtype is None
+        dtype = weights_dtype(path, resolve_dtype(dtype, device, path), device, quantize, automatic)
         with torch.device("meta"):
             model = cls(config)
         # Every small file is read and checked before the first tensor, so a bad one fails fast.

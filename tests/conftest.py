@@ -6,6 +6,7 @@ parity test compares minaf3 with the reference on files neither side wrote by ha
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -140,6 +141,23 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 def tiny_checkpoint_sharded(tmp_path_factory) -> Path:
     """The hub layout split into several shards with an index (seed 1)."""
     return write_reference_checkpoint(tmp_path_factory.mktemp("af3_sharded"), seed=1, max_shard_size="100KB")
+
+
+@pytest.fixture(scope="session")
+def bf16_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint stored in bf16, as the official one is."""
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path_factory.mktemp("af3_bf16")
+    for file in tiny_checkpoint.iterdir():
+        if file.is_file() and file.suffix != ".safetensors":
+            shutil.copy(file, path / file.name)
+    for file in tiny_checkpoint.glob("*.safetensors"):
+        tensors = {k: t.bfloat16() if t.is_floating_point() else t for k, t in load_file(file).items()}
+        save_file(tensors, path / file.name, metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(config | {"dtype": "bfloat16"}))
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -104,3 +104,45 @@ def test_bad_arguments(demo_checkpoint, kwargs, match):
 def test_missing_model(tmp_path):
     with pytest.raises(CheckpointError, match="huggingface-cli download"):
         estimate_memory(tmp_path / "nowhere", seconds=30)
+
+
+def test_loading_weights_that_cannot_fit_is_a_config_error(tiny_checkpoint, monkeypatch):
+    """float32 -> bfloat16 makes new tensors: with too little memory, a ConfigError before any tensor is read,
+    not the OOM killer halfway through."""
+    from minaf3 import estimate
+
+    monkeypatch.setattr(estimate, "available_memory", lambda device: (1000, "available RAM"))
+    model_cls = minaf3.AudioFlamingo3ForConditionalGeneration
+    with pytest.raises(ConfigError, match=r"weights need 0\.0 GB in bfloat16 but available RAM is 0\.0 GB"):
+        model_cls.from_pretrained(tiny_checkpoint, dtype="bfloat16")
+    with pytest.raises(ConfigError, match=r"in float32 with quantize='int8' but available RAM"):
+        model_cls.from_pretrained(tiny_checkpoint, quantize="int8")
+    model = model_cls.from_pretrained(tiny_checkpoint)  # float32 as stored: views of the file, no new memory
+    assert model.dtype == torch.float32
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_automatic_float32_that_cannot_fit_keeps_the_stored_bf16(
+    bf16_checkpoint, monkeypatch, caplog, quantize
+):
+    """On a CPU without bf16 instructions minaf3 picks float32 for a bf16 checkpoint; where that cannot fit
+    (the 7B model on 24 GB) it loads bf16 as stored, saying so; a dtype asked for is never changed."""
+    from minaf3 import estimate
+    from minaf3 import model as model_module
+
+    monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: False)
+    cpu = torch.device("cpu")
+    bf16 = estimate.weight_bytes(bf16_checkpoint, torch.bfloat16, quantize)[1]
+    fp32 = estimate.weight_bytes(bf16_checkpoint, torch.float32, quantize)[1]
+    monkeypatch.setattr(estimate, "available_memory", lambda device: ((bf16 + fp32) // 2, "available RAM"))
+    model_cls = minaf3.AudioFlamingo3ForConditionalGeneration
+    with caplog.at_level("WARNING", logger="minaf3.estimate"):
+        model = model_cls.from_pretrained(bf16_checkpoint, quantize=quantize)
+    assert model.dtype == torch.bfloat16
+    assert "in float32 but available RAM is" in caplog.text and "loading them in bfloat16" in caplog.text
+    with pytest.raises(ConfigError, match="in float32"):
+        model_cls.from_pretrained(bf16_checkpoint, dtype="float32", quantize=quantize)
+    assert (
+        estimate.weights_dtype(bf16_checkpoint, torch.float32, cpu, quantize, automatic=True)
+        == torch.bfloat16
+    )

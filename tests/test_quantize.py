@@ -442,26 +442,6 @@ def test_quantize_model_errors_and_idempotence(tiny_checkpoint, int8_model):
     assert isinstance(attn.qkv_proj, Int8Linear)  # the merged layer, quantized, fused with k and v
 
 
-@pytest.fixture(scope="module")
-def bf16_checkpoint(tiny_checkpoint, tmp_path_factory):
-    """The tiny checkpoint stored in bf16, as the official one is."""
-    import json
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    path = tmp_path_factory.mktemp("af3_bf16")
-    for file in tiny_checkpoint.iterdir():
-        if file.is_file() and file.suffix != ".safetensors":
-            shutil.copy(file, path / file.name)
-    for file in tiny_checkpoint.glob("*.safetensors"):
-        tensors = {k: t.bfloat16() if t.is_floating_point() else t for k, t in load_file(file).items()}
-        save_file(tensors, path / file.name, metadata={"format": "pt"})
-    config = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps(config | {"dtype": "bfloat16"}))
-    return path
-
-
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_int8_load_from_bf16_equals_widening_first(bf16_checkpoint, dtype):
     """from_pretrained(quantize="int8") in float32 reads the bf16 tensors as stored and widens what stays
