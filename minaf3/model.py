@@ -267,7 +267,9 @@ class AudioFlamingo3ForConditionalGeneration(nn.Module):
         from .estimate import weights_dtype
 
         automatic = dtype is None
-        dtype = weights_dtype(path, resolve_dtype(dtype, device, path), device, quantize, automatic)
+        # With an adapter the whole model is widened before it is quantized (see read_as_stored below).
+        peak_quantize = None if think else quantize
+        dtype = weights_dtype(path, resolve_dtype(dtype, device, path), device, peak_quantize, automatic)
         with torch.device("meta"):
             model = cls(config)
         # Every small file is read and checked before the first tensor, so a bad one fails fast.

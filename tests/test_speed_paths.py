@@ -140,6 +140,19 @@ def test_from_pretrained_quantize_comes_after_the_adapter(think_checkpoint, inpu
         load(think_checkpoint, quantize="int4")
 
 
+def test_the_memory_check_counts_the_widening_an_adapter_needs(think_checkpoint, monkeypatch):
+    """With think=True the whole model is converted before it is quantized, so the check counts it whole:
+    memory that holds the int8 model but not the converted one refuses think, not the plain int8 load."""
+    from minaf3 import estimate
+
+    int8_bytes = estimate.weight_bytes(think_checkpoint, torch.bfloat16, "int8")[1]
+    whole = estimate.weight_bytes(think_checkpoint, torch.bfloat16, None)[1]
+    monkeypatch.setattr(estimate, "available_memory", lambda device: ((int8_bytes + whole) // 2, "RAM"))
+    assert load(think_checkpoint, dtype="bfloat16", quantize="int8").dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match=r"in bfloat16 but RAM is"):
+        load(think_checkpoint, dtype="bfloat16", quantize="int8", think=True)
+
+
 # ---- compiled decoding ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def one_layer(tmp_path_factory):
