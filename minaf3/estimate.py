@@ -93,7 +93,13 @@ def estimate_memory(
         raise ConfigError(f"quantize={quantize!r}: expected None or one of {QUANTIZE_MODES}")
     folder = check_model_folder(path)
     target = _parse_device(device)
+    automatic = dtype is None
     dtype = resolve_dtype(dtype, target, folder)
+    if automatic:  # what from_pretrained would load in: float32, or the stored bf16 when float32 cannot fit
+        try:
+            dtype = weights_dtype(folder, dtype, target, quantize, automatic=True)
+        except ConfigError:
+            pass  # neither fits: the report below says by how much
     config = AudioFlamingo3Config.from_file(folder)
     parameters, weights = weight_bytes(folder, dtype, quantize)
     samples = int(min(seconds, MAX_AUDIO_SECONDS) * SAMPLING_RATE)

@@ -146,3 +146,6 @@ def test_automatic_float32_that_cannot_fit_keeps_the_stored_bf16(
         estimate.weights_dtype(bf16_checkpoint, torch.float32, cpu, quantize, automatic=True)
         == torch.bfloat16
     )
+    # `minaf3 estimate` reports the dtype the load would pick, and a float32 asked for as not fitting
+    assert estimate.estimate_memory(bf16_checkpoint, 5, quantize=quantize).dtype == torch.bfloat16
+    assert estimate.estimate_memory(bf16_checkpoint, 5, dtype="float32", quantize=quantize).fits is False
