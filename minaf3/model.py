@@ -248,6 +248,7 @@ class AudioFlamingo3ForConditionalGeneration(nn.Module):
         quantize: None or "int8": int8 weight-only decoder and lm_head (minaf3.quantize), done last so that
         the int8 weights hold the merged adapter; without an adapter, quantized from the tensors as stored.
         """
+        from .estimate import weights_dtype
         from .generate import GenerationConfig
         from .weights.loader import read_checkpoint
 
@@ -264,8 +265,6 @@ class AudioFlamingo3ForConditionalGeneration(nn.Module):
             raise CheckpointError(f"{path}: think=True but the folder has no {THINK_FOLDER}/ adapter")
         config = AudioFlamingo3Config.from_file(path)
         device = resolve_device(device_map)
-        from .estimate import weights_dtype
-
         automatic = dtype is None
         # With an adapter the whole model is widened before it is quantized (see read_as_stored below).
         peak_quantize = None if think else quantize
