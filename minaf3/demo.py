@@ -314,9 +314,10 @@ def demo_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def load_cpu_kernels() -> None:
-    """Build (a machine's first run) or load the CPU's C++ kernels — log-mel, decode attention, matrix-vector
-    products — side by side: a first run then waits for the slowest build, not for the three in turn
-    (features, then prefill, then decode), and the timings show that wait as a stage of its own."""
+    """Build (a machine's first run) or load the CPU's C++ kernels — log-mel, decode attention,
+    matrix-vector and matrix products — side by side: a first run then waits for the slowest build, not
+    for each in turn (features, then prefill, then decode), and the timings show that wait as a stage of
+    its own."""
     from .generate import load_cpu_kernels as load_decode_kernels
     from .kernels import log_mel
     from .kernels.cpp_build import load_together

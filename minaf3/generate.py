@@ -34,7 +34,7 @@ import torch
 from .attention import cpu_kernel_ready
 from .errors import GenerationError, InputError
 from .kernels.cpp_build import load_together
-from .linear import gemv_kernel_ready, linear
+from .linear import gemm_kernel_ready, gemv_kernel_ready, linear
 from .sampling import GenerationConfig, mark_seen_, process_logits, sample, seen_tokens
 from .streamer import TextIteratorStreamer
 
@@ -86,9 +86,9 @@ class GenerateOutput:
 
 @functools.cache
 def load_cpu_kernels() -> None:
-    """Build (first use on this machine) or load the CPU decode kernels, side by side, once per process:
-    later calls skip the threads."""
-    load_together(cpu_kernel_ready, gemv_kernel_ready)
+    """Build (first use on this machine) or load the CPU kernels of generation (decode attention,
+    matrix-vector and matrix products), side by side, once per process: later calls skip the threads."""
+    load_together(cpu_kernel_ready, gemv_kernel_ready, gemm_kernel_ready)
 
 
 def prefill(

@@ -13,8 +13,11 @@ Paths for `linear` on the CPU, each measured by tools/bench.py on its 2-core mac
   - otherwise a bf16 or float32 layer with at most 8 rows and no gradient streams its weights through the
     C++ kernel of kernels/int8_gemv.cpp (bf16: 1.5x the bandwidth of torch's matrix-vector product;
     float32: 1.1-1.6x oneDNN's, 1.7-5x MKL's; figures in kernels/gemv.py);
-  - a large float32 layer with more rows runs on oneDNN when no gradient is needed: 1.6x / 1.15x MKL's
-    (torch's default) rate at 155 / 251 rows;
+  - a float32 layer with more rows (prefill, the audio encoder, the projector) and no gradient runs the
+    C++ matrix product of kernels/gemm.cpp on a CPU whose best vector unit is AVX2: 1.1-1.3x oneDNN's and
+    1.2-1.6x MKL's rate at 155-1500 rows, and no slower on small layers (figures in kernels/gemm.py);
+  - elsewhere (AVX-512 CPUs) a large float32 layer with more rows runs on oneDNN when no gradient is
+    needed: 1.6x / 1.15x MKL's (torch's default) rate at 155 / 251 rows;
   - anything else (small layers, LoRA wrappers, training) is the layer's own forward.
 The decoder, encoder, projector and lm_head all call it, so one place decides.
 
@@ -130,6 +133,14 @@ def gemv_kernel_ready() -> bool:
     return load_library()
 
 
+def gemm_kernel_ready() -> bool:
+    """Whether the float32 matrix product of kernels/gemm.cpp runs here: a CPU whose best vector unit is
+    AVX2 (built on first use; False, with one logged warning, when it cannot be built)."""
+    from .kernels.gemm import load_library, wanted
+
+    return wanted() and load_library()
+
+
 # Weights from which oneDNN beats MKL: its fixed cost per call (~18 us against 5) loses on small layers.
 ONEDNN_MIN_WEIGHTS = 1 << 20
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -162,6 +173,15 @@ def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         from .kernels.gemv import gemv_linear
 
         return gemv_linear(x, layer.weight, layer.bias)
+    if (
+        type(layer) is nn.Linear
+        and x.dtype == layer.weight.dtype == torch.float32
+        and not torch.is_grad_enabled()
+        and gemm_kernel_ready()
+    ):
+        from .kernels.gemm import gemm_linear
+
+        return gemm_linear(x, layer.weight, layer.bias)
     if (
         ONEDNN
         and type(layer) is nn.Linear

@@ -1,0 +1,214 @@
+// float32 matrix product for many activation rows on an AVX2 CPU: y (M, N) = x (M, K) @ w (N, K).T + bias
+//
+// Prefill and the audio encoder multiply a few hundred rows (155 for a 5 s clip and a 30-token question,
+// 250 encoder frames) by weights of thousands of rows. There oneDNN and MKL reach 133-157 and 109-131
+// GFLOP/s on two Zen 3 cores, against 155-184 for a 2048^3 product; this kernel reaches 165-183 (gemm.py).
+// It is the textbook blocking (Goto's), sized for a 32 KiB L1 and a 512 KiB L2:
+//
+//   x is copied once per block of rows into panels of 6 rows, k-major ([K][6]: the 6 values one step needs
+//   are adjacent); w is read in panels of 16 rows and KC columns, each transposed into [KC][16] (16 KiB)
+//   just before use; a 6 x 16 tile of y lives in 12 ymm registers while each of KC steps loads two vectors
+//   of the w panel, broadcasts 6 values of x and issues 12 FMAs. Each float of w is read from memory once
+//   per block of x's rows, and the two FMA pipes of a core, not the loads, set the pace.
+//
+// Both operands of y = x @ w.T run along K, so one must be transposed for the broadcast-and-FMA step. w's
+// panels are, on the fly with 8 x 8 in-register transposes (a scalar copy cost 10-15% of the time), not
+// once at load time, so that the weights keep the (N, K) layout every other path reads. Threads split
+// the panels of w; x's copy is shared.
+//
+// Built by kernels/gemm.py through torch.utils.cpp_extension.load with -mavx2 -mfma. minaf3/linear.py calls
+// it only on CPUs whose best vector unit is AVX2: where AVX-512 is present, oneDNN's kernels use it.
+
+// Only the headers needed: <torch/extension.h> (pybind11 and the whole C++ API) triples the build time.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <optional>
+#include <vector>
+
+namespace {
+
+constexpr int kMR = 6;    // rows of x per register tile: 6 x 2 accumulators + 2 w vectors + 1 broadcast
+constexpr int kNR = 16;   // rows of w per panel: two ymm vectors of 8 floats
+constexpr int kKC = 256;  // columns per w panel: 256 x 16 floats = 16 KiB, half of L1 (measured: 256 and 512
+                          // within 2%, 128 3% slower)
+// w panels multiplied per pass over x's copy: 8 x 16 KiB stay in L2 while each 6-row panel of x (6 KiB,
+// in L1) meets all 8. Measured, 155 x 18944 -> 3584 (x's copy 11.7 MB, beyond L2): 139-144 GFLOP/s with 1
+// panel per pass, 153-161 with 4, 164-167 with 8, 170-172 with 16; the other shapes of gemm.py within 2%.
+constexpr int64_t kGroup = 8;
+// Bytes of x's copy per block of rows (read from L3 once per kGroup panels): 16 MiB keeps a prompt of a few
+// hundred rows in one block even at K = 18944, so that the weights stream from memory once.
+constexpr int64_t kBlockBytes = 16 << 20;
+
+// C[r][0..16) (row stride 16) = (first ? 0 : C) + sum_k A[k][r] * B[k][0..16) for r < MR: A is a row
+// panel of x ([kc][MR]), B a transposed w panel ([kc][16]). The accumulators are one flat array indexed by
+// constants after full unrolling: with a 2-D array GCC 12 kept them in memory.
+template <int MR>
+inline void tile(const float* A, const float* B, int64_t kc, float* C, bool first) {
+  __m256 acc[2 * MR];
+#pragma GCC unroll 12
+  for (int i = 0; i < 2 * MR; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 b0 = _mm256_load_ps(B + kNR * k), b1 = _mm256_load_ps(B + kNR * k + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      const __m256 a = _mm256_broadcast_ss(A + MR * k + r);
+      acc[2 * r] = _mm256_fmadd_ps(a, b0, acc[2 * r]);
+      acc[2 * r + 1] = _mm256_fmadd_ps(a, b1, acc[2 * r + 1]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+    float* c = C + kNR * r;
+    if (!first) {
+      acc[2 * r] = _mm256_add_ps(acc[2 * r], _mm256_loadu_ps(c));
+      acc[2 * r + 1] = _mm256_add_ps(acc[2 * r + 1], _mm256_loadu_ps(c + 8));
+    }
+    _mm256_storeu_ps(c, acc[2 * r]);
+    _mm256_storeu_ps(c + 8, acc[2 * r + 1]);
+  }
+}
+
+inline void tile_rows(int mr, const float* A, const float* B, int64_t kc, float* C, bool first) {
+  switch (mr) {
+    case 1: tile<1>(A, B, kc, C, first); break;
+    case 2: tile<2>(A, B, kc, C, first); break;
+    case 3: tile<3>(A, B, kc, C, first); break;
+    case 4: tile<4>(A, B, kc, C, first); break;
+    case 5: tile<5>(A, B, kc, C, first); break;
+    default: tile<6>(A, B, kc, C, first); break;
+  }
+}
+
+// Transpose 8 rows of 8 floats in registers: r[i][j] -> r[j][i].
+inline void transpose8(__m256 r[8]) {
+  __m256 t[8], s[8];
+  for (int i = 0; i < 4; ++i) {  // interleave pairs of rows
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {  // then pairs of pairs
+    s[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    s[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    s[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    s[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {  // then the 128-bit halves
+    r[i] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x31);
+  }
+}
+
+// B[k][j] = w[j * K + k] for j < nr (zeros for nr <= j < 16) and k < kc: one panel of w, transposed.
+void pack_panel(const float* w, int64_t K, int64_t nr, int64_t kc, float* B) {
+  int64_t k = 0;
+  if (nr == kNR) {
+    for (; k + 8 <= kc; k += 8) {
+      for (int g = 0; g < 2; ++g) {
+        __m256 r[8];
+        for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(w + (g * 8 + i) * K + k);
+        transpose8(r);
+        for (int i = 0; i < 8; ++i) _mm256_store_ps(B + (k + i) * kNR + g * 8, r[i]);
+      }
+    }
+  }
+  for (; k < kc; ++k) {  // a partial panel, or the last kc % 8 columns
+    for (int64_t j = 0; j < kNR; ++j) B[k * kNR + j] = j < nr ? w[j * K + k] : 0.0f;
+  }
+}
+
+struct FreeDeleter {
+  void operator()(float* p) const { std::free(p); }
+};
+using Buffer = std::unique_ptr<float[], FreeDeleter>;
+
+Buffer aligned_floats(int64_t n) {  // 64-byte aligned, for the aligned loads of the w panel
+  const size_t bytes = (static_cast<size_t>(n) * sizeof(float) + 63) / 64 * 64;
+  return Buffer(static_cast<float*>(std::aligned_alloc(64, bytes)));
+}
+
+// y[m0 .. m0 + rows) = the product for one block of x's rows, whose packed copy is A.
+void block_product(const float* x, const float* w, const float* bias, float* y, int64_t m0, int64_t rows,
+                   int64_t N, int64_t K, float* A) {
+  const int64_t panels_of_x = (rows + kMR - 1) / kMR;
+  // x's rows as [K][mr] panels, panel p at A + p * kMR * K (mr = 6, fewer in the last)
+  at::parallel_for(0, panels_of_x, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t r0 = p * kMR, mr = std::min<int64_t>(kMR, rows - r0);
+      const float* src = x + (m0 + r0) * K;
+      float* dst = A + p * kMR * K;
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t r = 0; r < mr; ++r) dst[k * mr + r] = src[r * K + k];
+    }
+  });
+  const int64_t panels_of_w = (N + kNR - 1) / kNR;
+  at::parallel_for(0, panels_of_w, 1, [&](int64_t begin, int64_t end) {
+    Buffer B = aligned_floats(kGroup * kKC * kNR);
+    Buffer C = aligned_floats(kGroup * panels_of_x * kMR * kNR);  // (rows, 16 * group) of y, in tiles
+    for (int64_t q0 = begin; q0 < end; q0 += kGroup) {
+      const int64_t group = std::min(kGroup, end - q0);
+      for (int64_t k0 = 0; k0 < K; k0 += kKC) {
+        const int64_t kc = std::min<int64_t>(kKC, K - k0);
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t n0 = (q0 + g) * kNR;
+          pack_panel(w + n0 * K + k0, K, std::min<int64_t>(kNR, N - n0), kc, B.get() + g * kKC * kNR);
+        }
+        for (int64_t p = 0; p < panels_of_x; ++p) {
+          const int64_t mr = std::min<int64_t>(kMR, rows - p * kMR);
+          for (int64_t g = 0; g < group; ++g)
+            tile_rows(static_cast<int>(mr), A + p * kMR * K + k0 * mr, B.get() + g * kKC * kNR, kc,
+                      C.get() + (g * panels_of_x + p) * kMR * kNR, k0 == 0);
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t n0 = (q0 + g) * kNR, nr = std::min<int64_t>(kNR, N - n0);
+        for (int64_t r = 0; r < rows; ++r) {
+          const float* c = C.get() + (g * panels_of_x + r / kMR) * kMR * kNR + (r % kMR) * kNR;
+          float* out = y + (m0 + r) * N + n0;
+          for (int64_t j = 0; j < nr; ++j) out[j] = c[j] + (bias ? bias[n0 + j] : 0.0f);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// y (..., N) float32 = x (..., K) float32 @ w (N, K).T float32 + bias (N,) float32.
+at::Tensor f32_gemm(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "f32_gemm: CPU tensors expected");
+  TORCH_CHECK(x.dim() >= 1 && w.dim() == 2, "f32_gemm: x (..., K) and w (N, K) expected");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat,
+              "f32_gemm: x and w must be float32");
+  TORCH_CHECK(w.size(1) == x.size(-1), "f32_gemm: x has ", x.size(-1), " columns but w has ", w.size(1));
+  TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->numel() == w.size(0)),
+              "f32_gemm: bias must be float32 with ", w.size(0), " entries");
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);  // (..., K) -> (..., N)
+  shape.push_back(w.size(0));
+  at::Tensor y = at::empty(shape, x.options());
+  const int64_t K = x.size(-1), N = w.size(0), M = K ? x.numel() / K : y.numel() / std::max<int64_t>(N, 1);
+  if (M == 0 || N == 0) return y;
+  if (K == 0) return bias ? y.copy_(bias->expand_as(y)) : y.zero_();
+  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
+  const at::Tensor bc = bias ? bias->contiguous() : at::Tensor();
+  const int64_t block = std::max<int64_t>(kMR, kBlockBytes / (K * 4) / kMR * kMR);
+  Buffer A = aligned_floats(std::min(M, block) * K);
+  for (int64_t m0 = 0; m0 < M; m0 += block) {
+    block_product(xc.data_ptr<float>(), wc.data_ptr<float>(), bias ? bc.data_ptr<float>() : nullptr,
+                  y.data_ptr<float>(), m0, std::min(block, M - m0), N, K, A.get());
+  }
+  return y;
+}
+
+// A torch operator rather than a pybind11 function: the build needs no Python headers, and torch.compile
+// can trace through it (gemm.py registers its shape function).
+TORCH_LIBRARY(minaf3_gemm, m) { m.def("f32_gemm(Tensor x, Tensor w, Tensor? bias) -> Tensor"); }
+
+TORCH_LIBRARY_IMPL(minaf3_gemm, CPU, m) { m.impl("f32_gemm", &f32_gemm); }

@@ -1,0 +1,67 @@
+"""The float32 matrix product of gemm.cpp for many activation rows: building it, and its entry point.
+
+    gemm_reference(x, w, bias)   the definition: F.linear in float64, rounded to float32
+    wanted()                     whether this CPU is one the kernel is for (its best vector unit is AVX2)
+    load_library()               builds (first use) and loads gemm.cpp; False, with one logged warning, when
+                                 it cannot be built here
+    gemm_linear(x, w, bias)      x (..., K) @ w (N, K).T + bias, float32, through the library
+
+minaf3/linear.py sends float32 layers with more rows than a decode step (prefill, the audio encoder, the
+projector) here on CPUs whose best vector unit is AVX2 (`wanted`). Measured on the 2-core Zen 3 CI machine
+(torch 2.13, GFLOP/s, best of 5 calls; torch's 2048^3 product: MKL 170-184, oneDNN 143-155):
+    rows x in -> out            this kernel   oneDNN   MKL (torch's default)
+    155 x 3584 -> 37888             177-181   139-147   109-112    gate + up, 5 s clip + 30-token prompt
+    155 x 18944 -> 3584             170-176   136-143   116-124    down_proj
+    155 x 3584 -> 4608              177-180   133       122        q + k + v
+    250 x 1280 -> 5120              178-183   135       137        encoder fc1, 5 s clip
+    250 x 5120 -> 1280              172-181   164       151        encoder fc2
+Where AVX-512 is present (the Zen 4 of tools/bench.py's earlier tables), oneDNN's 16-lane kernels run at
+about twice this 8-lane code's peak, so the kernel is not used there.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .cpp_build import build_once, build_openmp_library
+
+SOURCE = Path(__file__).with_name("gemm.cpp")
+EXTENSION_NAME = "minaf3_gemm"
+
+
+def gemm_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) @ w (N, K).T + bias in float64, returned as float32 (..., N): what the kernel computes,
+    up to float32 rounding in its own order of summation."""
+    return F.linear(x.double(), w.double(), None if bias is None else bias.double()).float()
+
+
+@functools.cache
+def wanted() -> bool:
+    """Whether this CPU's best vector unit is AVX2, the one the kernel is written for and measured on."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX2"
+
+
+def _build() -> bool:
+    """Build (first time) and load gemm.cpp; True when torch.ops.minaf3_gemm.f32_gemm is ready; False,
+    with one logged warning, on a CPU without AVX2 or when the build fails. Decided once per process."""
+    if not build_openmp_library(EXTENSION_NAME, SOURCE, "prefill matrix-product kernel"):
+        return False
+
+    @torch.library.register_fake("minaf3_gemm::f32_gemm")  # output shape, for torch.compile's tracing
+    def _(x, w, bias):
+        return x.new_empty(*x.shape[:-1], w.shape[0])
+
+    return True
+
+
+load_library = build_once(_build)
+
+
+def gemm_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) @ w (N, K).T + bias, all float32 on the CPU -> (..., N) float32. Needs load_library();
+    callers check it (minaf3/linear.py)."""
+    return torch.ops.minaf3_gemm.f32_gemm(x, w, bias)

@@ -1,0 +1,140 @@
+"""kernels/gemm.cpp: the float32 matrix product for many rows, against its definition (float64).
+
+Shapes cover the kernel's edges: rows that fill no 6-row tile or leave a partial one, widths beyond one
+256-column panel and with a tail that is not a multiple of 8, outputs that fill no 16-row panel and more
+than one group of 8 panels, and more rows than one block of x's copy. Then the dispatch of
+minaf3/linear.py, and a model whose prefill runs through the kernel against the same model without it.
+"""
+
+import pytest
+import torch
+from conftest import speech_like
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from minaf3.kernels import gemm
+
+from minaf3 import AudioFlamingo3ForConditionalGeneration
+from minaf3 import linear as linear_module
+from minaf3.linear import linear
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel():
+    assert gemm.load_library(), "the kernel must build on the test machine"
+
+
+def close(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Within float32 rounding of sums of products: relative to the largest output."""
+    return bool((got - expected).abs().max() <= 1e-5 * (1 + expected.abs().max()))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 40),
+    in_features=st.integers(1, 600),
+    out_features=st.integers(1, 300),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_kernel_equals_the_float64_product(rows, in_features, out_features, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, in_features, generator=g)
+    w = torch.randn(out_features, in_features, generator=g)
+    b = torch.randn(out_features, generator=g) if bias else None
+    got = gemm.gemm_linear(x, w, b)
+    assert got.shape == (rows, out_features) and got.dtype == torch.float32
+    assert close(got, gemm.gemm_reference(x, w, b))
+
+
+def test_blocks_of_rows_give_the_rows_computed_alone():
+    """At K = 4096 a block of x's copy holds 1020 rows: the rows after it are computed in a second pass
+    over the weights, with the same order of summation as when they are the only rows."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(1100, 4096, generator=g), torch.randn(40, 4096, generator=g)
+    got = gemm.gemm_linear(x, w)
+    assert close(got, gemm.gemm_reference(x, w))
+    assert torch.equal(got[1020:], gemm.gemm_linear(x[1020:], w))
+
+
+def test_leading_dimensions_and_strided_inputs():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 40, 3, generator=g).transpose(1, 2)  # (2, 3, 40), not contiguous
+    w = torch.randn(50, 80, generator=g)[:, ::2]  # (50, 40), every other column
+    b = torch.randn(100, generator=g)[::2]
+    got = gemm.gemm_linear(x, w, b)
+    assert got.shape == (2, 3, 50) and close(got, gemm.gemm_reference(x, w, b))
+
+
+def test_empty_products():
+    w, b = torch.randn(5, 0), torch.randn(5)
+    assert torch.equal(gemm.gemm_linear(torch.randn(3, 0), w, b), b.expand(3, 5))
+    assert torch.equal(gemm.gemm_linear(torch.randn(3, 0), w), torch.zeros(3, 5))
+    assert gemm.gemm_linear(torch.randn(0, 4), torch.randn(5, 4)).shape == (0, 5)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda x, w, b: (x.double(), w, b), "x and w must be float32"),
+        (lambda x, w, b: (x, w.bfloat16(), b), "x and w must be float32"),
+        (lambda x, w, b: (x[:, :15], w, b), "x has 15 columns but w has 16"),
+        (lambda x, w, b: (x, w, b[:3]), "bias must be float32 with 4 entries"),
+        (lambda x, w, b: (x, w[None], b), r"x \(\.\.\., K\) and w \(N, K\) expected"),
+    ],
+)
+def test_operator_refuses_what_it_cannot_multiply(change, message):
+    """The operator's own checks name it and the problem before reading any data."""
+    with pytest.raises(RuntimeError, match=f"f32_gemm: {message}"):
+        gemm.gemm_linear(*change(torch.randn(9, 16), torch.randn(4, 16), torch.randn(4)))
+
+
+@pytest.mark.parametrize("capability, wanted", [("AVX2", True), ("AVX512", False), ("DEFAULT", False)])
+def test_the_kernel_is_wanted_where_avx2_is_the_best_vector_unit(monkeypatch, capability, wanted):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert gemm.wanted.__wrapped__() is wanted
+
+
+def test_linear_sends_float32_rows_without_gradients_to_the_kernel(monkeypatch):
+    calls = []
+    monkeypatch.setattr(gemm, "wanted", lambda: True)
+    monkeypatch.setattr(gemm, "gemm_linear", lambda *a: calls.append(1) or gemm.gemm_reference(*a))
+    layer = torch.nn.Linear(64, 48)
+    x = torch.randn(2, 20, 64)
+    with torch.no_grad():
+        assert close(linear(layer, x), layer(x)) and len(calls) == 1
+        linear(layer, x[0, :1])  # one row: the matrix-vector kernel
+        linear(layer.bfloat16(), x.bfloat16())  # not float32
+        layer.float()
+        monkeypatch.setattr(gemm, "wanted", lambda: False)  # an AVX-512 CPU: oneDNN or torch
+        assert close(linear(layer, x), layer(x))
+    linear(layer, x).sum().backward()  # gradients: the layer's own forward
+    assert len(calls) == 1 and layer.weight.grad is not None
+
+
+def test_generation_through_the_kernel_gives_the_tokens_and_logits_without_it(
+    tiny_checkpoint, reference_processor, monkeypatch
+):
+    """Audio and prompt (the encoder, the projector and the prefill multiply many rows) with and without
+    the kernel: the same tokens, logits within float32 rounding."""
+    model = AudioFlamingo3ForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    content = [
+        {"type": "text", "text": "What is in this audio?"},
+        {"type": "audio", "audio": speech_like(40_000)},
+    ]
+    inputs = dict(reference_processor.apply_chat_template(
+        [[{"role": "user", "content": content}]], tokenize=True, add_generation_prompt=True, return_dict=True
+    ))  # fmt: skip
+    args = dict(max_new_tokens=6, do_sample=False, repetition_penalty=1.0, eos_token_id=[],
+                return_dict_in_generate=True, output_logits=True, **inputs)  # fmt: skip
+    rows = []
+    monkeypatch.setattr(gemm, "wanted", lambda: True)  # as on an AVX2 CPU, whatever this one is
+    kernel_linear = gemm.gemm_linear
+    monkeypatch.setattr(
+        gemm, "gemm_linear", lambda x, *a: rows.append(x.shape[:-1].numel()) or kernel_linear(x, *a)
+    )
+    with_kernel = model.generate(args.pop("input_ids"), **args)
+    assert rows and max(rows) > inputs["input_ids"].shape[1]  # the encoder's frames went through it too
+    monkeypatch.setattr(linear_module, "gemm_kernel_ready", lambda: False)
+    without = model.generate(inputs["input_ids"], **args)
+    assert torch.equal(with_kernel.sequences, without.sequences)
+    assert max((a - b).abs().max() for a, b in zip(with_kernel.logits, without.logits, strict=True)) < 1e-4
