@@ -17,7 +17,7 @@
 // the panels of w; x's copy is shared.
 //
 // Built by kernels/gemm.py through torch.utils.cpp_extension.load with -mavx2 -mfma. minaf3/linear.py calls
-// it only on CPUs whose best vector unit is AVX2: where AVX-512 is present, oneDNN's kernels use it.
+// it only on CPUs whose best vector unit is AVX2; where AVX-512 is present, oneDNN's kernels run (gemm.py).
 
 // Only the headers needed: <torch/extension.h> (pybind11 and the whole C++ API) triples the build time.
 #include <ATen/Parallel.h>

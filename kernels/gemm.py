@@ -15,8 +15,8 @@ projector) here on CPUs whose best vector unit is AVX2 (`wanted`). Measured on t
     155 x 3584 -> 4608              177-180   133       122        q + k + v
     250 x 1280 -> 5120              178-183   135       137        encoder fc1, 5 s clip
     250 x 5120 -> 1280              172-181   164       151        encoder fc2
-Where AVX-512 is present (the Zen 4 of tools/bench.py's earlier tables), oneDNN's 16-lane kernels run at
-about twice this 8-lane code's peak, so the kernel is not used there.
+Where AVX-512 is present the kernel is not used: it has not been measured there against oneDNN's AVX-512
+code, which on a core with two 512-bit FMA units has twice this 8-lane code's peak.
 """
 
 from __future__ import annotations
