@@ -2,6 +2,7 @@
 
     gemm_reference(x, w, bias)   the definition: F.linear in float64, rounded to float32
     wanted()                     whether this CPU is one the kernel is for (its best vector unit is AVX2)
+    usable() / ready()           wanted() and load_library(); ready() is what usable() last found
     load_library()               builds (first use) and loads gemm.cpp; False, with one logged warning, when
                                  it cannot be built here
     gemm_linear(x, w, bias)      x (..., K) @ w (N, K).T + bias, float32, through the library
@@ -59,6 +60,19 @@ def _build() -> bool:
 
 
 load_library = build_once(_build)
+_state = {"usable": False}
+
+
+def usable() -> bool:
+    """wanted() and load_library(): whether minaf3/linear.py should call the kernel (kept for ready())."""
+    _state["usable"] = wanted() and load_library()
+    return _state["usable"]
+
+
+def ready() -> bool:
+    """What usable() last found. A torch.compile'd step reads this: tracing can follow neither the CPU query
+    nor the lock of a first build (generate calls usable() before compiling)."""
+    return _state["usable"]
 
 
 def gemm_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

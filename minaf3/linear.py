@@ -135,10 +135,11 @@ def gemv_kernel_ready() -> bool:
 
 def gemm_kernel_ready() -> bool:
     """Whether the float32 matrix product of kernels/gemm.cpp runs here: a CPU whose best vector unit is
-    AVX2 (built on first use; False, with one logged warning, when it cannot be built)."""
-    from .kernels.gemm import load_library, wanted
+    AVX2 (built on first use in eager code; False, with one logged warning, when it cannot be built). A
+    torch.compile'd step reads only what the last eager check found (generate checks before compiling)."""
+    from .kernels import gemm
 
-    return wanted() and load_library()
+    return gemm.ready() if torch.compiler.is_compiling() else gemm.usable()
 
 
 # Weights from which oneDNN beats MKL: its fixed cost per call (~18 us against 5) loses on small layers.

@@ -138,3 +138,19 @@ def test_generation_through_the_kernel_gives_the_tokens_and_logits_without_it(
     without = model.generate(inputs["input_ids"], **args)
     assert torch.equal(with_kernel.sequences, without.sequences)
     assert max((a - b).abs().max() for a, b in zip(with_kernel.logits, without.logits, strict=True)) < 1e-4
+
+
+def test_compiled_decoding_of_more_rows_than_a_vector_product_runs_the_kernel(tiny_checkpoint):
+    """A compiled decode step of 9 rows (past the matrix-vector kernel's 8) traces the kernel as a graph
+    node, with no graph break, and gives the eager tokens. The real `wanted` (the CPU query, which tracing
+    cannot follow) decides here."""
+    from torch._dynamo.utils import counters
+
+    model = AudioFlamingo3ForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    ids = torch.randint(0, 400, (9, 7), generator=torch.Generator().manual_seed(5))
+    args = dict(max_new_tokens=4, do_sample=False, repetition_penalty=1.0, eos_token_id=[])
+    eager = model.generate(ids, **args)
+    counters.clear()
+    compiled = model.generate(ids, compile=True, **args)
+    assert torch.equal(compiled, eager)
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] >= 1
