@@ -45,7 +45,9 @@ constexpr int kKC = 256;  // columns per w panel: 256 x 16 floats = 16 KiB, half
 constexpr int64_t kGroup = 8;
 // Bytes of x's copy per block of rows (read from L3 once per kGroup panels): 16 MiB keeps a prompt of a few
 // hundred rows in one block even at K = 18944, so that the weights stream from memory once.
-constexpr int64_t kBlockBytes = 16 << 20;
+// At most kBlockRows rows per block, so that with a narrow x (K of a few dozen) the per-thread slice of y
+// (rows x 128 floats) stays at a few MiB.
+constexpr int64_t kBlockBytes = 16 << 20, kBlockRows = 4096;
 
 // C[r][0..16) (row stride 16) = (first ? 0 : C) + sum_k A[k][r] * B[k][0..16) for r < MR: A is a row
 // panel of x ([kc][MR]), B a transposed w panel ([kc][16]). The accumulators are one flat array indexed by
@@ -131,7 +133,9 @@ using Buffer = std::unique_ptr<float[], FreeDeleter>;
 
 Buffer aligned_floats(int64_t n) {  // 64-byte aligned, for the aligned loads of the w panel
   const size_t bytes = (static_cast<size_t>(n) * sizeof(float) + 63) / 64 * 64;
-  return Buffer(static_cast<float*>(std::aligned_alloc(64, bytes)));
+  Buffer buffer(static_cast<float*>(std::aligned_alloc(64, bytes)));
+  TORCH_CHECK(buffer, "f32_gemm: cannot allocate ", bytes, " bytes of working memory");
+  return buffer;
 }
 
 // y[m0 .. m0 + rows) = the product for one block of x's rows, whose packed copy is A.
@@ -198,7 +202,7 @@ at::Tensor f32_gemm(const at::Tensor& x, const at::Tensor& w, const std::optiona
   if (K == 0) return bias ? y.copy_(bias->expand_as(y)) : y.zero_();
   const at::Tensor xc = x.contiguous(), wc = w.contiguous();
   const at::Tensor bc = bias ? bias->contiguous() : at::Tensor();
-  const int64_t block = std::max<int64_t>(kMR, kBlockBytes / (K * 4) / kMR * kMR);
+  const int64_t block = std::max<int64_t>(kMR, std::min(kBlockRows, kBlockBytes / (K * 4)) / kMR * kMR);
   Buffer A = aligned_floats(std::min(M, block) * K);
   for (int64_t m0 = 0; m0 < M; m0 += block) {
     block_product(xc.data_ptr<float>(), wc.data_ptr<float>(), bias ? bc.data_ptr<float>() : nullptr,

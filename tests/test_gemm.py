@@ -46,14 +46,16 @@ def test_kernel_equals_the_float64_product(rows, in_features, out_features, bias
     assert close(got, gemm.gemm_reference(x, w, b))
 
 
-def test_blocks_of_rows_give_the_rows_computed_alone():
-    """At K = 4096 a block of x's copy holds 1020 rows: the rows after it are computed in a second pass
-    over the weights, with the same order of summation as when they are the only rows."""
+@pytest.mark.parametrize("rows, width, block", [(1100, 4096, 1020), (4200, 16, 4092)])
+def test_blocks_of_rows_give_the_rows_computed_alone(rows, width, block):
+    """x's copy is made a block of rows at a time: 16 MiB (1020 rows at K = 4096), at most 4092 rows. The
+    rows after the first block are computed in a second pass over the weights, with the same order of
+    summation as when they are the only rows."""
     g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(1100, 4096, generator=g), torch.randn(40, 4096, generator=g)
+    x, w = torch.randn(rows, width, generator=g), torch.randn(40, width, generator=g)
     got = gemm.gemm_linear(x, w)
     assert close(got, gemm.gemm_reference(x, w))
-    assert torch.equal(got[1020:], gemm.gemm_linear(x[1020:], w))
+    assert torch.equal(got[block:], gemm.gemm_linear(x[block:], w))
 
 
 def test_leading_dimensions_and_strided_inputs():
