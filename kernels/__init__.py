@@ -12,8 +12,8 @@ C++ for the CPU, built on first use with ninja (cpp_build.py):
                           builds it; int8_linear.py and minaf3/quantize.py for int8, minaf3/linear.py for
                           bf16 and float32 decode)
     cpu_attention.cpp/.py one-token decode attention over the GQA cache (minaf3/attention.py's "cpp")
-    gemm.cpp / .py        float32 matrix products for many rows (prefill, encoder) on AVX2 CPUs
-                          (minaf3/linear.py)
+    gemm.cpp / .py        matrix products for many rows (prefill, encoder) on AVX2 CPUs, in float32
+                          arithmetic on float32 or bf16 weights (minaf3/linear.py)
 
 Importing this package imports nothing heavy: each kernel module brings in what it needs.
 """

@@ -13,9 +13,10 @@ Paths for `linear` on the CPU, each measured by tools/bench.py on its 2-core mac
   - otherwise a bf16 or float32 layer with at most 8 rows and no gradient streams its weights through the
     C++ kernel of kernels/int8_gemv.cpp (bf16: 1.5x the bandwidth of torch's matrix-vector product;
     float32: 1.1-1.6x oneDNN's, 1.7-5x MKL's; figures in kernels/gemv.py);
-  - a float32 layer with more rows (prefill, the audio encoder, the projector) and no gradient runs the
-    C++ matrix product of kernels/gemm.cpp on a CPU whose best vector unit is AVX2: 1.1-1.3x oneDNN's and
-    1.2-1.6x MKL's rate at 155-1500 rows, and no slower on small layers (figures in kernels/gemm.py);
+  - a float32 or bf16 layer with more rows (prefill, the audio encoder, the projector) and no gradient
+    runs the C++ matrix product of kernels/gemm.cpp on a CPU whose best vector unit is AVX2: 1.1-1.3x
+    oneDNN's and 1.2-1.6x MKL's float32 rate at 155-1500 rows, no slower on small layers, and ~8x torch's
+    emulated bf16 (figures in kernels/gemm.py);
   - elsewhere (AVX-512 CPUs) a large float32 layer with more rows runs on oneDNN when no gradient is
     needed: 1.6x / 1.15x MKL's (torch's default) rate at 155 / 251 rows;
   - anything else (small layers, LoRA wrappers, training) is the layer's own forward.
@@ -133,8 +134,12 @@ def gemv_kernel_ready() -> bool:
     return load_library()
 
 
+# float32, and bf16 (widened as the kernel packs it): 170-180 GFLOP/s against ~22 for torch's emulated bf16
+GEMM_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def gemm_kernel_ready() -> bool:
-    """Whether the float32 matrix product of kernels/gemm.cpp runs here: a CPU whose best vector unit is
+    """Whether the matrix product of kernels/gemm.cpp runs here: a CPU whose best vector unit is
     AVX2 (built on first use in eager code; False, with one logged warning, when it cannot be built). A
     torch.compile'd step reads only what the last eager check found (generate checks before compiling)."""
     from .kernels import gemm
@@ -176,7 +181,8 @@ def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return gemv_linear(x, layer.weight, layer.bias)
     if (
         type(layer) is nn.Linear
-        and x.dtype == layer.weight.dtype == torch.float32
+        and x.dtype == layer.weight.dtype
+        and x.dtype in GEMM_DTYPES
         and not torch.is_grad_enabled()
         and gemm_kernel_ready()
     ):

@@ -34,16 +34,27 @@ def close(got: torch.Tensor, expected: torch.Tensor) -> bool:
     in_features=st.integers(1, 600),
     out_features=st.integers(1, 300),
     bias=st.booleans(),
+    x_dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    w_dtype=st.sampled_from([torch.float32, torch.bfloat16]),
     seed=st.integers(0, 2**16),
 )
-def test_kernel_equals_the_float64_product(rows, in_features, out_features, bias, seed):
+def test_kernel_equals_the_float64_product(rows, in_features, out_features, bias, x_dtype, w_dtype, seed):
+    """The operator on float32 or bf16 operands: the float32 product of their values."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(rows, in_features, generator=g)
-    w = torch.randn(out_features, in_features, generator=g)
+    x = torch.randn(rows, in_features, generator=g).to(x_dtype)
+    w = torch.randn(out_features, in_features, generator=g).to(w_dtype)
     b = torch.randn(out_features, generator=g) if bias else None
-    got = gemm.gemm_linear(x, w, b)
+    got = torch.ops.minaf3_gemm.f32_gemm(x, w, b)
     assert got.shape == (rows, out_features) and got.dtype == torch.float32
     assert close(got, gemm.gemm_reference(x, w, b))
+
+
+def test_bf16_layers_give_bf16_outputs_rounded_from_float32():
+    g = torch.Generator().manual_seed(2)
+    x, w, b = (torch.randn(*shape, generator=g).bfloat16() for shape in [(3, 7, 40), (24, 40), (24,)])
+    got = gemm.gemm_linear(x, w, b)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, torch.ops.minaf3_gemm.f32_gemm(x, w, b.float()).bfloat16())
 
 
 @pytest.mark.parametrize("rows, width, block", [(1100, 4096, 1020), (4200, 16, 4092)])
@@ -77,8 +88,8 @@ def test_empty_products():
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda x, w, b: (x.double(), w, b), "x and w must be float32"),
-        (lambda x, w, b: (x, w.bfloat16(), b), "x and w must be float32"),
+        (lambda x, w, b: (x.double(), w, b), "x and w must be float32 or bfloat16"),
+        (lambda x, w, b: (x, w.half(), b), "x and w must be float32 or bfloat16"),
         (lambda x, w, b: (x[:, :15], w, b), "x has 15 columns but w has 16"),
         (lambda x, w, b: (x, w, b[:3]), "bias must be float32 with 4 entries"),
         (lambda x, w, b: (x, w[None], b), r"x \(\.\.\., K\) and w \(N, K\) expected"),
@@ -87,7 +98,7 @@ def test_empty_products():
 def test_operator_refuses_what_it_cannot_multiply(change, message):
     """The operator's own checks name it and the problem before reading any data."""
     with pytest.raises(RuntimeError, match=f"f32_gemm: {message}"):
-        gemm.gemm_linear(*change(torch.randn(9, 16), torch.randn(4, 16), torch.randn(4)))
+        torch.ops.minaf3_gemm.f32_gemm(*change(torch.randn(9, 16), torch.randn(4, 16), torch.randn(4)))
 
 
 @pytest.mark.parametrize("capability, wanted", [("AVX2", True), ("AVX512", False), ("DEFAULT", False)])
@@ -96,7 +107,7 @@ def test_the_kernel_is_wanted_where_avx2_is_the_best_vector_unit(monkeypatch, ca
     assert gemm.wanted.__wrapped__() is wanted
 
 
-def test_linear_sends_float32_rows_without_gradients_to_the_kernel(monkeypatch):
+def test_linear_sends_float32_and_bf16_rows_without_gradients_to_the_kernel(monkeypatch):
     calls = []
     monkeypatch.setattr(gemm, "wanted", lambda: True)
     monkeypatch.setattr(gemm, "gemm_linear", lambda *a: calls.append(1) or gemm.gemm_reference(*a))
@@ -105,20 +116,24 @@ def test_linear_sends_float32_rows_without_gradients_to_the_kernel(monkeypatch):
     with torch.no_grad():
         assert close(linear(layer, x), layer(x)) and len(calls) == 1
         linear(layer, x[0, :1])  # one row: the matrix-vector kernel
-        linear(layer.bfloat16(), x.bfloat16())  # not float32
+        assert len(calls) == 1
+        linear(layer.bfloat16(), x.bfloat16())  # bf16 layer and rows: the kernel too
+        assert len(calls) == 2
         layer.float()
         monkeypatch.setattr(gemm, "wanted", lambda: False)  # an AVX-512 CPU: oneDNN or torch
         assert close(linear(layer, x), layer(x))
     linear(layer, x).sum().backward()  # gradients: the layer's own forward
-    assert len(calls) == 1 and layer.weight.grad is not None
+    assert len(calls) == 2 and layer.weight.grad is not None
 
 
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 0.05)])
 def test_generation_through_the_kernel_gives_the_tokens_and_logits_without_it(
-    tiny_checkpoint, reference_processor, monkeypatch
+    tiny_checkpoint, reference_processor, monkeypatch, dtype, tolerance
 ):
     """Audio and prompt (the encoder, the projector and the prefill multiply many rows) with and without
-    the kernel: the same tokens, logits within float32 rounding."""
-    model = AudioFlamingo3ForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    the kernel: the same tokens, logits within float32 rounding (bf16: within the rounding of activations
+    to bf16, which torch's products do in another order)."""
+    model = AudioFlamingo3ForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=dtype)
     content = [
         {"type": "text", "text": "What is in this audio?"},
         {"type": "audio", "audio": speech_like(40_000)},
@@ -139,7 +154,8 @@ def test_generation_through_the_kernel_gives_the_tokens_and_logits_without_it(
     monkeypatch.setattr(linear_module, "gemm_kernel_ready", lambda: False)
     without = model.generate(inputs["input_ids"], **args)
     assert torch.equal(with_kernel.sequences, without.sequences)
-    assert max((a - b).abs().max() for a, b in zip(with_kernel.logits, without.logits, strict=True)) < 1e-4
+    difference = max((a - b).abs().max() for a, b in zip(with_kernel.logits, without.logits, strict=True))
+    assert difference < tolerance
 
 
 def test_compiled_decoding_of_more_rows_than_a_vector_product_runs_the_kernel(tiny_checkpoint):
