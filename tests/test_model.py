@@ -160,3 +160,21 @@ def test_triton_backend_matches_sdpa(tmp_path, reference_processor):
         with use_backend("sdpa"):
             sdpa_logits = model(**inputs).logits
     assert (triton_logits - sdpa_logits).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_bf16_convolutions_run_in_float32_on_cpus_without_bf16_instructions(monkeypatch, native_bf16):
+    """Without bf16 instructions torch's bf16 convolution is a slow loop: the encoder's conv1d computes
+    in float32 and rounds to bf16; with them, the layer runs as it is."""
+    from minaf3 import encoder
+
+    monkeypatch.setattr(encoder, "cpu_has_native_bf16", lambda: native_bf16)
+    layer = torch.nn.Conv1d(8, 16, kernel_size=3, stride=2, padding=1).bfloat16()
+    x = torch.randn(2, 8, 30, generator=torch.Generator().manual_seed(0)).bfloat16()
+    in_float32 = torch.nn.functional.conv1d(x.float(), layer.weight.float(), layer.bias.float(), 2, 1)
+    expected = layer(x) if native_bf16 else in_float32.bfloat16()
+    seen, conv = [], torch.nn.functional.conv1d
+    monkeypatch.setattr(torch.nn.functional, "conv1d", lambda x, *a: seen.append(x.dtype) or conv(x, *a))
+    got = encoder.conv1d(layer, x)
+    assert seen == [torch.bfloat16 if native_bf16 else torch.float32]  # the dtype the product ran in
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
