@@ -1,15 +1,15 @@
 """The matrix product of gemm.cpp for many activation rows (float32 arithmetic on float32 or bf16 operands):
 building it, and its entry point.
 
-    gemm_reference(x, w, bias)   the definition: F.linear in float64, rounded to float32
+    gemm_reference(x, w, bias)   the definition: F.linear in float64 on the operands' values, as float32
     wanted()                     whether this CPU is one the kernel is for (its best vector unit is AVX2)
     usable() / ready()           wanted() and load_library(); ready() is what usable() last found
     load_library()               builds (first use) and loads gemm.cpp; False, with one logged warning, when
                                  it cannot be built here
-    gemm_linear(x, w, bias)      x (..., K) @ w (N, K).T + bias, float32, through the library
+    gemm_linear(x, w, bias)      x (..., K) @ w (N, K).T + bias through the library, in x's dtype
 
-minaf3/linear.py sends float32 layers with more rows than a decode step (prefill, the audio encoder, the
-projector) here on CPUs whose best vector unit is AVX2 (`wanted`). Measured on the 2-core Zen 3 CI machine
+minaf3/linear.py sends float32 and bf16 layers with more rows than a decode step (prefill, the audio
+encoder, the projector) here on CPUs whose best vector unit is AVX2 (`wanted`). Measured on the 2-core Zen 3 CI machine
 (torch 2.13, GFLOP/s, best of 5 calls; torch's 2048^3 product: MKL 170-184, oneDNN 143-155):
     rows x in -> out            this kernel   oneDNN   MKL (torch's default)
     155 x 3584 -> 37888             177-181   139-147   109-112    gate + up, 5 s clip + 30-token prompt
