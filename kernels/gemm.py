@@ -9,8 +9,8 @@ building it, and its entry point.
     gemm_linear(x, w, bias)      x (..., K) @ w (N, K).T + bias through the library, in x's dtype
 
 minaf3/linear.py sends float32 and bf16 layers with more rows than a decode step (prefill, the audio
-encoder, the projector) here on CPUs whose best vector unit is AVX2 (`wanted`). Measured on the 2-core Zen 3 CI machine
-(torch 2.13, GFLOP/s, best of 5 calls; torch's 2048^3 product: MKL 170-184, oneDNN 143-155):
+encoder, the projector) here on CPUs whose best vector unit is AVX2 (`wanted`). Measured on the 2-core
+Zen 3 CI machine (torch 2.13, GFLOP/s, best of 5 calls; torch's 2048^3 product: MKL 170-184, oneDNN 143-155):
     rows x in -> out            this kernel   oneDNN   MKL (torch's default)
     155 x 3584 -> 37888             177-181   139-147   109-112    gate + up, 5 s clip + 30-token prompt
     155 x 18944 -> 3584             170-176   136-143   116-124    down_proj
