@@ -114,8 +114,11 @@ def compile_library(name: str, source: Path, cflags: list[str], ldflags: list[st
             cpp_extension.load(
                 name=name,
                 sources=[str(source)],
-                extra_cflags=cflags,
-                extra_ldflags=ldflags,
+                # Copies: load() appends torch's libraries to extra_ldflags in place. Given a shared list,
+                # each later library of the process linked with them twice, thrice..., so its build command
+                # changed with the load order and every process relinked or even recompiled the kernels.
+                extra_cflags=list(cflags),
+                extra_ldflags=list(ldflags),
                 build_directory=str(build_dir),
                 is_python_module=False,
             )

@@ -10,6 +10,7 @@ import threading
 import pytest
 from minaf3.kernels.cpp_build import (
     build_once,
+    compile_library,
     exclusive_build,
     failure_reason,
     load_together,
@@ -123,3 +124,27 @@ def test_a_build_killed_mid_way_does_not_hang_the_next_one(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True"]
     assert "removing a build lock left by an interrupted build" in done.stderr
+
+
+def test_builds_keep_their_flags_whatever_loaded_before(tmp_path, monkeypatch):
+    """Two libraries built from the same flag lists in one process link alike, and the lists stay as given.
+
+    torch's load() appends its libraries to the ldflags list it is given: with a shared list the second
+    library linked with them twice, so a process's build commands depended on the order its kernels loaded
+    in, and the next process, loading in another order, relinked or recompiled them."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    source = tmp_path / "probe.cpp"
+    source.write_text("int minaf3_probe() { return 1; }\n")
+    cflags, ldflags = ["-O1"], ["-fopenmp"]
+    for name in ("minaf3_probe_a", "minaf3_probe_b"):
+        compile_library(name, source, cflags, ldflags, "probe")
+    assert cflags == ["-O1"] and ldflags == ["-fopenmp"]
+    links = [
+        next(
+            line
+            for line in (tmp_path / name / "build.ninja").read_text().splitlines()
+            if line.startswith("ldflags")
+        )
+        for name in ("minaf3_probe_a", "minaf3_probe_b")
+    ]
+    assert links[0] == links[1] and links[0].count("-ltorch_cpu") == 1
