@@ -36,6 +36,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .kernels import gemm, gemv
+
 # CPU flags (Linux /proc/cpuinfo) of instructions that multiply bf16 natively: AVX-512 BF16 (Zen 4,
 # Cooper Lake and later), AMX (Sapphire Rapids), Arm's BF16 extension. Without them oneDNN and MKL emulate
 # bf16 products through fp32 conversions, several times slower than fp32 itself.
@@ -129,9 +131,7 @@ STREAM_DTYPES = (torch.bfloat16, torch.float32)
 
 def gemv_kernel_ready() -> bool:
     """Whether the C++ kernel runs here (built on first use; False, with one logged warning, otherwise)."""
-    from .kernels.gemv import load_library
-
-    return load_library()
+    return gemv.load_library()
 
 
 # float32, and bf16 (widened as the kernel packs it): 170-180 GFLOP/s against ~22 for torch's emulated bf16
@@ -142,8 +142,6 @@ def gemm_kernel_ready() -> bool:
     """Whether the matrix product of kernels/gemm.cpp runs here: a CPU whose best vector unit is
     AVX2 (built on first use in eager code; False, with one logged warning, when it cannot be built). A
     torch.compile'd step reads only what the last eager check found (generate checks before compiling)."""
-    from .kernels import gemm
-
     return gemm.ready() if torch.compiler.is_compiling() else gemm.usable()
 
 
@@ -167,36 +165,20 @@ def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """layer(x) for any layer (nn.Linear, LoRA, int8), on the fastest path (see the module docstring)."""
     if x.device.type != "cpu":
         return layer(x)
-    if torch.compiler.is_compiling() and x.shape[:-1].numel() == 1:
+    rows = x.shape[:-1].numel()
+    if rows == 1 and torch.compiler.is_compiling():
         return streamed_linear(layer, x)
-    if (
-        type(layer) is nn.Linear
-        and layer.weight.dtype in STREAM_DTYPES
-        and x.shape[:-1].numel() <= STREAM_MAX_ROWS
-        and not torch.is_grad_enabled()
-        and gemv_kernel_ready()
-    ):
-        from .kernels.gemv import gemv_linear
-
-        return gemv_linear(x, layer.weight, layer.bias)
-    if (
-        type(layer) is nn.Linear
-        and x.dtype == layer.weight.dtype
-        and x.dtype in GEMM_DTYPES
-        and not torch.is_grad_enabled()
-        and gemm_kernel_ready()
-    ):
-        from .kernels.gemm import gemm_linear
-
-        return gemm_linear(x, layer.weight, layer.bias)
-    if (
-        ONEDNN
-        and type(layer) is nn.Linear
-        and layer.weight.numel() >= ONEDNN_MIN_WEIGHTS
-        and x.dtype == layer.weight.dtype == torch.float32
-        and not torch.is_grad_enabled()
-    ):
-        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
+    # Eager decoding runs this before every product (112 a token at the bench's full depth), where checks
+    # in Python cost as much as a small layer's product: cheapest first, each attribute read once.
+    if type(layer) is not nn.Linear or torch.is_grad_enabled():
+        return layer(x)
+    weight, bias = layer.weight, layer.bias
+    if rows <= STREAM_MAX_ROWS and weight.dtype in STREAM_DTYPES and gemv_kernel_ready():
+        return gemv.gemv_linear(x, weight, bias)
+    if x.dtype == weight.dtype and x.dtype in GEMM_DTYPES and gemm_kernel_ready():
+        return gemm.gemm_linear(x, weight, bias)
+    if ONEDNN and weight.numel() >= ONEDNN_MIN_WEIGHTS and x.dtype == weight.dtype == torch.float32:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return layer(x)
 
 
