@@ -5,11 +5,12 @@
     split_linear(fused, sizes, ...)  its inverse
 
 Paths for `linear` on the CPU, each measured by tools/bench.py on its 2-core machine:
-  - in a torch.compile'd one-row decode step, a plain layer becomes a multiply-and-sum that inductor
-    generates as one loop streaming the weight at the memory's full speed (BLAS's matrix-vector product
-    reached about half of it), with no library call per layer; an int8 layer calls the C++ kernel of
-    kernels/int8_gemv.cpp, which streams int8 rows faster than inductor's loop (24.8 against 36.8 ms per
-    token at official widths, 2 layers + lm_head), or, where that kernel cannot be built, the loop;
+  - in a torch.compile'd one-row decode step, a plain layer of fewer than STREAM_KERNEL_MIN_WEIGHTS
+    weights becomes a multiply-and-sum that inductor generates as one loop, with no library call per
+    layer (BLAS's matrix-vector product reached about half the memory's speed); larger plain layers and
+    int8 layers call the C++ kernel of kernels/int8_gemv.cpp, which streams rows faster than inductor's
+    loop (official widths, 2 layers + lm_head, ms per token: float32 90 against 118, int8 24.8 against
+    36.8), or, where that kernel cannot be built, the loop;
   - otherwise a bf16 or float32 layer with at most 8 rows and no gradient streams its weights through the
     C++ kernel of kernels/int8_gemv.cpp (bf16: 1.5x the bandwidth of torch's matrix-vector product;
     float32: 1.1-1.6x oneDNN's, 1.7-5x MKL's; figures in kernels/gemv.py);
@@ -134,6 +135,11 @@ def gemv_kernel_ready() -> bool:
     return gemv.load_library()
 
 
+# Weights from which a compiled one-row step calls the C++ kernel rather than inductor's loop. Four float32
+# layers in a compiled graph, one row, us: 512 x 512 loop 132 / kernel 154, 1024 x 1024 309 / 309,
+# 2048 x 1024 959 / 785, 4096 x 1024 1960 / 1744; below this the kernel's call costs more than it saves.
+STREAM_KERNEL_MIN_WEIGHTS = 1 << 20
+
 # float32, and bf16 (widened as the kernel packs it): 170-180 GFLOP/s against ~22 for torch's emulated bf16
 GEMM_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -183,12 +189,20 @@ def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def streamed_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """One row x (..., in) through a plain or int8 layer as a sum of products, for inductor to stream."""
+    """One row x (..., in) through a plain or int8 layer in a compiled step: the C++ kernel for int8 and
+    large layers (where it is built), else a sum of products for inductor to stream."""
     from .kernels.int8_linear import load_extension
     from .quantize import Int8Linear
 
     if type(layer) is nn.Linear:
         weight, scales = layer.weight, None
+        if (
+            weight.numel() >= STREAM_KERNEL_MIN_WEIGHTS
+            and weight.dtype in STREAM_DTYPES
+            and weight.device.type == "cpu"
+            and load_extension()  # a graph constant when tracing
+        ):
+            return gemv.gemv_linear(x, weight, layer.bias)
     elif type(layer) is Int8Linear:
         if layer.weight.device.type == "cpu" and load_extension():  # a graph constant when tracing
             return layer(x)

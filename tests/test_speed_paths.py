@@ -190,6 +190,38 @@ def test_compiled_int8_decoding_gives_the_eager_tokens(one_layer):
     assert max((a - b).abs().max() for a, b in zip(compiled.logits, eager.logits, strict=True)) < 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_decoding_streams_large_plain_layers_through_the_kernel(one_layer, monkeypatch, dtype):
+    """A compiled one-row step calls the C++ kernel for plain layers of STREAM_KERNEL_MIN_WEIGHTS weights
+    or more, and inductor's loop below: the kernel shows in a profile only with the threshold lowered to 0
+    (this model's layers are all below the default), and either way the tokens are eager's."""
+    from torch.profiler import profile
+
+    from minaf3 import linear as linear_module
+
+    model = load(one_layer, dtype=dtype)
+    kernel = {torch.float32: "minaf3_int8::f32_linear", torch.bfloat16: "minaf3_int8::bf16_linear"}[dtype]
+    ids = torch.randint(0, 400, (1, 9), generator=torch.Generator().manual_seed(2))
+    args = dict(max_new_tokens=6, return_dict_in_generate=True, output_logits=True, **GREEDY)
+    eager = model.generate(ids, compile=False, **args)
+    assert gemv_kernel_ready()
+    for threshold, expect_kernel in ((linear_module.STREAM_KERNEL_MIN_WEIGHTS, False), (0, True)):
+        monkeypatch.setattr(linear_module, "STREAM_KERNEL_MIN_WEIGHTS", threshold)
+        torch._dynamo.reset()  # the threshold is read when the step is traced
+        model.generate(ids, compile=True, **args)  # traces and compiles
+        with profile() as trace:
+            compiled = model.generate(ids, compile=True, **args)
+        assert torch.equal(compiled.sequences, eager.sequences)
+        tolerance = 1e-4 if dtype == torch.float32 else 0.05  # bf16: norms and RoPE round where they run
+        assert (
+            max((a - b).abs().max() for a, b in zip(compiled.logits, eager.logits, strict=True)) < tolerance
+        )
+        calls = sum(event.count for event in trace.key_averages() if event.key == kernel)
+        # prefill's lm_head over the last position runs it eagerly; then 5 compiled steps of 5 plain layers
+        # (qkv, o, gate_up, down, lm_head) each
+        assert calls == 1 + 5 * 5 * expect_kernel, (threshold, calls)
+
+
 def test_compile_argument_is_checked(one_layer):
     model = load(one_layer)
     with pytest.raises(GenerationError, match="compile='fast'"):
