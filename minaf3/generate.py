@@ -2,7 +2,7 @@
 
     inputs_embeds (B, T, D)  the prompt, audio already in place, left-padded
       prefill                -> logits (B, V) of the last prompt position; cache slots 0..T-1 filled
-      loop: process_logits + sample -> tokens (B,)      (sampling.py)
+      loop: choose_tokens                   -> tokens (B,)     (sampling.py)
             decode_one_token(tokens at slot T + i)      -> logits (B, V)
     -> prompt + new tokens (B, T + n): n = the longest row's new tokens; stopped rows padded with pad_token_id
 
@@ -35,7 +35,7 @@ from .attention import cpu_kernel_ready
 from .errors import GenerationError, InputError
 from .kernels.cpp_build import load_together
 from .linear import gemm_kernel_ready, gemv_kernel_ready, linear
-from .sampling import GenerationConfig, mark_seen_, process_logits, sample, seen_tokens
+from .sampling import GenerationConfig, choose_tokens, mark_seen_, seen_tokens
 from .streamer import TextIteratorStreamer
 
 __all__ = ["GenerationConfig", "GenerateOutput", "TextIteratorStreamer", "generate", "prefill"]
@@ -318,8 +318,7 @@ def decode_loop(
         for step in range(N):
             if keep_logits:  # a CUDA graph overwrites its output at the next step: keep a copy
                 kept.append(logits if step_fn is decode_one_token else logits.clone())
-            scores = process_logits(logits, config, seen, step, eos_ids)
-            tokens = sample(scores, config.do_sample, generator)  # (B,)
+            tokens = choose_tokens(logits, config, seen, step, eos_ids, generator)  # (B,)
             if eos_ids is not None:
                 # Rows that already stopped keep emitting padding, as in the reference.
                 tokens = torch.where(unfinished, tokens, pad)

@@ -15,12 +15,15 @@ from minaf3.config import AudioFlamingo3Config
 from minaf3.errors import ConfigError, GenerationError
 from minaf3.sampling import (
     GenerationConfig,
+    adjusted_scores,
+    choose_tokens,
     process_logits,
     repetition_penalty,
     sample,
     seen_tokens,
     suppress_tokens,
     temperature,
+    top_k_candidates,
     top_k_filter,
     top_p_filter,
 )
@@ -118,6 +121,47 @@ def test_processor_chain_matches_reference_order(
     config = GenerationConfig(**settings_, min_new_tokens=min_new, eos_token_id=eos, pad_token_id=0)
     seen = seen_tokens(full_ids, full_mask, logits.shape[1])
     assert torch.equal(process_logits(logits, config, seen, generated, torch.tensor(eos)), expected)
+
+
+@FAST
+@given(
+    data=logits_and_prompt(), k=st.sampled_from([1, 2, 3, 20, 50]), p=st.sampled_from([0.05, 0.5, 0.8, 1.0])
+)
+def test_top_k_candidates_then_top_p_keep_what_the_whole_vocabulary_filters_keep(data, k, p):
+    """choose_tokens' CPU path filters the gathered top-k candidates. Scattered back, they keep exactly the
+    scores process_logits keeps. Only among exactly equal scores at top_p's edge may a different token of
+    the tie stay: torch's sort is not stable, so the tie's order is the sort's, over the whole vocabulary
+    in one case and over the candidates in the other (the strategy's rounding makes many ties)."""
+    logits, ids, mask = data
+    config = GenerationConfig(do_sample=True, temperature=0.7, top_k=k, top_p=p, repetition_penalty=1.3)
+    seen = seen_tokens(ids, mask, logits.shape[1])
+    scores = adjusted_scores(logits, config, seen, 0, None)
+    values, index = top_k_candidates(scores, k)
+    kept = top_p_filter(values, p) if p < 1.0 else values
+    ours = torch.full_like(logits, float("-inf")).scatter(1, index, kept)
+    expected = process_logits(logits, config, seen, 0, None)
+    assert torch.equal(ours.sort(-1).values, expected.sort(-1).values)  # the same scores survive
+    for row in (ours != expected).any(-1).nonzero().flatten().tolist():
+        differ = scores[row, ours[row] != expected[row]]
+        assert (differ == differ[0]).all()  # tokens of one tie, swapped
+
+
+def test_top_k_candidates_keep_every_tie_at_the_threshold():
+    scores = torch.tensor([[5.0, 3.0, 3.0, 3.0, 1.0, 0.0], [4.0, 2.0, 1.0, 0.0, -1.0, -2.0]])
+    values, index = top_k_candidates(scores, 2)  # row 0 keeps 5 and all three 3s: four candidates
+    assert values.tolist() == [[5.0, 3.0, 3.0, 3.0], [4.0, 2.0, float("-inf"), float("-inf")]]
+    assert sorted(index[0].tolist()) == [0, 1, 2, 3] and index[1, :2].tolist() == [0, 1]
+
+
+def test_choose_tokens_draws_in_proportion_to_the_processed_scores():
+    """The candidates-only draw has process_logits' distribution (top_k 3 of 6, then top_p, temperature)."""
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.8, -1.0, 0.5]).expand(60_000, -1)
+    config = GenerationConfig(do_sample=True, temperature=0.7, top_k=3, top_p=0.9)
+    expected = process_logits(logits[:1], config, None, 0, None).softmax(-1)[0]
+    draws = choose_tokens(logits, config, None, 0, None, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=6).float() / len(draws)
+    assert (freq[expected == 0] == 0).all() and (expected > 0).sum() >= 2
+    assert torch.allclose(freq, expected, atol=0.01)  # binomial standard error <= 0.002 at n = 60,000
 
 
 def test_suppress_tokens_ignores_ids_beyond_vocabulary():
