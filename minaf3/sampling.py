@@ -247,11 +247,11 @@ def adjusted_scores(
 
 
 def top_k_candidates(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The scores top_k_filter keeps, gathered: values, index (B, n), highest first, n > k unless k >= V.
+    """The scores top_k_filter keeps, gathered: values, index (B, n), highest first, n >= k.
 
     A row keeps every score >= its k-th highest, so a tie at that threshold can keep more than k. The
     k + 1 highest show whether one does (the (k+1)-th then equals the k-th); only then are the scores
-    counted, n being the most any row keeps. Entries a row does not keep are -inf.
+    counted, n being the most any row keeps. Entries a row does not keep (such as the (k+1)-th) are -inf.
     """
     V = scores.shape[-1]
     k = min(k, V)
