@@ -9,28 +9,19 @@ libraries turn the last position's logits over the whole vocabulary (151,672) in
                   vocabulary), softmax and torch.multinomial, as its generate runs them
     minaf3        sampling.choose_tokens: the same processors, then top-p and the draw on the top-k
                   candidates alone
-on the same random logits and a prompt of 200 seen tokens per row. Times are the best of --repeats calls.
+on the same random logits and a prompt of 200 seen tokens per row. Times are the best of --repeats turns,
+the two raced in each turn (bench.race).
 """
 
 import argparse
-import time
 
 import torch
+from bench import race
 
 from minaf3.sampling import GenerationConfig, choose_tokens, seen_tokens
 
 VOCAB = 151_672
 SETTINGS = dict(temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05)
-
-
-def best_ms(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return 1e3 * best
 
 
 def step_times(batch: int, reference, config: GenerationConfig, repeats: int) -> tuple[float, float]:
@@ -47,7 +38,8 @@ def step_times(batch: int, reference, config: GenerationConfig, repeats: int) ->
     def minaf3_step():
         return choose_tokens(logits, config, seen, 1, None, gen)
 
-    return best_ms(transformers_step, repeats), best_ms(minaf3_step, repeats)
+    times = race({"transformers": transformers_step, "minaf3": minaf3_step}, repeats)
+    return 1e3 * times["transformers"], 1e3 * times["minaf3"]
 
 
 def main() -> None:
