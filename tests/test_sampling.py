@@ -154,13 +154,15 @@ def test_top_k_candidates_keep_every_tie_at_the_threshold():
 
 
 def test_choose_tokens_draws_in_proportion_to_the_processed_scores():
-    """The candidates-only draw has process_logits' distribution (top_k 3 of 6, then top_p, temperature)."""
+    """The candidates-only draw has process_logits' distribution: temperature, top_k 3 of 6, then top_p
+    0.8 drops the third candidate (probability 0.14 < 1 - 0.8), leaving two tokens."""
     logits = torch.tensor([2.0, 1.5, 1.0, 0.8, -1.0, 0.5]).expand(60_000, -1)
-    config = GenerationConfig(do_sample=True, temperature=0.7, top_k=3, top_p=0.9)
+    config = GenerationConfig(do_sample=True, temperature=0.7, top_k=3, top_p=0.8)
     expected = process_logits(logits[:1], config, None, 0, None).softmax(-1)[0]
     draws = choose_tokens(logits, config, None, 0, None, torch.Generator().manual_seed(0))
     freq = torch.bincount(draws, minlength=6).float() / len(draws)
-    assert (freq[expected == 0] == 0).all() and (expected > 0).sum() >= 2
+    assert (expected > 0).tolist() == [True, True, False, False, False, False]
+    assert (freq[expected == 0] == 0).all()
     assert torch.allclose(freq, expected, atol=0.01)  # binomial standard error <= 0.002 at n = 60,000
 
 
