@@ -193,6 +193,11 @@ def make_speech():
     return speech_like
 
 
+def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| over all elements, in float32."""
+    return ((actual.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
@@ -256,7 +261,7 @@ def hour_checkpoint(tmp_path_factory) -> Path:
     return write_demo_checkpoint(tmp_path_factory.mktemp("af3_hour"), **HOUR_SIZES)
 
 
-# ---- C++ kernel builds (tests/test_features.py, tests/test_quantize.py) -----------------------------------
+# ---- a fresh interpreter: C++ kernel builds as CI meets them, imports a first forward must not pay for ----
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
     """Run `code` in a new interpreter with this environment plus `env`, its venv's bin/ not on PATH."""
     bin_dir = os.path.dirname(sys.executable)

@@ -1,5 +1,5 @@
 """kernels/cpp_build.py: what the C++ kernels share. Their builds themselves (fresh caches, a missing
-compiler, a compiler without OpenMP) are tested with each kernel: test_features.py, test_quantize.py,
+compiler, a compiler without OpenMP) are tested with each kernel: test_log_mel.py, test_int8_linear.py,
 test_cpu_attention.py."""
 
 import os
