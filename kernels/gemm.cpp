@@ -1,6 +1,8 @@
 // float32 matrix product for many activation rows on an AVX2 CPU: y (M, N) = x (M, K) @ w (N, K).T + bias,
 // with x and w float32 or bf16 (widened to float32 as they are packed: on a CPU without bf16 instructions,
-// torch's own bf16 products run at ~22 GFLOP/s on two cores, emulated).
+// torch's own bf16 products run at ~22 GFLOP/s on two cores, emulated), or w int8 with one float32 scale
+// per row (an int8-quantized model's prefill: y = scales * (x @ w.T) + bias, the int8 values widened to
+// float32 as they are packed; kernels/int8_linear.py).
 //
 // Prefill and the audio encoder multiply a few hundred rows (155 for a 5 s clip and a 30-token question,
 // 250 encoder frames) by weights of thousands of rows. There oneDNN and MKL reach 133-157 and 109-131
@@ -110,9 +112,10 @@ inline void transpose8(__m256 r[8]) {
   }
 }
 
-// Operands are float32 or bf16 (uint16_t bit patterns: a bf16 is the top half of a float32); both are
-// widened to float32 as they are packed, so the products and sums are float32 either way.
+// Operands are float32, bf16 (uint16_t bit patterns: a bf16 is the top half of a float32) or, for w, int8;
+// all are widened to float32 as they are packed, so the products and sums are float32 in every case.
 inline float to_float(float v) { return v; }
+inline float to_float(int8_t v) { return static_cast<float>(v); }  // exact: every int8 is a float
 inline float to_float(uint16_t bits) {
   const uint32_t wide = static_cast<uint32_t>(bits) << 16;
   float f;
@@ -120,6 +123,9 @@ inline float to_float(uint16_t bits) {
   return f;
 }
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
 inline __m256 load8(const uint16_t* p) {
   const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
@@ -156,10 +162,11 @@ Buffer aligned_floats(int64_t n) {  // 64-byte aligned, for the aligned loads of
   return buffer;
 }
 
-// y[m0 .. m0 + rows) = the product for one block of x's rows, whose packed copy is A.
+// y[m0 .. m0 + rows) = the product for one block of x's rows, whose packed copy is A. scales (N,) or
+// nullptr: each finished sum times its row's scale (int8 weights), then + bias.
 template <class X, class W>
-void block_product(const X* x, const W* w, const float* bias, float* y, int64_t m0, int64_t rows, int64_t N,
-                   int64_t K, float* A) {
+void block_product(const X* x, const W* w, const float* scales, const float* bias, float* y, int64_t m0,
+                   int64_t rows, int64_t N, int64_t K, float* A) {
   const int64_t panels_of_x = (rows + kMR - 1) / kMR;
   // x's rows as [K][mr] panels, panel p at A + p * kMR * K (mr = 6, fewer in the last)
   at::parallel_for(0, panels_of_x, 1, [&](int64_t begin, int64_t end) {
@@ -195,7 +202,8 @@ void block_product(const X* x, const W* w, const float* bias, float* y, int64_t 
         for (int64_t r = 0; r < rows; ++r) {
           const float* c = C.get() + (g * panels_of_x + r / kMR) * kMR * kNR + (r % kMR) * kNR;
           float* out = y + (m0 + r) * N + n0;
-          for (int64_t j = 0; j < nr; ++j) out[j] = c[j] + (bias ? bias[n0 + j] : 0.0f);
+          for (int64_t j = 0; j < nr; ++j)
+            out[j] = c[j] * (scales ? scales[n0 + j] : 1.0f) + (bias ? bias[n0 + j] : 0.0f);
         }
       }
     }
@@ -214,15 +222,16 @@ bool float32_or_bf16(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16;
 }
 
-// y (..., N) float32 = x (..., K) @ w (N, K).T + bias (N,) float32, x and w float32 or bf16 (each widened to
-// float32 as it is packed: a bf16 model's products in float32, as oneDNN does them).
-at::Tensor f32_gemm(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "f32_gemm: CPU tensors expected");
-  TORCH_CHECK(x.dim() >= 1 && w.dim() == 2, "f32_gemm: x (..., K) and w (N, K) expected");
-  TORCH_CHECK(float32_or_bf16(x) && float32_or_bf16(w), "f32_gemm: x and w must be float32 or bfloat16");
-  TORCH_CHECK(w.size(1) == x.size(-1), "f32_gemm: x has ", x.size(-1), " columns but w has ", w.size(1));
-  TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->numel() == w.size(0)),
-              "f32_gemm: bias must be float32 with ", w.size(0), " entries");
+// y (..., N) float32 = x (..., K) @ w (N, K).T (times scales (N,) when given) + bias (N,) float32.
+at::Tensor gemm(const char* name, const at::Tensor& x, const at::Tensor& w, const at::Tensor* scales,
+                const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), name, ": CPU tensors expected");
+  TORCH_CHECK(x.dim() >= 1 && w.dim() == 2, name, ": x (..., K) and w (N, K) expected");
+  TORCH_CHECK(w.size(1) == x.size(-1), name, ": x has ", x.size(-1), " columns but w has ", w.size(1));
+  TORCH_CHECK(!scales || (scales->scalar_type() == at::kFloat && scales->numel() == w.size(0)), name, ": ",
+              w.size(0), " weight rows need as many float32 scales");
+  TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->numel() == w.size(0)), name,
+              ": bias must be float32 with ", w.size(0), " entries");
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);  // (..., K) -> (..., N)
   shape.push_back(w.size(0));
   at::Tensor y = at::empty(shape, x.options().dtype(at::kFloat));
@@ -230,24 +239,53 @@ at::Tensor f32_gemm(const at::Tensor& x, const at::Tensor& w, const std::optiona
   if (M == 0 || N == 0) return y;
   if (K == 0) return bias ? y.copy_(bias->expand_as(y)) : y.zero_();
   const at::Tensor xc = x.contiguous(), wc = w.contiguous();
+  const at::Tensor sc = scales ? scales->contiguous() : at::Tensor();
   const at::Tensor bc = bias ? bias->contiguous() : at::Tensor();
+  const float* s = scales ? sc.data_ptr<float>() : nullptr;
   const float* b = bias ? bc.data_ptr<float>() : nullptr;
   const int64_t block = std::max<int64_t>(kMR, std::min(kBlockRows, kBlockBytes / (K * 4)) / kMR * kMR);
   Buffer A = aligned_floats(std::min(M, block) * K);
-  auto product = [&](const auto* xs, const auto* ws) {
-    for (int64_t m0 = 0; m0 < M; m0 += block)
-      block_product(xs, ws, b, y.data_ptr<float>(), m0, std::min(block, M - m0), N, K, A.get());
+  auto product = [&](const auto* ws) {
+    auto rows_of = [&](const auto* xs) {
+      for (int64_t m0 = 0; m0 < M; m0 += block)
+        block_product(xs, ws, s, b, y.data_ptr<float>(), m0, std::min(block, M - m0), N, K, A.get());
+    };
+    if (xc.scalar_type() == at::kFloat) {
+      rows_of(data_of<float>(xc));
+    } else {
+      rows_of(data_of<uint16_t>(xc));
+    }
   };
-  const bool x32 = xc.scalar_type() == at::kFloat, w32 = wc.scalar_type() == at::kFloat;
-  if (x32 && w32) product(data_of<float>(xc), data_of<float>(wc));
-  if (x32 && !w32) product(data_of<float>(xc), data_of<uint16_t>(wc));
-  if (!x32 && w32) product(data_of<uint16_t>(xc), data_of<float>(wc));
-  if (!x32 && !w32) product(data_of<uint16_t>(xc), data_of<uint16_t>(wc));
+  if (wc.scalar_type() == at::kFloat) product(data_of<float>(wc));
+  if (wc.scalar_type() == at::kBFloat16) product(data_of<uint16_t>(wc));
+  if (wc.scalar_type() == at::kChar) product(data_of<int8_t>(wc));
   return y;
+}
+
+// y (..., N) float32 = x (..., K) @ w (N, K).T + bias (N,) float32, x and w float32 or bf16 (each widened to
+// float32 as it is packed: a bf16 model's products in float32, as oneDNN does them).
+at::Tensor f32_gemm(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(float32_or_bf16(x) && float32_or_bf16(w), "f32_gemm: x and w must be float32 or bfloat16");
+  return gemm("f32_gemm", x, w, nullptr, bias);
+}
+
+// y (..., N) float32 = x (..., K) @ (w (N, K) * scales[:, None]).T + bias, x float32 or bf16, w int8 and
+// scales (N,) float32: an int8 layer's product for many rows (kernels/int8_linear.py).
+at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                     const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(float32_or_bf16(x) && w.scalar_type() == at::kChar,
+              "int8_gemm: x must be float32 or bfloat16 and w int8");
+  return gemm("int8_gemm", x, w, &scales, bias);
 }
 
 // A torch operator rather than a pybind11 function: the build needs no Python headers, and torch.compile
 // can trace through it (gemm.py registers its shape function).
-TORCH_LIBRARY(minaf3_gemm, m) { m.def("f32_gemm(Tensor x, Tensor w, Tensor? bias) -> Tensor"); }
+TORCH_LIBRARY(minaf3_gemm, m) {
+  m.def("f32_gemm(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  m.def("int8_gemm(Tensor x, Tensor w, Tensor scales, Tensor? bias) -> Tensor");
+}
 
-TORCH_LIBRARY_IMPL(minaf3_gemm, CPU, m) { m.impl("f32_gemm", &f32_gemm); }
+TORCH_LIBRARY_IMPL(minaf3_gemm, CPU, m) {
+  m.impl("f32_gemm", &f32_gemm);
+  m.impl("int8_gemm", &int8_gemm);
+}

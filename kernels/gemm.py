@@ -1,12 +1,16 @@
-"""The matrix product of gemm.cpp for many activation rows (float32 arithmetic on float32 or bf16 operands):
-building it, and its entry point.
+"""The matrix product of gemm.cpp for many activation rows (float32 arithmetic on float32 or bf16 operands,
+or on int8 weights with a scale per row): building it, and its entry points.
 
     gemm_reference(x, w, bias)   the definition: F.linear in float64 on the operands' values, as float32
     wanted()                     whether this CPU is one the kernel is for (its best vector unit is AVX2)
     usable() / ready()           wanted() and load_library(); ready() is what usable() last found
     load_library()               builds (first use) and loads gemm.cpp; False, with one logged warning, when
                                  it cannot be built here
+    runs_here()                  usable() in eager code, ready() while torch.compile traces
     gemm_linear(x, w, bias)      x (..., K) @ w (N, K).T + bias through the library, in x's dtype
+
+The int8 operator, torch.ops.minaf3_gemm.int8_gemm(x, w_int8, scales, bias), is called by
+kernels/int8_linear.py for an int8 layer's prefill.
 
 minaf3/linear.py sends float32 and bf16 layers with more rows than a decode step (prefill, the audio
 encoder, the projector) here on CPUs whose best vector unit is AVX2 (`wanted`). Measured on the 2-core
@@ -58,7 +62,11 @@ def _build() -> bool:
 
     @torch.library.register_fake("minaf3_gemm::f32_gemm")  # output shape, for torch.compile's tracing
     def _(x, w, bias):
-        return x.new_empty(*x.shape[:-1], w.shape[0])
+        return x.new_empty(*x.shape[:-1], w.shape[0], dtype=torch.float32)
+
+    @torch.library.register_fake("minaf3_gemm::int8_gemm")
+    def _(x, w, scales, bias):
+        return x.new_empty(*x.shape[:-1], w.shape[0], dtype=torch.float32)
 
     return True
 
@@ -77,6 +85,11 @@ def ready() -> bool:
     """What usable() last found. A torch.compile'd step reads this: tracing can follow neither the CPU query
     nor the lock of a first build (generate calls usable() before compiling)."""
     return _state["usable"]
+
+
+def runs_here() -> bool:
+    """usable() in eager code, ready() while torch.compile traces: whether a call should take the kernel."""
+    return ready() if torch.compiler.is_compiling() else usable()
 
 
 def gemm_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -6,8 +6,10 @@
                                                when it cannot be built here
 
 Backends: the `backend=` argument, else the environment variable MINAF3_INT8_BACKEND, else "auto".
-  "cpp"    the C++ kernel of int8_gemv.cpp (CPU; AVX-512 code where the CPU has it, else AVX2);
-           ConfigError when it cannot be built or run here.
+  "cpp"    the C++ kernels (CPU): int8_gemv.cpp's streaming loop (AVX-512 code where the CPU has it, else
+           AVX2), or from GEMM_MIN_ROWS rows on CPUs whose best vector unit is AVX2, gemm.cpp's blocked
+           product with the int8 rows widened and scaled as they are packed; ConfigError when they cannot
+           be built or run here.
   "torch"  torch ops only: up to SMALL_BATCH rows aten._weight_int8pack_mm with bf16 activations, more rows
            (and non-CPU devices) dequantize tiles of weight rows and multiply with F.linear.
   "auto"   "cpp" for CPU tensors when the kernel builds on an AVX2 CPU, otherwise "torch".
@@ -23,12 +25,18 @@ machine is shared, so each figure is the best of many calls; 1T / 2T = one / two
   batch 8: FMA-bound (AVX-512 ~50 GFMA/s per core): 10.8 ms 1T, 6.8 ms 2T; int8pack_mm 16-26 ms;
       fp32 GEMM 42-108 ms (MKL's small-batch path is slow on this CPU).
   prefill, 256 rows: this kernel 316 ms 1T, 238 ms 2T (AVX2 code 403 / 278); fp32 GEMM ~990 ms 1T;
-      dequantizing 8 MiB tiles + GEMM ~1080 ms 1T: the kernel serves every row count, no prefill path.
+      dequantizing 8 MiB tiles + GEMM ~1080 ms 1T: on that AVX-512 CPU the loop serves every row count.
   _weight_int8pack_mm's bf16 path crashes or returns NaN/inf unless in_features % 16 == 0 (torch 2.13
       CPU); the torch backend dequantizes for those shapes instead.
+On the 2-core Zen 3 (AVX2) machine, the four decoder shapes (q+k+v, o, gate+up, down) at 155 and 800 rows
+(a 5 s and a 30 s clip's prompt): the loop 131 and 103 GFLOP/s, falling as x outgrows the caches, since
+every 16-row chunk of weights re-reads all of x; gemm.cpp 163 and 156. For comparison, at 256-1600 rows:
+dequantized 8 MiB tiles + F.linear 113-135, F.linear on float32 weights 111-158 (scratch scripts, best of
+3-5 calls). Where the two kernels cross: GEMM_MIN_ROWS.
 
-Building: gemv.py (the library int8_gemv.cpp, shared with bf16 decode). The operator registers as
-torch.ops.minaf3_int8.int8_linear with a shape function, so torch.compile traces through it.
+Building: gemv.py (the library int8_gemv.cpp, shared with bf16 decode) and gemm.py. The operators register
+as torch.ops.minaf3_int8.int8_linear and torch.ops.minaf3_gemm.int8_gemm with shape functions, so
+torch.compile traces through them.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ import torch.nn.functional as F
 
 from minaf3.errors import ConfigError
 
-from . import cpp_build
+from . import cpp_build, gemm
 from .gemv import load_library
 
 BACKEND_ENV = "MINAF3_INT8_BACKEND"
@@ -50,6 +58,10 @@ SMALL_BATCH = 8
 DEQUANT_TILE_BYTES = 8 * 2**20
 # _weight_int8pack_mm's bf16 kernel is wrong or crashes for other widths (see the module docstring).
 PACK_MM_K_MULTIPLE = 16
+# Rows from which the "cpp" backend multiplies with gemm.cpp's blocked product (on CPUs it is written for)
+# rather than int8_gemv.cpp's streaming loop. The four decoder shapes, two Zen 3 cores, GFLOP/s loop /
+# gemm: 32 rows 129 / 119, 40 rows 132 / 138, 64 rows 127 / 148, 155 131 / 163, 800 103 / 156.
+GEMM_MIN_ROWS = 40
 
 
 def int8_linear_reference(
@@ -99,15 +111,22 @@ def run_int8_linear(
     much as a small layer's whole product (~6 and ~4 us of ~10 us, measured at width 112).
     """
     chosen = resolve_backend(backend)
-    if x.device.type == "cpu" and chosen != "torch" and load_extension():
-        f32 = torch.float32
-        out = torch.ops.minaf3_int8.int8_linear(
-            x if x.dtype == f32 else x.float(),
-            w_int8,
-            scales if scales.dtype == f32 else scales.float(),
-            bias if bias is None or bias.dtype == f32 else bias.float(),
-        )
-        return out if x.dtype == f32 else out.to(x.dtype)
+    if x.device.type == "cpu" and chosen != "torch":
+        if x.shape[:-1].numel() >= GEMM_MIN_ROWS and gemm.runs_here():
+            op = torch.ops.minaf3_gemm.int8_gemm  # many rows (prefill): the blocked product
+        elif load_extension():
+            op = torch.ops.minaf3_int8.int8_linear  # a few rows (decode): the streaming loop
+        else:
+            op = None
+        if op is not None:
+            f32 = torch.float32
+            out = op(
+                x if x.dtype == f32 else x.float(),
+                w_int8,
+                scales if scales.dtype == f32 else scales.float(),
+                bias if bias is None or bias.dtype == f32 else bias.float(),
+            )
+            return out if x.dtype == f32 else out.to(x.dtype)
     if chosen == "cpp":
         why = (
             f"tensors are on {x.device}"

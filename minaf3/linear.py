@@ -148,7 +148,7 @@ def gemm_kernel_ready() -> bool:
     """Whether the matrix product of kernels/gemm.cpp runs here: a CPU whose best vector unit is
     AVX2 (built on first use in eager code; False, with one logged warning, when it cannot be built). A
     torch.compile'd step reads only what the last eager check found (generate checks before compiling)."""
-    return gemm.ready() if torch.compiler.is_compiling() else gemm.usable()
+    return gemm.runs_here()
 
 
 # Weights from which oneDNN beats MKL: its fixed cost per call (~18 us against 5) loses on small layers.

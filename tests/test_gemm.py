@@ -1,4 +1,5 @@
-"""kernels/gemm.cpp: the float32 matrix product for many rows, against its definition (float64).
+"""kernels/gemm.cpp: the float32 matrix product for many rows, against its definition (float64), on float32,
+bf16 and int8 (scaled per row) weights.
 
 Shapes cover the kernel's edges: rows that fill no 6-row tile or leave a partial one, widths beyond one
 256-column panel and with a tail that is not a multiple of 8, outputs that fill no 16-row panel and more
@@ -35,18 +36,26 @@ def close(got: torch.Tensor, expected: torch.Tensor) -> bool:
     out_features=st.integers(1, 300),
     bias=st.booleans(),
     x_dtype=st.sampled_from([torch.float32, torch.bfloat16]),
-    w_dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    w_dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.int8]),
     seed=st.integers(0, 2**16),
 )
 def test_kernel_equals_the_float64_product(rows, in_features, out_features, bias, x_dtype, w_dtype, seed):
-    """The operator on float32 or bf16 operands: the float32 product of their values."""
+    """The operators on float32 or bf16 operands, or int8 weights with a scale per row: the float32
+    product of their values."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, in_features, generator=g).to(x_dtype)
-    w = torch.randn(out_features, in_features, generator=g).to(w_dtype)
     b = torch.randn(out_features, generator=g) if bias else None
-    got = torch.ops.minaf3_gemm.f32_gemm(x, w, b)
+    if w_dtype == torch.int8:
+        w = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=g)
+        scales = torch.rand(out_features, generator=g) * 0.02 + 1e-3
+        got = torch.ops.minaf3_gemm.int8_gemm(x, w, scales, b)
+        expected = gemm.gemm_reference(x, w.double() * scales.double()[:, None], b)
+    else:
+        w = torch.randn(out_features, in_features, generator=g).to(w_dtype)
+        got = torch.ops.minaf3_gemm.f32_gemm(x, w, b)
+        expected = gemm.gemm_reference(x, w, b)
     assert got.shape == (rows, out_features) and got.dtype == torch.float32
-    assert close(got, gemm.gemm_reference(x, w, b))
+    assert close(got, expected)
 
 
 def test_bf16_layers_give_bf16_outputs_rounded_from_float32():
@@ -99,6 +108,23 @@ def test_operator_refuses_what_it_cannot_multiply(change, message):
     """The operator's own checks name it and the problem before reading any data."""
     with pytest.raises(RuntimeError, match=f"f32_gemm: {message}"):
         torch.ops.minaf3_gemm.f32_gemm(*change(torch.randn(9, 16), torch.randn(4, 16), torch.randn(4)))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda x, w, s, b: (x, w.float(), s, b), "x must be float32 or bfloat16 and w int8"),
+        (lambda x, w, s, b: (x.half(), w, s, b), "x must be float32 or bfloat16 and w int8"),
+        (lambda x, w, s, b: (x, w, s[:3], b), "4 weight rows need as many float32 scales"),
+        (lambda x, w, s, b: (x, w, s.double(), b), "4 weight rows need as many float32 scales"),
+        (lambda x, w, s, b: (x[:, :15], w, s, b), "x has 15 columns but w has 16"),
+        (lambda x, w, s, b: (x, w, s, b[:3]), "bias must be float32 with 4 entries"),
+    ],
+)
+def test_int8_operator_refuses_what_it_cannot_multiply(change, message):
+    w = torch.randint(-127, 128, (4, 16), dtype=torch.int8)
+    with pytest.raises(RuntimeError, match=f"int8_gemm: {message}"):
+        torch.ops.minaf3_gemm.int8_gemm(*change(torch.randn(9, 16), w, torch.rand(4), torch.randn(4)))
 
 
 @pytest.mark.parametrize("capability, wanted", [("AVX2", True), ("AVX512", False), ("DEFAULT", False)])

@@ -14,7 +14,7 @@ import torch
 from conftest import rel_l2, run_python
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from minaf3.kernels import gemv
+from minaf3.kernels import gemm, gemv
 from minaf3.kernels import int8_linear as kernel
 from minaf3.kernels.int8_linear import int8_linear, int8_linear_reference, load_extension
 
@@ -73,7 +73,7 @@ def test_int8_linear_matches_reference(path, rows, out_features, in_features, bi
 
 
 @pytest.mark.parametrize("path", KERNEL_PATHS)
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 33])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 33, kernel.GEMM_MIN_ROWS + 5])
 def test_batch_rows_each_equal_that_row_alone(path, rows):
     """Row blocking (1-4 rows per pass, tiles of weight rows) must not mix rows; width 3584 as in AF3."""
     w, scales, b = random_layer(203, 3584, True, seed=rows)  # 203: chunks of whole blocks, then odd rows
@@ -114,6 +114,31 @@ def test_leading_dims_and_dtype_are_kept(dtype):
     assert out.shape == (2, 5, 24) and out.dtype == dtype
     expected = int8_linear_reference(x, w, scales, b)
     assert rel_l2(out, expected) < 2 * BF16_EPS
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_rows_take_the_blocked_product_where_it_is_wanted(monkeypatch, dtype):
+    """From GEMM_MIN_ROWS rows (a prompt) the "cpp" backend calls gemm.cpp's int8 operator on CPUs whose
+    best vector unit is AVX2, and the streaming loop below that or on other CPUs; every way, the product
+    is the reference's within float32 rounding (bf16 rows: within their output's rounding)."""
+    from torch.profiler import profile
+
+    many = kernel.GEMM_MIN_ROWS
+    w, scales, b = random_layer(70, 300, True, seed=9)
+    x = torch.randn(many, 300).to(dtype)
+    expected = int8_linear_reference(x, w, scales, b).float()
+    bound = error_bound(x, w, scales, b, 300 * FLOAT32_EPS if dtype == torch.float32 else 2 * BF16_EPS)
+    for wanted, rows, op in [
+        (True, many, "minaf3_gemm::int8_gemm"),
+        (True, many - 1, "minaf3_int8::int8_linear"),
+        (False, many, "minaf3_int8::int8_linear"),  # an AVX-512 CPU: the loop at any row count
+    ]:
+        monkeypatch.setattr(gemm, "wanted", lambda wanted=wanted: wanted)
+        with profile() as trace:
+            out = int8_linear(x[:rows], w, scales, b)
+        calls = {event.key: event.count for event in trace.key_averages() if event.key.startswith("minaf3")}
+        assert calls == {op: 1}, (wanted, rows, calls)
+        assert out.dtype == dtype and ((out.float() - expected[:rows]).abs() <= bound[:rows]).all()
 
 
 def test_traced_by_torch_compile_without_graph_breaks():
