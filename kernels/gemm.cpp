@@ -20,8 +20,9 @@
 // once at load time, so that the weights keep the (N, K) layout every other path reads. Threads split
 // the panels of w; x's copy is shared.
 //
-// Built by kernels/gemm.py through torch.utils.cpp_extension.load with -mavx2 -mfma. minaf3/linear.py calls
-// it only on CPUs whose best vector unit is AVX2; where AVX-512 is present, oneDNN's kernels run (gemm.py).
+// Built by kernels/gemm.py through torch.utils.cpp_extension.load with -mavx2 -mfma. minaf3/linear.py and
+// kernels/int8_linear.py call it only on CPUs whose best vector unit is AVX2; where AVX-512 is present,
+// oneDNN's kernels run for float32 and bf16, int8_gemv.cpp's AVX-512 loop for int8 (gemm.py).
 
 // Only the headers needed: <torch/extension.h> (pybind11 and the whole C++ API) triples the build time.
 #include <ATen/Parallel.h>

@@ -5,9 +5,11 @@
 
 For each decoder layer shape (and the lm_head) and each row count it prints the milliseconds of
     fp32      F.linear on float32 weights (what an unquantized model runs)
-    cpp       the C++ kernel of kernels/int8_gemv.cpp (what a quantized model runs on CPU), AVX-512 where
+    cpp       what a quantized model runs on CPU: from GEMM_MIN_ROWS rows on AVX2 CPUs kernels/gemm.cpp's
+              blocked product, else the streaming loop of kernels/int8_gemv.cpp, AVX-512 where
               the CPU has it
-    avx2      the same kernel forced to its AVX2 code (shown on AVX-512 CPUs only)
+    avx2      the loop forced to its AVX2 code (shown on AVX-512 CPUs only)
+    loop      the loop, where cpp took gemm.cpp
     torch     the torch backend: aten._weight_int8pack_mm with bf16 activations (<= 8 rows), else
               float32 dequantization of weight tiles + F.linear
     naive     dequantize the whole weight, then F.linear (--naive; slow, for comparison)
@@ -29,7 +31,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-from minaf3.kernels.int8_linear import int8_linear, int8_linear_reference, load_extension
+from minaf3.kernels import gemm
+from minaf3.kernels.int8_linear import GEMM_MIN_ROWS, int8_linear, int8_linear_reference, load_extension
 
 from minaf3.quantize import quantize_weight
 
@@ -103,6 +106,9 @@ def candidates(x, weight, w_int8, scales, naive: bool) -> dict:
     out = {"fp32": (lambda: F.linear(x, weight), fp32_bytes)}
     if load_extension():
         out["cpp"] = (lambda: int8_linear(x, w_int8, scales, backend="cpp"), int8_bytes)
+        if x.shape[0] >= GEMM_MIN_ROWS and gemm.usable():
+            op = torch.ops.minaf3_int8.int8_linear
+            out["loop"] = (lambda: op(x, w_int8, scales, None), int8_bytes)
         if torch.backends.cpu.get_cpu_capability() == "AVX512":
             op = torch.ops.minaf3_int8.int8_linear
             out["avx2"] = (lambda: op(x, w_int8, scales, None, False), int8_bytes)
