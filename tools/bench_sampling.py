@@ -10,13 +10,13 @@ libraries turn the last position's logits over the whole vocabulary (151,672) in
     minaf3        sampling.choose_tokens: the same processors, then top-p and the draw on the top-k
                   candidates alone
 on the same random logits and a prompt of 200 seen tokens per row. Times are the best of --repeats turns,
-the two raced in each turn (bench.race).
+the two raced in each turn (racing.race).
 """
 
 import argparse
 
 import torch
-from bench import race
+from racing import race
 
 from minaf3.sampling import GenerationConfig, choose_tokens, seen_tokens
 
