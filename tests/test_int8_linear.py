@@ -141,11 +141,13 @@ def test_many_rows_take_the_blocked_product_where_it_is_wanted(monkeypatch, dtyp
         assert out.dtype == dtype and ((out.float() - expected[:rows]).abs() <= bound[:rows]).all()
 
 
-def test_traced_by_torch_compile_without_graph_breaks():
+@pytest.mark.parametrize("rows", [3, kernel.GEMM_MIN_ROWS])  # the streaming loop, the blocked product
+def test_traced_by_torch_compile_without_graph_breaks(rows):
     w, scales, b = random_layer(16, 32, True, seed=4)
-    x = torch.randn(2, 3, 32)  # leading dims: the operator's registered shape function must keep them
+    x = torch.randn(2, rows, 32)  # leading dims: the operators' registered shape functions must keep them
+    eager = int8_linear(x, w, scales, b)
     compiled = torch.compile(lambda t: int8_linear(t, w, scales, b), backend="eager", fullgraph=True)
-    assert torch.allclose(compiled(x), int8_linear(x, w, scales, b))
+    assert torch.allclose(compiled(x), eager)
 
 
 def test_backend_switch_by_argument_and_environment(monkeypatch):
