@@ -17,8 +17,10 @@ A failed build is never fatal: each kernel keeps a torch path and logs one warni
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -102,18 +104,26 @@ def compile_library(name: str, source: Path, cflags: list[str], ldflags: list[st
     notice = threading.Timer(
         NOTICE_SECONDS,
         logger.warning,
-        ("%s: compiling %s for this CPU (first use only, about 10 s)", what, source.name),
+        ("%s: compiling %s (once per source, flags and torch build; about 10 s)", what, source.name),
     )
     notice.daemon = True
     notice.start()
-    # The folder torch itself would use ($TORCH_EXTENSIONS_DIR/name, or its per-Python default), so that
-    # the lock below sits beside the build it guards; passed back to load() as build_directory.
-    build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+    # A build of its own for each combination of what it depends on (build_key): two checkouts or two
+    # environments on one machine then never rebuild each other's kernels, as they would sharing one folder.
+    # The folder is where torch itself would put such a build ($TORCH_EXTENSIONS_DIR/name, or its
+    # per-Python default), so that the lock below sits beside the build it guards.
+    keyed = f"{name}_{build_key(source, cflags, ldflags)}"
+    build_dir = Path(cpp_extension._get_build_directory(keyed, verbose=False))
     try:
         with exclusive_build(build_dir):
+            # Compiled from a copy inside the build folder: the compiler's command names the source's path,
+            # and a command that differs (another checkout's path) makes ninja rebuild.
+            copy = build_dir / source.name
+            if not copy.exists() or copy.read_bytes() != source.read_bytes():
+                shutil.copyfile(source, copy)
             cpp_extension.load(
-                name=name,
-                sources=[str(source)],
+                name=keyed,
+                sources=[str(copy)],
                 # Copies: load() appends torch's libraries to extra_ldflags in place. Given a shared list,
                 # each later library of the process linked with them twice, thrice..., so its build command
                 # changed with the load order and every process relinked or even recompiled the kernels.
@@ -124,6 +134,17 @@ def compile_library(name: str, source: Path, cflags: list[str], ldflags: list[st
             )
     finally:
         notice.cancel()
+
+
+def build_key(source: Path, cflags: list[str], ldflags: list[str]) -> str:
+    """16 hex digits naming what a build depends on: the source's bytes, the flags, the torch build (its
+    version and the C++ ABI of its headers) and the Python version."""
+    import torch
+
+    digest = hashlib.sha256(source.read_bytes())
+    for part in (cflags, ldflags, [torch.__version__, str(torch._C._GLIBCXX_USE_CXX11_ABI), sys.version]):
+        digest.update(repr(part).encode())
+    return digest.hexdigest()[:16]
 
 
 @contextlib.contextmanager

@@ -2,7 +2,6 @@
 
     load_library()                       builds (first use) and loads it; False, with one logged warning,
                                          when it cannot be built here
-    ready()                              whether it is loaded, without building it (what a traced graph reads)
     decode_attention(q, k, v, visible)   q (B, Hq, 1, D), k/v (B, Hkv, S, D), visible (Bm, S) -> (B, Hq, 1, D)
 
 minaf3/attention.py calls it as the "cpp" backend, the default for one query token on the CPU; its
@@ -24,7 +23,6 @@ from .cpp_build import build_once, build_openmp_library
 
 SOURCE = Path(__file__).with_name("cpu_attention.cpp")
 EXTENSION_NAME = "minaf3_cpu_attention"
-_loaded = {"ready": False}
 
 
 def _build() -> bool:
@@ -37,17 +35,10 @@ def _build() -> bool:
     def _(q, k, v, visible):
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
-    _loaded["ready"] = True
     return True
 
 
 load_library = build_once(_build)
-
-
-def ready() -> bool:
-    """True once load_library() has loaded the kernel. A torch.compile'd step reads this rather than
-    load_library, whose first call builds under a lock that tracing cannot follow."""
-    return _loaded["ready"]
 
 
 def decode_attention(
@@ -57,8 +48,9 @@ def decode_attention(
 
     q (B, Hq, 1, D); k, v (B, Hkv, S, D), Hq a multiple of Hkv (query head h reads key head h // (Hq/Hkv));
     all float32 or all bfloat16. visible (B or 1, S) bool, None for every slot. A query that sees no slot
-    outputs zeros. Returns (B, Hq, 1, D) in q's dtype. Needs load_library(). Raises ConfigError naming the
-    mismatch (the operator's own checks, made before it reads any data, so they cost nothing in Python).
+    outputs zeros. Returns (B, Hq, 1, D) in q's dtype. Needs the library (registry.available().cpu_attention).
+    Raises ConfigError naming the mismatch (the operator's own checks, made before it reads any data, so
+    they cost nothing in Python).
     """
     if visible is None:
         visible = torch.ones(1, k.shape[2], dtype=torch.bool, device=k.device)

@@ -3,10 +3,8 @@ or on int8 weights with a scale per row): building it, and its entry points.
 
     gemm_reference(x, w, bias)   the definition: F.linear in float64 on the operands' values, as float32
     wanted()                     whether this CPU is one the kernel is for (its best vector unit is AVX2)
-    usable() / ready()           wanted() and load_library(); ready() is what usable() last found
     load_library()               builds (first use) and loads gemm.cpp; False, with one logged warning, when
-                                 it cannot be built here
-    runs_here()                  usable() in eager code, ready() while torch.compile traces
+                                 it cannot be built here (registry.py calls it where wanted())
     gemm_linear(x, w, bias)      x (..., K) @ w (N, K).T + bias through the library, in x's dtype
 
 The int8 operator, torch.ops.minaf3_gemm.int8_gemm(x, w_int8, scales, bias), is called by
@@ -72,28 +70,10 @@ def _build() -> bool:
 
 
 load_library = build_once(_build)
-_state = {"usable": False}
-
-
-def usable() -> bool:
-    """wanted() and load_library(): whether minaf3/linear.py should call the kernel (kept for ready())."""
-    _state["usable"] = wanted() and load_library()
-    return _state["usable"]
-
-
-def ready() -> bool:
-    """What usable() last found. A torch.compile'd step reads this: tracing can follow neither the CPU query
-    nor the lock of a first build (generate calls usable() before compiling)."""
-    return _state["usable"]
-
-
-def runs_here() -> bool:
-    """usable() in eager code, ready() while torch.compile traces: whether a call should take the kernel."""
-    return ready() if torch.compiler.is_compiling() else usable()
 
 
 def gemm_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) @ w (N, K).T + bias on the CPU, x and w float32 or bf16, in float32 arithmetic ->
-    (..., N) in x's dtype. Needs load_library(); callers check it (minaf3/linear.py)."""
+    (..., N) in x's dtype. Needs the library: registry.available().gemm."""
     y = torch.ops.minaf3_gemm.f32_gemm(x, w, None if bias is None else bias.float())
     return y.to(x.dtype)

@@ -56,7 +56,7 @@ load_library = build_once(_build)
 
 def gemv_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) @ w (N, K).T + bias for a bf16 or float32 weight on the CPU, accumulated in float32 ->
-    (..., N) in x.dtype. Needs load_library(); callers check it (minaf3/linear.py)."""
+    (..., N) in x.dtype. Needs the library: registry.available().gemv."""
     op = torch.ops.minaf3_int8.bf16_linear if w.dtype == torch.bfloat16 else torch.ops.minaf3_int8.f32_linear
     y = op(x.float(), w, None if bias is None else bias.float())
     return y.to(x.dtype)

@@ -2,8 +2,6 @@
 
     int8_linear_reference(x, w, scales, bias)  the definition in plain torch: dequantize, then F.linear
     int8_linear(x, w, scales, bias, backend)   the fast path, chosen per call (below)
-    load_extension()                           builds and loads int8_gemv.cpp; False, with a logged note,
-                                               when it cannot be built here
 
 Backends: the `backend=` argument, else the environment variable MINAF3_INT8_BACKEND, else "auto".
   "cpp"    the C++ kernels (CPU): int8_gemv.cpp's streaming loop (AVX-512 code where the CPU has it, else
@@ -46,8 +44,8 @@ import torch.nn.functional as F
 
 from minaf3.errors import ConfigError
 
-from . import cpp_build, gemm
-from .gemv import load_library
+from . import cpp_build
+from .registry import runs
 
 BACKEND_ENV = "MINAF3_INT8_BACKEND"
 # Rows up to which the torch backend uses _weight_int8pack_mm; its time grows with every row (6-8 ms at
@@ -71,11 +69,6 @@ def int8_linear_reference(
     weight = w_int8.float() * scales.float()[:, None]  # (N, K)
     out = F.linear(x.float(), weight, None if bias is None else bias.float())
     return out.to(x.dtype)
-
-
-# torch.compile calls this while tracing and treats the answer as a constant (the ready kernel is a graph
-# node; no build or environment check is traced).
-load_extension = torch.compiler.assume_constant_result(load_library)
 
 
 def resolve_backend(backend: str | None = None) -> str:
@@ -112,9 +105,9 @@ def run_int8_linear(
     """
     chosen = resolve_backend(backend)
     if x.device.type == "cpu" and chosen != "torch":
-        if x.shape[:-1].numel() >= GEMM_MIN_ROWS and gemm.runs_here():
+        if x.shape[:-1].numel() >= GEMM_MIN_ROWS and runs("gemm"):
             op = torch.ops.minaf3_gemm.int8_gemm  # many rows (prefill): the blocked product
-        elif load_extension():
+        elif runs("gemv"):
             op = torch.ops.minaf3_int8.int8_linear  # a few rows (decode): the streaming loop
         else:
             op = None

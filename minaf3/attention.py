@@ -14,13 +14,16 @@ softmax would give NaN there, and that NaN would reach real rows through the val
 
 Grouped-query attention: Hq = G * Hkv and query head h reads key/value head h // G.
 
-Backends: "triton" (kernels/, CUDA), "cpp" (CPU: kernels/cpu_attention.cpp for one query token, sdpa
-for more), "sdpa" (torch.nn.functional.scaled_dot_product_attention) and "eager" (plain matmul/softmax, the
-readable definition). The default is triton on CUDA, cpp for one-token decode on the CPU (eager where the
-kernel cannot be built) and sdpa otherwise (see `default_backend`); force one with the `backend` argument
-or, for a whole block of code, `with use_backend("eager"): ...`.
+Backends: "eager" (plain matmul/softmax: the definition), "sdpa" (torch's
+scaled_dot_product_attention, a fused kernel on every device), "cpp" (kernels/cpu_attention.cpp: one query
+token per row, on the CPU) and "triton" (kernels/, CUDA: encoder, prefill and decode kernels). The default
+(`default_backend`) is triton on CUDA; on the CPU cpp for one-token decode (eager where the kernel cannot be
+built here) and sdpa for blocks of queries. Force one with the `backend` argument or, for a block of code,
+`with use_backend("eager"): ...`; a backend forced where it cannot run (cpp for a prefill, triton without
+triton) is a ConfigError that says so, never a silent substitute. `backend_counts()` tells which ran.
 """
 
+import collections
 import contextlib
 import threading
 from collections.abc import Iterator
@@ -29,9 +32,17 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError
+from .kernels.registry import available
 
 BACKENDS = ("triton", "cpp", "sdpa", "eager")
 _forced = threading.local()
+# How many calls each backend has run in this process: one place to see what ran (tests, debugging).
+_counts: collections.Counter = collections.Counter()
+
+
+def backend_counts() -> dict[str, int]:
+    """{backend: calls run so far in this process}."""
+    return dict(_counts)
 
 
 @contextlib.contextmanager
@@ -51,29 +62,18 @@ def default_backend(device: torch.device, num_queries: int | None = None) -> str
     """The backend `attention` uses on `device` for `num_queries` query tokens (None: unknown).
 
     Single-token decode on the CPU runs the cpp kernel: torch's CPU sdpa kernel is built for blocks of
-    queries, and with one query it was 1.6x slower than the two matrix products of `eager_attention` at AF3's
-    sizes (28 query / 4 kv heads of 128, 1k-4k cache slots; tools/bench.py's machine), whose library calls
-    the kernel replaces by one (see kernels/cpu_attention.py); eager where the kernel cannot be built.
+    queries and is slower than even the eager products for one query, and the kernel replaces their library
+    calls by one (see kernels/cpu_attention.py); eager where the kernel cannot be built.
     """
     forced = getattr(_forced, "name", None)
     if forced is not None:
         return forced
-    if device.type == "cuda":
-        from .kernels.triton_common import is_available
-
-        if is_available():
-            return "triton"
+    kernels = available()
+    if device.type == "cuda" and kernels.triton:
+        return "triton"
     if device.type == "cpu" and num_queries == 1:
-        return "cpp" if cpu_kernel_ready() else "eager"
+        return "cpp" if kernels.cpu_attention else "eager"
     return "sdpa"
-
-
-def cpu_kernel_ready() -> bool:
-    """Whether the C++ decode kernel runs here: built on first use in eager code; a torch.compile'd step
-    reads only whether it is loaded (generate loads it before compiling)."""
-    from .kernels import cpu_attention
-
-    return cpu_attention.ready() if torch.compiler.is_compiling() else cpu_attention.load_library()
 
 
 def attention_mask(
@@ -104,6 +104,8 @@ def attention(
     it once per forward pass for all its layers); the triton backend ignores it.
     """
     backend = backend or default_backend(q.device, q.shape[2])
+    if not torch.compiler.is_compiling():  # a compiled step's graph keeps no Python side effects
+        _counts[backend] += 1
     if backend in ("sdpa", "eager", "cpp") and mask is None:
         mask = attention_mask(key_mask, query_pos, k.shape[-2])
     if backend == "sdpa":
@@ -144,13 +146,15 @@ def eager_attention(
 def cpp_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
 ) -> torch.Tensor:
-    """The CPU's kernels: one query token per row in C++; blocks of queries (prefill, the encoder) in torch's
-    sdpa, which already is a fused CPU kernel. mask (B or 1, 1, T, S) bool or None."""
+    """The C++ kernel: one query token per row, on the CPU. mask (B or 1, 1, 1, S) bool or None."""
     if q.device.type != "cpu":
         raise ConfigError(f"attention backend 'cpp' runs on the CPU; got tensors on {q.device}")
     if q.shape[2] != 1:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
-    if not cpu_kernel_ready():
+        raise ConfigError(
+            f"attention backend 'cpp' computes one query token per row (decoding); got {q.shape[2]}: "
+            "use 'sdpa' or 'eager' for blocks of queries"
+        )
+    if not available().cpu_attention:
         raise ConfigError("attention backend 'cpp' cannot run: its kernel could not be built (see the log)")
     from .kernels.cpu_attention import decode_attention
 

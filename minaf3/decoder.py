@@ -1,19 +1,18 @@
 """The language model: a Qwen2 decoder (Qwen2.5-7B in AF3) with a static KV cache.
 
     inputs_embeds (B, T, D)   token embeddings, with audio embeddings already in the `<sound>` rows
-      N x [ x + o_proj(attn(rope(q), rope(k), v))   on input_layernorm(x), grouped-query attention
-            x + down_proj(silu(gate_proj(h)) * up_proj(h))   on h = post_attention_layernorm(x) ]
+      N x [ q, k, v = qkv_proj(input_layernorm(x));             x = x + o_proj(attention(rope(q), rope(k), v))
+            gate, up = gate_up_proj(post_attention_layernorm(x));  x = x + down_proj(silu(gate) * up) ]
       norm                    -> hidden (B, T, D); the model applies lm_head
+
+q/k/v and gate/up are each one layer whose rows stack the checkpoint's separate projections
+(linear.fuse_rows): one product instead of three, resp. two. state_dict() speaks the checkpoint's names.
 
 Position bookkeeping belongs to the caller (model.py, generate.py): `positions` are the RoPE positions of the
 new tokens, `input_pos` the cache slots they are written to, and `key_mask` says which slots hold real tokens.
-With left padding the two differ: a row padded by p tokens has RoPE position t - p in slot t.
-
-Speed (issue 5): what every layer shares — RoPE cos/sin, the attention mask, the backend choice — is computed
-once per forward pass (`StepInputs`), not once per layer. `fuse_projections` concatenates q/k/v into
-`qkv_proj` and gate/up into `gate_up_proj` (one matrix product instead of three, resp. two); the checkpoint
-names stay the unfused ones, and `unfuse_projections` restores them. On the "triton" attention backend the
-RMSNorms (with the residual add folded in) and RoPE run as the fused kernels of kernels/rmsnorm_rope.py.
+With left padding the two differ: a row padded by p tokens has RoPE position t - p in slot t. What every layer
+shares (RoPE cos/sin, the attention mask, the attention backend) is computed once per forward pass
+(`StepInputs`), not once per layer.
 """
 
 from dataclasses import dataclass
@@ -24,7 +23,8 @@ from torch import nn
 
 from .attention import attention, attention_mask, default_backend
 from .config import DecoderConfig
-from .linear import fusable, fuse_linears, linear, split_linear, swap_children
+from .kernels.registry import available
+from .linear import Linear, fuse_rows
 
 
 @dataclass
@@ -33,8 +33,7 @@ class StepInputs:
 
     cos, sin (B, 1, T, head_dim); key_mask (B, S) bool or None; query_pos (T,) cache slot of each query;
     input_pos (T,) slots to write, None without a cache; mask: attention_mask(...) for the sdpa and eager
-    backends (None for triton, whose kernels read key_mask and query_pos); backend: the attention backend,
-    whose "triton" choice also selects the fused norm and RoPE kernels.
+    backends (None for triton, whose kernels read key_mask and query_pos); backend: the attention backend.
     """
 
     cos: torch.Tensor
@@ -45,9 +44,10 @@ class StepInputs:
     mask: torch.Tensor | None
     backend: str
 
-    @property
-    def triton(self) -> bool:
-        return self.backend == "triton"
+
+def on_triton(x: torch.Tensor) -> bool:
+    """Whether element-wise work on x runs as Triton kernels: on CUDA, where fusing saves passes over memory."""
+    return x.is_cuda and available().triton
 
 
 class RMSNorm(nn.Module):
@@ -58,25 +58,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor, triton: bool = False) -> torch.Tensor:
-        if triton:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if on_triton(x):
             from .kernels.rmsnorm_rope import rms_norm
 
             return rms_norm(x, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
-
-    def add_forward(
-        self, x: torch.Tensor, residual: torch.Tensor, triton: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """h = x + residual, then (RMSNorm(h), h): one kernel on triton, one pass over memory fewer."""
-        if triton:
-            from .kernels.rmsnorm_rope import add_rms_norm
-
-            return add_rms_norm(x, residual, self.weight, self.eps)
-        h = x + residual
-        return self(h), h
 
 
 def rope_inv_freq(head_dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
@@ -97,6 +86,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate (x1, x2) halves of the head dimension: x * cos + (-x2, x1) * sin."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def rotate(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """apply_rope to q (B, Hq, T, D) and k (B, Hkv, T, D); one Triton kernel for both on CUDA."""
+    if on_triton(q):
+        from .kernels.rmsnorm_rope import apply_rotary
+
+        return apply_rotary(q, k, cos[:, 0], sin[:, 0])  # cos (B, 1, T, D) -> (B, T, D)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
 
 class KVCache(nn.Module):
@@ -129,48 +129,30 @@ class DecoderAttention(nn.Module):
             config.num_kv_heads,
             config.head_dim,
         )
-        d = config.hidden_size
-        self.sizes = [config.num_heads * config.head_dim] + 2 * [config.num_kv_heads * config.head_dim]
-        self.q_proj = nn.Linear(d, self.sizes[0])
-        self.k_proj = nn.Linear(d, self.sizes[1])
-        self.v_proj = nn.Linear(d, self.sizes[2])
-        self.o_proj = nn.Linear(self.sizes[0], d, bias=False)
+        d, q_size, kv_size = (
+            config.hidden_size,
+            config.num_heads * config.head_dim,
+            config.num_kv_heads * config.head_dim,
+        )
+        self.sizes = [q_size, kv_size, kv_size]
+        self.qkv_proj = Linear(d, sum(self.sizes))  # q, k, v stacked by rows
+        self.o_proj = Linear(q_size, d, bias=False)
+        fuse_rows(self, "qkv_proj", {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size})
         self.kv_cache: KVCache | None = None
-
-    def fuse(self) -> bool:
-        """Replace q_proj, k_proj, v_proj by one `qkv_proj`; False (nothing done) unless they are fusable."""
-        if "qkv_proj" in self._modules or not fusable(self.q_proj, self.k_proj, self.v_proj):
-            return False
-        fused = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
-        swap_children(self, ["q_proj", "k_proj", "v_proj"], {"qkv_proj": fused})
-        return True
-
-    def unfuse(self) -> None:
-        if "qkv_proj" in self._modules:
-            q, k, v = split_linear(self.qkv_proj, self.sizes, [True] * 3)
-            swap_children(self, ["qkv_proj"], {"q_proj": q, "k_proj": k, "v_proj": v})
 
     def forward(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
         B, T, _ = x.shape
-        if "qkv_proj" in self._modules:
-            q, k, v = linear(self.qkv_proj, x).split(self.sizes, dim=-1)
-        else:
-            q, k, v = linear(self.q_proj, x), linear(self.k_proj, x), linear(self.v_proj, x)
+        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, T, Hq*Dh) -> (B, Hq, T, Dh)
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # -> (B, Hkv, T, Dh)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # -> (B, Hkv, T, Dh)
-        if step.triton:
-            from .kernels.rmsnorm_rope import apply_rotary
-
-            q, k = apply_rotary(q, k, step.cos[:, 0], step.sin[:, 0])  # cos (B, 1, T, Dh) -> (B, T, Dh)
-        else:
-            q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
+        q, k = rotate(q, k, step.cos, step.sin)
         if step.input_pos is not None:
             k, v = self.kv_cache.update(step.input_pos, k, v)  # (B, Hkv, S, Dh)
         y = attention(
             q, k, v, key_mask=step.key_mask, query_pos=step.query_pos, backend=step.backend, mask=step.mask
         )  # (B, Hq, T, Dh)
-        return linear(self.o_proj, y.transpose(1, 2).reshape(B, T, -1))  # (B, Hq, T, Dh) -> (B, T, Hq * Dh)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, Hq, T, Dh) -> (B, T, Hq * Dh)
 
 
 class MLP(nn.Module):
@@ -178,30 +160,14 @@ class MLP(nn.Module):
 
     def __init__(self, config: DecoderConfig):
         super().__init__()
-        self.intermediate_size = config.intermediate_size
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-
-    def fuse(self) -> bool:
-        """Replace gate_proj and up_proj by one `gate_up_proj`; False unless they are fusable."""
-        if "gate_up_proj" in self._modules or not fusable(self.gate_proj, self.up_proj):
-            return False
-        fused = fuse_linears([self.gate_proj, self.up_proj])
-        swap_children(self, ["gate_proj", "up_proj"], {"gate_up_proj": fused})
-        return True
-
-    def unfuse(self) -> None:
-        if "gate_up_proj" in self._modules:
-            gate, up = split_linear(self.gate_up_proj, [self.intermediate_size] * 2, [False] * 2)
-            swap_children(self, ["gate_up_proj"], {"gate_proj": gate, "up_proj": up})
+        d, i = config.hidden_size, config.intermediate_size
+        self.gate_up_proj = Linear(d, 2 * i, bias=False)  # gate and up stacked by rows
+        self.down_proj = Linear(i, d, bias=False)
+        fuse_rows(self, "gate_up_proj", {"gate_proj": i, "up_proj": i})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if "gate_up_proj" in self._modules:
-            gate, up = linear(self.gate_up_proj, x).chunk(2, dim=-1)  # (..., 2 * I) -> 2 x (..., I)
-        else:
-            gate, up = linear(self.gate_proj, x), linear(self.up_proj, x)
-        return linear(self.down_proj, F.silu(gate) * up)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (..., 2 * I) -> 2 x (..., I)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -213,16 +179,16 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(x, step.triton), step)
-        h, x = self.post_attention_layernorm.add_forward(attn, x, step.triton)  # x + attn, and its norm
-        return x + self.mlp(h)
+        x = x + self.self_attn(self.input_layernorm(x), step)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Qwen2Decoder(nn.Module):
     def __init__(self, config: DecoderConfig):
         super().__init__()
         self.config = config
-        # No random init (weights come from the checkpoint; see WhisperEncoder.embed_positions).
+        # No random init here: from_pretrained assigns the checkpoint's tensors, and nn.Embedding's init on
+        # the meta device costs a second the first time (it imports torch._refs).
         self.embed_tokens = nn.Embedding(
             config.vocab_size, config.hidden_size, _weight=torch.empty(config.vocab_size, config.hidden_size)
         )
@@ -235,20 +201,6 @@ class Qwen2Decoder(nn.Module):
     def reset_buffers(self, device: torch.device) -> None:
         """Recompute the non-persistent RoPE table on `device` (the loader assigns checkpoint tensors)."""
         self.inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta, device)
-
-    @torch.no_grad()
-    def fuse_projections(self) -> int:
-        """Fuse q/k/v and gate/up of every layer whose layers are fusable (plain or int8, see linear.py);
-        returns how many groups were fused. Layer by layer, so the transient memory is one layer's
-        projections."""
-        return sum(int(layer.self_attn.fuse()) + int(layer.mlp.fuse()) for layer in self.layers)
-
-    @torch.no_grad()
-    def unfuse_projections(self) -> None:
-        """Back to the checkpoint's modules (q_proj, k_proj, v_proj, gate_proj, up_proj)."""
-        for layer in self.layers:
-            layer.self_attn.unfuse()
-            layer.mlp.unfuse()
 
     def setup_cache(
         self, batch_size: int, max_seq_len: int, dtype: torch.dtype, device: torch.device | str
@@ -293,4 +245,4 @@ class Qwen2Decoder(nn.Module):
         x = inputs_embeds
         for layer in self.layers:
             x = layer(x, step)
-        return self.norm(x, step.triton)
+        return self.norm(x)

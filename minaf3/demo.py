@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from minaf3.chat_template import DEFAULT_SYSTEM_PROMPT, REFERENCE_TEMPLATE
 from minaf3.config import AudioFlamingo3Config
 from minaf3.errors import ConfigError
+from minaf3.kernels.registry import available
 from minaf3.processor import DEFAULT_TRANSCRIPTION_PROMPT
 from minaf3.weights.layouts import HUB, checkpoint_names
 from minaf3.windows import HOP_LENGTH, MAX_AUDIO_SECONDS, N_FFT, N_MELS, SAMPLING_RATE, WINDOW_SAMPLES
@@ -313,21 +314,6 @@ def demo_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
     return folder
 
 
-def load_cpu_kernels() -> None:
-    """Build (a machine's first run) or load the CPU's C++ kernels — log-mel, decode attention,
-    matrix-vector and matrix products — side by side: a first run then waits for the slowest build, not
-    for each in turn (features, then prefill, then decode), and the timings show that wait as a stage of
-    its own."""
-    from .generate import load_cpu_kernels as load_decode_kernels
-    from .kernels import log_mel
-    from .kernels.cpp_build import load_together
-
-    if log_mel.resolve_backend() == "torch":  # MINAF3_LOG_MEL_BACKEND=torch: the front end needs no kernel
-        load_decode_kernels()
-    else:
-        load_together(log_mel.load_extension, load_decode_kernels)
-
-
 def run_demo(
     cache_dir: str | os.PathLike | None = None,
     max_new_tokens: int = 32,
@@ -351,7 +337,7 @@ def run_demo(
     loaded = time.perf_counter() - started
     started = time.perf_counter()
     if pipe.model.device.type == "cpu":
-        load_cpu_kernels()
+        available()
     kernels = time.perf_counter() - started
     params = sum(p.numel() for p in pipe.model.parameters())
     config = pipe.model.config

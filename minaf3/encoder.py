@@ -18,20 +18,23 @@ from torch import nn
 
 from .attention import attention
 from .config import EncoderConfig
-from .linear import cpu_has_native_bf16, linear
+from .dtypes import cpu_has_native_bf16
+from .linear import Linear
 
 
-def conv1d(layer: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
-    """layer(x); on a CPU without bf16 instructions a bf16 layer runs in float32 and rounds back to bf16.
+class Conv1d(nn.Conv1d):
+    """nn.Conv1d that, on a CPU without bf16 instructions, computes a bf16 layer in float32 and rounds back.
 
-    There torch has no fast bf16 convolution and falls back to a plain loop: conv1 + conv2 of a 5 s clip at
-    AF3's widths took 1.23 s in bf16, against about 30 ms in float32 (this CPU, 2 threads).
+    There torch has no fast bf16 convolution and falls back to a plain loop, many times slower than the
+    float32 convolution (the README's bf16 time to first token measures it).
     """
-    if x.device.type == "cpu" and x.dtype == torch.bfloat16 and not cpu_has_native_bf16():
-        bias = None if layer.bias is None else layer.bias.float()
-        y = F.conv1d(x.float(), layer.weight.float(), bias, layer.stride, layer.padding)
-        return y.to(x.dtype)
-    return layer(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dtype == torch.bfloat16 and not cpu_has_native_bf16():
+            bias = None if self.bias is None else self.bias.float()
+            y = F.conv1d(x.float(), self.weight.float(), bias, self.stride, self.padding)
+            return y.to(x.dtype)
+        return super().forward(x)
 
 
 class EncoderAttention(nn.Module):
@@ -40,10 +43,10 @@ class EncoderAttention(nn.Module):
     def __init__(self, hidden: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
-        self.q_proj = nn.Linear(hidden, hidden)
-        self.k_proj = nn.Linear(hidden, hidden, bias=False)
-        self.v_proj = nn.Linear(hidden, hidden)
-        self.out_proj = nn.Linear(hidden, hidden)
+        self.q_proj = Linear(hidden, hidden)
+        self.k_proj = Linear(hidden, hidden, bias=False)
+        self.v_proj = Linear(hidden, hidden)
+        self.out_proj = Linear(hidden, hidden)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         B, T, C = x.shape
@@ -51,9 +54,9 @@ class EncoderAttention(nn.Module):
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(B, T, self.num_heads, -1).transpose(1, 2)  # (B, T, C) -> (B, H, T, C/H)
 
-        q, k, v = (heads(linear(proj, x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
         y = attention(q, k, v, key_mask=key_mask)  # (B, H, T, C/H)
-        return linear(self.out_proj, y.transpose(1, 2).reshape(B, T, C))  # (B, H, T, C/H) -> (B, T, C)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, H, T, C/H) -> (B, T, C)
 
 
 class EncoderLayer(nn.Module):
@@ -65,13 +68,13 @@ class EncoderLayer(nn.Module):
         self.self_attn_layer_norm = nn.LayerNorm(h, eps=eps)
         self.self_attn = EncoderAttention(h, config.num_heads)
         self.final_layer_norm = nn.LayerNorm(h, eps=eps)
-        self.fc1 = nn.Linear(h, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, h)
+        self.fc1 = Linear(h, config.intermediate_size)
+        self.fc2 = Linear(config.intermediate_size, h)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         x = x + self.self_attn(self.self_attn_layer_norm(x), key_mask)
         # GELU is the exact (erf) form, as in Whisper.
-        return x + linear(self.fc2, F.gelu(linear(self.fc1, self.final_layer_norm(x))))
+        return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
 
 
 class WhisperEncoder(nn.Module):
@@ -80,8 +83,8 @@ class WhisperEncoder(nn.Module):
     def __init__(self, config: EncoderConfig):
         super().__init__()
         h = config.hidden_size
-        self.conv1 = nn.Conv1d(config.num_mel_bins, h, kernel_size=3, padding=1)
-        self.conv2 = nn.Conv1d(h, h, kernel_size=3, stride=2, padding=1)
+        self.conv1 = Conv1d(config.num_mel_bins, h, kernel_size=3, padding=1)
+        self.conv2 = Conv1d(h, h, kernel_size=3, stride=2, padding=1)
         # Weights always come from a checkpoint: passing the storage skips nn.Embedding's random init,
         # which on the meta device costs about a second the first time (it imports torch._refs).
         self.embed_positions = nn.Embedding(
@@ -96,8 +99,8 @@ class WhisperEncoder(nn.Module):
         F may be shorter than a full window (the model crops the padding it does not need); it must be even
         and at most 2 * max_source_positions.
         """
-        x = F.gelu(conv1d(self.conv1, features))  # (W, n_mels, F) -> (W, H, F)
-        x = F.gelu(conv1d(self.conv2, x))  # (W, H, F) -> (W, H, F/2)
+        x = F.gelu(self.conv1(features))  # (W, n_mels, F) -> (W, H, F)
+        x = F.gelu(self.conv2(x))  # (W, H, F) -> (W, H, F/2)
         x = x.transpose(1, 2)  # (W, H, F/2) -> (W, F/2, H)
         T = x.shape[1]
         x = x + self.embed_positions.weight[:T]

@@ -26,10 +26,12 @@ from pathlib import Path
 import torch
 
 from minaf3.config import AudioFlamingo3Config
+from minaf3.dtypes import resolve_dtype
 from minaf3.errors import ConfigError
-from minaf3.model import resolve_dtype
-from minaf3.pipeline import DEFAULT_MAX_NEW_TOKENS, QUANTIZE_MODES, check_model_folder
+from minaf3.quantize import check_mode
+from minaf3.sampling import DEFAULT_MAX_NEW_TOKENS
 from minaf3.weights.layouts import our_names, scan_checkpoint
+from minaf3.weights.loader import check_model_folder
 from minaf3.windows import (
     FRAMES_PER_WINDOW,
     MAX_AUDIO_SECONDS,
@@ -89,8 +91,7 @@ def estimate_memory(
     for name, value in (("batch", batch), ("max_new_tokens", max_new_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name}={value!r}: expected a positive integer")
-    if quantize is not None and quantize not in QUANTIZE_MODES:
-        raise ConfigError(f"quantize={quantize!r}: expected None or one of {QUANTIZE_MODES}")
+    check_mode(quantize)
     folder = check_model_folder(path)
     target = _parse_device(device)
     automatic = dtype is None

@@ -23,7 +23,6 @@ Streaming: generate feeds each step's tokens to a `TextIteratorStreamer` (stream
 """
 
 import contextlib
-import functools
 import threading
 import weakref
 from collections.abc import Callable
@@ -31,10 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import cpu_kernel_ready
 from .errors import GenerationError, InputError
-from .kernels.cpp_build import load_together
-from .linear import gemm_kernel_ready, gemv_kernel_ready, linear
+from .kernels.registry import available
 from .sampling import GenerationConfig, choose_tokens, mark_seen_, seen_tokens
 from .streamer import TextIteratorStreamer
 
@@ -84,13 +81,6 @@ class GenerateOutput:
     logits: tuple[torch.Tensor, ...] | None = None
 
 
-@functools.cache
-def load_cpu_kernels() -> None:
-    """Build (first use on this machine) or load the CPU kernels of generation (decode attention,
-    matrix-vector and matrix products), side by side, once per process: later calls skip the threads."""
-    load_together(cpu_kernel_ready, gemv_kernel_ready, gemm_kernel_ready)
-
-
 def prefill(
     model,
     inputs_embeds: torch.Tensor,
@@ -104,7 +94,7 @@ def prefill(
     inputs_embeds (B, T, D); positions (B, T) RoPE positions; key_mask (B, S) bool; input_pos (T,) slots.
     """
     hidden = model.language_model(inputs_embeds, positions, key_mask, input_pos)  # (B, T, D)
-    return linear(model.lm_head, hidden[:, -1]).float()  # (B, D) -> (B, V)
+    return model.lm_head(hidden[:, -1]).float()  # (B, D) -> (B, V)
 
 
 def decode_one_token(
@@ -113,7 +103,7 @@ def decode_one_token(
     """tokens (B, 1) at RoPE positions (B, 1), written to cache slot input_pos (1,) -> logits (B, V) f32."""
     embeds = model.language_model.embed_tokens(tokens)  # (B, 1, D)
     hidden = model.language_model(embeds, positions, key_mask, input_pos)  # (B, 1, D)
-    return linear(model.lm_head, hidden[:, -1]).float()
+    return model.lm_head(hidden[:, -1]).float()
 
 
 def compile_mode(compile: bool | str | None, device: torch.device) -> str | None:
@@ -201,64 +191,31 @@ def generate(
     InputError for malformed inputs, both before any compute.
     """
     try:
-        check_kwargs(kwargs)
-        base = (
-            generation_config or model.generation_config or GenerationConfig.from_model_config(model.config)
-        )
-        config = base.replace(  # None leaves a setting at the base's value
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=min_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            repetition_penalty=repetition_penalty,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-        )
-        device = model.device
-        if generator is not None and not isinstance(getattr(generator, "device", None), torch.device):
-            raise GenerationError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        if generator is not None and generator.device.type != device.type:
-            raise GenerationError(f"generator is on {generator.device} but the model on {device}")
-        if not isinstance(input_ids, torch.Tensor):
-            raise InputError(f"input_ids must be a tensor of token ids, got {type(input_ids).__name__}")
-        input_ids = input_ids.to(device)
-        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
-        check_inputs(input_ids, attention_mask, model.config.decoder.vocab_size)
-        B, T = input_ids.shape
-        check_length(T, config.max_new_tokens, model.config.decoder.max_position_embeddings)
-        if device.type == "cpu":
-            # Load the decode kernels now (built side by side on a machine's first use, ~10 s, with a
-            # notice): the notice then comes before any streamed text, and a compiled step's trace finds
-            # them loaded.
-            load_cpu_kernels()
+        config = resolve_settings(model, generation_config, kwargs, dict(
+            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
+            temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        ))  # fmt: skip
+        check_generator(generator, model.device)
+        input_ids, attention_mask = prompt_tensors(model, input_ids, attention_mask, config.max_new_tokens)
+        if model.device.type == "cpu":
+            # Resolve the CPU kernels now (built side by side on a machine's first use, with a notice): the
+            # notice then comes before any streamed text, and a compiled step's trace finds them resolved.
+            available()
         if streamer is not None:
             streamer.put(input_ids.cpu())
         with torch.inference_mode():
             if input_features is not None:
-                input_features = input_features.to(device)
-                input_features_mask = None if input_features_mask is None else input_features_mask.to(device)
+                input_features = input_features.to(model.device)
+                input_features_mask = (
+                    None if input_features_mask is None else input_features_mask.to(model.device)
+                )
             embeds = model.embed_inputs(input_ids, input_features, input_features_mask)  # (B, T, D)
-            mode = compile_mode(compile, device)
+            mode = compile_mode(compile, model.device)
             with model_lock(model):
-                with torch.inference_mode(False):  # fused weights stay ordinary tensors, usable by autograd
-                    model.fuse_projections()
-                decoder = model.config.decoder
-                slots = T + config.max_new_tokens
-                if mode is not None:  # one graph per bucket of cache lengths, not per prompt length
-                    bucket = max(MIN_COMPILED_SLOTS, 1 << (slots - 1).bit_length())
-                    slots = min(bucket, decoder.max_position_embeddings)
-                if model.language_model.cache_shape != (B, decoder.num_kv_heads, slots, decoder.head_dim):
-                    model.language_model.setup_cache(B, slots, model.dtype, device)
-                try:
-                    new_tokens, logits = decode_loop(
-                        model, input_ids, attention_mask, embeds, config, generator, streamer, output_logits,
-                        decode_step(mode, device),
-                    )  # fmt: skip
-                finally:
-                    if mode is None:
-                        model.language_model.clear_cache()  # give the memory back between calls
+                new_tokens, logits = decode_with_cache(
+                    model, input_ids, attention_mask, embeds, config, generator, streamer, output_logits, mode
+                )
     except BaseException as error:
         # A consumer iterating over the streamer in another thread would otherwise wait forever.
         if streamer is not None and hasattr(streamer, "fail"):
@@ -270,6 +227,118 @@ def generate(
     if return_dict_in_generate:
         return GenerateOutput(sequences=sequences, logits=tuple(logits) if output_logits else None)
     return sequences
+
+
+def resolve_settings(
+    model, generation_config: GenerationConfig | None, kwargs: dict, overrides: dict
+) -> GenerationConfig:
+    """The call's settings: `overrides` (None leaves a setting alone) over `generation_config`, else the
+    model's generation_config.json, else the defaults its config.json implies. Unknown kwargs are refused."""
+    check_kwargs(kwargs)
+    base = generation_config or model.generation_config or GenerationConfig.from_model_config(model.config)
+    return base.replace(**overrides)
+
+
+def check_generator(generator: torch.Generator | None, device: torch.device) -> None:
+    if generator is not None and not isinstance(getattr(generator, "device", None), torch.device):
+        raise GenerationError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if generator is not None and generator.device.type != device.type:
+        raise GenerationError(f"generator is on {generator.device} but the model on {device}")
+
+
+def prompt_tensors(
+    model, input_ids, attention_mask: torch.Tensor | None, max_new_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask (B, T) on the model's device, checked (see check_inputs, check_length)."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise InputError(f"input_ids must be a tensor of token ids, got {type(input_ids).__name__}")
+    device = model.device
+    input_ids = input_ids.to(device)
+    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+    decoder = model.config.decoder
+    check_inputs(input_ids, attention_mask, decoder.vocab_size)
+    check_length(input_ids.shape[1], max_new_tokens, decoder.max_position_embeddings)
+    return input_ids, attention_mask
+
+
+def decode_with_cache(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    embeds: torch.Tensor,
+    config: GenerationConfig,
+    generator: torch.Generator | None,
+    streamer,
+    keep_logits: bool,
+    mode: str | None,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """decode_loop on a KV cache sized for the call (or its compiled bucket); eager calls free it after."""
+    decoder = model.config.decoder
+    B, T = input_ids.shape
+    slots = T + config.max_new_tokens
+    if mode is not None:  # one graph per bucket of cache lengths, not per prompt length
+        bucket = max(MIN_COMPILED_SLOTS, 1 << (slots - 1).bit_length())
+        slots = min(bucket, decoder.max_position_embeddings)
+    if model.language_model.cache_shape != (B, decoder.num_kv_heads, slots, decoder.head_dim):
+        model.language_model.setup_cache(B, slots, model.dtype, model.device)
+    try:
+        return decode_loop(
+            model, input_ids, attention_mask, embeds, config, generator, streamer, keep_logits,
+            decode_step(mode, model.device),
+        )  # fmt: skip
+    finally:
+        if mode is None:
+            model.language_model.clear_cache()  # give the memory back between calls
+
+
+@dataclass
+class Schedule:
+    """Where every token of one call goes: prompt positions (B, T), each new token's positions (B, N) and
+    cache slot (N,), and the key mask over all S slots (B, S): the prompt's mask, then ones."""
+
+    prompt_positions: torch.Tensor
+    prompt_slots: torch.Tensor
+    step_positions: tuple[torch.Tensor, ...]  # N x (B, 1)
+    step_slots: tuple[torch.Tensor, ...]  # N x (1,)
+    key_mask: torch.Tensor
+
+    @classmethod
+    def plan(cls, attention_mask: torch.Tensor, new_tokens: int, slots: int) -> "Schedule":
+        B, T = attention_mask.shape
+        mask = attention_mask.bool()
+        # RoPE positions: each row counts only its real tokens (left padding gets position 0, masked anyway).
+        prompt_positions = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 0)  # (B, T)
+        new_positions = mask.sum(-1, keepdim=True) + torch.arange(new_tokens, device=mask.device)  # (B, N)
+        slot = torch.arange(slots, device=mask.device)  # cache slot of every prompt and generated token
+        key_mask = torch.cat([mask, mask.new_ones(B, slots - T)], dim=1)  # (B, S)
+        # Each step's inputs as views made up front: slicing costs microseconds per call, and a small
+        # model's whole compiled step takes about a millisecond.
+        return cls(
+            prompt_positions,
+            slot[:T],
+            new_positions.split(1, dim=1),
+            slot[T : T + new_tokens].split(1),
+            key_mask,
+        )
+
+
+class Stopping:
+    """Which rows still run: a row stops at its first eos token and emits padding from then on, as in the
+    reference (pad_token_id, else the first eos). Without eos ids no row stops early."""
+
+    def __init__(self, config: GenerationConfig, batch: int, device: torch.device):
+        ids = config.eos_token_id
+        self.eos = torch.tensor(ids, dtype=torch.long, device=device) if ids else None
+        self.pad = config.pad_token_id if config.pad_token_id is not None else (ids or (0,))[0]
+        self.unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+
+    def apply(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B,) with stopped rows replaced by padding; marks rows that emit eos as stopped."""
+        if self.eos is None:
+            return tokens
+        tokens = torch.where(self.unfinished, tokens, self.pad)
+        self.unfinished &= ~torch.isin(tokens, self.eos)
+        return tokens
 
 
 def decode_loop(
@@ -288,54 +357,31 @@ def decode_loop(
     Needs the cache set up for S >= T + max_new_tokens slots. Returns the new tokens (B, n) and, when
     keep_logits, each step's raw logits (B, V). step_fn: decode_one_token or its compiled form.
     """
-    B, T = input_ids.shape
-    N, device = config.max_new_tokens, input_ids.device
-    S = model.language_model.cache_shape[2]
-    mask = attention_mask.bool()
-    # RoPE positions: each row counts only its real tokens (left padding gets position 0, masked anyway).
-    prompt_positions = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 0)  # (B, T)
-    new_positions = mask.sum(-1, keepdim=True) + torch.arange(N, device=device)  # (B, N)
-    slots = torch.arange(S, device=device)  # cache slot of every prompt and generated token
-    key_mask = torch.cat([mask, mask.new_ones(B, S - T)], dim=1)  # (B, S)
-
-    eos_ids = (
-        torch.tensor(config.eos_token_id, dtype=torch.long, device=device) if config.eos_token_id else None
-    )
-    # Stopped rows emit pad_token_id, else the first eos (the reference's fallback); without eos no row stops.
-    pad = config.pad_token_id if config.pad_token_id is not None else (config.eos_token_id or (0,))[0]
+    N = config.max_new_tokens
+    plan = Schedule.plan(attention_mask, N, model.language_model.cache_shape[2])
+    stopping = Stopping(config, input_ids.shape[0], input_ids.device)
     vocab_size = model.lm_head.out_features
     seen = seen_tokens(input_ids, attention_mask, vocab_size) if config.repetition_penalty != 1.0 else None
-    unfinished = torch.ones(B, dtype=torch.bool, device=device)
     chosen: list[torch.Tensor] = []  # each step's (B,) tokens, stacked once at the end
     kept: list[torch.Tensor] = []
-    # Each step's inputs as views made up front: slicing costs microseconds per call, and a small model's
-    # whole compiled step takes about a millisecond.
-    step_positions = new_positions.split(1, dim=1)  # N x (B, 1)
-    step_slots = slots[T : T + N].split(1)  # N x (1,)
-
-    logits = prefill(model, embeds, prompt_positions, key_mask, slots[:T])
+    logits = prefill(model, embeds, plan.prompt_positions, plan.key_mask, plan.prompt_slots)
     with contextlib.ExitStack() as guards:
         for step in range(N):
             if keep_logits:  # a CUDA graph overwrites its output at the next step: keep a copy
                 kept.append(logits if step_fn is decode_one_token else logits.clone())
-            tokens = choose_tokens(logits, config, seen, step, eos_ids, generator)  # (B,)
-            if eos_ids is not None:
-                # Rows that already stopped keep emitting padding, as in the reference.
-                tokens = torch.where(unfinished, tokens, pad)
-                unfinished &= ~torch.isin(tokens, eos_ids)
+            tokens = stopping.apply(
+                choose_tokens(logits, config, seen, step, stopping.eos, generator)
+            )  # (B,)
             chosen.append(tokens)
             if seen is not None:
                 mark_seen_(seen, tokens)
             if streamer is not None:
                 streamer.put(tokens.cpu())
-            # The one host sync per step: whether any row runs on, and whether these logits held a NaN
-            # (corrupt weights, fp16 overflow), which would otherwise be decoded as token 0 without a word.
-            running, has_nan = torch.stack((unfinished.any(), torch.isnan(logits).any())).tolist()
-            if has_nan:
-                raise GenerationError(f"the model produced NaN logits at generation step {step}")
-            if step + 1 == N or not running:
+            if not should_continue(logits, stopping, step, N):
                 break
-            logits = step_fn(model, tokens[:, None], step_positions[step], key_mask, step_slots[step])
+            logits = step_fn(
+                model, tokens[:, None], plan.step_positions[step], plan.key_mask, plan.step_slots[step]
+            )
             if step == 0 and step_fn is not decode_one_token:
                 # torch.compile re-checks every model parameter before each call (~0.3 ms for 28 layers).
                 # Nothing those guards check changes within this loop (the model is locked, every step has
@@ -343,6 +389,15 @@ def decode_loop(
                 # process-wide, so it is held for this loop only; entering it costs ~60 us, so only once.
                 guards.enter_context(torch.compiler.set_stance("default", skip_guard_eval_unsafe=True))
     return torch.stack(chosen, dim=1), kept  # (B, n)
+
+
+def should_continue(logits: torch.Tensor, stopping: Stopping, step: int, max_new_tokens: int) -> bool:
+    """The one host synchronisation per step: whether any row runs on, and whether these logits held a NaN
+    (corrupt weights, fp16 overflow), which would otherwise be decoded as token 0 without a word."""
+    running, has_nan = torch.stack((stopping.unfinished.any(), torch.isnan(logits).any())).tolist()
+    if has_nan:
+        raise GenerationError(f"the model produced NaN logits at generation step {step}")
+    return running and step + 1 < max_new_tokens
 
 
 def check_kwargs(kwargs: dict) -> None:

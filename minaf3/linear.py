@@ -1,241 +1,171 @@
-"""Linear layers: where each product runs fastest, and fusing layers that read the same input.
+"""Linear layers that pick their own product, and layers fused by rows.
 
-    linear(layer, x)                 layer(x), on the fastest path for the device, size and mode (below)
-    fuse_linears([a, b, ...])        one layer (nn.Linear or Int8Linear) whose output is theirs, concatenated
-    split_linear(fused, sizes, ...)  its inverse
+    Linear                      nn.Linear whose forward chooses the fastest product for the input (below)
+    product_sum(x, w, ...)      x @ w.T as one multiply-and-sum, which inductor streams in a compiled step
+    fuse_rows(module, name, parts)   module.<name> is the checkpoint's layers `parts` stacked by rows; its
+                                     state_dict speaks the parts' names
+    fused_groups(model)         every fused layer of a model: {fused prefix: {part prefix: rows}}
+    join_parts(tensors, groups) the parts' tensors of a state dict concatenated into the fused ones
 
-Paths for `linear` on the CPU, each measured by tools/bench.py on its 2-core machine:
-  - in a torch.compile'd one-row decode step, a plain layer of fewer than STREAM_KERNEL_MIN_WEIGHTS
-    weights becomes a multiply-and-sum that inductor generates as one loop, with no library call per
-    layer (BLAS's matrix-vector product reached about half the memory's speed); larger plain layers and
-    int8 layers call the C++ kernel of kernels/int8_gemv.cpp, which streams rows faster than inductor's
-    loop (official widths, 2 layers + lm_head, ms per token: float32 90 against 118, int8 24.8 against
-    36.8), or, where that kernel cannot be built, the loop;
-  - otherwise a bf16 or float32 layer with at most 8 rows and no gradient streams its weights through the
-    C++ kernel of kernels/int8_gemv.cpp (bf16: 1.5x the bandwidth of torch's matrix-vector product;
-    float32: 1.1-1.6x oneDNN's, 1.7-5x MKL's; figures in kernels/gemv.py);
-  - a float32 or bf16 layer with more rows (prefill, the audio encoder, the projector) and no gradient
-    runs the C++ matrix product of kernels/gemm.cpp on a CPU whose best vector unit is AVX2: 1.1-1.3x
-    oneDNN's and 1.2-1.6x MKL's float32 rate at 155-1500 rows, no slower on small layers, and ~8x torch's
-    emulated bf16 (figures in kernels/gemm.py);
-  - elsewhere (AVX-512 CPUs) a large float32 layer with more rows runs on oneDNN when no gradient is
-    needed: 1.6x / 1.15x MKL's (torch's default) rate at 155 / 251 rows;
-  - anything else (small layers, LoRA wrappers, training) is the layer's own forward.
-The decoder, encoder, projector and lm_head all call it, so one place decides.
+Where a Linear's product runs, on the CPU without autograd (the C++ kernels are kernels/*.cpp, and
+kernels/registry.py says which of them run here):
+  - a few rows (decoding), float32 or bf16 weights: the streaming matrix-vector kernel (int8_gemv.cpp),
+    which reads the weights faster than BLAS's matrix-vector products;
+  - in a torch.compile'd one-row step, a layer too small for the kernel's call to pay: a multiply-and-sum
+    that inductor generates as one loop;
+  - more rows (prefill, the audio encoder, the projector) on CPUs whose best vector unit is AVX2: the
+    blocked matrix product of gemm.cpp; elsewhere oneDNN for large float32 layers, whose fixed cost per
+    call is higher than MKL's but whose rate is higher on big ones;
+  - anything else (CUDA, autograd, small layers): F.linear.
+The README's benchmark tables, made by tools/bench.py and tools/bench_int8.py, measure these choices.
 
-Weights made for decoding (fused projections, int8) are allocated by `streamed_empty`, in 2 MiB pages
-where Linux allows: a decode step streams every weight once, and with 4 KiB pages the page-table walks
-slow the stream (below). Not the dtype conversions of loading: faulting in 2 MiB pages (which the kernel
-may first have to compact) doubled the float32 load of tools/bench_load.py (3.1 -> 6.4 s).
+Fused layers: q/k/v read the same input, and so do gate/up. One product for each group is one pass over
+the input and one call instead of three or two; the decoder holds them fused from the moment it is loaded.
+The checkpoint, the adapters and any saved model keep the architecture's names (q_proj, k_proj, ...):
+`fuse_rows` registers state_dict hooks that split and join the rows at that boundary.
 """
 
-import ctypes
-import functools
-import sys
-from pathlib import Path
+import itertools
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .kernels import gemm, gemv
+from .kernels.registry import available
+from .weights.buffers import streamed_empty
 
-# CPU flags (Linux /proc/cpuinfo) of instructions that multiply bf16 natively: AVX-512 BF16 (Zen 4,
-# Cooper Lake and later), AMX (Sapphire Rapids), Arm's BF16 extension. Without them oneDNN and MKL emulate
-# bf16 products through fp32 conversions, several times slower than fp32 itself.
-NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
-
-
-# Linux's transparent huge pages: 2 MiB, requested per range with madvise(MADV_HUGEPAGE) (<sys/mman.h>),
-# which is what a system set to THP "madvise" (the common default) needs before it uses them for a range.
-HUGE_PAGE = 2 * 2**20
-MADV_HUGEPAGE = 14
-
-
-@functools.cache
-def _madvise():
-    """libc's madvise on Linux, else None."""
-    if sys.platform != "linux":
-        return None
-    try:
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-    return madvise
-
-
-def streamed_empty(shape: tuple[int, ...], dtype: torch.dtype, device=None) -> torch.Tensor:
-    """torch.empty for a weight that decoding will stream, its pages 2 MiB where the OS allows.
-
-    Measured in one process on tools/bench.py's machine (Linux, THP "madvise"): the int8 kernel read a
-    151672 x 3584 lm_head at 42 GB/s from 4 KiB pages and 55 GB/s from 2 MiB ones (torch's sum over 1 GiB:
-    55 and 64). Only a hint: where the kernel refuses it or the memory was touched already, the pages stay
-    4 KiB. Must be called before the tensor is written (pages are chosen when first touched).
-    """
-    tensor = torch.empty(shape, dtype=dtype, device=device)
-    madvise = _madvise()
-    if tensor.device.type == "cpu" and madvise is not None and tensor.nbytes >= 2 * HUGE_PAGE:
-        # the whole 2 MiB pages inside the allocation
-        start = -(-tensor.data_ptr() // HUGE_PAGE) * HUGE_PAGE
-        end = (tensor.data_ptr() + tensor.nbytes) // HUGE_PAGE * HUGE_PAGE
-        madvise(start, end - start, MADV_HUGEPAGE)
-    return tensor
-
-
-def fuse_linears(layers: list[nn.Module]) -> nn.Module:
-    """One layer computing the concatenation of `layers`' outputs on their shared input (see `fusable`)."""
-    if type(layers[0]) is not nn.Linear:
-        return type(layers[0]).stack(layers)  # Int8Linear
-    parts = [layer.weight.detach() for layer in layers]
-    out_features = sum(part.shape[0] for part in parts)
-    weight = torch.cat(
-        parts, out=streamed_empty((out_features, parts[0].shape[1]), parts[0].dtype, parts[0].device)
-    )  # (sum out_i, in)
-    has_bias = [layer.bias is not None for layer in layers]
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=any(has_bias), device="meta")
-    fused.weight = nn.Parameter(weight, requires_grad=layers[0].weight.requires_grad)
-    if any(has_bias):  # a layer without a bias (none here in Qwen2) contributes zeros
-        biases = [
-            layer.bias.detach() if layer.bias is not None else weight.new_zeros(layer.out_features)
-            for layer in layers
-        ]
-        fused.bias = nn.Parameter(torch.cat(biases), requires_grad=fused.weight.requires_grad)
-    return fused
-
-
-def split_linear(fused: nn.Module, sizes: list[int], biases: list[bool]) -> list[nn.Module]:
-    """Undo fuse_linears: the row blocks of `fused` (sizes[i] rows each) as separate layers."""
-    if type(fused) is not nn.Linear:
-        return fused.split(sizes, biases)  # Int8Linear
-    layers = []
-    for weight, bias, has_bias in zip(
-        fused.weight.detach().split(sizes),
-        fused.bias.detach().split(sizes) if fused.bias is not None else [None] * len(sizes),
-        biases,
-        strict=True,
-    ):
-        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")
-        layer.weight = nn.Parameter(weight.clone(), requires_grad=fused.weight.requires_grad)
-        if has_bias:
-            layer.bias = nn.Parameter(bias.clone(), requires_grad=fused.weight.requires_grad)
-        layers.append(layer)
-    return layers
-
-
-# Rows up to which a bf16 or float32 layer streams its weights through the C++ kernel of
-# kernels/int8_gemv.cpp. bf16 37888 x 3584 at 1 / 4 / 8 / 16 rows took 7.0 / 6.9 / 11.7 / 21.5 ms there
-# against torch's 13-17 / 14.8 / 17.5 / 22.3 ms (oneDNN's bf16 matrix-vector product reads ~20 GB/s; the
-# kernel ~31, a plain read ~33); float32 wins at every count up to 16 (kernels/gemv.py).
+# Rows up to which a bf16 or float32 layer streams its weights through the matrix-vector kernel: beyond 8
+# the kernel's per-row cost overtakes a blocked product.
 STREAM_MAX_ROWS = 8
 STREAM_DTYPES = (torch.bfloat16, torch.float32)
-
-
-def gemv_kernel_ready() -> bool:
-    """Whether the C++ kernel runs here (built on first use; False, with one logged warning, otherwise)."""
-    return gemv.load_library()
-
-
-# Weights from which a compiled one-row step calls the C++ kernel rather than inductor's loop. Four float32
-# layers in a compiled graph, one row, us: 512 x 512 loop 132 / kernel 154, 1024 x 1024 309 / 309,
-# 2048 x 1024 959 / 785, 4096 x 1024 1960 / 1744; below this the kernel's call costs more than it saves.
+# Weights from which a compiled one-row step calls the kernel rather than inductor's loop: below this the
+# call costs more than the faster stream saves (they break even near 1024 x 1024).
 STREAM_KERNEL_MIN_WEIGHTS = 1 << 20
-
-# float32, and bf16 (widened as the kernel packs it): 170-180 GFLOP/s against ~22 for torch's emulated bf16
+# gemm.cpp's operand dtypes: float32, and bf16 widened to float32 as it is packed.
 GEMM_DTYPES = (torch.float32, torch.bfloat16)
-
-
-def gemm_kernel_ready() -> bool:
-    """Whether the matrix product of kernels/gemm.cpp runs here: a CPU whose best vector unit is
-    AVX2 (built on first use in eager code; False, with one logged warning, when it cannot be built). A
-    torch.compile'd step reads only what the last eager check found (generate checks before compiling)."""
-    return gemm.runs_here()
-
-
-# Weights from which oneDNN beats MKL: its fixed cost per call (~18 us against 5) loses on small layers.
+# Weights from which oneDNN beats MKL: its fixed cost per call is higher, its rate on large layers too.
 ONEDNN_MIN_WEIGHTS = 1 << 20
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-@functools.cache
-def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """True when this CPU multiplies bf16 natively (see NATIVE_BF16_FLAGS); False when unknown."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return False
-    flags = next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
-    return not NATIVE_BF16_FLAGS.isdisjoint(flags.partition(":")[2].split())
+def product_sum(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scales: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x (..., 1, in) @ (weight (out, in) * scales (out,)).T + bias, as a multiply and a sum in float32.
 
-
-def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """layer(x) for any layer (nn.Linear, LoRA, int8), on the fastest path (see the module docstring)."""
-    if x.device.type != "cpu":
-        return layer(x)
-    rows = x.shape[:-1].numel()
-    if rows == 1 and torch.compiler.is_compiling():
-        return streamed_linear(layer, x)
-    # Eager decoding runs this before every product (112 a token at the bench's full depth), where checks
-    # in Python cost as much as a small layer's product: cheapest first, each attribute read once.
-    if type(layer) is not nn.Linear or torch.is_grad_enabled():
-        return layer(x)
-    weight, bias = layer.weight, layer.bias
-    if rows <= STREAM_MAX_ROWS and weight.dtype in STREAM_DTYPES and gemv_kernel_ready():
-        return gemv.gemv_linear(x, weight, bias)
-    if x.dtype == weight.dtype and x.dtype in GEMM_DTYPES and gemm_kernel_ready():
-        return gemm.gemm_linear(x, weight, bias)
-    if ONEDNN and weight.numel() >= ONEDNN_MIN_WEIGHTS and x.dtype == weight.dtype == torch.float32:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    return layer(x)
-
-
-def streamed_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """One row x (..., in) through a plain or int8 layer in a compiled step: the C++ kernel for int8 and
-    large layers (where it is built), else a sum of products for inductor to stream."""
-    from .kernels.int8_linear import load_extension
-    from .quantize import Int8Linear
-
-    if type(layer) is nn.Linear:
-        weight, scales = layer.weight, None
-        if (
-            weight.numel() >= STREAM_KERNEL_MIN_WEIGHTS
-            and weight.dtype in STREAM_DTYPES
-            and weight.device.type == "cpu"
-            and load_extension()  # a graph constant when tracing
-        ):
-            return gemv.gemv_linear(x, weight, layer.bias)
-    elif type(layer) is Int8Linear:
-        if layer.weight.device.type == "cpu" and load_extension():  # a graph constant when tracing
-            return layer(x)
-        weight, scales = layer.weight, layer.scales  # (out, in) int8, (out,): one scale per row
-    else:
-        return layer(x)
-    # (..., 1, in) * (out, in) -> sum over in -> (..., out); fused by inductor, never materialised
-    y = (x.unsqueeze(-2).float() * weight.float()).sum(-1)
+    In a compiled step inductor fuses the two into one loop over the weight, with nothing materialised.
+    """
+    y = (x.unsqueeze(-2).float() * weight.float()).sum(-1)  # (..., 1, in) * (out, in) -> (..., out)
     if scales is not None:
         y = y * scales
-    return (y if layer.bias is None else y + layer.bias).to(x.dtype)
+    return (y if bias is None else y + bias).to(x.dtype)
 
 
-def swap_children(parent: nn.Module, old: list[str], new: dict[str, nn.Module]) -> None:
-    """Replace the children named `old` by `new`, placed where the first of `old` was, so that printing the
-    model and its state_dict keep the architecture's order (q, k, v before o_proj)."""
-    children = {}
-    for name, child in parent._modules.items():
-        if name == old[0]:
-            children.update(new)
-        if name not in old:
-            children[name] = child
-    parent._modules.clear()
-    parent._modules.update(children)
+class Linear(nn.Linear):
+    """y = x W^T + b, computed on the fastest path for the input's device, dtype and rows (see above)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Decoding calls this for every layer of every token: cheapest checks first, attributes read once.
+        if x.device.type != "cpu" or torch.is_grad_enabled():
+            return F.linear(x, self.weight, self.bias)
+        weight, bias, kernels = self.weight, self.bias, available()
+        rows = x.numel() // x.shape[-1]
+        streams = kernels.gemv and weight.dtype in STREAM_DTYPES
+        if torch.compiler.is_compiling() and rows == 1:
+            if streams and weight.numel() >= STREAM_KERNEL_MIN_WEIGHTS:
+                return gemv.gemv_linear(x, weight, bias)
+            return product_sum(x, weight, None, bias)
+        if rows <= STREAM_MAX_ROWS and streams:
+            return gemv.gemv_linear(x, weight, bias)
+        if kernels.gemm and x.dtype == weight.dtype and x.dtype in GEMM_DTYPES:
+            return gemm.gemm_linear(x, weight, bias)
+        if ONEDNN and weight.numel() >= ONEDNN_MIN_WEIGHTS and x.dtype == weight.dtype == torch.float32:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return F.linear(x, weight, bias)
 
 
-def fusable(*layers: nn.Module) -> bool:
-    """Whether `layers` can be fused: all exact nn.Linear, or all Int8Linear (stacked as int8 rows). A LoRA
-    wrapper is not: it must keep its own weight so that the adapter can be merged and unmerged."""
-    kinds = {type(layer) for layer in layers}
-    if kinds == {nn.Linear}:
-        return True
-    # Int8Linear without importing minaf3.quantize, whose kernel module imports torch._dynamo (a second of
-    # every cold start): a model holds int8 layers only if that module was loaded.
-    quantize = sys.modules.get(f"{__package__}.quantize")
-    return quantize is not None and kinds == {quantize.Int8Linear}
+# ---- layers fused by rows -----------------------------------------------------------------------------
+
+
+def fuse_rows(module: nn.Module, name: str, parts: dict[str, int]) -> None:
+    """Declare that `module.<name>` stacks the rows of the checkpoint's layers `parts` ({name: rows}).
+
+    Its every tensor (weight, bias, an int8 layer's scales) is the parts' tensors concatenated along dim 0,
+    in the order of `parts`. state_dict() splits them back into views named after the parts;
+    load_state_dict() accepts either form.
+    """
+    groups = dict(getattr(module, "fused_parts", {}))
+    groups[name] = dict(parts)
+    module.fused_parts = groups
+    if len(groups) == 1:  # the hooks serve every group of the module
+        module.register_state_dict_post_hook(_split_hook)
+        module.register_load_state_dict_pre_hook(_join_hook)
+
+
+def _split_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    for name, parts in module.fused_parts.items():
+        split_fused(state_dict, prefix + name, {prefix + part: rows for part, rows in parts.items()})
+
+
+def _join_hook(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    for name, parts in module.fused_parts.items():
+        join_fused(state_dict, prefix + name, {prefix + part: rows for part, rows in parts.items()})
+
+
+def _leaves(state_dict: dict, prefix: str) -> list[str]:
+    """The tensor names directly under module `prefix` (weight, bias, scales)."""
+    return [key[len(prefix) + 1 :] for key in state_dict if key.startswith(prefix + ".")]
+
+
+def split_fused(state_dict: dict, fused: str, parts: dict[str, int]) -> None:
+    """Replace each tensor `fused.<leaf>` of `state_dict` by row views `<part>.<leaf>`, in place."""
+    for leaf in _leaves(state_dict, fused):
+        tensor = state_dict.pop(f"{fused}.{leaf}")
+        for part, rows in zip(parts, tensor.split(list(parts.values())), strict=True):
+            state_dict[f"{part}.{leaf}"] = rows
+
+
+def join_fused(state_dict: dict, fused: str, parts: dict[str, int]) -> None:
+    """Replace the parts' tensors `<part>.<leaf>` of `state_dict` by their concatenation `fused.<leaf>`.
+
+    A weight is written into memory allocated for streaming (see streamed_empty); each part is popped as
+    it is copied, so the transient memory is one group. Nothing happens when the parts are absent.
+    """
+    first = next(iter(parts))
+    for leaf in _leaves(state_dict, first):
+        pieces = [state_dict.pop(f"{part}.{leaf}") for part in parts]
+        rows = sum(piece.shape[0] for piece in pieces)
+        out = streamed_empty((rows, *pieces[0].shape[1:]), pieces[0].dtype, pieces[0].device)
+        state_dict[f"{fused}.{leaf}"] = torch.cat(pieces, out=out)
+
+
+def fused_groups(model: nn.Module) -> dict[str, dict[str, int]]:
+    """{fused layer's name: {part's name: rows}} over the whole model, names from its root."""
+    groups = {}
+    for prefix, module in model.named_modules():
+        for name, parts in getattr(module, "fused_parts", {}).items():
+            at = f"{prefix}." if prefix else ""
+            groups[at + name] = {at + part: rows for part, rows in parts.items()}
+    return groups
+
+
+def join_parts(tensors: dict[str, torch.Tensor], groups: dict[str, dict[str, int]]) -> None:
+    """join_fused for every group, in place: a checkpoint's tensors, ready for the model's load_state_dict.
+
+    Done before load_state_dict rather than in its hook: that method copies the dict it is given, so the
+    caller's references would keep every part alive until the whole model is loaded.
+    """
+    for fused, parts in groups.items():
+        join_fused(tensors, fused, parts)
+
+
+def row_ranges(parts: dict[str, int]) -> dict[str, slice]:
+    """{part: its rows in the fused tensor}."""
+    starts = itertools.accumulate(parts.values(), initial=0)
+    return {
+        part: slice(start, start + rows) for (part, rows), start in zip(parts.items(), starts, strict=False)
+    }

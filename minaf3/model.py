@@ -11,7 +11,6 @@ Parameter names follow this tree, so `language_model.layers.3.self_attn.q_proj.w
 model; the checkpoint's own names are mapped once, in weights/.
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,19 +20,29 @@ from torch import nn
 
 from .config import AudioFlamingo3Config
 from .decoder import Qwen2Decoder
+from .dtypes import resolve_dtype
 from .encoder import WhisperEncoder
 from .errors import CheckpointError, ConfigError, InputError
-from .linear import cpu_has_native_bf16, linear
+from .estimate import weights_dtype
+from .linear import Linear, fused_groups, join_parts
+from .lora import load_adapter
+from .quantize import (
+    Int8Linear,
+    check_mode,
+    quantizable_linears,
+    quantize_layers,
+    quantize_model,
+    quantize_state_dict,
+    widen_unquantized_,
+)
+from .sampling import GenerationConfig
 from .weights.adapter import LoraSettings
+from .weights.loader import DOWNLOAD_HINT, read_checkpoint
 
 # Encoder windows batched together may be padded by up to this fraction of their own length: batching saves
 # per-call overhead (GPU launches), padding costs attention and matrix products in proportion.
 GROUP_SLACK = 0.25
 THINK_FOLDER = "think"  # the AF-Think LoRA adapter's subfolder in the hub checkpoint
-DOWNLOAD_HINT = (
-    "Download the official checkpoint with `huggingface-cli download nvidia/audio-flamingo-3-hf "
-    "--local-dir audio-flamingo-3-hf` and pass that folder."
-)
 
 
 @dataclass
@@ -49,11 +58,11 @@ class Projector(nn.Module):
 
     def __init__(self, audio_hidden: int, text_hidden: int, bias: bool):
         super().__init__()
-        self.linear_1 = nn.Linear(audio_hidden, text_hidden, bias=bias)
-        self.linear_2 = nn.Linear(text_hidden, text_hidden, bias=bias)
+        self.linear_1 = Linear(audio_hidden, text_hidden, bias=bias)
+        self.linear_2 = Linear(text_hidden, text_hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(self.linear_2, F.gelu(linear(self.linear_1, x)))
+        return self.linear_2(F.gelu(self.linear_1(x)))
 
 
 def audio_token_lengths(mel_lengths: torch.Tensor) -> torch.Tensor:
@@ -95,7 +104,7 @@ class AudioFlamingo3ForConditionalGeneration(nn.Module):
         self.audio_tower = WhisperEncoder(enc)
         self.multi_modal_projector = Projector(enc.hidden_size, dec.hidden_size, config.projector_bias)
         self.language_model = Qwen2Decoder(dec)
-        self.lm_head = nn.Linear(dec.hidden_size, dec.vocab_size, bias=False)
+        self.lm_head = Linear(dec.hidden_size, dec.vocab_size, bias=False)
         self.generation_config = None  # set by from_pretrained from generation_config.json
         # Encode only the frames that hold audio (plus the convolutions' margin) rather than 30 s per window.
         self.crop_audio_padding = True
@@ -189,7 +198,7 @@ class AudioFlamingo3ForConditionalGeneration(nn.Module):
             position_ids = torch.arange(T, device=inputs_embeds.device).expand(B, T)
         key_mask = None if attention_mask is None else attention_mask.bool()
         hidden = self.language_model(inputs_embeds, position_ids, key_mask)
-        logits = linear(self.lm_head, hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         loss = None if labels is None else causal_lm_loss(logits, labels)
         return CausalLMOutput(logits=logits, loss=loss)
 
@@ -199,33 +208,18 @@ class AudioFlamingo3ForConditionalGeneration(nn.Module):
 
         return generate(self, *args, **kwargs)
 
-    # ---- speed and adapters -----------------------------------------------------------------------------
-    def fuse_projections(self) -> int:
-        """Fuse each decoder layer's q/k/v into `qkv_proj` and gate/up into `gate_up_proj` (see decoder.py).
-
-        generate calls this before decoding, so the fused layers hold the final weights: an adapter merged
-        after loading (lora.load_adapter) is already in them. Layers wrapped by LoRA or quantized stay as
-        they are. Idempotent; returns the number of groups fused by this call.
-        """
-        return self.language_model.fuse_projections()
-
+    # ---- adapters and loading --------------------------------------------------------------------------
     def load_adapter(self, path: str | Path, merge: bool = True) -> LoraSettings:
         """Apply the LoRA adapter in folder `path` (AF-Think: `<checkpoint>/think`); see minaf3.lora.
 
-        The adapter names its targets by the checkpoint's module names, so fused projections are split back
-        first; generate fuses again whatever plain layers remain. Returns the adapter's LoraSettings.
+        Returns the adapter's LoraSettings. An int8 weight cannot take the update: load adapters first.
         """
-        from .lora import load_adapter
-        from .quantize import Int8Linear
-
         if any(isinstance(m, Int8Linear) for m in self.language_model.modules()):
             raise ConfigError(
                 "load the adapter before quantizing: an int8 weight cannot take the LoRA update"
             )
-        self.language_model.unfuse_projections()
         return load_adapter(self, path, merge=merge)
 
-    # ---- loading ----------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(
         cls,
@@ -238,26 +232,17 @@ class AudioFlamingo3ForConditionalGeneration(nn.Module):
         """Load a checkpoint folder in any of the three layouts (see weights/layouts.py).
 
         device_map: None or "cpu", "cuda", "auto" (CUDA when available) or a torch.device.
-        dtype: default (None) the checkpoint's dtype on CUDA; on CPU the checkpoint's bf16 where the CPU has
-        bf16 instructions (AVX-512 BF16, AMX), else float32 (emulated bf16 products are several times
-        slower than fp32), or the checkpoint's bf16 when float32 weights would not fit (with a warning;
-        weights that cannot fit in a dtype asked for are a ConfigError: estimate.weights_dtype); "auto" the
-        checkpoint's dtype everywhere. The model is built on the meta device and the tensors are assigned as
-        they are read, so no second copy of the weights is ever made.
+        dtype: None (minaf3 chooses: dtypes.py), "auto" (the checkpoint's), or a dtype or its name; weights
+        that cannot fit in a dtype asked for are a ConfigError before anything is read (estimate.py).
+        The model is built on the meta device and the checkpoint's tensors are assigned as they are read, so
+        no second copy of the weights is ever made: q/k/v and gate/up are concatenated into their fused
+        layers one group at a time.
         think: also apply the AF-Think LoRA adapter of `<path>/think`, merged into the weights.
-        quantize: None or "int8": int8 weight-only decoder and lm_head (minaf3.quantize), done last so that
-        the int8 weights hold the merged adapter; without an adapter, quantized from the tensors as stored.
+        quantize: None or "int8": int8 weight-only decoder and lm_head (minaf3.quantize), quantized from the
+        tensors as stored (a bf16 checkpoint loaded in float32 never holds its decoder in float32), or with
+        `think`, after the adapter is merged in the model's dtype.
         """
-        from .estimate import weights_dtype
-        from .generate import GenerationConfig
-        from .weights.loader import read_checkpoint
-
-        if quantize is not None:
-            # Imported only when asked for: the int8 kernels' module pulls in torch's compiler (~1.4 s).
-            from .quantize import QUANTIZE_MODES, quantize_model, widen_unquantized_
-
-            if quantize not in QUANTIZE_MODES:
-                raise ConfigError(f"quantize={quantize!r}: expected None or one of {list(QUANTIZE_MODES)}")
+        check_mode(quantize)
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"{path}: checkpoint folder not found. {DOWNLOAD_HINT}")
@@ -265,32 +250,49 @@ class AudioFlamingo3ForConditionalGeneration(nn.Module):
             raise CheckpointError(f"{path}: think=True but the folder has no {THINK_FOLDER}/ adapter")
         config = AudioFlamingo3Config.from_file(path)
         device = resolve_device(device_map)
-        automatic = dtype is None
-        # With an adapter the whole model is widened before it is quantized (see read_as_stored below).
-        peak_quantize = None if think else quantize
-        dtype = weights_dtype(path, resolve_dtype(dtype, device, path), device, peak_quantize, automatic)
-        with torch.device("meta"):
-            model = cls(config)
+        # With an adapter the weights are merged in the model's dtype first, then quantized.
+        quantize_on_read = quantize if not think else None
+        dtype = weights_dtype(
+            path, resolve_dtype(dtype, device, path), device, quantize_on_read, dtype is None
+        )
         # Every small file is read and checked before the first tensor, so a bad one fails fast.
         generation_config = GenerationConfig.from_pretrained(path, config)
-        expected = {name: t.shape for name, t in model.state_dict().items()}
-        # int8 in float32 (the default on CPUs without bf16 instructions): read the tensors as stored (on the
-        # CPU, views of the file), quantize, then widen what stays floating point. Widening first would hold
-        # the whole model in float32 at once, 33 GB for the 7B decoder; widening is exact, so the numbers
-        # are the same. With an adapter the weights are widened first: the merge is done in float32.
-        read_as_stored = quantize is not None and dtype == torch.float32 and not think
-        tensors = read_checkpoint(path, expected, dtype=None if read_as_stored else dtype, device=device)
+        with torch.device("meta"):
+            model = cls(config)
+        tensors = read_weights(model, path, dtype, device, quantize_on_read)
         model.load_state_dict(tensors, strict=True, assign=True)
-        del tensors  # the model holds the only references now: quantizing can free each weight it replaces
+        del tensors  # the model holds the only references now
         model.language_model.reset_buffers(device)
         model.generation_config = generation_config
         if think:
             model.load_adapter(path / THINK_FOLDER, merge=True)
-        if quantize is not None:
+        if quantize is not None and think:
             quantize_model(model, quantize)
-        if read_as_stored:
-            widen_unquantized_(model, dtype)
+        if quantize_on_read is not None and dtype == torch.float32:
+            widen_unquantized_(model, dtype)  # what stays floating point, read as stored
         return model.eval()
+
+
+def read_weights(
+    model: nn.Module, path: Path, dtype: torch.dtype, device: torch.device, quantize: str | None
+) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors in the form `model`'s load_state_dict takes: fused layers concatenated,
+    and with `quantize`, the decoder's and lm_head's weights quantized (and `model`'s layers swapped for
+    empty Int8Linear ones to receive them).
+
+    To be quantized, weights are read as stored (on the CPU, views of the file) and converted one at a
+    time; reading them in float32 first would hold the whole decoder in float32 at once (33 GB for AF3).
+    """
+    expected = {name: tensor.shape for name, tensor in model.state_dict().items()}  # the checkpoint's names
+    as_stored = quantize is not None and dtype == torch.float32
+    tensors = read_checkpoint(path, expected, dtype=None if as_stored else dtype, device=device)
+    groups = fused_groups(model)
+    if quantize is not None:
+        quantized = quantizable_linears(model)
+        quantize_state_dict(tensors, [part for name in quantized for part in groups.get(name, [name])])
+        quantize_layers(model, quantized)
+    join_parts(tensors, groups)
+    return tensors
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -315,24 +317,3 @@ def resolve_device(device_map: str | torch.device | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device_map={device_map!r}: CUDA is not available on this machine")
     return device
-
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device, path: Path) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if dtype not in _DTYPES.values():
-            raise ConfigError(f"dtype={dtype}: expected one of {sorted(_DTYPES)}")
-        return dtype
-    if dtype not in (None, "auto") and dtype not in _DTYPES:
-        raise ConfigError(f"dtype={dtype!r}: expected 'auto' or one of {sorted(_DTYPES)}")
-    if dtype in _DTYPES:
-        return _DTYPES[dtype]
-    config = json.loads((path / "config.json").read_text())
-    saved = _DTYPES.get(config.get("dtype") or config.get("torch_dtype"), torch.float32)  # 5.x or 4.x key
-    if device.type == "cuda" or dtype == "auto":
-        return saved
-    # CPU default: bf16 checkpoints stay bf16 only where the CPU multiplies bf16 natively (half the memory
-    # and faster than fp32 there); elsewhere bf16 and fp16 products are emulated, several times slower.
-    return saved if saved == torch.bfloat16 and cpu_has_native_bf16() else torch.float32

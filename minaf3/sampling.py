@@ -45,6 +45,9 @@ from .errors import ConfigError, GenerationError
 
 FILE_NAME = "generation_config.json"
 NEG_INF = float("-inf")
+# New tokens for chat and transcribe when the caller names none: the model card's output limit (the shipped
+# generation_config.json says 20, too few for a description or a transcript).
+DEFAULT_MAX_NEW_TOKENS = 1024
 
 
 @dataclass(frozen=True)

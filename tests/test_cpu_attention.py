@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from minaf3.kernels import cpu_attention
 
 from minaf3 import AudioFlamingo3ForConditionalGeneration, ConfigError
-from minaf3.attention import attention, default_backend, eager_attention, use_backend
+from minaf3.attention import attention, backend_counts, default_backend, eager_attention, use_backend
+from minaf3.kernels.registry import override
 
 GREEDY = dict(do_sample=False, repetition_penalty=1.0, eos_token_id=[])
 
@@ -102,12 +103,18 @@ def test_cpp_backend_equals_eager_through_attention(batch, slots, seed, padded):
     assert (cpp - eager).abs().max() < 1e-5
 
 
-def test_cpp_backend_runs_blocks_of_queries_in_sdpa():
+def test_cpp_backend_refuses_blocks_of_queries_and_says_which_backends_ran():
+    """The kernel computes one query token; a prefill forced onto it is refused, not run elsewhere."""
     q, k, v, _ = problem(2, 2, 2, 9, 16, seed=3)
     q = torch.cat([q] * 9, dim=2)  # (B, Hq, 9, D): a prefill
     pos = torch.arange(9)
-    cpp = attention(q, k, v, query_pos=pos, backend="cpp")
-    assert torch.equal(cpp, attention(q, k, v, query_pos=pos, backend="sdpa"))
+    with pytest.raises(ConfigError, match="'cpp' computes one query token per row .* got 9"):
+        attention(q, k, v, query_pos=pos, backend="cpp")
+    before = backend_counts()
+    attention(q, k, v, query_pos=pos)  # the default for 9 queries on the CPU
+    attention(q[:, :, :1], k, v, query_pos=pos[:1])  # and for one
+    after = backend_counts()
+    assert after.get("sdpa", 0) - before.get("sdpa", 0) == 1 and after["cpp"] - before.get("cpp", 0) == 1
 
 
 def test_one_token_on_the_cpu_defaults_to_the_kernel():
@@ -149,12 +156,12 @@ def test_operator_refuses_what_it_cannot_compute(change, message):
         cpu_attention.decode_attention(*change(q, k, v, torch.ones(2, 10, dtype=torch.bool)))
 
 
-def test_forced_cpp_backend_without_its_kernel_is_a_config_error(monkeypatch):
-    monkeypatch.setattr(cpu_attention, "load_library", lambda: False)
+def test_forced_cpp_backend_without_its_kernel_is_a_config_error():
     q, k, v, _ = problem(1, 1, 2, 5, 8, seed=0)
-    assert default_backend(torch.device("cpu"), 1) == "eager"
-    with pytest.raises(ConfigError, match="backend 'cpp' cannot run"):
-        attention(q, k, v, query_pos=torch.tensor([4]), backend="cpp")
+    with override(cpu_attention=False):
+        assert default_backend(torch.device("cpu"), 1) == "eager"
+        with pytest.raises(ConfigError, match="backend 'cpp' cannot run"):
+            attention(q, k, v, query_pos=torch.tensor([4]), backend="cpp")
 
 
 CHECK_FALLBACK = """

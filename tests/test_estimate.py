@@ -127,10 +127,9 @@ def test_automatic_float32_that_cannot_fit_keeps_the_stored_bf16(
 ):
     """On a CPU without bf16 instructions minaf3 picks float32 for a bf16 checkpoint; where that cannot fit
     (the 7B model on 24 GB) it loads bf16 as stored, saying so; a dtype asked for is never changed."""
-    from minaf3 import estimate
-    from minaf3 import model as model_module
+    from minaf3 import dtypes, estimate
 
-    monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(dtypes, "cpu_has_native_bf16", lambda: False)
     cpu = torch.device("cpu")
     bf16 = estimate.weight_bytes(bf16_checkpoint, torch.bfloat16, quantize)[1]
     fp32 = estimate.weight_bytes(bf16_checkpoint, torch.float32, quantize)[1]

@@ -13,10 +13,10 @@ from conftest import speech_like
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from minaf3.kernels import gemm
+from minaf3.kernels.registry import override
 
 from minaf3 import AudioFlamingo3ForConditionalGeneration
-from minaf3 import linear as linear_module
-from minaf3.linear import linear
+from minaf3.linear import Linear
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -135,20 +135,21 @@ def test_the_kernel_is_wanted_where_avx2_is_the_best_vector_unit(monkeypatch, ca
 
 def test_linear_sends_float32_and_bf16_rows_without_gradients_to_the_kernel(monkeypatch):
     calls = []
-    monkeypatch.setattr(gemm, "wanted", lambda: True)
     monkeypatch.setattr(gemm, "gemm_linear", lambda *a: calls.append(1) or gemm.gemm_reference(*a))
-    layer = torch.nn.Linear(64, 48)
+    layer = Linear(64, 48)
     x = torch.randn(2, 20, 64)
-    with torch.no_grad():
-        assert close(linear(layer, x), layer(x)) and len(calls) == 1
-        linear(layer, x[0, :1])  # one row: the matrix-vector kernel
+    plain = torch.nn.functional.linear
+    with torch.no_grad(), override(gemm=True):  # as on an AVX2 CPU, whatever this one is
+        assert close(layer(x), plain(x, layer.weight, layer.bias)) and len(calls) == 1
+        layer(x[0, :1])  # one row: the matrix-vector kernel
         assert len(calls) == 1
-        linear(layer.bfloat16(), x.bfloat16())  # bf16 layer and rows: the kernel too
+        layer.bfloat16()(x.bfloat16())  # bf16 layer and rows: the kernel too
         assert len(calls) == 2
         layer.float()
-        monkeypatch.setattr(gemm, "wanted", lambda: False)  # an AVX-512 CPU: oneDNN or torch
-        assert close(linear(layer, x), layer(x))
-    linear(layer, x).sum().backward()  # gradients: the layer's own forward
+        with override(gemm=False):  # an AVX-512 CPU: oneDNN or torch
+            assert close(layer(x), plain(x, layer.weight, layer.bias))
+    with override(gemm=True):
+        layer(x).sum().backward()  # gradients: torch's product
     assert len(calls) == 2 and layer.weight.grad is not None
 
 
@@ -170,15 +171,15 @@ def test_generation_through_the_kernel_gives_the_tokens_and_logits_without_it(
     args = dict(max_new_tokens=6, do_sample=False, repetition_penalty=1.0, eos_token_id=[],
                 return_dict_in_generate=True, output_logits=True, **inputs)  # fmt: skip
     rows = []
-    monkeypatch.setattr(gemm, "wanted", lambda: True)  # as on an AVX2 CPU, whatever this one is
     kernel_linear = gemm.gemm_linear
     monkeypatch.setattr(
         gemm, "gemm_linear", lambda x, *a: rows.append(x.shape[:-1].numel()) or kernel_linear(x, *a)
     )
-    with_kernel = model.generate(args.pop("input_ids"), **args)
+    with override(gemm=True):  # as on an AVX2 CPU, whatever this one is
+        with_kernel = model.generate(args.pop("input_ids"), **args)
     assert rows and max(rows) > inputs["input_ids"].shape[1]  # the encoder's frames went through it too
-    monkeypatch.setattr(linear_module, "gemm_kernel_ready", lambda: False)
-    without = model.generate(inputs["input_ids"], **args)
+    with override(gemm=False):
+        without = model.generate(inputs["input_ids"], **args)
     assert torch.equal(with_kernel.sequences, without.sequences)
     difference = max((a - b).abs().max() for a, b in zip(with_kernel.logits, without.logits, strict=True))
     assert difference < tolerance

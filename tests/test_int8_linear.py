@@ -16,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from minaf3.kernels import gemm, gemv
 from minaf3.kernels import int8_linear as kernel
-from minaf3.kernels.int8_linear import int8_linear, int8_linear_reference, load_extension
+from minaf3.kernels.int8_linear import int8_linear, int8_linear_reference
+from minaf3.kernels.registry import override, runs
 
 from minaf3 import ConfigError
 
@@ -44,7 +45,7 @@ def error_bound(x, w, scales, bias, rel: float) -> torch.Tensor:
 def run_path(path: str, x, w, scales, bias):
     """int8_linear on one of KERNEL_PATHS."""
     if path == "cpp-avx2":
-        assert load_extension()
+        assert runs("gemv")
         return torch.ops.minaf3_int8.int8_linear(x, w, scales, bias, False)
     return int8_linear(x, w, scales, bias, backend=path)
 
@@ -117,7 +118,7 @@ def test_leading_dims_and_dtype_are_kept(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_many_rows_take_the_blocked_product_where_it_is_wanted(monkeypatch, dtype):
+def test_many_rows_take_the_blocked_product_where_it_is_wanted(dtype):
     """From GEMM_MIN_ROWS rows (a prompt) the "cpp" backend calls gemm.cpp's int8 operator on CPUs whose
     best vector unit is AVX2, and the streaming loop below that or on other CPUs; every way, the product
     is the reference's within float32 rounding (bf16 rows: within their output's rounding)."""
@@ -133,8 +134,7 @@ def test_many_rows_take_the_blocked_product_where_it_is_wanted(monkeypatch, dtyp
         (True, many - 1, "minaf3_int8::int8_linear"),
         (False, many, "minaf3_int8::int8_linear"),  # an AVX-512 CPU: the loop at any row count
     ]:
-        monkeypatch.setattr(gemm, "wanted", lambda wanted=wanted: wanted)
-        with profile() as trace:
+        with override(gemm=wanted), profile() as trace:
             out = int8_linear(x[:rows], w, scales, b)
         calls = {event.key: event.count for event in trace.key_averages() if event.key.startswith("minaf3")}
         assert calls == {op: 1}, (wanted, rows, calls)
@@ -187,7 +187,7 @@ def test_kernel_is_built_with_openmp():
     """at::parallel_for runs serially in an extension compiled without OpenMP: the kernel must call the
     OpenMP runtime (the entry of `#pragma omp parallel`: GOMP_parallel in GCC's libgomp, __kmpc_fork_call in
     LLVM's libomp) to use torch's threads at all."""
-    assert load_extension()
+    assert runs("gemv")
     library = [path for path in torch.ops.loaded_libraries if gemv.EXTENSION_NAME in path]
     assert len(library) == 1
     with open(library[0], "rb") as f:
@@ -198,10 +198,11 @@ def test_kernel_is_built_with_openmp():
 CHECK_KERNEL = """
 import logging, shutil, torch
 logging.basicConfig()
-from minaf3.kernels.int8_linear import int8_linear, int8_linear_reference, load_extension
+from minaf3.kernels.int8_linear import int8_linear, int8_linear_reference
+from minaf3.kernels.registry import runs
 x, w, s = torch.randn(3, 40), torch.randint(-127, 128, (9, 40), dtype=torch.int8), torch.rand(9)
 err = (int8_linear(x, w, s) - int8_linear_reference(x, w, s)).abs().max().item()
-print("loaded", load_extension(), "error", err, "ninja", shutil.which("ninja"))
+print("loaded", runs("gemv"), "error", err, "ninja", shutil.which("ninja"))
 """
 
 
@@ -244,8 +245,7 @@ def test_compiler_without_openmp_builds_a_one_thread_kernel(tmp_path):
     )
 
 
-def test_cpp_backend_refuses_tensors_it_cannot_run(monkeypatch):
-    monkeypatch.setattr(kernel, "load_extension", lambda: False)
+def test_cpp_backend_refuses_tensors_it_cannot_run():
     w, scales, _ = random_layer(4, 16, False, seed=7)
-    with pytest.raises(ConfigError, match="int8 backend 'cpp' cannot run"):
+    with override(gemv=False), pytest.raises(ConfigError, match="int8 backend 'cpp' cannot run"):
         int8_linear(torch.randn(1, 16), w, scales, backend="cpp")

@@ -15,7 +15,8 @@ from minaf3.weights.adapter import map_names
 from safetensors.torch import load_file, save_file
 
 from minaf3 import AudioFlamingo3ForConditionalGeneration, CheckpointError, ConfigError
-from minaf3.lora import LoRALinear, load_adapter, merge, unmerge
+from minaf3.linear import Linear
+from minaf3.lora import LoRALinear, LoRAUpdate, load_adapter, lora_updates, merge, unmerge
 
 LM_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Adapters whose settings differ in every way that changes the result: rank, alpha, rsLoRA, per-module rank,
@@ -217,11 +218,11 @@ def test_settings_come_from_the_config(adapter, tiny_checkpoint):
         config["lora_alpha"],
         config.get("use_rslora", False),
     )
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    updates = lora_updates(model)
     count, spots = ADAPTERS[name]["expect"]
-    assert len(layers) == count
+    assert len(updates) == count
     for module, (r, scaling) in spots.items():
-        assert layers[module].lora_A.shape[0] == r and math.isclose(layers[module].scaling, scaling), module
+        assert updates[module].lora_A.shape[0] == r and math.isclose(updates[module].scaling, scaling), module
 
 
 def test_names_map_through_the_checkpoint_tables():
@@ -253,20 +254,33 @@ def test_names_map_through_the_checkpoint_tables():
 @settings(max_examples=25, deadline=None)
 @given(
     st.integers(1, 8),
-    st.integers(1, 8),
+    st.integers(2, 8),
     st.integers(1, 4),
     st.booleans(),
     st.floats(0.1, 4.0),
     st.integers(0, 99),
+    st.integers(1, 7),
 )
-def test_lora_linear_math(n_in, n_out, r, bias, scaling, seed):
-    """Unmerged: x W^T + b + s (x A^T) B^T; merged: the same through W + s B A; unmerge restores W."""
+def test_lora_linear_math(n_in, n_out, r, bias, scaling, seed, split):
+    """Unmerged: x W^T + b + s (x A^T) B^T on each update's rows (a fused layer's parts: rows [0, k) and
+    [k, n_out)); merged: the same through W + s B A; unmerge restores W."""
     g = torch.Generator().manual_seed(seed)
-    base = torch.nn.Linear(n_in, n_out, bias=bias, dtype=torch.float64)
+    base = Linear(n_in, n_out, bias=bias, dtype=torch.float64)
     weight = base.weight.detach().clone()
-    A, B, x = (torch.randn(s, generator=g, dtype=torch.float64) for s in [(r, n_in), (n_out, r), (3, n_in)])
-    layer = LoRALinear(base, A, B, scaling)
-    expected = torch.nn.functional.linear(x, weight + scaling * B @ A, base.bias)
+    k = min(split, n_out - 1)
+    A1, A2 = (torch.randn(r, n_in, generator=g, dtype=torch.float64) for _ in range(2))
+    B1, B2 = (
+        torch.randn(k, r, generator=g, dtype=torch.float64),
+        torch.randn(n_out - k, r, generator=g).double(),
+    )
+    x = torch.randn(3, n_in, generator=g, dtype=torch.float64)
+    updates = [
+        LoRAUpdate("first", slice(0, k), A1, B1, scaling, base.weight),
+        LoRAUpdate("second", slice(k, n_out), A2, B2, 2 * scaling, base.weight),
+    ]
+    layer = LoRALinear(base, updates)
+    delta = torch.cat([scaling * B1 @ A1, 2 * scaling * B2 @ A2])
+    expected = torch.nn.functional.linear(x, weight + delta, base.bias)
     assert torch.allclose(layer(x), expected)
     layer.merge()
     assert torch.allclose(layer(x), expected)

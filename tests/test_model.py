@@ -127,19 +127,19 @@ def test_bfloat16_load_keeps_every_tensor_in_that_dtype(tiny_checkpoint):
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_default_cpu_dtype_follows_the_cpu(tmp_path, monkeypatch, key, saved, native_bf16):
     """A bf16 checkpoint stays bf16 on a CPU with bf16 instructions; everything else computes in fp32."""
-    from minaf3 import model as model_module
+    from minaf3 import dtypes
 
     (tmp_path / "config.json").write_text(json.dumps({key: saved}))
-    monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr(dtypes, "cpu_has_native_bf16", lambda: native_bf16)
     cpu = torch.device("cpu")
     expected = torch.bfloat16 if saved == "bfloat16" and native_bf16 else torch.float32
-    assert model_module.resolve_dtype(None, cpu, tmp_path) == expected
-    assert model_module.resolve_dtype("auto", cpu, tmp_path) == getattr(torch, saved)
-    assert model_module.resolve_dtype("float32", cpu, tmp_path) == torch.float32
+    assert dtypes.resolve_dtype(None, cpu, tmp_path) == expected
+    assert dtypes.resolve_dtype("auto", cpu, tmp_path) == getattr(torch, saved)
+    assert dtypes.resolve_dtype("float32", cpu, tmp_path) == torch.float32
 
 
 def test_cpu_bf16_capability_is_read_from_the_flags(tmp_path):
-    from minaf3.linear import cpu_has_native_bf16
+    from minaf3.dtypes import cpu_has_native_bf16
 
     for flags, expected in [("fpu avx2 avx512f avx512_bf16", True), ("fpu avx2 fma", False)]:
         cpuinfo = tmp_path / f"cpuinfo_{expected}"
@@ -169,12 +169,12 @@ def test_bf16_convolutions_run_in_float32_on_cpus_without_bf16_instructions(monk
     from minaf3 import encoder
 
     monkeypatch.setattr(encoder, "cpu_has_native_bf16", lambda: native_bf16)
-    layer = torch.nn.Conv1d(8, 16, kernel_size=3, stride=2, padding=1).bfloat16()
+    layer = encoder.Conv1d(8, 16, kernel_size=3, stride=2, padding=1).bfloat16()
     x = torch.randn(2, 8, 30, generator=torch.Generator().manual_seed(0)).bfloat16()
     in_float32 = torch.nn.functional.conv1d(x.float(), layer.weight.float(), layer.bias.float(), 2, 1)
-    expected = layer(x) if native_bf16 else in_float32.bfloat16()
+    expected = torch.nn.Conv1d.forward(layer, x) if native_bf16 else in_float32.bfloat16()
     seen, conv = [], torch.nn.functional.conv1d
     monkeypatch.setattr(torch.nn.functional, "conv1d", lambda x, *a: seen.append(x.dtype) or conv(x, *a))
-    got = encoder.conv1d(layer, x)
+    got = layer(x)
     assert seen == [torch.bfloat16 if native_bf16 else torch.float32]  # the dtype the product ran in
     assert got.dtype == torch.bfloat16 and torch.equal(got, expected)

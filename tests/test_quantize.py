@@ -18,7 +18,8 @@ from test_model import reference_inputs
 
 from minaf3 import AudioFlamingo3ForConditionalGeneration, CheckpointError, ConfigError
 from minaf3 import quantize as quantize_module
-from minaf3.lora import LoRALinear
+from minaf3.linear import fused_groups
+from minaf3.lora import LoRALinear, LoRAUpdate
 from minaf3.quantize import Int8Linear, quantizable_linears, quantize_model, quantize_weight
 
 MAX_LOGIT_ERROR = 0.02  # relative L2 of int8 logits against fp32 (issue 5)
@@ -103,33 +104,20 @@ def test_logits_within_two_percent_of_fp32(fp32_model, int8_model, audio_inputs,
     assert rel_l2(logits[valid], expected[valid]) < MAX_LOGIT_ERROR
 
 
-# The groups quantize_model fuses after quantizing: fused name -> the checkpoint's layers, in order.
-FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-         "self_attn.o_proj": ("self_attn.o_proj",), "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
-         "mlp.down_proj": ("mlp.down_proj",)}  # fmt: skip
-
-
-def fused_layers(layers: int) -> dict[str, list[str]]:
-    """Every layer quantize_model leaves (fused names) -> the fp32 model's layers it stacks."""
-    prefix = "language_model.layers."
-    groups = {f"{prefix}{i}.{fused}": [f"{prefix}{i}.{part}" for part in parts]
-              for i in range(layers) for fused, parts in FUSED.items()}  # fmt: skip
-    return groups | {"lm_head": ["lm_head"]}
-
-
-def test_every_decoder_linear_and_lm_head_is_replaced_and_fused(tiny_checkpoint, fp32_model, int8_model):
-    """Each int8 layer is exactly the separate layers quantized and stacked (one scale per output row);
-    biases are the checkpoint's."""
+def test_every_decoder_linear_and_lm_head_is_replaced(tiny_checkpoint, fp32_model, int8_model):
+    """Each int8 layer is exactly the checkpoint's separate layers quantized and stacked (one scale per
+    output row; q/k/v and gate/up are fused layers); biases are the checkpoint's."""
     layers = fp32_model.config.decoder.num_layers
-    assert len(quantizable_linears(fp32_model)) == 7 * layers + 1  # q, k, v, o, gate, up, down; lm_head
-    groups = fused_layers(layers)
+    assert len(quantizable_linears(fp32_model)) == 4 * layers + 1  # qkv, o, gate_up, down; lm_head
+    groups = fused_groups(fp32_model)
     replaced = {name for name, m in int8_model.named_modules() if isinstance(m, Int8Linear)}
-    assert replaced == set(groups)
-    for name, parts in groups.items():
-        layer, separate = int8_model.get_submodule(name), [fp32_model.get_submodule(p) for p in parts]
-        weights, scales = zip(*(quantize_weight(part.weight) for part in separate), strict=True)
+    assert replaced == set(quantizable_linears(fp32_model))
+    checkpoint = fp32_model.state_dict()  # the checkpoint's names
+    for name in replaced:
+        layer, parts = int8_model.get_submodule(name), list(groups.get(name, [name]))
+        weights, scales = zip(*(quantize_weight(checkpoint[f"{p}.weight"]) for p in parts), strict=True)
         assert torch.equal(layer.weight, torch.cat(weights)) and torch.equal(layer.scales, torch.cat(scales))
-        biases = [part.bias for part in separate]
+        biases = [checkpoint.get(f"{p}.bias") for p in parts]
         assert (layer.bias is None) == (biases[0] is None)
         assert layer.bias is None or torch.equal(layer.bias, torch.cat(biases))
     # the audio side stays in full precision
@@ -138,15 +126,20 @@ def test_every_decoder_linear_and_lm_head_is_replaced_and_fused(tiny_checkpoint,
     assert all(p.dtype == torch.float32 for m in audio_side for p in m.parameters())
 
 
-def test_fused_int8_layers_split_back_exactly(tiny_checkpoint, int8_model):
-    model = quantize_model(AudioFlamingo3ForConditionalGeneration.from_pretrained(tiny_checkpoint))
-    model.language_model.unfuse_projections()
-    attn, fused = model.language_model.layers[0].self_attn, int8_model.language_model.layers[0].self_attn
-    assert all(isinstance(getattr(attn, n), Int8Linear) for n in ("q_proj", "k_proj", "v_proj"))
-    stacked = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
-    assert torch.equal(stacked, fused.qkv_proj.weight)
-    assert torch.equal(torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]), fused.qkv_proj.bias)
-    assert model.language_model.fuse_projections() == 2 * model.config.decoder.num_layers
+def test_int8_state_dict_speaks_the_checkpoint_names(tiny_checkpoint, int8_model):
+    """The fused int8 layers save as the checkpoint's layers (q_proj.weight, q_proj.scales, ...) and load
+    back from that form exactly."""
+    state = int8_model.state_dict()
+    assert "language_model.layers.0.self_attn.k_proj.scales" in state
+    assert not any("qkv_proj" in name or "gate_up_proj" in name for name in state)
+    with torch.device("meta"):
+        empty = AudioFlamingo3ForConditionalGeneration(int8_model.config)
+    quantize_model(empty)
+    empty.load_state_dict(state, strict=True, assign=True)
+    attn, loaded = int8_model.language_model.layers[0].self_attn, empty.language_model.layers[0].self_attn
+    assert torch.equal(loaded.qkv_proj.weight, attn.qkv_proj.weight)
+    assert torch.equal(loaded.qkv_proj.scales, attn.qkv_proj.scales)
+    assert torch.equal(loaded.qkv_proj.bias, attn.qkv_proj.bias)
 
 
 def test_quantized_weights_take_a_quarter_of_fp32(fp32_model, int8_model):
@@ -212,19 +205,22 @@ def test_bfloat16_model_quantizes_and_runs(tiny_checkpoint, fp32_model, audio_in
 
 
 def test_quantize_model_errors_and_idempotence(tiny_checkpoint, int8_model):
-    with pytest.raises(ConfigError, match=r"quantize='int4': expected one of \['int8'\]"):
+    with pytest.raises(ConfigError, match=r"quantize='int4': expected None or one of \['int8'\]"):
         quantize_model(int8_model, "int4")
     assert quantize_model(int8_model) is int8_model  # already quantized: nothing to do, no error
     with pytest.raises(ConfigError, match="Sequential: no linear layers under language_model"):
         quantize_model(torch.nn.Sequential(torch.nn.Linear(4, 4)))
     model = AudioFlamingo3ForConditionalGeneration.from_pretrained(tiny_checkpoint)
     attn = model.language_model.layers[1].self_attn
-    attn.q_proj = LoRALinear(attn.q_proj, torch.randn(2, 64), torch.randn(64, 2), scaling=0.5)
-    with pytest.raises(ConfigError, match=r"language_model\.layers\.1\.self_attn\.q_proj .*unmerged LoRA"):
+    update = LoRAUpdate(
+        "q_proj", slice(0, 64), torch.randn(2, 64), torch.randn(64, 2), 0.5, attn.qkv_proj.weight
+    )
+    attn.qkv_proj = LoRALinear(attn.qkv_proj, [update])
+    with pytest.raises(ConfigError, match=r"language_model\.layers\.1\.self_attn\.qkv_proj .*unmerged LoRA"):
         quantize_model(model)
-    attn.q_proj.merge()
+    attn.qkv_proj.merge()
     quantize_model(model)
-    assert isinstance(attn.qkv_proj, Int8Linear)  # the merged layer, quantized, fused with k and v
+    assert isinstance(attn.qkv_proj, Int8Linear)  # the merged layer, quantized
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

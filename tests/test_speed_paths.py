@@ -1,9 +1,10 @@
-"""The speed paths of issue 5 give the answers of the plain paths.
+"""The speed paths give the answers of the plain paths.
 
-Fused projections (decoder.py) against the checkpoint's separate layers, and their interplay with LoRA
-adapters; the compiled decode step against eager decoding (generate.py); the copy-free grouped-query eager
-attention that CPU decoding uses against torch's sdpa (attention.py); the loading options that order adapter,
-fusion and int8 quantization (model.py). Wall-clock times are tools/bench.py's business, not these tests'.
+Fused projections (decoder.py, linear.fuse_rows) against the checkpoint's separate layers, and their
+interplay with LoRA adapters; the compiled decode step against eager decoding (generate.py); the copy-free
+grouped-query eager attention that CPU decoding uses against torch's sdpa (attention.py); the loading
+options that order adapter, fusion and int8 quantization (model.py). Wall-clock times are tools/bench.py's
+business, not these tests'.
 """
 
 import shutil
@@ -19,15 +20,10 @@ from test_model import reference_inputs
 
 from minaf3 import AudioFlamingo3ForConditionalGeneration, CheckpointError, ConfigError, GenerationError
 from minaf3.attention import attention
-from minaf3.linear import (
-    HUGE_PAGE,
-    MADV_HUGEPAGE,
-    ONEDNN_MIN_WEIGHTS,
-    gemv_kernel_ready,
-    linear,
-    streamed_empty,
-)
-from minaf3.lora import LoRALinear, load_adapter, unmerge
+from minaf3.kernels.registry import runs
+from minaf3.linear import ONEDNN_MIN_WEIGHTS, Linear
+from minaf3.lora import LoRALinear, load_adapter, lora_updates, unmerge
+from minaf3.weights.buffers import HUGE_PAGE, MADV_HUGEPAGE, streamed_empty
 from minaf3.model import length_groups
 from minaf3.quantize import Int8Linear, quantize_model
 
@@ -57,48 +53,57 @@ def think_checkpoint(tiny_checkpoint, tmp_path_factory):
 
 
 # ---- fused projections ------------------------------------------------------------------------------------
-def test_fused_projections_give_the_same_logits_and_unfuse_exactly(tiny_checkpoint, inputs):
+def test_fused_projections_save_and_load_under_the_checkpoint_names(tiny_checkpoint, inputs):
+    """q/k/v and gate/up are one layer each from the moment the model is loaded; its state_dict speaks the
+    checkpoint's names, as views of the fused rows, and loads back into a fresh model exactly."""
     model = load(tiny_checkpoint)
-    base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    expected = logits(model, inputs)
-    assert model.fuse_projections() == 2 * model.config.decoder.num_layers  # qkv and gate_up per layer
-    assert model.fuse_projections() == 0  # idempotent
-    names = list(model.state_dict())
-    assert "language_model.layers.0.self_attn.qkv_proj.bias" in names
-    assert "language_model.layers.1.mlp.gate_up_proj.weight" in names
-    decoder_names = [n for n in names if n.startswith("language_model.")]
-    assert not any(n.endswith(("q_proj.weight", "gate_proj.weight")) for n in decoder_names)
-    # One product instead of three sums in another order: equal up to float32 rounding.
-    assert (logits(model, inputs) - expected).abs().max() < 1e-5
-    model.language_model.unfuse_projections()
+    attn = model.language_model.layers[0].self_attn
+    assert set(attn._modules) == {"qkv_proj", "o_proj"}
     state = model.state_dict()
-    assert list(state) == list(base_state) and all(torch.equal(state[k], base_state[k]) for k in state)
+    names = list(state)
+    assert "language_model.layers.0.self_attn.q_proj.bias" in names
+    assert "language_model.layers.1.mlp.up_proj.weight" in names
+    assert not any("qkv_proj" in n or "gate_up_proj" in n for n in names)
+    q = state["language_model.layers.0.self_attn.q_proj.weight"]
+    assert q.data_ptr() == attn.qkv_proj.weight.data_ptr()  # a view, not a copy
+    with torch.device("meta"):
+        fresh = AudioFlamingo3ForConditionalGeneration(model.config)
+    fresh.load_state_dict({k: v.clone() for k, v in state.items()}, strict=True, assign=True)
+    fresh.language_model.reset_buffers(torch.device("cpu"))
+    assert torch.equal(logits(fresh.eval(), inputs), logits(model, inputs))
 
 
-def test_generate_fuses_the_plain_layers_before_decoding(tiny_checkpoint, inputs):
+def test_generate_leaves_the_parameters_as_they_are(tiny_checkpoint, inputs):
+    """An optimizer made before generating keeps updating the model: generate replaces no parameter."""
     model = load(tiny_checkpoint)
-    assert "qkv_proj" not in model.language_model.layers[0].self_attn._modules
+    before = {name: p for name, p in model.named_parameters()}
     model.generate(**inputs, max_new_tokens=2, **GREEDY)
-    qkv = model.language_model.layers[0].self_attn._modules["qkv_proj"]
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
+    qkv = model.language_model.layers[0].self_attn.qkv_proj
     assert not qkv.weight.is_inference() and qkv.weight.requires_grad  # still trainable after generate
 
 
 @pytest.mark.parametrize("merge", [True, False])
-def test_adapter_on_a_fused_model_equals_the_adapter_on_a_fresh_one(think_checkpoint, inputs, merge):
-    """model.load_adapter splits fused layers back; layers under LoRA stay unfused, the others fuse again."""
+def test_adapter_on_fused_layers_updates_the_parts_it_targets(think_checkpoint, inputs, merge):
+    """The adapter targets q_proj and o_proj: q's rows of qkv_proj take its update, k's and v's do not."""
     expected_model = load(think_checkpoint)
-    load_adapter(expected_model, think_checkpoint / "think", merge=merge)
+    load_adapter(expected_model, think_checkpoint / "think", merge=True)
     expected = logits(expected_model, inputs)
     model = load(think_checkpoint)
-    model.fuse_projections()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_adapter(think_checkpoint / "think", merge=merge)
     assert (logits(model, inputs) - expected).abs().max() < 1e-5
-    # The adapter targets q_proj (and o_proj): q/k/v stay separate; gate/up are fused in every layer.
-    assert model.fuse_projections() == model.config.decoder.num_layers
     attn = model.language_model.layers[0].self_attn
-    assert isinstance(attn.q_proj, LoRALinear) and "qkv_proj" not in attn._modules
-    assert (logits(model, inputs) - expected).abs().max() < 1e-5
-    unmerge(model)  # the LoRA layers were left intact, so the adapter comes out cleanly
+    assert isinstance(attn.qkv_proj, LoRALinear) and not isinstance(
+        model.language_model.layers[0].mlp.gate_up_proj, LoRALinear
+    )
+    assert {u.target.rpartition(".")[2] for u in attn.qkv_proj.updates} == {"q_proj"}
+    state = model.state_dict()
+    k_proj = "language_model.layers.0.self_attn.k_proj.weight"
+    assert torch.equal(state[k_proj], base[k_proj])  # untouched rows
+    assert len(lora_updates(model)) == ADAPTERS["bias_bin"]["expect"][0]
+    unmerge(model)  # the adapter comes out cleanly
     assert (logits(model, inputs) - logits(load(think_checkpoint), inputs)).abs().max() < 1e-5
 
 
@@ -181,7 +186,7 @@ def test_compiled_decoding_gives_the_eager_tokens_and_logits(one_layer):
 
 
 def test_compiled_int8_decoding_gives_the_eager_tokens(one_layer):
-    """The compiled step calls the int8 kernel as a graph node (linear.streamed_linear), like eager."""
+    """The compiled step calls the int8 kernel as a graph node (Int8Linear.forward), like eager."""
     model = load(one_layer, quantize="int8")
     ids = torch.randint(0, 400, (1, 9), generator=torch.Generator().manual_seed(1))
     args = dict(max_new_tokens=10, return_dict_in_generate=True, output_logits=True, **GREEDY)
@@ -204,7 +209,7 @@ def test_compiled_decoding_streams_large_plain_layers_through_the_kernel(one_lay
     ids = torch.randint(0, 400, (1, 9), generator=torch.Generator().manual_seed(2))
     args = dict(max_new_tokens=6, return_dict_in_generate=True, output_logits=True, **GREEDY)
     eager = model.generate(ids, compile=False, **args)
-    assert gemv_kernel_ready()
+    assert runs("gemv")
     for threshold, expect_kernel in ((linear_module.STREAM_KERNEL_MIN_WEIGHTS, False), (0, True)):
         monkeypatch.setattr(linear_module, "STREAM_KERNEL_MIN_WEIGHTS", threshold)
         torch._dynamo.reset()  # the threshold is read when the step is traced
@@ -230,14 +235,18 @@ def test_compile_argument_is_checked(one_layer):
 
 # ---- linear layers ----------------------------------------------------------------------------------------
 def test_linear_fast_paths_equal_the_layer():
-    """A layer large enough for oneDNN, without and with gradients (where the layer's own forward runs)."""
-    layer = torch.nn.Linear(1024, ONEDNN_MIN_WEIGHTS // 1024)
+    """A layer large enough for oneDNN, without and with gradients (where torch's product runs)."""
+    layer = Linear(1024, ONEDNN_MIN_WEIGHTS // 1024)
     x = torch.randn(3, 5, 1024)
+
+    def plain(rows):
+        return torch.nn.functional.linear(rows, layer.weight, layer.bias)
+
     with torch.no_grad():
-        assert (linear(layer, x) - layer(x)).abs().max() < 1e-4
-        assert (linear(layer, x[0, :1]) - layer(x[0, :1])).abs().max() < 1e-4  # one row: a vector product
+        assert (layer(x) - plain(x)).abs().max() < 1e-4
+        assert (layer(x[0, :1]) - plain(x[0, :1])).abs().max() < 1e-4  # one row: a vector product
     x.requires_grad_()
-    linear(layer, x).sum().backward()
+    layer(x).sum().backward()
     assert x.grad is not None and layer.weight.grad is not None
 
 
@@ -258,7 +267,7 @@ def test_streaming_kernel_equals_the_float64_product(
     rows, in_features, out_features, bias, avx512, dtype, seed
 ):
     """The streaming kernel over bf16 or float32 weights: the float32 product of the stored values."""
-    assert gemv_kernel_ready()
+    assert runs("gemv")
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, in_features, generator=g)
     w = torch.randn(out_features, in_features, generator=g).to(dtype)
@@ -271,7 +280,7 @@ def test_streaming_kernel_equals_the_float64_product(
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_streaming_kernel_refuses_what_it_cannot_multiply(dtype):
     """The operators' own checks name the operator and the problem before reading any data."""
-    assert gemv_kernel_ready()
+    assert runs("gemv")
     name = OPERATORS[dtype]
     op = getattr(torch.ops.minaf3_int8, name)
     x, w = torch.randn(2, 16), torch.randn(4, 16).to(dtype)
@@ -312,10 +321,10 @@ def test_eager_decode_streams_through_the_kernel_with_torch_s_answers(
 
 @pytest.mark.parametrize("megabytes", [4, 12, 37])
 def test_streamed_weights_ask_for_huge_pages_inside_their_allocation(monkeypatch, megabytes):
-    from minaf3 import linear as linear_module
+    from minaf3.weights import buffers
 
     calls = []
-    monkeypatch.setattr(linear_module, "_madvise", lambda: lambda *args: calls.append(args) or 0)
+    monkeypatch.setattr(buffers, "_madvise", lambda: lambda *args: calls.append(args) or 0)
     weight = streamed_empty((megabytes * 2**18,), torch.float32)  # megabytes MiB
     ((start, length, advice),) = calls
     assert advice == MADV_HUGEPAGE and start % HUGE_PAGE == 0 and length % HUGE_PAGE == 0

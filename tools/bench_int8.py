@@ -32,7 +32,8 @@ import time
 import torch
 import torch.nn.functional as F
 from minaf3.kernels import gemm
-from minaf3.kernels.int8_linear import GEMM_MIN_ROWS, int8_linear, int8_linear_reference, load_extension
+from minaf3.kernels.int8_linear import GEMM_MIN_ROWS, int8_linear, int8_linear_reference
+from minaf3.kernels.registry import available
 
 from minaf3.quantize import quantize_weight
 
@@ -104,9 +105,9 @@ def candidates(x, weight, w_int8, scales, naive: bool) -> dict:
     """label -> (function of no arguments, weight bytes it reads) for one input x (rows, in_features)."""
     fp32_bytes, int8_bytes = weight.nbytes, w_int8.nbytes + scales.nbytes
     out = {"fp32": (lambda: F.linear(x, weight), fp32_bytes)}
-    if load_extension():
+    if available().gemv:
         out["cpp"] = (lambda: int8_linear(x, w_int8, scales, backend="cpp"), int8_bytes)
-        if x.shape[0] >= GEMM_MIN_ROWS and gemm.usable():
+        if x.shape[0] >= GEMM_MIN_ROWS and available().gemm:
             op = torch.ops.minaf3_int8.int8_linear
             out["loop"] = (lambda: op(x, w_int8, scales, None), int8_bytes)
         if torch.backends.cpu.get_cpu_capability() == "AVX512":
@@ -170,7 +171,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    ready = load_extension()
+    ready = available().gemv
     bandwidth = read_bandwidth(args.repeat)
     cpu = torch.backends.cpu.get_cpu_capability()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {cpu}")

@@ -13,7 +13,8 @@ import time
 
 import torch
 
-from minaf3.linear import ONEDNN, streamed_empty
+from minaf3.linear import ONEDNN
+from minaf3.weights.buffers import streamed_empty
 
 GIB = 2**30
 

@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from minaf3.errors import CheckpointError, ConfigError
 
 from .layouts import checkpoint_names, scan_checkpoint
-from .shards import TensorInfo, listing
+from .shards import INDEX_FILE, SINGLE_FILE, TensorInfo, listing
 
 # Our model's parameters are all floating point; the checkpoint may store them in any of these (8-bit
 # floats need scales that a plain safetensors file does not carry).
@@ -43,6 +43,12 @@ SUPPORT_FILES = {
     "chat template": ("chat_template.jinja", "chat_template.json"),
     "processor config": ("processor_config.json", "preprocessor_config.json"),
 }
+# Files a model folder needs besides the weights (roles of SUPPORT_FILES).
+REQUIRED_FILES = ("config", "tokenizer", "tokenizer config", "processor config")
+DOWNLOAD_HINT = (
+    "Download the official checkpoint with `huggingface-cli download nvidia/audio-flamingo-3-hf "
+    "--local-dir audio-flamingo-3-hf` and pass that folder."
+)
 
 
 def _mismatches(
@@ -152,3 +158,32 @@ def checkpoint_files(folder: str | Path, required: tuple[str, ...] = ()) -> dict
             + listing(held, "entries in the folder")
         )
     return found
+
+
+def check_model_folder(path: str | Path) -> Path:
+    """Fail early with one line naming what is missing when `path` is not a complete checkpoint folder.
+
+    Reads only the folder listing and the safetensors headers. The message ends with how to download the
+    official checkpoint, since an interrupted or partial download is the usual cause.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        kind = "is a file, not a model folder" if folder.exists() else "no such model folder"
+        raise CheckpointError(f"{folder}: {kind}. {DOWNLOAD_HINT}")
+    missing = [
+        " or ".join(SUPPORT_FILES[role])
+        for role in REQUIRED_FILES
+        if not any((folder / name).is_file() for name in SUPPORT_FILES[role])
+    ]
+    has_weights = (folder / SINGLE_FILE).is_file() or (folder / INDEX_FILE).is_file()
+    if not has_weights and not (folder / "llm").is_dir():  # llm/: the original NVIDIA layout's folders
+        missing.append(f"{SINGLE_FILE} (or {INDEX_FILE} and its shards)")
+    if missing:
+        raise CheckpointError(
+            f"{folder}: incomplete model folder, missing {', '.join(missing)}. {DOWNLOAD_HINT}"
+        )
+    try:
+        scan_checkpoint(folder)  # damaged or missing shards, listed file by file
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}\n{DOWNLOAD_HINT}") from None
+    return folder
