@@ -37,8 +37,7 @@ from minaf3.windows import (
     SAMPLING_RATE,
     WINDOW_SAMPLES,
     check_sampling_rate,
-    num_windows,
-    warn_if_truncated,
+    mel_frames,
     window_bounds,
 )
 
@@ -296,9 +295,9 @@ def _blame_sample(source: torch.Tensor, window: int, valid: int) -> SampleError:
 
 
 def _frame_mask(valid: torch.Tensor) -> torch.Tensor:
-    """(W,) valid samples -> (W, 3000) int32 mask: frames t < ceil(valid / 160), centred on a real sample."""
+    """(W,) valid samples -> (W, 3000) int32 mask: frames t < mel_frames(valid), centred on a real sample."""
     frame = torch.arange(FRAMES_PER_WINDOW, device=valid.device)
-    return (frame < (valid[:, None] + HOP_LENGTH - 1) // HOP_LENGTH).to(torch.int32)
+    return (frame < mel_frames(valid)[:, None]).to(torch.int32)
 
 
 def _features(
@@ -382,10 +381,10 @@ def log_mel_spectrogram(
         )
     if audio.shape[0] == 0:
         raise AudioError("audio contains no samples")
-    warn_if_truncated(audio.shape[0])
     device = torch.device(device) if device is not None else audio.device
+    # window_bounds logs the reference's warning when it drops audio past 600 s
     valid = torch.tensor([end - start for start, end in window_bounds(audio.shape[0])], device=device)
-    source = audio[: num_windows(audio.shape[0]) * WINDOW_SAMPLES].to(device)
+    source = audio[: len(valid) * WINDOW_SAMPLES].to(device)
     try:
         return _features(source, valid, backend)
     except SampleError as exc:
