@@ -4,52 +4,43 @@
                                      cannot be built here
     use_kernel(device, backend)      whether a call runs the kernel: backend "auto" | "cpp" | "torch",
                                      from the argument or $MINAF3_LOG_MEL_BACKEND
-    log_mel_into(source, valid, out) runs it: (W, 128, 3000) clamped features into out, returns each
+    log_mel_into(source, valid, hann, filters, out)
+                                     runs it: (W, 128, 3000) clamped features into out, returns each
                                      window's maximum (W,)
 
-minaf3/features.py calls it for CPU tensors unless the backend is "torch"; its torch path stays the
-reference and the path for other devices and for machines without a C++ compiler.
+minaf3/features.py calls it for CPU tensors unless the backend is "torch", and passes in what defines the
+features (the Hann window and the mel filters, from minaf3/mel.py), so that this module depends on nothing in
+minaf3 but its errors. The frame geometry is compiled into log_mel.cpp: 400-sample frames every 160 samples,
+3000 frames per 480,000-sample window, 128 filters over 201 bins; it checks the shapes it is given against
+it. The torch path of features.py, which the tests hold it to, runs on other devices and where no C++
+compiler is found.
 
-Why a kernel: measured on the 2-core AMD EPYC (Zen 4) CI machine, 10 minutes of audio (20 windows), torch
-2.13, best of many interleaved calls (the machine is shared). The torch path, one thread, spends 22 ms in
-MKL's rfft (400 points: too short for MKL to vectorise within a transform), 6 ms forming |X|^2 from
-interleaved pairs, 8 ms in the banded mel product, 10 ms in log10 and 8 ms in the clamp, the padding and
-the edge frames: 58 ms (37 ms on two threads). The kernel computes kLanes frames per vector register
+Why a kernel: the torch path spends most of its time in MKL's rfft (400 points is too short for MKL to
+vectorise within a transform), in forming |X|^2 from interleaved pairs, in the banded mel product, in log10
+and in the clamp, each a separate pass over memory. The kernel computes kLanes frames per vector register
 through one Stockham FFT, so nothing is shuffled between lanes, multiplies only the nonzero weights of each
-mel triangle (394 of 25,728 per frame), takes log2 from the exponent bits and clamps each window right
-after its last block, while it is in cache: 21-22 ms on one thread, 11.6 ms on two (AVX-512; the AVX2
-build, 8 lanes: 26 ms on one). Its time, by perf on one thread: FFT ~35%, log ~20%, power from the FFT
-~15%, loading and transposing samples ~15%, mel ~10%, clamp ~4%. tools/bench_frontend.py (two threads,
-quiet machine): log_mel_spectrogram 16 ms, transformers' WhisperFeatureExtractor 279 ms (17.5x).
-Under load from other processes (two busy loops on the two cores) two threads took 16 ms best, 42 ms
-upper quartile, against the torch path's 52 and 255 ms.
+mel triangle, takes log2 from the exponent bits and clamps each window right after its last block, while it
+is in cache. Its speed against the torch path and transformers: README, from tools/bench_frontend.py.
 
-Accuracy: against float64 features, the kernel's error is the same as MKL's: float32 rounding of bins far
-weaker than their frame's strongest, ~1e-5 to 7e-5 max abs on speech, noise, chirps, clipping; so it
-differs from transformers' features (MKL's rounding) by about that much, within the 1e-4 parity tolerance.
-The exception is a loud pure tone over noise 60-70 dB below it (0.9 sin(3 kHz) + 3e-4 noise): there MKL is
-1.4e-4 from the float64 features and the kernel 1.2e-4, 1.4e-4 to 2e-4 apart. No float32 FFT other than
-MKL's own can be held to 1e-4 of MKL there; backend="torch" matches transformers to ~1e-7 (same calls).
+Accuracy: against float64 features, the kernel's float32 rounding error is of the same size as MKL's, so
+its features differ from transformers' by about that much, within the tests' 1e-4 parity tolerance; the one
+known case past it (a loud pure tone over noise far below it) is described in the README.
+backend="torch" makes the same calls as transformers.
 
 Building (cpp_build.py): compiled with ninja into torch's extension cache on first use, reloaded afterwards,
 rebuilt when the source changes. The source uses GCC vector extensions, no intrinsics, so it compiles for any
-CPU; the flags pick the widest vectors torch reports (AVX-512: 16 frames per register, AVX2: 8, else 4:
-60 ms on one thread, the torch path's time), each under its own extension name so that machines sharing
-a cache do not load each other's build.
+CPU; the flags pick the widest vectors torch reports (AVX-512: 16 frames per register, AVX2: 8, else 4),
+each under its own extension name so that machines sharing a cache do not load each other's build.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from minaf3.errors import ConfigError
-from minaf3.features import mel_filter_bank
-from minaf3.windows import N_FFT
 
 from . import cpp_build
 from .cpp_build import BUILD_ERRORS, build_once, compile_library, failure_reason
@@ -117,19 +108,16 @@ def use_kernel(device: torch.device, backend: str | None = None) -> bool:
     return False
 
 
-@functools.cache
-def _tables() -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel's constants: the periodic Hann window (400,) and the mel filters (128, 201) float32."""
-    filters = np.ascontiguousarray(mel_filter_bank().astype(np.float32).T)  # (201, 128) -> (128, 201)
-    return torch.hann_window(N_FFT, periodic=True), torch.from_numpy(filters)
-
-
-def log_mel_into(source: torch.Tensor, valid: list[int], out: torch.Tensor) -> torch.Tensor:
+def log_mel_into(
+    source: torch.Tensor, valid: list[int], hann: torch.Tensor, filters: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
     """Whisper's log-mel of W windows laid end to end in source, clamped, written into out.
 
     source: (>= 480000 (W - 1) + valid[W - 1],) contiguous float32 CPU samples, window w from 480000 w;
-    samples of a window past valid[w] are never read. out: (W, 128, 3000) float32, contiguous. Returns
-    each window's maximum scaled log-mel, (W,) float32: a NaN or Inf there means the window's samples
-    were not finite or overflowed the power, and its features are left unclamped. Call use_kernel() first.
+    samples of a window past valid[w] are never read. hann: (400,) float32, the STFT window. filters:
+    (128, 201) float32, contiguous, one mel filter per row. out: (W, 128, 3000) float32, contiguous.
+    Returns each window's maximum scaled log-mel, (W,) float32: a NaN or Inf there means the window's
+    samples were not finite or overflowed the power, and its features are left unclamped. Call use_kernel()
+    first.
     """
-    return torch.ops.minaf3_log_mel.log_mel(source, valid, *_tables(), out)
+    return torch.ops.minaf3_log_mel.log_mel(source, valid, hann, filters, out)

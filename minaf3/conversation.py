@@ -8,7 +8,6 @@ Paths, URLs and arrays go through one loader and one length policy, so `chat` tr
 are malformed are passed on untouched for the processor to name.
 """
 
-import logging
 from typing import Any
 
 import numpy as np
@@ -16,11 +15,14 @@ import numpy as np
 from minaf3.audio import load_audio
 from minaf3.chat_template import AUDIO_SOURCE_KEYS
 from minaf3.errors import AudioError, AudioFileError, InputError
-from minaf3.windows import MAX_AUDIO_SAMPLES, MAX_AUDIO_SECONDS, SAMPLING_RATE
-
-logger = logging.getLogger(__name__)
+from minaf3.windows import REFUSAL as AF3_REFUSAL
+from minaf3.windows import SAMPLING_RATE, kept_samples
 
 THINK_SUFFIX = "Please think and reason about the input audio before you respond."  # AF-Think's trigger
+# What chat says when audio is past 600 s (templates of windows.kept_samples): unlike the processor, chat
+# can point to transcribe(), which reads any length in segments.
+CUT_WARNING = "{what} is {seconds:.1f} s long; chat uses its first {kept} s (transcribe() reads all of it)"
+REFUSAL = AF3_REFUSAL + " (use transcribe() for long recordings, or let chat use the first {kept} s)"
 
 
 def build_conversation(messages_or_question: str | list[dict], audio: Any = None) -> list[dict]:
@@ -94,15 +96,7 @@ def read_audio(source: Any, name: str) -> np.ndarray:
 
 
 def _limit(waveform: np.ndarray, name: str, refuse: bool) -> np.ndarray:
-    """The first 600 s of `waveform`, with a warning when that drops audio (or an InputError if refusing)."""
-    if len(waveform) <= MAX_AUDIO_SAMPLES:
-        return waveform
-    seconds = len(waveform) / SAMPLING_RATE
-    if refuse:
-        raise InputError(
-            f"{name}: audio is {seconds:.1f} s long; AF3 reads at most {MAX_AUDIO_SECONDS} s per prompt "
-            "(use transcribe() for long recordings, or let chat use the first 600 s)"
-        )
-    message = "%s: audio is %.1f s long; chat uses its first %d s (transcribe() reads all of it)"
-    logger.warning(message, name, seconds, MAX_AUDIO_SECONDS)
-    return waveform[:MAX_AUDIO_SAMPLES]
+    """The first 600 s of `waveform` by windows.kept_samples: a warning when that drops audio, or an
+    InputError if refusing, both in chat's words (transcribe() reads long recordings whole)."""
+    kept = kept_samples(len(waveform), name, refuse=refuse, warning=CUT_WARNING, refusal=REFUSAL)
+    return waveform[:kept]

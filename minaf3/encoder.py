@@ -20,6 +20,7 @@ from .attention import attention
 from .config import EncoderConfig
 from .dtypes import cpu_has_native_bf16
 from .linear import Linear
+from .windows import conv_frames
 
 
 class Conv1d(nn.Conv1d):
@@ -104,8 +105,8 @@ class WhisperEncoder(nn.Module):
         x = x.transpose(1, 2)  # (W, H, F/2) -> (W, F/2, H)
         T = x.shape[1]
         x = x + self.embed_positions.weight[:T]
-        # A frame after conv2 holds real audio if it is one of the first (L - 1) // 2 + 1 frames.
-        conv_lengths = (mel_lengths - 1) // 2 + 1
+        # A frame after conv2 holds real audio if it is one of the first conv_frames(L) of its window.
+        conv_lengths = conv_frames(mel_lengths)  # (W,)
         key_mask = torch.arange(T, device=x.device)[None, :] < conv_lengths[:, None]  # (W, T)
         for layer in self.layers:
             x = layer(x, key_mask)

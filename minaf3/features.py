@@ -1,11 +1,7 @@
-"""Log-mel spectrogram of 30 s windows: Whisper's front end, batched over windows, in torch or C++.
+"""Log-mel features of 30 s windows, fast: Whisper's front end batched over windows, in torch or C++.
 
-Per window of 480,000 samples (zero-padded past its real samples):
-
-    reflect-pad 200 | 3000 frames of 400 samples, hop 160 | periodic Hann | |rfft|^2 (201 bins)
-    | 128 Slaney mel filters | log10(max(mel, 1e-10)) | max(x, window max - 8) | (x + 4) / 4
-
-This equals transformers' WhisperFeatureExtractor(feature_size=128). The work is arranged for speed:
+What the features are is defined in mel.py (its constants, the mel filters, and `reference_log_mel`, the
+plain dozen lines: read it first). This module computes the same numbers, arranged for speed:
 - nothing is padded or copied: all but a few frames per window lie inside its real samples and are one
   overlapping strided view of the waveform; the others (the first two, the last few) read reflected or
   zero samples and are gathered, for all windows at once, into one small extra batch;
@@ -13,22 +9,32 @@ This equals transformers' WhisperFeatureExtractor(feature_size=128). The work is
   instead of streaming ~100 MB intermediates through memory, and each block's mel rows are written
   straight into the output; on CPU, the blocks are shared out to one Python thread per torch thread;
 - the mel filters are triangles a few bins wide, so the mel product runs per band of 16 filters over only
-  the bins they touch (an eighth of the dense multiply-adds, a quarter of its time);
+  the bins they touch (an eighth of the dense multiply-adds);
 - frames that see only padding are not computed: their power is exactly 0, so their log-mel is a constant.
 
-On CPU the default is the C++ kernel of kernels/log_mel.cpp, which runs all of it per frame in one pass
-(10 minutes of audio, 2 threads: 12 ms against this torch path's 37 ms; see kernels/log_mel.py). The torch
-path below is the reference it is tested against, the path for CUDA, and the fallback where the kernel
-cannot be built. `backend=` chooses: "auto" (default), "cpp" or "torch"; when it is not given, the
-environment variable MINAF3_LOG_MEL_BACKEND does.
+On CPU the default is the C++ kernel of kernels/log_mel.cpp, which runs all of it per frame in one pass,
+several times faster (README, tools/bench_frontend.py); this module hands it the Hann window and the mel
+filters. The torch path below is the one it is tested against, the path for CUDA, and the fallback where
+the kernel cannot be built. `backend=` chooses: "auto" (default), "cpp" or "torch"; when it is not given,
+the environment variable MINAF3_LOG_MEL_BACKEND does.
 """
 
+import functools
 import threading
 
-import numpy as np
 import torch
 
 from minaf3.errors import AudioError
+from minaf3.kernels import log_mel as kernel
+from minaf3.mel import (
+    DYNAMIC_RANGE,
+    LOG_FLOOR,
+    PAD,
+    check_windows,
+    float_samples,
+    frame_mask,
+    mel_filters,
+)
 from minaf3.windows import (
     FRAMES_PER_WINDOW,
     HOP_LENGTH,
@@ -37,76 +43,34 @@ from minaf3.windows import (
     SAMPLING_RATE,
     WINDOW_SAMPLES,
     check_sampling_rate,
-    num_windows,
-    warn_if_truncated,
     window_bounds,
 )
 
-PAD = N_FFT // 2  # 200: torch.stft(center=True) reflect-pads half a frame on each side
-N_BINS = N_FFT // 2 + 1  # 201 rfft bins, 0 to 8000 Hz in 40 Hz steps
-LOG_FLOOR = 1e-10  # mel power floor before log10: -10, the value of a frame of pure padding
-DYNAMIC_RANGE = 8.0  # log10 units kept below each window's maximum (80 dB)
+# Frame t reads samples [160 t - 200, 160 t + 200): frames 0 and 1 start before the window's first sample
+# and read reflected ones, so the first frame inside the window is ceil(200 / 160) = 2. The fast paths read
+# frames from it on straight from the waveform and build the earlier ones (and the last few) one by one.
+FIRST_DIRECT_FRAME = -(-PAD // HOP_LENGTH)
 BAND_FILTERS = 16  # mel filters per band of the banded mel product
 # Frames per block on CPU: half a window. A thread's 2.4 MB of frames and 2.4 MB of spectrum stay in
-# cache from one op to the next; 1000-1500 measured best of 750-3000.
+# cache from one op to the next (tools/bench_frontend.py measures it).
 CPU_BLOCK_FRAMES = 1500
 CUDA_BLOCK_FRAMES = FRAMES_PER_WINDOW  # a GPU wants few, large launches: one block per window
 
 
-def mel_filter_bank(
-    n_bins: int = N_BINS, n_mels: int = N_MELS, sampling_rate: int = SAMPLING_RATE
-) -> np.ndarray:
-    """Slaney-scale, Slaney-normalised triangular filters, (n_bins, n_mels) float64, 0 Hz to Nyquist.
-
-    The Slaney scale is linear below 1 kHz (3 mels per 200 Hz) and logarithmic above (27 mels per factor
-    6.4). Each triangle rises from the previous centre to its own and falls to the next; dividing by half
-    its width in Hz gives every filter the same area. Same arithmetic, in the same order, as librosa and
-    transformers' `mel_filter_bank(..., norm="slaney", mel_scale="slaney")`, so the result is bit-equal.
-    """
-    min_log_hz, min_log_mel = 1000.0, 15.0  # where the scale turns logarithmic: 1 kHz is mel 15
-    mels_per_log = 27.0 / np.log(6.4)
-
-    def hz_to_mel(hz: float) -> float:
-        return 3.0 * hz / 200.0 if hz < min_log_hz else min_log_mel + np.log(hz / min_log_hz) * mels_per_log
-
-    mels = np.linspace(hz_to_mel(0.0), hz_to_mel(sampling_rate / 2), n_mels + 2)
-    # mel -> Hz for the n_mels + 2 triangle corners: the inverse of hz_to_mel
-    corners = 200.0 * mels / 3.0
-    log_region = mels >= min_log_mel
-    corners[log_region] = min_log_hz * np.exp(np.log(6.4) / 27.0 * (mels[log_region] - min_log_mel))
-    bin_hz = np.linspace(0, sampling_rate // 2, n_bins)
-
-    slopes = corners[None, :] - bin_hz[:, None]  # (n_bins, n_mels + 2): each corner's distance from each bin
-    widths = np.diff(corners)
-    rising = -slopes[:, :-2] / widths[:-1]
-    falling = slopes[:, 2:] / widths[1:]
-    filters = np.maximum(np.zeros(1), np.minimum(rising, falling))  # (n_bins, n_mels)
-    return filters * (2.0 / (corners[2:] - corners[:-2]))[None, :]
-
-
+@functools.cache  # per device
 def _mel_bands(device: torch.device) -> list[tuple[int, int, int, int, torch.Tensor]]:
     """The filter bank cut into bands of 16 filters: (first mel, end mel, first bin, end bin, weights).
 
     weights: (band mels, band bins) float32, the only nonzero block of those filters.
     """
-    filters = mel_filter_bank().astype(np.float32)
+    filters = mel_filters()  # (128, 201)
     bands = []
     for m0 in range(0, N_MELS, BAND_FILTERS):
         m1 = min(m0 + BAND_FILTERS, N_MELS)
-        used = np.flatnonzero(filters[:, m0:m1].any(axis=1))
+        used = torch.nonzero(filters[m0:m1].any(dim=0)).flatten()
         b0, b1 = int(used[0]), int(used[-1]) + 1
-        weights = np.ascontiguousarray(filters[b0:b1, m0:m1].T)  # (bins, mels) -> (mels, bins)
-        bands.append((m0, m1, b0, b1, torch.from_numpy(weights).to(device)))
+        bands.append((m0, m1, b0, b1, filters[m0:m1, b0:b1].contiguous().to(device)))
     return bands
-
-
-_BANDS: dict[torch.device, list] = {}
-
-
-def _bands_on(device: torch.device) -> list:
-    if device not in _BANDS:
-        _BANDS[device] = _mel_bands(device)
-    return _BANDS[device]
 
 
 def _scaled_log(x: torch.Tensor) -> torch.Tensor:
@@ -132,19 +96,20 @@ def computed_frames(valid_samples: int) -> int:
 
 
 def _direct_end(valid_samples: int, count: int) -> int:
-    """End of a window's direct frames: frames t >= 2 whose 400 samples lie inside its real samples.
+    """End of a window's direct frames: frames from FIRST_DIRECT_FRAME on whose 400 samples lie inside its
+    real samples.
 
     Frame t reads samples [160 t - 200, 160 t + 200): direct while 160 t + 200 <= valid. The others (two
     at the start, a few at the end) read reflected or zero-padded samples and are built one by one.
     """
-    return min(count, max(2, (valid_samples - PAD) // HOP_LENGTH + 1))
+    return min(count, max(FIRST_DIRECT_FRAME, (valid_samples - PAD) // HOP_LENGTH + 1))
 
 
 def _blocks(valid: list[int], counts: list[int], block_frames: int) -> list[tuple[int, int, int]]:
     """(window, first frame, end frame): each window's direct frames in blocks of near-equal size."""
     blocks = []
     for w, (v, count) in enumerate(zip(valid, counts, strict=True)):
-        start, end = 2, _direct_end(v, count)
+        start, end = FIRST_DIRECT_FRAME, _direct_end(v, count)
         if end <= start:
             continue
         pieces = -(-(end - start) // block_frames)
@@ -172,7 +137,7 @@ def _log_mel_into(windowed: torch.Tensor, out: torch.Tensor) -> None:
     # |X|^2: square the interleaved (re, im) pairs in one contiguous pass, then add each pair.
     squares = spectrum.mul_(spectrum)
     power = torch.add(squares[:, 0::2], squares[:, 1::2])  # (n, 402) -> (n, 201)
-    for m0, m1, b0, b1, weights in _bands_on(out.device):
+    for m0, m1, b0, b1, weights in _mel_bands(out.device):
         # (band mels, band bins) @ (band bins, n) -> the band's rows of the output, in place
         torch.mm(weights, power[:, b0:b1].T, out=out[m0:m1])
     _scaled_log(out)
@@ -184,10 +149,9 @@ def _run_on_threads(tasks: list, run) -> None:
     Why not torch's own intra-op threads: a block is ~20 small ops, and each op ends in a thread barrier.
     On a busy machine a barrier waits milliseconds for a descheduled thread, every time. Threads that take
     whole blocks from a shared iterator meet only at the end; torch releases the GIL inside ops, so they run
-    in parallel. Measured on 2 shared cores, 10 min of audio, best of 20: 38 ms (one thread: 61 ms); under
-    heavy load intra-op threads took 0.5-1 s where these took 0.15-0.4 s. torch.set_num_threads(1) acts
-    on the calling thread, except for the default that a thread first using torch meanwhile would pick
-    up, and is restored on exit.
+    in parallel, and a loaded machine slows them far less. torch.set_num_threads(1) acts on the calling
+    thread, except for the default that a thread first using torch meanwhile would pick up, and is
+    restored on exit.
     """
     saved = torch.get_num_threads()
     shared, errors = iter(tasks), []
@@ -219,14 +183,14 @@ def _scaled_log_mel(source: torch.Tensor, valid: torch.Tensor, counts: list[int]
     out = torch.empty(n_windows, N_MELS, FRAMES_PER_WINDOW, device=device)
 
     # Direct frames straight from the source, no padded copy: frame t of window w starts at sample
-    # 480000 w + 160 t - 200, so row i of this overlapping view is global frame i + 2 (frame 2 starts at 120).
-    first = 2 * HOP_LENGTH - PAD
+    # 480000 w + 160 t - 200, so row i of this overlapping view is global frame i + FIRST_DIRECT_FRAME.
+    first = FIRST_DIRECT_FRAME * HOP_LENGTH - PAD  # sample 120, where frame 2 starts
     rows = max(0, (source.shape[0] - first - N_FFT) // HOP_LENGTH + 1)
     direct = source.as_strided((rows, N_FFT), (HOP_LENGTH, 1), source.storage_offset() + first)
 
     def run(block: tuple[int, int, int]) -> None:
         w, t0, t1 = block
-        row = w * FRAMES_PER_WINDOW - 2
+        row = w * FRAMES_PER_WINDOW - FIRST_DIRECT_FRAME
         _log_mel_into(direct[row + t0 : row + t1] * hann, out[w, :, t0:t1])
 
     if device.type == "cuda":  # few, large blocks on one stream
@@ -235,11 +199,11 @@ def _scaled_log_mel(source: torch.Tensor, valid: torch.Tensor, counts: list[int]
     else:
         _run_on_threads(_blocks(valid_list, counts, CPU_BLOCK_FRAMES), run)
 
-    # Edge frames of every window in one batch: the first two and those past the direct ones.
+    # Edge frames of every window in one batch: those before the first direct one and those past the last.
     edges = [
         (w, t)
         for w, (v, count) in enumerate(zip(valid_list, counts, strict=True))
-        for t in [*range(min(2, count)), *range(_direct_end(v, count), count)]
+        for t in [*range(min(FIRST_DIRECT_FRAME, count)), *range(_direct_end(v, count), count)]
     ]
     if edges:
         window, frame = torch.tensor(edges, device=device).T
@@ -295,24 +259,22 @@ def _blame_sample(source: torch.Tensor, window: int, valid: int) -> SampleError:
     )
 
 
-def _frame_mask(valid: torch.Tensor) -> torch.Tensor:
-    """(W,) valid samples -> (W, 3000) int32 mask: frames t < ceil(valid / 160), centred on a real sample."""
-    frame = torch.arange(FRAMES_PER_WINDOW, device=valid.device)
-    return (frame < (valid[:, None] + HOP_LENGTH - 1) // HOP_LENGTH).to(torch.int32)
+@functools.cache
+def _kernel_tables() -> tuple[torch.Tensor, torch.Tensor]:
+    """What the C++ kernel multiplies by: the periodic Hann window (400,) and the mel filters (128, 201)."""
+    return torch.hann_window(N_FFT, periodic=True), mel_filters()
 
 
 def _features(
     source: torch.Tensor, valid: torch.Tensor, backend: str | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat source + (W,) valid samples per window -> (features, mask); see log_mel_windows."""
-    from minaf3.kernels import log_mel as kernel  # here, not on top: it imports minaf3.features
-
     use_kernel = kernel.use_kernel(source.device, backend)
     valid_list = valid.tolist()
     source = source.to(torch.float32).contiguous()
     if use_kernel:
         features = torch.empty(len(valid_list), N_MELS, FRAMES_PER_WINDOW)
-        top = kernel.log_mel_into(source, valid_list, features)  # (W,) window maxima
+        top = kernel.log_mel_into(source, valid_list, *_kernel_tables(), features)  # (W,) window maxima
         bad_windows = torch.nonzero(~torch.isfinite(top))
         bad = int(bad_windows[0]) if bad_windows.numel() else None
     else:
@@ -321,19 +283,7 @@ def _features(
         bad = _clamp_to_window_max(features, counts)
     if bad is not None:
         raise _blame_sample(source, bad, valid_list[bad])
-    return features, _frame_mask(valid)
-
-
-def _float_tensor(data, what: str) -> torch.Tensor:
-    if isinstance(data, np.ndarray):
-        data = torch.from_numpy(data)
-    if not isinstance(data, torch.Tensor):
-        raise AudioError(f"{what} must be a numpy array or torch tensor, got {type(data).__name__}")
-    if not data.is_floating_point():
-        raise AudioError(
-            f"{what} must hold float samples in [-1, 1], got {data.dtype}; load_audio converts PCM"
-        )
-    return data
+    return features, frame_mask(valid)
 
 
 def log_mel_windows(
@@ -349,18 +299,9 @@ def log_mel_windows(
     features are not finite (a NaN or Inf sample, or finite samples so large their power overflows)
     raises SampleError, an AudioError naming the window and the sample.
     """
-    windows = _float_tensor(windows, "windows")
-    if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] != WINDOW_SAMPLES:
-        raise AudioError(f"windows must have shape (n >= 1, {WINDOW_SAMPLES}), got {tuple(windows.shape)}")
-    valid = torch.as_tensor(valid)
-    if valid.shape != windows.shape[:1] or valid.is_floating_point() or valid.dtype == torch.bool:
-        raise AudioError(
-            f"valid must hold one integer per window ({len(windows)}), got {valid.dtype} {tuple(valid.shape)}"
-        )
-    if valid.min() < 0 or valid.max() > WINDOW_SAMPLES:
-        raise AudioError(f"valid sample counts must lie in [0, {WINDOW_SAMPLES}], got {valid.tolist()}")
+    windows, valid = check_windows(windows, valid)
     device = torch.device(device) if device is not None else windows.device
-    return _features(windows.to(device).reshape(-1), valid.to(device=device, dtype=torch.long), backend)
+    return _features(windows.to(device).reshape(-1), valid.to(device), backend)
 
 
 def log_mel_spectrogram(
@@ -375,17 +316,17 @@ def log_mel_spectrogram(
     hold real samples.
     """
     check_sampling_rate(sampling_rate)
-    audio = _float_tensor(audio, "audio")
+    audio = float_samples(audio, "audio")
     if audio.ndim != 1:
         raise AudioError(
             f"audio must be 1-D (num_samples,), got shape {tuple(audio.shape)}; load_audio downmixes"
         )
     if audio.shape[0] == 0:
         raise AudioError("audio contains no samples")
-    warn_if_truncated(audio.shape[0])
     device = torch.device(device) if device is not None else audio.device
+    # window_bounds logs the reference's warning when it drops audio past 600 s
     valid = torch.tensor([end - start for start, end in window_bounds(audio.shape[0])], device=device)
-    source = audio[: num_windows(audio.shape[0]) * WINDOW_SAMPLES].to(device)
+    source = audio[: len(valid) * WINDOW_SAMPLES].to(device)
     try:
         return _features(source, valid, backend)
     except SampleError as exc:

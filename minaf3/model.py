@@ -38,6 +38,7 @@ from .quantize import (
 from .sampling import GenerationConfig
 from .weights.adapter import LoraSettings
 from .weights.loader import DOWNLOAD_HINT, read_checkpoint
+from .windows import audio_token_lengths, frames_needed
 
 # Encoder windows batched together may be padded by up to this fraction of their own length: batching saves
 # per-call overhead (GPU launches), padding costs attention and matrix products in proportion.
@@ -63,23 +64,6 @@ class Projector(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(F.gelu(self.linear_1(x)))
-
-
-def audio_token_lengths(mel_lengths: torch.Tensor) -> torch.Tensor:
-    """Audio tokens of each window from its real mel frames: conv2 halves, then the pool halves again."""
-    return ((mel_lengths - 1) // 2 + 1 - 2) // 2 + 1
-
-
-def frames_needed(mel_lengths: torch.Tensor, num_frames: int) -> int:
-    """How many leading mel frames a batch of windows needs so its audio tokens are exactly unchanged.
-
-    A window with L real frames has L1 = (L - 1) // 2 + 1 frames after conv2; those read conv1 outputs
-    up to 2 * L1 - 1, which read mel frames up to 2 * L1. Cropping at 2 * L1 + 2 (even, so conv2's length
-    is exactly half) leaves every real frame's receptive field intact; the later frames are padding that the
-    attention masks out as keys anyway.
-    """
-    l1 = (int(mel_lengths.max()) - 1) // 2 + 1
-    return min(num_frames, 2 * l1 + 2)
 
 
 def length_groups(mel_lengths: list[int], slack: float = GROUP_SLACK) -> list[list[int]]:

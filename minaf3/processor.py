@@ -17,7 +17,6 @@ longer than `max_prompt_tokens` (16,000 by default, the model card's input limit
 InputError naming the sample, rather than a failure deep inside the model.
 """
 
-import logging
 import os
 from typing import Any
 
@@ -30,8 +29,6 @@ from minaf3.chat_template import AUDIO_TOKEN, audio_parts, check_text, parse, re
 from minaf3.errors import AudioError, AudioFileError, ConfigError, InputError
 from minaf3.features import SampleError, log_mel_windows
 from minaf3.processor_files import BatchFeature, read_processor_files
-
-logger = logging.getLogger(__name__)
 
 MAX_PROMPT_TOKENS = 16_000  # the model card's input limit, in tokens after audio expansion
 IGNORE_INDEX = -100  # torch cross_entropy's default ignore_index: label positions the loss skips
@@ -74,9 +71,7 @@ class AudioFlamingo3Processor:
                 f"max_audio_len must be whole seconds from {windows.WINDOW_SECONDS} to "
                 f"{windows.MAX_AUDIO_SECONDS}, got {max_audio_len!r}"
             )
-        self.max_audio_len = max_audio_len
-        # The reference keeps whole windows only: max_audio_len // 30 of them (20 for the shipped 600 s).
-        self.max_audio_samples = (max_audio_len // windows.WINDOW_SECONDS) * windows.WINDOW_SAMPLES
+        self.max_audio_len = max_audio_len  # windows.kept_samples keeps max_audio_len // 30 whole windows
         if max_prompt_tokens is not None and (
             not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1
         ):
@@ -214,16 +209,8 @@ class AudioFlamingo3Processor:
             waveform = load_audio(source, windows.SAMPLING_RATE)
         except (AudioError, AudioFileError) as exc:
             raise type(exc)(f"{name}: {exc}") from exc
-        if len(waveform) > self.max_audio_samples:
-            logger.warning(
-                "%s: audio duration (%.1fs) exceeds %ds; truncating to first %ds.",
-                name,
-                len(waveform) / windows.SAMPLING_RATE,
-                self.max_audio_len,
-                self.max_audio_samples // windows.SAMPLING_RATE,
-            )
-            waveform = waveform[: self.max_audio_samples]
-        return waveform
+        # Past max_audio_len: the reference's warning, naming the clip, and its first whole windows only.
+        return waveform[: windows.kept_samples(len(waveform), name, max_seconds=self.max_audio_len)]
 
     def _expand(self, ids: list[int], waveforms: list[np.ndarray], name: str, from_text: bool) -> np.ndarray:
         """Replace each placeholder id of one sample by its run of audio-token ids."""

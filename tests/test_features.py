@@ -1,9 +1,11 @@
-"""Log-mel features (minaf3/features.py) against WhisperFeatureExtractor on the reference's own windows.
+"""Log-mel features (minaf3/features.py, minaf3/mel.py) against WhisperFeatureExtractor on the reference's
+own windows.
 
 The reference windows come from transformers' AudioFlamingo3Processor._process_audio (its 30 s chunking,
 then WhisperFeatureExtractor(feature_size=128) on the chunks), run on the tiny checkpoint's processor.
-Both CPU backends are held to the reference: the C++ kernel (kernels/log_mel.cpp) and the torch path. The
-kernel's own tests (against the torch path, its builds, its guards): test_log_mel.py.
+Both CPU backends are held to the reference: the C++ kernel (kernels/log_mel.cpp) and the torch path, and
+so is mel.py's plain reference_log_mel. The kernel's own tests (against the torch path, its builds, its
+guards): test_log_mel.py.
 """
 
 import logging
@@ -17,14 +19,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minaf3.errors import AudioError, ConfigError
-from minaf3.features import (
-    SampleError,
-    computed_frames,
-    log_mel_spectrogram,
-    log_mel_windows,
-    mel_filter_bank,
-)
-from minaf3.windows import FRAMES_PER_WINDOW, MAX_AUDIO_SAMPLES, N_MELS, WINDOW_SAMPLES
+from minaf3.features import SampleError, computed_frames, log_mel_spectrogram, log_mel_windows
+from minaf3.mel import mel_filter_bank, reference_log_mel
+from minaf3.windows import FRAMES_PER_WINDOW, MAX_AUDIO_SAMPLES, N_MELS, WINDOW_SAMPLES, window_bounds
 
 TOLERANCE = 1e-4  # max abs difference allowed against the reference
 BACKENDS = ["cpp", "torch"]
@@ -119,6 +116,28 @@ def test_batch_of_windows_matches_reference(reference_processor, backend):
     expected, expected_mask = reference_features(reference_processor, audios)
     assert (features - expected).abs().max().item() <= TOLERANCE
     assert torch.equal(mask, expected_mask.to(torch.int32))
+
+
+def test_plain_reference_equals_the_fast_paths_and_transformers(reference_processor, backend):
+    """mel.py's dozen lines, on the processor's windows of three audios (a full window, a short tail, one
+    reaching the right reflection, one of 319 samples): the same features as each fast path and as
+    WhisperFeatureExtractor, the same mask, the same layout."""
+    audios = [speech_like(n, seed=n) for n in (WINDOW_SAMPLES + 4000, 479_801, 319)]
+    bounds = [(audio, start, end) for audio in audios for start, end in window_bounds(len(audio))]
+    windows = torch.full((len(bounds), WINDOW_SAMPLES), float("nan"))  # past valid: never read
+    for w, (audio, start, end) in enumerate(bounds):
+        windows[w, : end - start] = torch.from_numpy(audio[start:end])
+    valid = [end - start for _, start, end in bounds]
+
+    features, mask = reference_log_mel(windows, valid)
+    fast, fast_mask = log_mel_windows(windows, valid, backend=backend)
+    expected, expected_mask = reference_features(reference_processor, audios)
+    assert features.shape == fast.shape == expected.shape and features.dtype == torch.float32
+    assert (features - fast).abs().max().item() <= TOLERANCE
+    assert (features - expected).abs().max().item() <= TOLERANCE
+    assert torch.equal(mask, fast_mask) and torch.equal(mask, expected_mask.to(torch.int32))
+    one, one_mask = reference_log_mel(windows[1], valid[1])  # one window: a batch of one
+    assert torch.equal(one, features[1:2]) and torch.equal(one_mask, mask[1:2])
 
 
 @pytest.mark.parametrize("garbage", [1.0, np.nan, np.inf, 1e30])

@@ -16,7 +16,8 @@ from test_features import TOLERANCE
 
 from minaf3.errors import ConfigError
 from minaf3.features import PADDING_LOG_MEL, computed_frames, log_mel_spectrogram, log_mel_windows
-from minaf3.windows import FRAMES_PER_WINDOW, HOP_LENGTH, N_MELS, WINDOW_SAMPLES
+from minaf3.mel import mel_filters
+from minaf3.windows import FRAMES_PER_WINDOW, HOP_LENGTH, N_FFT, N_MELS, WINDOW_SAMPLES
 
 # Valid sample counts where frames change kind: reflected at the start (< 200 real samples reach frame 2),
 # direct, reflected at the end (the last 200 samples), zero-padded, or pure padding.
@@ -89,7 +90,13 @@ def test_kernel_refuses_windows_past_the_end_of_the_source():
     assert kernel.use_kernel(torch.device("cpu"))
     out = torch.empty(2, N_MELS, FRAMES_PER_WINDOW)
     with pytest.raises(RuntimeError, match="window 1 has 1000 valid samples, outside the source"):
-        kernel.log_mel_into(torch.zeros(WINDOW_SAMPLES + 999), [WINDOW_SAMPLES, 1000], out)
+        kernel.log_mel_into(
+            torch.zeros(WINDOW_SAMPLES + 999),
+            [WINDOW_SAMPLES, 1000],
+            torch.hann_window(N_FFT),
+            mel_filters(),
+            out,
+        )
 
 
 CHECK_KERNEL = """

@@ -11,18 +11,25 @@ from unittest.mock import patch
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minaf3.errors import AudioError, ConfigError
+from minaf3.errors import AudioError, ConfigError, InputError
 from minaf3.windows import (
     FRAMES_PER_WINDOW,
     MAX_AUDIO_SAMPLES,
+    MAX_AUDIO_SECONDS,
     MAX_WINDOWS,
+    SAMPLING_RATE,
     TOKENS_PER_WINDOW,
     WINDOW_SAMPLES,
+    WINDOW_SECONDS,
     audio_token_count,
+    audio_token_lengths,
     conv_frames,
+    frames_needed,
+    kept_samples,
     mel_frames,
     num_windows,
     pooled_frames,
@@ -132,6 +139,60 @@ def test_short_tails_add_no_tokens_and_formulas_never_go_negative(mel):
     tokens = pooled_frames(conv_frames(mel))
     assert tokens >= 0
     assert (tokens == 0) == (mel <= 2)
+
+
+def test_tensor_forms_equal_the_integer_forms_at_every_window_length():
+    """Each formula on a tensor of every length a window can have equals the formula on each length alone."""
+    mel = range(FRAMES_PER_WINDOW + 1)
+    conv = range(conv_frames(FRAMES_PER_WINDOW) + 1)
+    valid = range(WINDOW_SAMPLES + 1)
+    for dtype in (torch.int32, torch.int64):
+        assert conv_frames(torch.tensor(mel, dtype=dtype)).tolist() == [conv_frames(m) for m in mel]
+        assert pooled_frames(torch.tensor(conv, dtype=dtype)).tolist() == [pooled_frames(c) for c in conv]
+        assert audio_token_lengths(torch.tensor(mel, dtype=dtype)).tolist() == [
+            pooled_frames(conv_frames(m)) for m in mel
+        ]
+        assert mel_frames(torch.tensor(valid, dtype=dtype)).tolist() == [mel_frames(v) for v in valid]
+
+
+@given(
+    mel_lengths=st.lists(st.integers(0, FRAMES_PER_WINDOW), min_size=1, max_size=40),
+    num_frames=st.integers(2, FRAMES_PER_WINDOW),
+    dtype=st.sampled_from([torch.int32, torch.int64]),
+)
+def test_tensor_forms_agree_with_the_integer_forms_on_batches(mel_lengths, num_frames, dtype):
+    """What the model does with a batch of windows: token counts per window, and the frames it crops to."""
+    batch = torch.tensor(mel_lengths, dtype=dtype)
+    assert audio_token_lengths(batch).tolist() == [audio_token_lengths(m) for m in mel_lengths]
+    assert conv_frames(batch).tolist() == [conv_frames(m) for m in mel_lengths]
+    assert frames_needed(batch, num_frames) == min(
+        num_frames, max(2 * conv_frames(m) + 2 for m in mel_lengths)
+    )
+    two_rows = batch.repeat(2, 1)  # any shape, elementwise
+    assert audio_token_lengths(two_rows).tolist() == [audio_token_lengths(batch).tolist()] * 2
+
+
+@given(valid=st.lists(st.integers(0, WINDOW_SAMPLES), min_size=1, max_size=40))
+def test_mel_frames_of_a_batch_are_the_mask_lengths_of_each_window(valid):
+    assert mel_frames(torch.tensor(valid)).tolist() == [mel_frames(v) for v in valid]
+
+
+@pytest.mark.parametrize("bad", [torch.tensor([1.5]), torch.tensor([True])])
+def test_tensors_of_non_integers_are_refused(bad):
+    with pytest.raises(AudioError, match="integer tensor"):
+        conv_frames(bad)
+
+
+def test_kept_samples_cuts_to_whole_windows_or_refuses_naming_the_item(caplog):
+    assert kept_samples(MAX_AUDIO_SAMPLES, "clip 3", refuse=True) == MAX_AUDIO_SAMPLES
+    with pytest.raises(InputError, match=f"^clip 3: audio is {MAX_AUDIO_SECONDS}.0 s long"):
+        kept_samples(MAX_AUDIO_SAMPLES + 1, "clip 3", refuse=True)
+    # A limit between whole windows keeps the whole windows below it, as the reference does.
+    limit = WINDOW_SECONDS + WINDOW_SECONDS // 2
+    with caplog.at_level(logging.WARNING, logger="minaf3.windows"):
+        assert kept_samples(limit * SAMPLING_RATE, "clip 3", max_seconds=limit) == WINDOW_SAMPLES
+    warning = f"clip 3: audio duration ({limit}.0s) exceeds {limit}s; truncating to first {WINDOW_SECONDS}s."
+    assert warning in caplog.text
 
 
 def test_warning_is_logged_only_past_600_seconds(caplog):
