@@ -1,10 +1,8 @@
 """Synthetic listening tasks: clips a tiny AF3 can learn to hear, with questions and exact answers.
 
-Every clip is 16 kHz mono float32 of shape (n,), at most ~11.2 s (under the encoder's 30 s window):
-
-    lead near-silence (random start offset) + the sound + a short tail
-    + white background noise 25-40 dB below the RMS of the sound's nonzero samples
-    -> scaled so that its peak |x| is 0.05-0.9 ("silence": noise only, peak 0.001-0.005)
+Every clip is 16 kHz mono float32 of shape (n,), at most ~11.2 s (under the encoder's 30 s window): a random
+start offset of near-silence, the sound, a short tail; white background noise 25-40 dB below the RMS of the
+sound's nonzero samples; then scaled to a peak |x| of 0.05-0.9 ("silence": noise only, peak 0.001-0.005).
 
 The six trained families, in `TASKS` order, and the held-out one (`HELD_OUT`, kept for a fine-tuning test):
 
@@ -73,11 +71,10 @@ MORSE_HZ = (600.0, 800.0)
 MORSE_WPM = (15.0, 20.0)
 MORSE_UNIT_SECONDS = 1.2  # one unit lasts 1.2 / wpm s (the "PARIS" standard word is 50 units)
 DOT, DASH, ELEMENT_GAP, LETTER_GAP = 1, 3, 1, 3  # in units
-_CODES = (
-    ".- -... -.-. -.. . ..-. --. .... .. .--- -.- .-.. -- -. --- .--. --.- .-. ... - "
-    "..- ...- .-- -..- -.-- --.."
-)
-MORSE_CODE = dict(zip("ABCDEFGHIJKLMNOPQRSTUVWXYZ", _CODES.split(), strict=True))  # letter -> dots and dashes
+MORSE_CODE = dict(zip("ABCDEFGHIJKLMNOPQRSTUVWXYZ", (  # letter -> dots and dashes
+    ".- -... -.-. -.. . ..-. --. .... .. .--- -.- .-.. -- -. --- .--. --.- .-. ... - ..- ...- .-- "
+    "-..- -.-- --.."
+).split(), strict=True))  # fmt: skip
 ORDER_BEEP_SECONDS = (0.15, 0.4)  # order
 ORDER_HZ = (300.0, 3000.0)
 ORDER_MIN_SEMITONES = 4.0
@@ -110,10 +107,6 @@ class Example:
 
 
 # --- building blocks: numbers of samples, tones, noise, fades ---------------------------------------------
-
-
-def _uniform(rng: np.random.Generator, bounds: tuple[float, float]) -> float:
-    return float(rng.uniform(*bounds))
 
 
 def _log_uniform(rng: np.random.Generator, bounds: tuple[float, float]) -> float:
@@ -163,8 +156,8 @@ def _plural(number: int, unit: str) -> str:
 def _count(rng: np.random.Generator) -> tuple[np.ndarray, str, dict]:
     count = int(rng.integers(BEEPS[0], BEEPS[1] + 1))
     hz = _log_uniform(rng, BEEP_HZ)
-    beeps = [_uniform(rng, BEEP_SECONDS) for _ in range(count)]
-    gaps = [_uniform(rng, GAP_SECONDS) for _ in range(count - 1)]
+    beeps = [rng.uniform(*BEEP_SECONDS) for _ in range(count)]
+    gaps = [rng.uniform(*GAP_SECONDS) for _ in range(count - 1)]
     parts = [_faded(_tone(rng, hz, beeps[0]))]
     for gap, beep in zip(gaps, beeps[1:], strict=True):
         parts += [_silence(gap), _faded(_tone(rng, hz, beep))]
@@ -175,7 +168,7 @@ def _count(rng: np.random.Generator) -> tuple[np.ndarray, str, dict]:
 def _pitch(rng: np.random.Generator) -> tuple[np.ndarray, str, dict]:
     high = bool(rng.random() < 0.5)
     hz = _log_uniform(rng, HIGH_HZ if high else LOW_HZ)
-    seconds = _uniform(rng, PITCH_SECONDS)
+    seconds = rng.uniform(*PITCH_SECONDS)
     facts = {"frequency_hz": hz, "seconds": seconds}
     return _faded(_tone(rng, hz, seconds)), "high" if high else "low", facts
 
@@ -194,17 +187,16 @@ def _chirp(rng: np.random.Generator, seconds: float, rising: bool) -> tuple[np.n
 
 def _click_train(rng: np.random.Generator, seconds: float) -> tuple[np.ndarray, dict]:
     """Rectangular 1 ms clicks at a steady rate; no fades, the clicks are the point."""
-    rate = _uniform(rng, CLICKS_PER_SECOND)
+    rate = rng.uniform(*CLICKS_PER_SECOND)
     sound = _silence(seconds)
-    width = _samples(CLICK_SECONDS)
     for start in (np.arange(0, seconds - CLICK_SECONDS, 1 / rate) * SAMPLING_RATE).round().astype(int):
-        sound[start : start + width] = 1.0
+        sound[start : start + _samples(CLICK_SECONDS)] = 1.0
     return sound, {"clicks_per_second": rate}
 
 
 def _kind(rng: np.random.Generator) -> tuple[np.ndarray, str, dict]:
     kind = KINDS[int(rng.integers(len(KINDS)))]
-    seconds = _uniform(rng, KIND_SECONDS)
+    seconds = rng.uniform(*KIND_SECONDS)
     facts: dict = {"seconds": seconds}
     if kind == "a pure tone":
         facts["frequency_hz"] = _log_uniform(rng, TONE_HZ)
@@ -224,15 +216,15 @@ def _kind(rng: np.random.Generator) -> tuple[np.ndarray, str, dict]:
 
 def _duration(rng: np.random.Generator) -> tuple[np.ndarray, str, dict]:
     whole = int(rng.integers(DURATION_SECONDS[0], DURATION_SECONDS[1] + 1))
-    seconds = whole + _uniform(rng, (-DURATION_JITTER, DURATION_JITTER))
+    seconds = whole + rng.uniform(-DURATION_JITTER, DURATION_JITTER)
     burst, facts = _tone_or_noise(rng, seconds)
     return _faded(burst), _plural(whole, "second"), {"seconds": seconds, **facts}
 
 
 def _loudness(rng: np.random.Generator) -> tuple[np.ndarray, str, dict]:
     louder = bool(rng.random() < 0.5)
-    change_db = _uniform(rng, LOUDNESS_CHANGE_DB)
-    seconds = _uniform(rng, LOUDNESS_SECONDS)
+    change_db = rng.uniform(*LOUDNESS_CHANGE_DB)
+    seconds = rng.uniform(*LOUDNESS_SECONDS)
     source, facts = _tone_or_noise(rng, seconds)
     ramp_db = np.linspace(-change_db, 0.0, len(source))  # a straight line in dB: a steady change
     gain = 10 ** ((ramp_db if louder else ramp_db[::-1]) / 20)
@@ -243,8 +235,8 @@ def _loudness(rng: np.random.Generator) -> tuple[np.ndarray, str, dict]:
 def _morse(rng: np.random.Generator) -> tuple[np.ndarray, str, dict]:
     size = int(rng.integers(MORSE_LETTERS[0], MORSE_LETTERS[1] + 1))
     letters = "".join(rng.choice(list(MORSE_CODE), size=size))
-    hz = _uniform(rng, MORSE_HZ)
-    wpm = _uniform(rng, MORSE_WPM)
+    hz = rng.uniform(*MORSE_HZ)
+    wpm = rng.uniform(*MORSE_WPM)
     unit = _samples(MORSE_UNIT_SECONDS / wpm)  # every element is a whole number of these samples
     t = np.arange(DASH * unit) / SAMPLING_RATE
     carrier = np.sin(2 * np.pi * hz * t + rng.uniform(0, 2 * np.pi))
@@ -263,12 +255,12 @@ def _morse(rng: np.random.Generator) -> tuple[np.ndarray, str, dict]:
 def _order(rng: np.random.Generator) -> tuple[np.ndarray, str, dict]:
     higher = bool(rng.random() < 0.5)
     max_semitones = 12 * np.log2(ORDER_HZ[1] / ORDER_HZ[0])
-    semitones = _uniform(rng, (ORDER_MIN_SEMITONES, max_semitones))
+    semitones = rng.uniform(ORDER_MIN_SEMITONES, max_semitones)
     low = _log_uniform(rng, (ORDER_HZ[0], ORDER_HZ[1] / 2 ** (semitones / 12)))
     pair = (low, low * 2 ** (semitones / 12))
     first, second = pair if higher else pair[::-1]
-    gap = _uniform(rng, GAP_SECONDS)
-    beeps = [_faded(_tone(rng, hz, _uniform(rng, ORDER_BEEP_SECONDS))) for hz in (first, second)]
+    gap = rng.uniform(*GAP_SECONDS)
+    beeps = [_faded(_tone(rng, hz, rng.uniform(*ORDER_BEEP_SECONDS))) for hz in (first, second)]
     sound = np.concatenate([beeps[0], _silence(gap), beeps[1]])
     facts = {"first_hz": first, "second_hz": second, "gap_seconds": gap}
     return sound, "higher" if higher else "lower", facts
@@ -287,18 +279,18 @@ def _mix(rng: np.random.Generator, task: str, sound: np.ndarray) -> tuple[np.nda
     """Pad the clean sound with the start offset and tail, add the background noise and set the peak.
     Returns float32 (n,) and the mixing facts (seconds, dB, peak |x|)."""
     pad = DURATION_PAD_SECONDS if task == "duration" else None
-    lead, tail = _uniform(rng, pad or LEAD_SECONDS), _uniform(rng, pad or TAIL_SECONDS)
+    lead, tail = rng.uniform(*(pad or LEAD_SECONDS)), rng.uniform(*(pad or TAIL_SECONDS))
     clean = np.concatenate([_silence(lead), sound, _silence(tail)])
-    noise_db = _uniform(rng, NOISE_DB_BELOW)
+    noise_db = rng.uniform(*NOISE_DB_BELOW)
     noise = rng.standard_normal(len(clean))
     on = clean[clean != 0]  # the sound's own samples: gaps between beeps or clicks do not dilute its RMS
     if len(on):
         signal_rms = np.sqrt(np.mean(on**2))
         mixed = clean + noise * signal_rms * 10 ** (-noise_db / 20)
-        peak = _uniform(rng, PEAK)
+        peak = rng.uniform(*PEAK)
     else:  # silence: the background noise is all there is
         mixed, noise_db = noise, None
-        peak = _uniform(rng, SILENCE_PEAK)
+        peak = rng.uniform(*SILENCE_PEAK)
     mixed *= peak / np.max(np.abs(mixed))
     return mixed.astype(np.float32), {"lead_seconds": lead, "noise_db_below": noise_db, "peak": peak}
 
@@ -326,9 +318,7 @@ def make_example(task: str, rng: np.random.Generator, phrasing: int | None = Non
     phrasings = PHRASINGS[task]
     drawn = int(rng.integers(len(phrasings)))
     if phrasing is not None and (not isinstance(phrasing, int) or not 0 <= phrasing < len(phrasings)):
-        raise ConfigError(
-            f"phrasing must be None or an index 0..{len(phrasings) - 1} for {task!r}, got {phrasing!r}"
-        )
+        raise ConfigError(f"phrasing must be None or 0..{len(phrasings) - 1} for {task}, got {phrasing!r}")
     sound, answer, facts = GENERATORS[task](rng)
     waveform, mixing = _mix(rng, task, sound)
     question = phrasings[drawn if phrasing is None else phrasing]
@@ -385,14 +375,9 @@ def write_dataset(folder: str | os.PathLike, items: Iterable[Example], name: str
             raise ConfigError(f"items[{i}] must be an Example, got {type(example).__name__}")
         ident = f"{i:06d}-{example.task}"
         sf.write(folder / f"{ident}.wav", example.waveform, SAMPLING_RATE, subtype="PCM_16")
-        records.append({
-            "id": ident,
-            "sound": f"{ident}.wav",
-            "conversations": [
-                {"from": "human", "value": f"{AUDIO_TOKEN}\n{example.question}"},
-                {"from": "gpt", "value": example.answer},
-            ],
-        })  # fmt: skip
+        human = {"from": "human", "value": f"{AUDIO_TOKEN}\n{example.question}"}
+        gpt = {"from": "gpt", "value": example.answer}
+        records.append({"id": ident, "sound": f"{ident}.wav", "conversations": [human, gpt]})
     path = folder / name
     path.write_text(json.dumps(records, indent=1) + "\n")
     return path
@@ -401,16 +386,13 @@ def write_dataset(folder: str | os.PathLike, items: Iterable[Example], name: str
 # --- scoring ---------------------------------------------------------------------------------------------
 
 
-def _normalised(text: str) -> str:
-    return " ".join(str(text).split()).lower()
-
-
 def score_answer(task: str, predicted: str, truth: str) -> dict[str, float]:
     """{"exact": 1.0 or 0.0}: equal up to case and runs of whitespace. Morse adds "letters": the fraction of
     letter positions that agree once AF3's framing is stripped, over the longer of the two (extra or missing
     letters count as wrong)."""
     _check_task(task)
-    scores = {"exact": float(_normalised(predicted) == _normalised(truth))}
+    said, meant = (" ".join(text.split()).lower() for text in (predicted, truth))
+    scores = {"exact": float(said == meant)}
     if task == "morse":
         said, meant = (strip_transcription_prefix(t).replace(" ", "").upper() for t in (predicted, truth))
         agree = sum(a == b for a, b in zip(said, meant, strict=False))
