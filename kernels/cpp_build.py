@@ -2,6 +2,7 @@
 
     build_once(build)              a thread-safe `load_extension`: calls build() once per process
     compile_library(name, ...)     torch.utils.cpp_extension.load with ninja, saying so when it compiles
+    keyed_name(name, source, ...)  the build's folder: one per source, flags and torch build
     build_openmp_library(...)      the same for an AVX2 operator library, with OpenMP when the compiler has it
     load_together(*loaders)        several kernels' load_extension at once: first builds run side by side
     exclusive_build(build_dir)     one process builds a library at a time; clears a killed build's lock
@@ -9,8 +10,10 @@
     resolve_backend(...)           "auto" | "cpp" | "torch" from an argument or an environment variable
 
 A kernel is compiled on first use, into torch's extension cache ($TORCH_EXTENSIONS_DIR, default
-~/.cache/torch_extensions), and loaded from there afterwards; a changed source is rebuilt. Compiling takes
-about 10 s on two cores, so the first use on a machine logs a line saying so rather than stall in silence.
+~/.cache/torch_extensions), in a folder of its own for each source, flags and torch build (keyed_name), and
+loaded from there afterwards: two checkouts or environments on one machine share a build when it is the same
+and never replace each other's. Compiling takes about 10 s on two cores, so a process that compiles logs a
+line saying so rather than stall in silence.
 A failed build is never fatal: each kernel keeps a torch path and logs one warning naming the cause.
 """
 
@@ -112,7 +115,7 @@ def compile_library(name: str, source: Path, cflags: list[str], ldflags: list[st
     # environments on one machine then never rebuild each other's kernels, as they would sharing one folder.
     # The folder is where torch itself would put such a build ($TORCH_EXTENSIONS_DIR/name, or its
     # per-Python default), so that the lock below sits beside the build it guards.
-    keyed = f"{name}_{build_key(source, cflags, ldflags)}"
+    keyed = keyed_name(name, source, cflags, ldflags)
     build_dir = Path(cpp_extension._get_build_directory(keyed, verbose=False))
     try:
         with exclusive_build(build_dir):
@@ -136,15 +139,15 @@ def compile_library(name: str, source: Path, cflags: list[str], ldflags: list[st
         notice.cancel()
 
 
-def build_key(source: Path, cflags: list[str], ldflags: list[str]) -> str:
-    """16 hex digits naming what a build depends on: the source's bytes, the flags, the torch build (its
-    version and the C++ ABI of its headers) and the Python version."""
+def keyed_name(name: str, source: Path, cflags: list[str], ldflags: list[str]) -> str:
+    """`name` and 16 hex digits naming what its build depends on: the source's bytes, the flags, the torch
+    build (its version and the C++ ABI of its headers) and the Python version."""
     import torch
 
     digest = hashlib.sha256(source.read_bytes())
     for part in (cflags, ldflags, [torch.__version__, str(torch._C._GLIBCXX_USE_CXX11_ABI), sys.version]):
         digest.update(repr(part).encode())
-    return digest.hexdigest()[:16]
+    return f"{name}_{digest.hexdigest()[:16]}"
 
 
 @contextlib.contextmanager

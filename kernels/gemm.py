@@ -11,19 +11,13 @@ The int8 operator, torch.ops.minaf3_gemm.int8_gemm(x, w_int8, scales, bias), is 
 kernels/int8_linear.py for an int8 layer's prefill.
 
 minaf3/linear.py sends float32 and bf16 layers with more rows than a decode step (prefill, the audio
-encoder, the projector) here on CPUs whose best vector unit is AVX2 (`wanted`). Measured on the 2-core
-Zen 3 CI machine (torch 2.13, GFLOP/s, best of 5 calls; torch's 2048^3 product: MKL 170-184, oneDNN 143-155):
-    rows x in -> out            this kernel   oneDNN   MKL (torch's default)
-    155 x 3584 -> 37888             177-181   139-147   109-112    gate + up, 5 s clip + 30-token prompt
-    155 x 18944 -> 3584             170-176   136-143   116-124    down_proj
-    155 x 3584 -> 4608              177-180   133       122        q + k + v
-    250 x 1280 -> 5120              178-183   135       137        encoder fc1, 5 s clip
-    250 x 5120 -> 1280              172-181   164       151        encoder fc2
-bf16 operands (a bf16 model, e.g. the 7B where float32 does not fit in memory) are widened to float32 as
-they are packed: 169-183 GFLOP/s at the first four shapes, where torch's bf16 F.linear, emulated on a CPU
-without bf16 instructions, runs at 21-22; outputs are rounded to bf16 after the float32 sums.
-Where AVX-512 is present the kernel is not used: it has not been measured there against oneDNN's AVX-512
-code, which on a core with two 512-bit FMA units has twice this 8-lane code's peak.
+encoder, the projector) here on CPUs whose best vector unit is AVX2 (`wanted`). Why a kernel of our own: on
+such CPUs it reaches a higher rate than both of torch's libraries (MKL, its default, and oneDNN) at the
+shapes of a short prompt and the encoder, where their blocking is tuned for larger products; and bf16
+operands, widened to float32 as they are packed, run at the float32 rate, where torch's bf16 products on a
+CPU without bf16 instructions are emulated several times slower (the README's time-to-first-token rows, from
+tools/bench.py, measure both). Where AVX-512 is present the kernel is not used: its 8-lane code has half the
+peak of oneDNN's AVX-512 code on a core with two 512-bit FMA units.
 """
 
 from __future__ import annotations

@@ -7,13 +7,11 @@
 
 The library holds three operators over one streaming loop: minaf3_int8::int8_linear (int8 weights with a
 scale per row; int8_linear.py), minaf3_int8::bf16_linear and minaf3_int8::f32_linear. minaf3/linear.py
-sends bf16 and float32 layers with a few rows (eager decode) through the latter two. Measured on the 2-core
-CI machine: torch's bf16 matrix-vector products read ~20 GB/s, this loop ~31 (a plain read ~33; official
-widths, 2 layers + lm_head, batch 1: 110 -> 53 ms/token); float32 18944 x 3584 at 1 / 4 / 8 rows 7.7 /
-7.2 / 9.7 ms against oneDNN's 8.6 / 11.3 / 13.6 and MKL's 13.2 / 35.5 / 37.9 (sum over 1 GiB: 36 GB/s), and
-a 448 x 112 layer 5 us against MKL's 7 and oneDNN's 20.
-This module imports nothing of torch.compile, so a bf16 model's first forward does not pay for it;
-int8_linear.py wraps load_library for tracing.
+sends bf16 and float32 layers with a few rows (eager decode) through the latter two. Why: a decode step
+reads every weight once, and torch's matrix-vector products (MKL's, oneDNN's, and emulated bf16 ones) read
+the weights well below the memory's speed, where this loop reaches about a plain read's (the README's decode
+rows, from tools/bench.py, give each against that limit).
+This module imports nothing of torch.compile, so a bf16 model's first forward does not pay for it.
 """
 
 from __future__ import annotations

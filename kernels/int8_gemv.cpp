@@ -49,20 +49,15 @@ namespace {
 // Bytes of one cache line: the k loop advances one line of each weight row per iteration.
 constexpr int64_t kCacheLine = 64;
 // How far ahead of the bytes being multiplied the weights are prefetched into L2, in bytes of the block's
-// stream (kPrefetchBytes / R ahead in each of its R rows). Measured (batch 1, AVX-512, GB/s for
-// 151672 x 3584 / 3584 x 18944), one core: no prefetch 14 / -; 1 KiB ahead of each row into L1 (this
-// kernel's first version) 11-13 / 15; 16 KiB 18 / 19; 32 KiB 21-23 / 16-25; 64 KiB 22-24 / 19-26;
-// 128 KiB 21-22 / 19-26. Two cores, quiet machine: 32 KiB 47.5 / 52; 64 KiB 50 / 53.5; 128 KiB 50 / 55,
-// where torch's sum over 1 GiB read 46 GB/s. The hardware prefetcher alone does not run far enough ahead.
+// stream (kPrefetchBytes / R ahead in each of its R rows). The hardware prefetcher alone does not run far
+// enough ahead to keep the stream at the memory's speed; distances from 16 to 128 KiB were measured (batch
+// 1, one and two cores), and 64 KiB reached the speed of a plain read of memory with the least spread.
 constexpr int64_t kPrefetchBytes = 64 * 1024;
 // Weight bytes per tile (see rows_kernel): a quarter of a 1 MiB L2, leaving room for the activations.
 constexpr int64_t kTileBytes = 256 * 1024;
-// Rows shorter than this are read in runs (rows_kernel). Measured on two Zen 3 cores, GB/s of weights
-// (gate_up 37888 x 3584 and down_proj 3584 x 18944 twice, then the lm_head 151672 x 3584) against torch's
-// sum over 1 GiB, raced in one process: int8 (3584-byte rows) 89-92% of the sum in adjacent blocks, 92-107%
-// in runs (+8-20%); bf16 rows (7 KiB) lost 9-14% in runs and float32 ones (14 KiB) 2-7%. In a scratch loop,
-// int8 rows of 1792 streamed at 78% of a plain read in adjacent blocks and at 96% in runs; rows of 18944 at
-// the same speed either way.
+// Rows shorter than this are read in runs (rows_kernel): short rows read in adjacent blocks leave the
+// memory streams too short to reach full speed, while longer rows (bf16 and float32 ones of AF3's widths)
+// lost speed in runs; the crossing was measured between int8 rows of 3584 bytes and bf16 rows of 7 KiB.
 constexpr int64_t kShortRowBytes = 4096;
 // Work per claimed chunk, in weight bytes times activation rows: 512 KiB is ~25 us at batch 1, long next to
 // a claim (one atomic add) and short enough that the threads finish within a chunk of each other.

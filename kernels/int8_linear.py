@@ -12,25 +12,15 @@ Backends: the `backend=` argument, else the environment variable MINAF3_INT8_BAC
            (and non-CPU devices) dequantize tiles of weight rows and multiply with F.linear.
   "auto"   "cpp" for CPU tensors when the kernel builds on an AVX2 CPU, otherwise "torch".
 
-Why this choice: measured by tools/bench_int8.py and scratch scripts on the 2-core AMD EPYC (Zen 4) CI
-machine, torch 2.13; a plain read of 1 GiB streams at ~25 GB/s on one core, 32-50 GB/s on two. The
-machine is shared, so each figure is the best of many calls; 1T / 2T = one / two threads.
-  18944 x 3584, batch 1: fp32 F.linear 13-19 ms; this kernel 2.8-3.0 ms 1T (23-24 GB/s), 1.4-1.6 ms 2T
-      (43-48 GB/s, as fast as torch's 2-thread sum over 1 GiB: 42-51 GB/s); the AVX2 code ~15% slower on
-      one core; _weight_int8pack_mm with bf16 activations 6-8 ms (63 ms with fp32 ones, issue 5);
-      dequantize-then-matmul 160 ms. The kernel differs from the reference by ~1e-6 relative
-      (int8pack_mm: 3e-3, its bf16 activations). lm_head (151672 x 3584): 23.5 ms 1T, 12.2 ms 2T.
-  batch 8: FMA-bound (AVX-512 ~50 GFMA/s per core): 10.8 ms 1T, 6.8 ms 2T; int8pack_mm 16-26 ms;
-      fp32 GEMM 42-108 ms (MKL's small-batch path is slow on this CPU).
-  prefill, 256 rows: this kernel 316 ms 1T, 238 ms 2T (AVX2 code 403 / 278); fp32 GEMM ~990 ms 1T;
-      dequantizing 8 MiB tiles + GEMM ~1080 ms 1T: on that AVX-512 CPU the loop serves every row count.
-  _weight_int8pack_mm's bf16 path crashes or returns NaN/inf unless in_features % 16 == 0 (torch 2.13
-      CPU); the torch backend dequantizes for those shapes instead.
-On the 2-core Zen 3 (AVX2) machine, the four decoder shapes (q+k+v, o, gate+up, down) at 155 and 800 rows
-(a 5 s and a 30 s clip's prompt): the loop 131 and 103 GFLOP/s, falling as x outgrows the caches, since
-every 16-row chunk of weights re-reads all of x; gemm.cpp 163 and 156. For comparison, at 256-1600 rows:
-dequantized 8 MiB tiles + F.linear 113-135, F.linear on float32 weights 111-158 (scratch scripts, best of
-3-5 calls). Where the two kernels cross: GEMM_MIN_ROWS.
+Why these paths: decoding multiplies one row (or a few) by every weight once, so its time is the weights'
+bytes over the memory bandwidth, and the streaming loop reads int8 weights at about the speed of a plain
+read of memory (the README's int8 rows, from tools/bench.py, measure it against that limit); torch has no
+int8 matrix-vector product of its own that comes close (_weight_int8pack_mm needs bf16 activations, and
+dequantizing first reads the weights four times over). A prompt multiplies many rows, which makes the
+product compute-bound: there the loop re-reads all of x for every chunk of weight rows, and on AVX2 CPUs
+gemm.cpp's blocked product is faster from GEMM_MIN_ROWS rows (tools/bench_int8.py measures both).
+_weight_int8pack_mm's bf16 path crashes or returns NaN/inf unless in_features % 16 == 0 (torch 2.13, CPU);
+the torch backend dequantizes for those shapes instead.
 
 Building: gemv.py (the library int8_gemv.cpp, shared with bf16 decode) and gemm.py. The operators register
 as torch.ops.minaf3_int8.int8_linear and torch.ops.minaf3_gemm.int8_gemm with shape functions, so
@@ -57,8 +47,8 @@ DEQUANT_TILE_BYTES = 8 * 2**20
 # _weight_int8pack_mm's bf16 kernel is wrong or crashes for other widths (see the module docstring).
 PACK_MM_K_MULTIPLE = 16
 # Rows from which the "cpp" backend multiplies with gemm.cpp's blocked product (on CPUs it is written for)
-# rather than int8_gemv.cpp's streaming loop. The four decoder shapes, two Zen 3 cores, GFLOP/s loop /
-# gemm: 32 rows 129 / 119, 40 rows 132 / 138, 64 rows 127 / 148, 155 131 / 163, 800 103 / 156.
+# rather than int8_gemv.cpp's streaming loop: where the two crossed on the four decoder shapes
+# (tools/bench_int8.py --rows).
 GEMM_MIN_ROWS = 40
 
 

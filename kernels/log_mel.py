@@ -1,14 +1,14 @@
 """The C++ log-mel kernel (log_mel.cpp): Whisper's front end for CPU windows, every step of a frame fused.
 
     load_extension()                 builds and loads log_mel.cpp; False, with a logged note, when it
-                                     cannot be built here
-    use_kernel(device, backend)      whether a call runs the kernel: backend "auto" | "cpp" | "torch",
-                                     from the argument or $MINAF3_LOG_MEL_BACKEND
+                                     cannot be built here (registry.py calls it)
+    resolve_backend(backend)         "auto" | "cpp" | "torch", from the argument or $MINAF3_LOG_MEL_BACKEND
     log_mel_into(source, valid, hann, filters, out)
                                      runs it: (W, 128, 3000) clamped features into out, returns each
                                      window's maximum (W,)
 
-minaf3/features.py calls it for CPU tensors unless the backend is "torch", and passes in what defines the
+minaf3/features.py calls it for CPU tensors where it runs (registry.runs("log_mel")) unless the backend is
+"torch", and passes in what defines the
 features (the Hann window and the mel filters, from minaf3/mel.py), so that this module depends on nothing in
 minaf3 but its errors. The frame geometry is compiled into log_mel.cpp: 400-sample frames every 160 samples,
 3000 frames per 480,000-sample window, 128 filters over 201 bins; it checks the shapes it is given against
@@ -39,8 +39,6 @@ import logging
 from pathlib import Path
 
 import torch
-
-from minaf3.errors import ConfigError
 
 from . import cpp_build
 from .cpp_build import BUILD_ERRORS, build_once, compile_library, failure_reason
@@ -90,24 +88,6 @@ def resolve_backend(backend: str | None = None) -> str:
     return cpp_build.resolve_backend(backend, BACKEND_ENV)
 
 
-def use_kernel(device: torch.device, backend: str | None = None) -> bool:
-    """Whether a front-end call on `device` runs the kernel: "auto" and "cpp" do on CPU when it builds.
-
-    Raises ConfigError for an unknown backend, or for "cpp" where the kernel cannot run.
-    """
-    chosen = resolve_backend(backend)
-    if chosen == "torch":
-        return False
-    if device.type == "cpu" and load_extension():
-        return True
-    if chosen == "cpp":
-        why = (
-            f"the tensors are on {device}" if device.type != "cpu" else "it could not be built (see the log)"
-        )
-        raise ConfigError(f"log-mel backend 'cpp' cannot run: {why}; use backend='torch' or 'auto'")
-    return False
-
-
 def log_mel_into(
     source: torch.Tensor, valid: list[int], hann: torch.Tensor, filters: torch.Tensor, out: torch.Tensor
 ) -> torch.Tensor:
@@ -117,7 +97,7 @@ def log_mel_into(
     samples of a window past valid[w] are never read. hann: (400,) float32, the STFT window. filters:
     (128, 201) float32, contiguous, one mel filter per row. out: (W, 128, 3000) float32, contiguous.
     Returns each window's maximum scaled log-mel, (W,) float32: a NaN or Inf there means the window's
-    samples were not finite or overflowed the power, and its features are left unclamped. Call use_kernel()
-    first.
+    samples were not finite or overflowed the power, and its features are left unclamped. Needs the
+    library (registry.runs("log_mel")).
     """
     return torch.ops.minaf3_log_mel.log_mel(source, valid, hann, filters, out)

@@ -46,7 +46,7 @@ class StepInputs:
 
 
 def on_triton(x: torch.Tensor) -> bool:
-    """Whether element-wise work on x runs as Triton kernels: on CUDA, where fusing saves passes over memory."""
+    """Whether element-wise work on x runs as Triton kernels: on CUDA, where fusing saves memory passes."""
     return x.is_cuda and available().triton
 
 

@@ -24,8 +24,9 @@ import threading
 
 import torch
 
-from minaf3.errors import AudioError
+from minaf3.errors import AudioError, ConfigError
 from minaf3.kernels import log_mel as kernel
+from minaf3.kernels.registry import runs
 from minaf3.mel import (
     DYNAMIC_RANGE,
     LOG_FLOOR,
@@ -265,11 +266,27 @@ def _kernel_tables() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.hann_window(N_FFT, periodic=True), mel_filters()
 
 
+def runs_kernel(device: torch.device, backend: str | None = None) -> bool:
+    """Whether a front-end call on `device` runs the C++ kernel: "auto" and "cpp" do on the CPU where it
+    builds. Raises ConfigError for an unknown backend, or for "cpp" where the kernel cannot run."""
+    chosen = kernel.resolve_backend(backend)
+    if chosen == "torch":
+        return False
+    if device.type == "cpu" and runs("log_mel"):
+        return True
+    if chosen == "cpp":
+        why = (
+            f"the tensors are on {device}" if device.type != "cpu" else "it could not be built (see the log)"
+        )
+        raise ConfigError(f"log-mel backend 'cpp' cannot run: {why}; use backend='torch' or 'auto'")
+    return False
+
+
 def _features(
     source: torch.Tensor, valid: torch.Tensor, backend: str | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat source + (W,) valid samples per window -> (features, mask); see log_mel_windows."""
-    use_kernel = kernel.use_kernel(source.device, backend)
+    use_kernel = runs_kernel(source.device, backend)
     valid_list = valid.tolist()
     source = source.to(torch.float32).contiguous()
     if use_kernel:

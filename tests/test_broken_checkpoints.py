@@ -1,8 +1,8 @@
-"""Broken checkpoints and config.json values (issue 7): every damage fails typed, names the file and the
+"""Broken checkpoints and config.json values: every damage fails typed, names the file and the
 problem, and stops before any tensor is read; whatever a config field holds, it is refused by name or the
 model builds with it.
 
-File-by-file damage to the shards themselves is in test_weights.py; the rest of issue 7 in
+File-by-file damage to the shards themselves is in test_weights.py; the rest of the reliability tests in
 test_reliability.py.
 """
 

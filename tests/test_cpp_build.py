@@ -9,10 +9,13 @@ import threading
 
 import pytest
 from minaf3.kernels.cpp_build import (
+    AVX2_FLAGS,
+    OPENMP_FLAGS,
     build_once,
     compile_library,
     exclusive_build,
     failure_reason,
+    keyed_name,
     load_together,
     resolve_backend,
 )
@@ -115,8 +118,12 @@ print(cpu_attention.load_library())
 @pytest.mark.slow
 def test_a_build_killed_mid_way_does_not_hang_the_next_one(tmp_path):
     """The next process on the machine builds and loads the kernel instead of waiting forever."""
-    (tmp_path / "minaf3_cpu_attention").mkdir()
-    (tmp_path / "minaf3_cpu_attention" / "lock").touch()
+    from minaf3.kernels import cpu_attention
+
+    flags = AVX2_FLAGS + OPENMP_FLAGS, OPENMP_FLAGS
+    folder = tmp_path / keyed_name(cpu_attention.EXTENSION_NAME, cpu_attention.SOURCE, *flags)
+    folder.mkdir()
+    (folder / "lock").touch()
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
     done = subprocess.run(
         [sys.executable, "-c", STALE_LOCK_BUILD], env=env, capture_output=True, text=True, timeout=300
@@ -142,9 +149,32 @@ def test_builds_keep_their_flags_whatever_loaded_before(tmp_path, monkeypatch):
     links = [
         next(
             line
-            for line in (tmp_path / name / "build.ninja").read_text().splitlines()
+            for line in (tmp_path / keyed_name(name, source, cflags, ldflags) / "build.ninja")
+            .read_text()
+            .splitlines()
             if line.startswith("ldflags")
         )
         for name in ("minaf3_probe_a", "minaf3_probe_b")
     ]
     assert links[0] == links[1] and links[0].count("-ltorch_cpu") == 1
+
+
+def test_builds_are_keyed_by_source_and_flags_not_by_path(tmp_path, monkeypatch, caplog):
+    """The same source from another folder (another checkout) loads the existing build without compiling;
+    changed bytes or flags build into a folder of their own, leaving the first build as it was."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    here, there = tmp_path / "here", tmp_path / "there"
+    for folder in (here, there):
+        folder.mkdir()
+        (folder / "probe.cpp").write_text("int minaf3_probe_key() { return 1; }\n")
+    compile_library("minaf3_probe_key", here / "probe.cpp", ["-O1"], [], "probe")
+    built = sorted(p.name for p in (tmp_path / "cache").iterdir() if p.is_dir())
+    library = next((tmp_path / "cache" / built[0]).glob("*.so"))
+    stamp = library.stat().st_mtime_ns
+    compile_library("minaf3_probe_key", there / "probe.cpp", ["-O1"], [], "probe")
+    assert library.stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    (there / "probe.cpp").write_text("int minaf3_probe_key() { return 2; }\n")
+    compile_library("minaf3_probe_key", there / "probe.cpp", ["-O1"], [], "probe")
+    compile_library("minaf3_probe_key", here / "probe.cpp", ["-O2"], [], "probe")
+    folders = sorted(p.name for p in (tmp_path / "cache").iterdir() if p.is_dir())
+    assert len(folders) == 3 and built[0] in folders and library.stat().st_mtime_ns == stamp

@@ -11,10 +11,10 @@ from conftest import run_python
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from minaf3.kernels import cpu_attention
+from minaf3.kernels.registry import override
 
 from minaf3 import AudioFlamingo3ForConditionalGeneration, ConfigError
 from minaf3.attention import attention, backend_counts, default_backend, eager_attention, use_backend
-from minaf3.kernels.registry import override
 
 GREEDY = dict(do_sample=False, repetition_penalty=1.0, eos_token_id=[])
 

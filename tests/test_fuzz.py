@@ -1,4 +1,4 @@
-"""Hostile input to the processor and the pipeline (issue 7).
+"""Hostile input to the processor and the pipeline.
 
 Every input either works or raises a Minaf3Error whose message names the item ("conversation 1, message 0,
 part 2: ...", "sample 0: ..."). No other exception escapes, nothing hangs (each call runs under a timeout),

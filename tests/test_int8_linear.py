@@ -14,7 +14,7 @@ import torch
 from conftest import rel_l2, run_python
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from minaf3.kernels import gemm, gemv
+from minaf3.kernels import gemv
 from minaf3.kernels import int8_linear as kernel
 from minaf3.kernels.int8_linear import int8_linear, int8_linear_reference
 from minaf3.kernels.registry import override, runs

@@ -12,6 +12,7 @@ from conftest import run_python, speech_like
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from minaf3.kernels import log_mel as kernel
+from minaf3.kernels.registry import override, runs
 from test_features import TOLERANCE
 
 from minaf3.errors import ConfigError
@@ -77,17 +78,17 @@ def test_backend_switch_by_argument_and_environment(monkeypatch):
         log_mel_spectrogram(audio, backend="gpu")
 
 
-def test_cpp_backend_refuses_when_the_kernel_cannot_run(monkeypatch):
-    monkeypatch.setattr(kernel, "load_extension", lambda: False)
-    with pytest.raises(ConfigError, match="log-mel backend 'cpp' cannot run: it could not be built"):
-        log_mel_spectrogram(speech_like(5000), backend="cpp")
-    features, _ = log_mel_spectrogram(speech_like(5000))  # auto: the torch path
+def test_cpp_backend_refuses_when_the_kernel_cannot_run():
+    with override(log_mel=False):
+        with pytest.raises(ConfigError, match="log-mel backend 'cpp' cannot run: it could not be built"):
+            log_mel_spectrogram(speech_like(5000), backend="cpp")
+        features, _ = log_mel_spectrogram(speech_like(5000))  # auto: the torch path
     assert features.shape == (1, N_MELS, FRAMES_PER_WINDOW)
 
 
 def test_kernel_refuses_windows_past_the_end_of_the_source():
     """The operator's own guard: a valid count reaching past the source would read outside it."""
-    assert kernel.use_kernel(torch.device("cpu"))
+    assert runs("log_mel")
     out = torch.empty(2, N_MELS, FRAMES_PER_WINDOW)
     with pytest.raises(RuntimeError, match="window 1 has 1000 valid samples, outside the source"):
         kernel.log_mel_into(
@@ -103,10 +104,10 @@ CHECK_KERNEL = """
 import logging, numpy as np
 logging.basicConfig()
 from minaf3.features import log_mel_spectrogram
-from minaf3.kernels.log_mel import load_extension
+from minaf3.kernels.registry import runs
 audio = np.sin(np.arange(20_000) * 0.05).astype(np.float32)
 err = (log_mel_spectrogram(audio)[0] - log_mel_spectrogram(audio, backend="torch")[0]).abs().max().item()
-print("loaded", load_extension(), "error", err)
+print("loaded", runs("log_mel"), "error", err)
 """
 
 
@@ -146,5 +147,5 @@ def test_narrower_vector_builds_match_the_torch_path(tmp_path, capability, libra
     assert done.returncode == 0, done.stderr
     loaded, error = done.stdout.split()
     assert loaded == "True" and float(error) <= TOLERANCE, done.stdout + done.stderr
-    assert list(tmp_path.rglob(f"{library}.so")), f"{library} was not built"
-    assert "log-mel kernel: compiling log_mel.cpp for this CPU (first use only" in done.stderr
+    assert list(tmp_path.rglob(f"{library}_*.so")), f"{library} was not built"
+    assert "log-mel kernel: compiling log_mel.cpp (once per source, flags and torch build" in done.stderr

@@ -72,7 +72,7 @@ def test_attention_backends_agree(tiny_checkpoint, reference_processor):
 
 
 def test_encoding_only_real_frames_equals_padded_encoding(tiny_checkpoint, reference_processor):
-    """Cropping each window's padding (issue 5) must not change a single audio embedding."""
+    """Cropping each window's padding must not change a single audio embedding."""
     model = AudioFlamingo3ForConditionalGeneration.from_pretrained(tiny_checkpoint)
     inputs = reference_inputs(reference_processor, ["three_windows", "tail_200", "short"])
     feats, mask = inputs["input_features"], inputs["input_features_mask"]

@@ -1,4 +1,4 @@
-"""Reliability (issue 7): long runs keep memory flat, threads share one pipeline, limits are refused up
+"""Reliability: long runs keep memory flat, threads share one pipeline, limits are refused up
 front, corrupt audio is an AudioError.
 
 Broken checkpoints and config.json values are in test_broken_checkpoints.py; hostile inputs to the

@@ -15,15 +15,15 @@ from conftest import write_reference_checkpoint
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from minaf3.kernels.gemv import gemv_linear
+from minaf3.kernels.registry import runs
+from minaf3.weights.buffers import HUGE_PAGE, MADV_HUGEPAGE, streamed_empty
 from test_lora import ADAPTERS, write_adapter
 from test_model import reference_inputs
 
 from minaf3 import AudioFlamingo3ForConditionalGeneration, CheckpointError, ConfigError, GenerationError
 from minaf3.attention import attention
-from minaf3.kernels.registry import runs
 from minaf3.linear import ONEDNN_MIN_WEIGHTS, Linear
 from minaf3.lora import LoRALinear, load_adapter, lora_updates, unmerge
-from minaf3.weights.buffers import HUGE_PAGE, MADV_HUGEPAGE, streamed_empty
 from minaf3.model import length_groups
 from minaf3.quantize import Int8Linear, quantize_model
 

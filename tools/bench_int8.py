@@ -31,7 +31,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-from minaf3.kernels import gemm
 from minaf3.kernels.int8_linear import GEMM_MIN_ROWS, int8_linear, int8_linear_reference
 from minaf3.kernels.registry import available
 

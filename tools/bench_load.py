@@ -13,7 +13,7 @@ so "cold" means a cold process, not disk.
 Both libraries run twice: with from_pretrained's default dtype and in float32. transformers' default is the
 checkpoint's bf16; minaf3's is bf16 on CPUs with bf16 instructions (AVX-512 BF16, AMX) and float32 on the
 others, where bf16 products are emulated and several times slower.
-Targets (issue 3): minaf3's peak RSS <= 1.2x its weights in memory; `import minaf3` adds < 0.3 s to torch's
+Targets: minaf3's peak RSS <= 1.2x its weights in memory; `import minaf3` adds < 0.3 s to torch's
 import; the whole run >= 2x faster than transformers'.
 """
 

@@ -12,9 +12,9 @@ import math
 import time
 
 import torch
+from minaf3.weights.buffers import streamed_empty
 
 from minaf3.linear import ONEDNN
-from minaf3.weights.buffers import streamed_empty
 
 GIB = 2**30
 
