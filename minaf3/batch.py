@@ -37,8 +37,10 @@ from tqdm import tqdm
 from minaf3.audio import load_audio
 from minaf3.errors import ConfigError, GenerationError, InputError, Minaf3Error
 from minaf3.manifest import Item, audio_samples, build_conversation, pack, read_manifest, shard
-from minaf3.pipeline import DEFAULT_MAX_NEW_TOKENS, Pipeline, check_model_folder, load
+from minaf3.pipeline import Pipeline, load
 from minaf3.processor import strip_transcription_prefix
+from minaf3.sampling import DEFAULT_MAX_NEW_TOKENS
+from minaf3.weights.loader import check_model_folder
 from minaf3.windows import SAMPLING_RATE
 
 logger = logging.getLogger(__name__)

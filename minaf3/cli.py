@@ -66,7 +66,8 @@ def _add_generation_options(p: argparse.ArgumentParser, default_tokens: int, sam
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from minaf3.pipeline import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS
+    from minaf3.pipeline import DEFAULT_BATCH_SIZE
+    from minaf3.sampling import DEFAULT_MAX_NEW_TOKENS
 
     parser = argparse.ArgumentParser(prog="minaf3", description="Audio Flamingo 3 in plain PyTorch.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -161,7 +162,7 @@ def _load(args: argparse.Namespace, think: bool = False):
 
 def run_chat(args: argparse.Namespace) -> int:
     from minaf3.audio import load_audio
-    from minaf3.pipeline import check_model_folder
+    from minaf3.weights.loader import check_model_folder
 
     interactive = args.question is None and sys.stdin.isatty()
     question = args.question
@@ -210,7 +211,7 @@ def run_chat(args: argparse.Namespace) -> int:
 
 
 def run_transcribe(args: argparse.Namespace) -> int:
-    from minaf3.pipeline import check_model_folder
+    from minaf3.weights.loader import check_model_folder
 
     check_model_folder(args.model)
     for path in args.files:  # name the first missing file before spending time on the model

@@ -28,8 +28,9 @@ import torch
 from minaf3.config import AudioFlamingo3Config
 from minaf3.errors import ConfigError
 from minaf3.model import resolve_dtype
-from minaf3.pipeline import DEFAULT_MAX_NEW_TOKENS, QUANTIZE_MODES, check_model_folder
+from minaf3.sampling import DEFAULT_MAX_NEW_TOKENS
 from minaf3.weights.layouts import our_names, scan_checkpoint
+from minaf3.weights.loader import check_model_folder
 from minaf3.windows import (
     FRAMES_PER_WINDOW,
     MAX_AUDIO_SECONDS,
@@ -43,6 +44,9 @@ logger = logging.getLogger(__name__)
 
 PROMPT_OVERHEAD_TOKENS = 64  # system prompt (~20 tokens), role markers and a question of a few dozen tokens
 FLOAT32_BYTES = 4
+# The quantize= values minaf3.load and estimate_memory accept. quantize.py, which implements them, has its
+# own copy: importing it loads its kernel module, and with it torch._dynamo.
+QUANTIZE_MODES = ("int8",)
 # int8 weight-only quantization covers the decoder's linear layers and lm_head (one scale per output row).
 QUANTIZED = re.compile(r"language_model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight|lm_head\.weight")
 

@@ -27,51 +27,18 @@ import torch
 
 from minaf3.config import AudioFlamingo3Config
 from minaf3.conversation import add_think_request, build_conversation, load_conversation_audio, read_audio
-from minaf3.errors import CheckpointError, ConfigError, InputError
-from minaf3.model import DOWNLOAD_HINT, THINK_FOLDER, AudioFlamingo3ForConditionalGeneration
+from minaf3.errors import ConfigError, InputError
+from minaf3.estimate import QUANTIZE_MODES
+from minaf3.model import THINK_FOLDER, AudioFlamingo3ForConditionalGeneration
 from minaf3.processor import AudioFlamingo3Processor
+from minaf3.sampling import DEFAULT_MAX_NEW_TOKENS
 from minaf3.segments import Segment, Transcription, join_texts, segment_bounds, to_seconds
 from minaf3.streamer import TextIteratorStreamer
-from minaf3.weights.layouts import scan_checkpoint
-from minaf3.weights.loader import SUPPORT_FILES
-from minaf3.weights.shards import INDEX_FILE, SINGLE_FILE
+from minaf3.weights.loader import check_model_folder
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_NEW_TOKENS = 1024  # the model card's output limit; the shipped generation config says 20
 DEFAULT_BATCH_SIZE = 4  # segments per generate call in transcribe: a 600 s segment is ~15k prompt tokens
-QUANTIZE_MODES = ("int8",)
-# Files a folder needs besides the weights (roles of weights/loader.py's SUPPORT_FILES).
-REQUIRED_FILES = ("config", "tokenizer", "tokenizer config", "processor config")
-
-
-def check_model_folder(path: str | os.PathLike) -> Path:
-    """Fail early with one line naming what is missing when `path` is not a complete checkpoint folder.
-
-    Reads only the folder listing and the safetensors headers. The message ends with how to download the
-    official checkpoint, since an interrupted or partial download is the usual cause.
-    """
-    folder = Path(path)
-    if not folder.is_dir():
-        kind = "is a file, not a model folder" if folder.exists() else "no such model folder"
-        raise CheckpointError(f"{folder}: {kind}. {DOWNLOAD_HINT}")
-    missing = [
-        " or ".join(SUPPORT_FILES[role])
-        for role in REQUIRED_FILES
-        if not any((folder / name).is_file() for name in SUPPORT_FILES[role])
-    ]
-    has_weights = (folder / SINGLE_FILE).is_file() or (folder / INDEX_FILE).is_file()
-    if not has_weights and not (folder / "llm").is_dir():  # llm/: the original NVIDIA layout's folders
-        missing.append(f"{SINGLE_FILE} (or {INDEX_FILE} and its shards)")
-    if missing:
-        raise CheckpointError(
-            f"{folder}: incomplete model folder, missing {', '.join(missing)}. {DOWNLOAD_HINT}"
-        )
-    try:
-        scan_checkpoint(folder)  # damaged or missing shards, listed file by file
-    except CheckpointError as e:
-        raise CheckpointError(f"{e}\n{DOWNLOAD_HINT}") from None
-    return folder
 
 
 def load(

@@ -44,6 +44,9 @@ from .config import AudioFlamingo3Config
 from .errors import ConfigError, GenerationError
 
 FILE_NAME = "generation_config.json"
+# What minaf3.load(...).chat, transcribe and the commands ask for: the model card's output limit, where the
+# shipped generation config (and GenerationConfig's own default) says 20.
+DEFAULT_MAX_NEW_TOKENS = 1024
 NEG_INF = float("-inf")
 
 

@@ -2,6 +2,7 @@
 
     read_checkpoint(folder, expected)   -> {our name: tensor}, in any of the three layouts (layouts.py)
     checkpoint_files(folder, required)  -> {role: path} of the config, tokenizer and processor files
+    check_model_folder(path)            -> the folder, or one CheckpointError line naming what is missing
 
 Order of work, so that a bad download costs seconds and a clear message rather than a half-built model:
 1. headers only (layouts.scan_checkpoint): every file present, parseable, as long as its header says, and
@@ -19,6 +20,7 @@ file's data for them, but a file truncated or rewritten in place changes or brea
 into the same folder must write new files (unlink or rename over), as transformers' save_pretrained does.
 """
 
+import os
 from pathlib import Path
 
 import torch
@@ -27,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from minaf3.errors import CheckpointError, ConfigError
 
 from .layouts import checkpoint_names, scan_checkpoint
-from .shards import TensorInfo, listing
+from .shards import INDEX_FILE, SINGLE_FILE, TensorInfo, listing
 
 # Our model's parameters are all floating point; the checkpoint may store them in any of these (8-bit
 # floats need scales that a plain safetensors file does not carry).
@@ -43,6 +45,12 @@ SUPPORT_FILES = {
     "chat template": ("chat_template.jinja", "chat_template.json"),
     "processor config": ("processor_config.json", "preprocessor_config.json"),
 }
+# The roles a model folder needs besides the weights (check_model_folder).
+REQUIRED_FILES = ("config", "tokenizer", "tokenizer config", "processor config")
+DOWNLOAD_HINT = (
+    "Download the official checkpoint with `huggingface-cli download nvidia/audio-flamingo-3-hf "
+    "--local-dir audio-flamingo-3-hf` and pass that folder."
+)
 
 
 def _mismatches(
@@ -152,3 +160,32 @@ def checkpoint_files(folder: str | Path, required: tuple[str, ...] = ()) -> dict
             + listing(held, "entries in the folder")
         )
     return found
+
+
+def check_model_folder(path: str | os.PathLike) -> Path:
+    """Fail early with one line naming what is missing when `path` is not a complete checkpoint folder.
+
+    Reads only the folder listing and the safetensors headers. The message ends with how to download the
+    official checkpoint, since an interrupted or partial download is the usual cause.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        kind = "is a file, not a model folder" if folder.exists() else "no such model folder"
+        raise CheckpointError(f"{folder}: {kind}. {DOWNLOAD_HINT}")
+    missing = [
+        " or ".join(SUPPORT_FILES[role])
+        for role in REQUIRED_FILES
+        if not any((folder / name).is_file() for name in SUPPORT_FILES[role])
+    ]
+    has_weights = (folder / SINGLE_FILE).is_file() or (folder / INDEX_FILE).is_file()
+    if not has_weights and not (folder / "llm").is_dir():  # llm/: the original NVIDIA layout's folders
+        missing.append(f"{SINGLE_FILE} (or {INDEX_FILE} and its shards)")
+    if missing:
+        raise CheckpointError(
+            f"{folder}: incomplete model folder, missing {', '.join(missing)}. {DOWNLOAD_HINT}"
+        )
+    try:
+        scan_checkpoint(folder)  # damaged or missing shards, listed file by file
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}\n{DOWNLOAD_HINT}") from None
+    return folder
