@@ -16,10 +16,12 @@ The pipeline, one module per stage:
     generate.py       prefill, decode_one_token and the generation loop with a static KV cache
     lora.py           AF-Think: LoRA adapters merged into (or wrapped around) the decoder's linears
     pipeline.py       `minaf3.load(...)`: chat and transcribe in one call; segments.py splits long audio
-    cli.py            the `minaf3` command: chat, transcribe, demo (demo.py), estimate (estimate.py)
+    cli.py            the `minaf3` command: chat, transcribe, demo (demo.py), estimate (estimate.py),
+                      batch (batch.py, manifest.py)
 
-Checkpoint layouts live in `minaf3.weights` (weights/), Triton kernels in `minaf3.kernels` (kernels/).
-Names are imported lazily so that `import minaf3` costs little beyond importing torch.
+Checkpoint layouts live in `minaf3.weights` (weights/), Triton and C++ kernels in `minaf3.kernels` (kernels/).
+`import minaf3` imports nothing else: the names below and the submodules (`minaf3.attention.use_backend(...)`)
+are imported on first use.
 """
 
 import importlib
@@ -47,6 +49,13 @@ _EXPORTS = {
     "GenerationError": "errors",
 }
 
+# Every submodule, reachable as an attribute (minaf3.attention) without an import statement of its own.
+_SUBMODULES = set(
+    """attention audio batch chat_template cli config conversation decoder demo encoder errors estimate
+    features generate kernels linear lora manifest model pipeline processor processor_files quantize sampling
+    segments streamer weights windows""".split()
+)
+
 __all__ = sorted(_EXPORTS)
 
 
@@ -55,8 +64,10 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(f"minaf3.{_EXPORTS[name]}"), name)
         globals()[name] = value
         return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"minaf3.{name}")  # which also binds it here: no second call
     raise AttributeError(f"module 'minaf3' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(list(globals()) + __all__)
+    return sorted(set(globals()) | set(__all__) | _SUBMODULES)
