@@ -47,6 +47,7 @@ SUPPORT_FILES = {
 }
 # The roles a model folder needs besides the weights (check_model_folder).
 REQUIRED_FILES = ("config", "tokenizer", "tokenizer config", "processor config")
+# How check_model_folder's messages end: a partial or interrupted download is the usual cause.
 DOWNLOAD_HINT = (
     "Download the official checkpoint with `huggingface-cli download nvidia/audio-flamingo-3-hf "
     "--local-dir audio-flamingo-3-hf` and pass that folder."
