@@ -15,8 +15,9 @@ The chunk length is computed inside the kernel from the filled length query_pos 
 size S: early in generation the work still spreads over all splits, and no host synchronisation is needed
 to learn the length (the step can be captured in a CUDA graph).
 
-Visibility is that of `attention()` in CONTRACTS.md: slot j is visible iff j <= query_pos and key_mask[b, j],
-and the query's own slot always is (unless own_slot=False, torch's sdpa convention). Without query_pos the
+Visibility is that of `attention()` (minaf3/attention.py's module docstring): slot j is visible iff
+j <= query_pos and key_mask[b, j], and with own_slot=True (the default; attention() passes False, torch's
+sdpa convention) the query's own slot always is. Without query_pos the
 query sees every slot key_mask allows. A query that sees no slot outputs zeros, as sdpa's does.
 """
 
@@ -164,7 +165,7 @@ def decode_attention(
     """Single-token attention by the split-K Triton kernels: q (B, Hq, 1, D), k/v (B, Hkv, S, D) -> q's shape.
 
     query_pos (1,) integer cache slot of the new token (< S); None: no causal limit. key_mask (B, S) bool.
-    own_slot: the token always sees its own slot (CONTRACTS.md); False follows sdpa (no key -> zeros).
+    own_slot: the token always sees its own slot; False follows sdpa (no key -> zeros), as attention() does.
     num_splits (1..64) defaults to filling the GPU; block_n overrides the key tile size. Scale D**-0.5.
     """
     B, Hq, Hkv, T, S, D = check_attention_inputs("decode_attention", q, k, v, key_mask, query_pos)

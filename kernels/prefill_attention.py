@@ -2,9 +2,9 @@
 
 Query i of a row sits at cache slot query_pos[i] and sees slot j iff j <= query_pos[i] and key_mask[b, j],
 and always its own slot j == query_pos[i]. That last rule is what keeps left-padded rows finite: a padding
-query masks every key of its prefix, and without its own slot its softmax would be 0/0. These are exactly
-the semantics of `attention()` in CONTRACTS.md; the decoder writes the new keys into the cache first, so
-the slots of this call's own tokens are already filled.
+query masks every key of its prefix, and without its own slot its softmax would be 0/0. The other rules are
+the semantics of `attention()` (minaf3/attention.py's module docstring); the decoder writes the new keys
+into the cache first, so the slots of this call's own tokens are already filled.
 
 `own_slot=False` drops that last rule for callers that follow torch's sdpa instead: a query that sees no
 key then outputs zeros (so does the kernel, for any row with no visible key).
@@ -118,7 +118,7 @@ def prefill_attention(
     """Causal attention by the Triton kernel: q (B, Hq, T, D), k/v (B, Hkv, S, D) -> (B, Hq, T, D).
 
     query_pos (T,) integer cache slots of the queries (each < S); key_mask (B, S) bool marks filled,
-    non-padding slots (None: all); own_slot: a query always sees its own slot (CONTRACTS.md), else a
+    non-padding slots (None: all); own_slot: a query always sees its own slot, else (as attention() asks) a
     query with no visible key outputs zeros (torch's sdpa). Scale D**-0.5. block_m/block_n override the
     tile sizes.
     """

@@ -80,7 +80,7 @@ def check_attention_inputs(
     key_mask: torch.Tensor | None,
     query_pos: torch.Tensor | None,
 ) -> tuple[int, int, int, int, int, int]:
-    """Validate the attention signature of CONTRACTS.md without reading tensor values (no host sync).
+    """Validate `attention()`'s signature (minaf3/attention.py) without reading tensor values (no host sync).
 
     q (B, Hq, T, D), k and v (B, Hkv, S, D), key_mask (B, S) bool, query_pos (T,) integer.
     Returns (B, Hq, Hkv, T, S, D).

@@ -3,23 +3,30 @@
 The pipeline, one module per stage:
 
     audio.py          decode, downmix and resample any audio source to 16 kHz mono float32
-    windows.py        30 s windows, mel frame counts and audio token counts (pure integer math)
-    features.py       log-mel spectrogram, batched over windows
+    windows.py        30 s windows, mel frame counts and audio token counts (integer and tensor forms)
+    mel.py            Whisper's log-mel: constants, filters and a plain reference
+    features.py       log-mel spectrogram, fast and batched over windows
+    linear.py         Linear layers that pick their own product; layers fused by rows
     encoder.py        Whisper encoder, average pool and LayerNorm
     decoder.py        Qwen2 decoder with a static KV cache
-    attention.py      one attention signature, three backends (triton, sdpa, eager)
+    attention.py      one attention signature, four backends (triton, cpp, sdpa, eager)
     model.py          encoder + projector + decoder, `from_pretrained`, `forward`, `generate`
+    dtypes.py         the dtype a model computes in
+    quantize.py       int8 weight-only layers, swapped in
     chat_template.py  AF3's chat template in Python; conversation parsing and validation
     processor.py      tokenizer and features: conversations to model inputs (processor_files.py reads
                       the checkpoint's processor files)
     sampling.py       GenerationConfig and the logits processors (repetition penalty, top-k, top-p, ...)
     generate.py       prefill, decode_one_token and the generation loop with a static KV cache
-    lora.py           AF-Think: LoRA adapters merged into (or wrapped around) the decoder's linears
+    lora.py           AF-Think: LoRA adapters merged into (or added to) the decoder's linears
+    tasks.py          synthetic listening tasks: clips, questions and exact answers
     pipeline.py       `minaf3.load(...)`: chat and transcribe in one call; segments.py splits long audio
-    cli.py            the `minaf3` command: chat, transcribe, demo (demo.py), estimate (estimate.py)
+    cli.py            the `minaf3` command: chat, transcribe, demo (demo.py), estimate (estimate.py),
+                      batch (batch.py, manifest.py)
 
-Checkpoint layouts live in `minaf3.weights` (weights/), Triton kernels in `minaf3.kernels` (kernels/).
-Names are imported lazily so that `import minaf3` costs little beyond importing torch.
+Checkpoint layouts live in `minaf3.weights` (weights/), Triton and C++ kernels in `minaf3.kernels` (kernels/).
+`import minaf3` imports nothing else: the names below and the submodules (`minaf3.attention.use_backend(...)`)
+are imported on first use.
 """
 
 import importlib
@@ -47,6 +54,13 @@ _EXPORTS = {
     "GenerationError": "errors",
 }
 
+# Every submodule, reachable as an attribute (minaf3.attention) without an import statement of its own.
+_SUBMODULES = set(
+    """attention audio batch chat_template cli config conversation decoder demo dtypes encoder errors
+    estimate features generate kernels linear lora manifest mel model pipeline processor processor_files
+    quantize sampling segments streamer tasks weights windows""".split()
+)
+
 __all__ = sorted(_EXPORTS)
 
 
@@ -55,8 +69,10 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(f"minaf3.{_EXPORTS[name]}"), name)
         globals()[name] = value
         return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"minaf3.{name}")  # which also binds it here: no second call
     raise AttributeError(f"module 'minaf3' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(list(globals()) + __all__)
+    return sorted(set(globals()) | set(__all__) | _SUBMODULES)

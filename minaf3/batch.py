@@ -282,6 +282,40 @@ def process(
 
 
 # ---- the run -----------------------------------------------------------------------------------------------
+def pending_items(items: list[Item], out: Path, retry_errors: bool) -> list[Item]:
+    """The items without a result in `out` or its part files (an error counts unless retry_errors)."""
+    records = read_records(out)
+    done = {key for key, r in records.items() if "text" in r or not retry_errors}
+    return [item for item in items if item.id not in done]
+
+
+def share_audio_lengths(pending: list[Item], rank: int, world: int) -> None:
+    """Set every pending item's `samples`: each rank reads the headers of a strided 1/world of the audio
+    files, then all_gather gives every rank all of them."""
+    shares: list = [{it.index: audio_samples(it.audio) for it in pending[rank::world]}] * world
+    if world > 1:
+        dist.all_gather_object(shares, shares[rank])
+    lengths = {index: samples for share in shares for index, samples in share.items()}
+    for item in pending:
+        item.samples = lengths[item.index]
+
+
+def run_share(
+    pipe: Pipeline | None, batches: list, out: Path, rank: int, world: int, progress: bool
+) -> float:
+    """Run this rank's batches into its part file; the seconds from every rank ready to every rank done."""
+    if world > 1:
+        dist.barrier()  # start the clock when every rank is ready: time the work, not the loading
+    started = time.perf_counter()
+    if batches:
+        desc = "batch" if world == 1 else f"rank 0 of {world}"
+        part = parts_dir(out) / f"rank-{rank:05d}.jsonl"
+        process(pipe, batches, part, show=progress and rank == 0, desc=desc)
+    if world > 1:
+        dist.barrier()  # every rank's records are on disk
+    return time.perf_counter() - started
+
+
 def run_batch(
     model_dir: str | os.PathLike,
     manifest: str | os.PathLike,
@@ -318,31 +352,14 @@ def run_batch(
         torch.set_num_threads(threads)
     defaults = {"max_new_tokens": max_new_tokens, **({"do_sample": False} if greedy else {})}
     with distributed(rank_dev) as (rank, world):
-        records = read_records(out)
-        done = {key for key, r in records.items() if "text" in r or not retry_errors}
-        pending = [item for item in items if item.id not in done]
-        # Each rank reads the headers of a strided share; all_gather is also the point after which writing
-        # starts, so no rank reads a part file while another truncates or appends to it.
-        shares: list = [{it.index: audio_samples(it.audio) for it in pending[rank::world]}] * world
-        if world > 1:
-            dist.all_gather_object(shares, shares[rank])
-        lengths = {index: samples for share in shares for index, samples in share.items()}
-        for item in pending:
-            item.samples = lengths[item.index]
-        mine = shard(pending, rank, world)
-        batches = pack(mine, defaults, token_budget, max_batch_size)
+        pending = pending_items(items, out, retry_errors)
+        # all_gather is also the point after which writing starts, so no rank reads a part file while
+        # another truncates or appends to it.
+        share_audio_lengths(pending, rank, world)
+        batches = pack(shard(pending, rank, world), defaults, token_budget, max_batch_size)
         # Loaded only when there is work: a re-run with nothing left to do never reads the weights.
-        pipe = load(model_dir, device=rank_dev, dtype=dtype, quantize=quantize) if mine else None
-        if world > 1:
-            dist.barrier()  # start the clock when every rank is ready: time the work, not the loading
-        started = time.perf_counter()
-        if mine:
-            desc = "batch" if world == 1 else f"rank 0 of {world}"
-            part = parts_dir(out) / f"rank-{rank:05d}.jsonl"
-            process(pipe, batches, part, show=progress and rank == 0, desc=desc)
-        if world > 1:
-            dist.barrier()  # every rank's records are on disk
-        elapsed = time.perf_counter() - started
+        pipe = load(model_dir, device=rank_dev, dtype=dtype, quantize=quantize) if batches else None
+        elapsed = run_share(pipe, batches, out, rank, world, progress)
         if rank > 0:
             return {}
     summary = merge(items, out)

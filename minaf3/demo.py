@@ -39,7 +39,7 @@ from minaf3.weights.layouts import HUB, checkpoint_names
 from minaf3.windows import HOP_LENGTH, MAX_AUDIO_SECONDS, N_FFT, N_MELS, SAMPLING_RATE, WINDOW_SAMPLES
 
 if TYPE_CHECKING:
-    from minaf3.pipeline import Timings
+    from minaf3.pipeline import Pipeline, Timings
 
 ENDOFTEXT, IM_START, IM_END, AUDIO_TOKEN = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<sound>"
 SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, AUDIO_TOKEN]  # ids 0..3, in Qwen2's order
@@ -71,6 +71,12 @@ CLIP_SECONDS = 4.0
 CLIP_NAME = "clip.wav"
 CACHE_VERSION = "v1"  # bump when the checkpoint format written here changes, so caches are rebuilt
 DEMO_QUESTION = "What is in this audio? Describe the sound in detail."
+# Printed after the answer: the step from this demo to the real model.
+NEXT_STEP = (
+    "\nFor real answers, download the official weights (about 16.5 GB) and point --model at them:\n"
+    "  huggingface-cli download nvidia/audio-flamingo-3-hf --local-dir audio-flamingo-3-hf\n"
+    '  minaf3 chat --model audio-flamingo-3-hf --audio clip.wav "What is in this audio?"'
+)
 
 
 def train_tokenizer():
@@ -203,6 +209,58 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def generation_config(token: dict[str, int]) -> dict:
+    """generation_config.json: the official checkpoint's sampling defaults, with `token` (name -> id)."""
+    return {
+        "bos_token_id": token[ENDOFTEXT],
+        "do_sample": True,
+        "eos_token_id": [token[IM_END], token[ENDOFTEXT]],
+        "pad_token_id": token[ENDOFTEXT],
+        "repetition_penalty": 1.05,
+        "temperature": 0.7,
+        "top_k": 20,
+        "top_p": 0.8,
+    }
+
+
+def tokenizer_config() -> dict:
+    """tokenizer_config.json as transformers 5 writes it for AF3's tokenizer."""
+    return {
+        "backend": "tokenizers",
+        "bos_token": None,
+        "eos_token": IM_END,
+        "extra_special_tokens": [IM_START, IM_END, AUDIO_TOKEN],
+        "pad_token": ENDOFTEXT,
+        "processor_class": "AudioFlamingo3Processor",
+        "tokenizer_class": "TokenizersBackend",
+        "unk_token": None,
+    }
+
+
+def processor_config() -> dict:
+    """processor_config.json: the audio token, the transcription prompt and Whisper's feature settings."""
+    return {
+        "audio_token": AUDIO_TOKEN,
+        "default_transcription_prompt": DEFAULT_TRANSCRIPTION_PROMPT,
+        "feature_extractor": {
+            "chunk_length": WINDOW_SAMPLES // SAMPLING_RATE,
+            "dither": 0.0,
+            "feature_extractor_type": "WhisperFeatureExtractor",
+            "feature_size": N_MELS,
+            "hop_length": HOP_LENGTH,
+            "n_fft": N_FFT,
+            "n_samples": WINDOW_SAMPLES,
+            "nb_max_frames": WINDOW_SAMPLES // HOP_LENGTH,
+            "padding_side": "right",
+            "padding_value": 0.0,
+            "return_attention_mask": True,
+            "sampling_rate": SAMPLING_RATE,
+        },
+        "max_audio_len": MAX_AUDIO_SECONDS,
+        "processor_class": "AudioFlamingo3Processor",
+    }
+
+
 def write_demo_checkpoint(path: str | os.PathLike, seed: int = 0, **sizes: int) -> Path:
     """Write a tiny random-weight AF3 checkpoint folder (hub layout) and clip.wav into `path`.
 
@@ -221,57 +279,12 @@ def write_demo_checkpoint(path: str | os.PathLike, seed: int = 0, **sizes: int) 
     _write_json(folder / "config.json", config)
     save_file(random_weights(config, seed), str(folder / "model.safetensors"), metadata={"format": "pt"})
     token = {name: tok.token_to_id(name) for name in SPECIAL_TOKENS}
-    _write_json(
-        folder / "generation_config.json",
-        {
-            "bos_token_id": token[ENDOFTEXT],
-            "do_sample": True,
-            "eos_token_id": [token[IM_END], token[ENDOFTEXT]],
-            "pad_token_id": token[ENDOFTEXT],
-            "repetition_penalty": 1.05,
-            "temperature": 0.7,
-            "top_k": 20,
-            "top_p": 0.8,
-        },
-    )
+    _write_json(folder / "generation_config.json", generation_config(token))
     tok.save(str(folder / "tokenizer.json"))
-    _write_json(
-        folder / "tokenizer_config.json",
-        {
-            "backend": "tokenizers",
-            "bos_token": None,
-            "eos_token": IM_END,
-            "extra_special_tokens": [IM_START, IM_END, AUDIO_TOKEN],
-            "pad_token": ENDOFTEXT,
-            "processor_class": "AudioFlamingo3Processor",
-            "tokenizer_class": "TokenizersBackend",
-            "unk_token": None,
-        },
-    )
-    _write_json(
-        folder / "processor_config.json",
-        {
-            "audio_token": AUDIO_TOKEN,
-            "default_transcription_prompt": DEFAULT_TRANSCRIPTION_PROMPT,
-            "feature_extractor": {
-                "chunk_length": WINDOW_SAMPLES // SAMPLING_RATE,
-                "dither": 0.0,
-                "feature_extractor_type": "WhisperFeatureExtractor",
-                "feature_size": N_MELS,
-                "hop_length": HOP_LENGTH,
-                "n_fft": N_FFT,
-                "n_samples": WINDOW_SAMPLES,
-                "nb_max_frames": WINDOW_SAMPLES // HOP_LENGTH,
-                "padding_side": "right",
-                "padding_value": 0.0,
-                "return_attention_mask": True,
-                "sampling_rate": SAMPLING_RATE,
-            },
-            "max_audio_len": MAX_AUDIO_SECONDS,
-            "processor_class": "AudioFlamingo3Processor",
-        },
-    )
+    _write_json(folder / "tokenizer_config.json", tokenizer_config())
+    _write_json(folder / "processor_config.json", processor_config())
     (folder / "chat_template.jinja").write_text(REFERENCE_TEMPLATE, encoding="utf-8")
+    # The clip goes last: is_complete() takes a folder with it as finished.
     sf.write(folder / CLIP_NAME, demo_clip(seed=seed), SAMPLING_RATE, subtype="PCM_16")
     return folder
 
@@ -314,6 +327,64 @@ def demo_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
     return folder
 
 
+def _timed(step, *args, **kwargs) -> tuple:
+    """(step(*args, **kwargs), the seconds it took)."""
+    started = time.perf_counter()
+    result = step(*args, **kwargs)
+    return result, time.perf_counter() - started
+
+
+def print_setup(pipe: "Pipeline", folder: Path, out: TextIO) -> None:
+    """What the demo runs: the checkpoint, its size and device, the clip and the question."""
+    params = sum(p.numel() for p in pipe.model.parameters())
+    config = pipe.model.config
+    clip = folder / CLIP_NAME
+    print(
+        "minaf3 demo: Audio Flamingo 3 end to end on a tiny RANDOM-WEIGHT checkpoint (no download)", file=out
+    )
+    print(f"  checkpoint  {folder}", file=out)
+    print(
+        f"              {config.encoder.num_layers} encoder + {config.decoder.num_layers} decoder layers, "
+        f"{params / 1e6:.2f} M parameters, on {pipe.model.device.type}",
+        file=out,
+    )
+    print(f"  audio       {clip} ({CLIP_SECONDS:.0f} s generated: a voice-like buzz, then a chime)", file=out)
+    print(f"  question    {DEMO_QUESTION}", file=out)
+
+
+def stream_answer(pipe: "Pipeline", clip: Path, max_new_tokens: int, out: TextIO) -> str:
+    """Answer DEMO_QUESTION about `clip` greedily, printing each piece as it comes; the whole answer."""
+    print(
+        "\nanswer (RANDOM WEIGHTS: meaningless text; it shows that every stage runs):\n  ", end="", file=out
+    )
+    pieces = []
+    for piece in pipe.chat(
+        DEMO_QUESTION, audio=clip, stream=True, max_new_tokens=max_new_tokens, do_sample=False
+    ):
+        pieces.append(piece)
+        print(piece, end="", file=out, flush=True)
+    return "".join(pieces)
+
+
+def print_timings(setup: dict[str, float], cached: bool, t: "Timings", out: TextIO) -> None:
+    """One line per stage: the demo's own (`setup`: build, load and kernels seconds), then the chat's (`t`).
+
+    cached: whether the checkpoint was already built before this run.
+    """
+    rows = [
+        ("build", setup["build"], "cached checkpoint" if cached else "checkpoint written once, then cached"),
+        ("load", setup["load"], "config, tokenizer and weights"),
+        ("kernels", setup["kernels"], "C++ CPU kernels: built on a machine's first run, loaded after"),
+        ("features", t.features, "audio decoding, log-mel, tokenization"),
+        ("encoder", t.encoder, f"Whisper encoder over {CLIP_SECONDS:.0f} s of audio"),
+        ("prefill", t.prefill, f"{t.prompt_tokens} prompt tokens"),
+        ("decode", t.decode, f"{t.new_tokens} new tokens, {t.decode_tokens_per_second:.0f} tokens/s"),
+    ]
+    print("\n\ntimings:", file=out)
+    for name, seconds, note in rows:
+        print(f"  {name:<9} {seconds * 1000:8.1f} ms   {note}", file=out)
+
+
 def run_demo(
     cache_dir: str | os.PathLike | None = None,
     max_new_tokens: int = 32,
@@ -329,57 +400,11 @@ def run_demo(
 
     out = out or sys.stdout
     cached = is_complete(demo_folder(cache_dir))
-    started = time.perf_counter()
-    folder = demo_checkpoint(cache_dir)
-    built = time.perf_counter() - started
-    started = time.perf_counter()
-    pipe = load(folder, device=device)
-    loaded = time.perf_counter() - started
-    started = time.perf_counter()
-    if pipe.model.device.type == "cpu":
-        available()
-    kernels = time.perf_counter() - started
-    params = sum(p.numel() for p in pipe.model.parameters())
-    config = pipe.model.config
-    clip = folder / CLIP_NAME
-    print(
-        "minaf3 demo: Audio Flamingo 3 end to end on a tiny RANDOM-WEIGHT checkpoint (no download)", file=out
-    )
-    print(f"  checkpoint  {folder}", file=out)
-    print(
-        f"              {config.encoder.num_layers} encoder + {config.decoder.num_layers} decoder layers, "
-        f"{params / 1e6:.2f} M parameters, on {pipe.model.device.type}",
-        file=out,
-    )
-    print(f"  audio       {clip} ({CLIP_SECONDS:.0f} s generated: a voice-like buzz, then a chime)", file=out)
-    print(f"  question    {DEMO_QUESTION}", file=out)
-    print(
-        "\nanswer (RANDOM WEIGHTS: meaningless text; it shows that every stage runs):\n  ", end="", file=out
-    )
-    pieces = []
-    for piece in pipe.chat(
-        DEMO_QUESTION, audio=clip, stream=True, max_new_tokens=max_new_tokens, do_sample=False
-    ):
-        pieces.append(piece)
-        print(piece, end="", file=out, flush=True)
-    answer = "".join(pieces)
-    t = pipe.last_timings
-    rows = [
-        ("build", built, "cached checkpoint" if cached else "checkpoint written once, then cached"),
-        ("load", loaded, "config, tokenizer and weights"),
-        ("kernels", kernels, "C++ CPU kernels: built on a machine's first run, loaded after"),
-        ("features", t.features, "audio decoding, log-mel, tokenization"),
-        ("encoder", t.encoder, f"Whisper encoder over {CLIP_SECONDS:.0f} s of audio"),
-        ("prefill", t.prefill, f"{t.prompt_tokens} prompt tokens"),
-        ("decode", t.decode, f"{t.new_tokens} new tokens, {t.decode_tokens_per_second:.0f} tokens/s"),
-    ]
-    print("\n\ntimings:", file=out)
-    for name, seconds, note in rows:
-        print(f"  {name:<9} {seconds * 1000:8.1f} ms   {note}", file=out)
-    print(
-        "\nFor real answers, download the official weights (about 16.5 GB) and point --model at them:\n"
-        "  huggingface-cli download nvidia/audio-flamingo-3-hf --local-dir audio-flamingo-3-hf\n"
-        '  minaf3 chat --model audio-flamingo-3-hf --audio clip.wav "What is in this audio?"',
-        file=out,
-    )
-    return answer, t
+    folder, built = _timed(demo_checkpoint, cache_dir)
+    pipe, loaded = _timed(load, folder, device=device)
+    _, kernels = _timed(available) if pipe.model.device.type == "cpu" else (None, 0.0)
+    print_setup(pipe, folder, out)
+    answer = stream_answer(pipe, folder / CLIP_NAME, max_new_tokens, out)
+    print_timings({"build": built, "load": loaded, "kernels": kernels}, cached, pipe.last_timings, out)
+    print(NEXT_STEP, file=out)
+    return answer, pipe.last_timings

@@ -44,6 +44,9 @@ from .config import AudioFlamingo3Config
 from .errors import ConfigError, GenerationError
 
 FILE_NAME = "generation_config.json"
+# What minaf3.load(...).chat, transcribe and the commands ask for: the model card's output limit, where the
+# shipped generation config (and GenerationConfig's own default) says 20.
+DEFAULT_MAX_NEW_TOKENS = 1024
 NEG_INF = float("-inf")
 # New tokens for chat and transcribe when the caller names none: the model card's output limit (the shipped
 # generation_config.json says 20, too few for a description or a transcript).
@@ -277,11 +280,9 @@ def choose_tokens(
 
     When sampling from the top k on the CPU, top_p and the draw run on the k candidates only, rather than
     sorting and drawing over the whole vocabulary: the same distribution, without the work on tokens that
-    top_k has already given probability 0. At AF3's vocabulary (151,672) and settings (top_k 20, top_p
-    0.8) on the 2-core machine: 8.9 -> 1.1 ms a step at batch 1, 51-63 -> 5-14 ms at batch 8 (what
-    remains is mostly the element-wise repetition penalty and temperature over the whole vocabulary).
-    CUDA keeps the whole-vocabulary path, which needs no host synchronisation and was not measured
-    against this one.
+    top_k has already given probability 0 (tools/bench_sampling.py times the two). What remains over the
+    whole vocabulary is element-wise: the repetition penalty and the temperature. CUDA keeps the
+    whole-vocabulary path, which needs no host synchronisation.
     """
     if not (config.do_sample and config.top_k != 0 and logits.device.type == "cpu"):
         return sample(

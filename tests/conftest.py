@@ -4,6 +4,8 @@ The reference checkpoints come from transformers' own `save_pretrained` (model a
 parity test compares minaf3 with the reference on files neither side wrote by hand.
 """
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -268,3 +270,12 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
     path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != bin_dir)
     full_env = {**os.environ, "PATH": path, **env}
     return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True)
+
+
+# ---- documentation snippets (tests/test_doc_snippets.py, tests/test_readme.py) ----------------------------
+def run_snippet(code: str, namespace: dict) -> str:
+    """Execute `code` as written, its globals in `namespace`; what it printed."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(code, namespace)
+    return out.getvalue()

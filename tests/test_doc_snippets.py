@@ -5,13 +5,10 @@ The snippets are kept as text, word for word, and executed: if minaf3's API drif
 text stops running.
 """
 
-import contextlib
-import io
-
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import SR, speech_like
+from conftest import SR, run_snippet, speech_like
 
 IMPORT = "from minaf3 import AudioFlamingo3ForConditionalGeneration, AutoProcessor\n"
 
@@ -176,13 +173,6 @@ def audio_files(tmp_path_factory) -> dict[str, str]:
     for path, audio in files.values():
         sf.write(path, audio.astype(np.float32), SR)
     return {name: str(path) for name, (path, _) in files.items()}
-
-
-def run_snippet(code: str, namespace: dict) -> str:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        exec(code, namespace)
-    return out.getvalue()
 
 
 @pytest.mark.parametrize(

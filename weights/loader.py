@@ -2,6 +2,7 @@
 
     read_checkpoint(folder, expected)   -> {our name: tensor}, in any of the three layouts (layouts.py)
     checkpoint_files(folder, required)  -> {role: path} of the config, tokenizer and processor files
+    check_model_folder(path)            -> the folder, or one CheckpointError line naming what is missing
 
 Order of work, so that a bad download costs seconds and a clear message rather than a half-built model:
 1. headers only (layouts.scan_checkpoint): every file present, parseable, as long as its header says, and
@@ -43,8 +44,9 @@ SUPPORT_FILES = {
     "chat template": ("chat_template.jinja", "chat_template.json"),
     "processor config": ("processor_config.json", "preprocessor_config.json"),
 }
-# Files a model folder needs besides the weights (roles of SUPPORT_FILES).
+# The roles a model folder needs besides the weights (check_model_folder).
 REQUIRED_FILES = ("config", "tokenizer", "tokenizer config", "processor config")
+# How check_model_folder's messages end: a partial or interrupted download is the usual cause.
 DOWNLOAD_HINT = (
     "Download the official checkpoint with `huggingface-cli download nvidia/audio-flamingo-3-hf "
     "--local-dir audio-flamingo-3-hf` and pass that folder."

@@ -69,13 +69,8 @@ def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def read_header(path: Path, label: str) -> dict[str, TensorInfo]:
-    """The tensors listed in one safetensors file; a CheckpointError naming `label` if the file is damaged.
-
-    Checks the header parses, every entry's byte span matches its dtype and shape, the spans tile the data
-    area from 0 without gaps or overlaps (as safetensors requires), and the file is exactly that long.
-    """
-    size = path.stat().st_size
+def _read_header_bytes(path: Path, label: str, size: int) -> bytes:
+    """The JSON header of a `size`-byte file: the bytes its first 8 (a little-endian length) announce."""
     with path.open("rb") as f:
         head = f.read(8)
         if len(head) < 8:
@@ -86,7 +81,11 @@ def read_header(path: Path, label: str) -> dict[str, TensorInfo]:
                 f"{label}: not a safetensors file or a corrupt one: its first 8 bytes give a header "
                 f"length of {header_bytes} bytes in a file of {size} bytes"
             )
-        raw = f.read(header_bytes)
+        return f.read(header_bytes)
+
+
+def _parse_header(raw: bytes, label: str) -> dict:
+    """The header's entries (tensor name -> entry), without the free-form __metadata__."""
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -94,30 +93,30 @@ def read_header(path: Path, label: str) -> dict[str, TensorInfo]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{label}: corrupt safetensors header, not a JSON object")
     header.pop("__metadata__", None)  # free-form strings, not a tensor
+    return header
 
-    data_start = 8 + header_bytes
-    tensors, spans = {}, []
-    for key, entry in header.items():
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise CheckpointError(
-                f"{label}: corrupt safetensors header entry for {key!r}: {entry!r}"
-            ) from None
-        if dtype not in DTYPE_BYTES:
-            raise CheckpointError(f"{label}: tensor {key!r} has unknown dtype {dtype!r}")
-        if not (
-            isinstance(shape, list) and all(map(_is_count, shape)) and _is_count(begin) and _is_count(end)
-        ):
-            raise CheckpointError(f"{label}: corrupt safetensors header entry for {key!r}: {entry!r}")
-        if end - begin != math.prod(shape) * DTYPE_BYTES[dtype]:
-            raise CheckpointError(
-                f"{label}: corrupt safetensors header: tensor {key!r} ({dtype} {shape}) spans "
-                f"{end - begin} bytes, its shape needs {math.prod(shape) * DTYPE_BYTES[dtype]}"
-            )
-        tensors[key] = TensorInfo(path, label, key, dtype, tuple(shape), data_start + begin)
-        spans.append((begin, end, key))
 
+def _entry_fields(key: str, entry: object, label: str) -> tuple[str, list[int], int, int]:
+    """(dtype, shape, begin, end) of one header entry, checked: a known dtype, counts, and a byte span
+    [begin, end) of the data area exactly as long as dtype and shape need."""
+    try:
+        dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+    except (TypeError, KeyError, ValueError):
+        raise CheckpointError(f"{label}: corrupt safetensors header entry for {key!r}: {entry!r}") from None
+    if dtype not in DTYPE_BYTES:
+        raise CheckpointError(f"{label}: tensor {key!r} has unknown dtype {dtype!r}")
+    if not (isinstance(shape, list) and all(map(_is_count, shape)) and _is_count(begin) and _is_count(end)):
+        raise CheckpointError(f"{label}: corrupt safetensors header entry for {key!r}: {entry!r}")
+    if end - begin != math.prod(shape) * DTYPE_BYTES[dtype]:
+        raise CheckpointError(
+            f"{label}: corrupt safetensors header: tensor {key!r} ({dtype} {shape}) spans "
+            f"{end - begin} bytes, its shape needs {math.prod(shape) * DTYPE_BYTES[dtype]}"
+        )
+    return dtype, shape, begin, end
+
+
+def _check_spans(spans: list[tuple[int, int, str]], data_bytes: int, label: str) -> None:
+    """The spans (begin, end, key) tile the `data_bytes` after the header from 0, without gaps or overlaps."""
     position = 0
     for begin, end, key in sorted(spans):
         if begin != position:
@@ -126,7 +125,6 @@ def read_header(path: Path, label: str) -> dict[str, TensorInfo]:
                 f"the previous tensor ends at {position} (gap or overlap)"
             )
         position = end
-    data_bytes = size - data_start
     if data_bytes < position:
         raise CheckpointError(
             f"{label}: truncated: the header describes {position} bytes of tensor data, the file holds "
@@ -136,6 +134,23 @@ def read_header(path: Path, label: str) -> dict[str, TensorInfo]:
         raise CheckpointError(
             f"{label}: corrupt: {data_bytes - position} bytes follow the last tensor the header describes"
         )
+
+
+def read_header(path: Path, label: str) -> dict[str, TensorInfo]:
+    """The tensors listed in one safetensors file; a CheckpointError naming `label` if the file is damaged.
+
+    Checks the header parses, every entry's byte span matches its dtype and shape, the spans tile the data
+    area from 0 without gaps or overlaps (as safetensors requires), and the file is exactly that long.
+    """
+    size = path.stat().st_size
+    raw = _read_header_bytes(path, label, size)
+    data_start = 8 + len(raw)
+    tensors, spans = {}, []
+    for key, entry in _parse_header(raw, label).items():
+        dtype, shape, begin, end = _entry_fields(key, entry, label)
+        tensors[key] = TensorInfo(path, label, key, dtype, tuple(shape), data_start + begin)
+        spans.append((begin, end, key))
+    _check_spans(spans, size - data_start, label)
     return tensors
 
 
