@@ -17,7 +17,8 @@ The pipeline, one module per stage:
     processor.py      tokenizer and features: conversations to model inputs (processor_files.py reads
                       the checkpoint's processor files)
     sampling.py       GenerationConfig and the logits processors (repetition penalty, top-k, top-p, ...)
-    generate.py       prefill, decode_one_token and the generation loop with a static KV cache
+    generate.py       `generate`: arguments, settings, the KV cache; decoding.py: prefill, then one
+                      token per step
     lora.py           AF-Think: LoRA adapters merged into (or added to) the decoder's linears
     tasks.py          synthetic listening tasks: clips, questions and exact answers
     pipeline.py       `minaf3.load(...)`: chat and transcribe in one call; segments.py splits long audio
@@ -56,7 +57,7 @@ _EXPORTS = {
 
 # Every submodule, reachable as an attribute (minaf3.attention) without an import statement of its own.
 _SUBMODULES = set(
-    """attention audio batch chat_template cli config conversation decoder demo dtypes encoder errors
+    """attention audio batch chat_template cli config conversation decoder decoding demo dtypes encoder errors
     estimate features generate kernels linear lora manifest mel model pipeline processor processor_files
     quantize sampling segments streamer tasks weights windows""".split()
 )
