@@ -345,7 +345,7 @@ def run_batch(
     items = read_manifest(manifest)  # every rank checks it, so a bad line stops them all before any work
     if out.is_dir() or out.resolve() == Path(manifest).resolve():
         raise InputError(f"--out {out}: expected a new or earlier output file, not the manifest or a folder")
-    check_model_folder(model_dir)
+    model_dir = check_model_folder(model_dir)
     rank_dev = rank_device(device, int(os.environ.get("LOCAL_RANK", "0")))
     threads = threads or default_threads(rank_dev)
     if threads:

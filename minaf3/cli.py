@@ -170,7 +170,7 @@ def run_chat(args: argparse.Namespace) -> int:
         question = sys.stdin.read().strip()  # `echo "question" | minaf3 chat ...`
         if not question:
             raise InputError("no question: give one as an argument, on stdin, or run at a terminal to chat")
-    check_model_folder(args.model)
+    args.model = check_model_folder(args.model)  # a hub id is downloaded (or found in the cache) once, here
     clips = [load_audio(path) for path in args.audio]  # before loading the model: a bad path fails fast
     pipe = _load(args, think=args.think)
     kwargs = _generation_kwargs(args, pipe)
@@ -213,7 +213,7 @@ def run_chat(args: argparse.Namespace) -> int:
 def run_transcribe(args: argparse.Namespace) -> int:
     from minaf3.weights.loader import check_model_folder
 
-    check_model_folder(args.model)
+    args.model = check_model_folder(args.model)
     for path in args.files:  # name the first missing file before spending time on the model
         if not Path(path).is_file():
             raise InputError(f"{path}: no such audio file")

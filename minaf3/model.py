@@ -37,6 +37,7 @@ from .quantize import (
 )
 from .sampling import GenerationConfig
 from .weights.adapter import LoraSettings
+from .weights.hub import model_folder
 from .weights.loader import DOWNLOAD_HINT, read_checkpoint
 from .windows import audio_token_lengths, frames_needed
 
@@ -212,8 +213,10 @@ class AudioFlamingo3ForConditionalGeneration(nn.Module):
         device_map: str | torch.device | None = None,
         quantize: str | None = None,
         think: bool = False,
+        revision: str | None = None,
     ) -> "AudioFlamingo3ForConditionalGeneration":
-        """Load a checkpoint folder in any of the three layouts (see weights/layouts.py).
+        """Load a checkpoint folder in any of the three layouts (see weights/layouts.py), or a hub model id
+        (`nvidia/audio-flamingo-3-hf`, at `revision`: weights/hub.py).
 
         device_map: None or "cpu", "cuda", "auto" (CUDA when available) or a torch.device.
         dtype: None (minaf3 chooses: dtypes.py), "auto" (the checkpoint's), or a dtype or its name; weights
@@ -227,7 +230,7 @@ class AudioFlamingo3ForConditionalGeneration(nn.Module):
         `think`, after the adapter is merged in the model's dtype.
         """
         check_mode(quantize)
-        path = Path(path)
+        path = model_folder(path, revision)
         if not path.is_dir():
             raise CheckpointError(f"{path}: checkpoint folder not found. {DOWNLOAD_HINT}")
         if think and not (path / THINK_FOLDER).is_dir():

@@ -47,17 +47,19 @@ def load(
     dtype: torch.dtype | str | None = None,
     quantize: str | None = None,
     think: bool = False,
+    revision: str | None = None,
 ) -> "Pipeline":
-    """Load the checkpoint folder `path` (any layout weights/ reads) with its processor.
+    """Load the checkpoint folder or hub model id `path` (any layout weights/ reads) with its processor.
 
     device: "cpu" (default), "cuda", "auto" or a torch.device. dtype: "float32", "bfloat16", "float16" or a
     torch dtype (default: as from_pretrained: the checkpoint's bf16 on CUDA and on CPUs with bf16
     instructions, else float32). quantize: None or "int8"
     (weight-only, decoder and lm_head). think: ask for reasoning in every chat (AF-Think's request), with
     the AF-Think adapter from the folder's think/ when it has one (a warning is logged when it has not).
+    revision: for a hub model id, the branch, tag or commit (weights/hub.py: cached copies, HF_HUB_OFFLINE).
     """
     check_mode(quantize)
-    folder = check_model_folder(path)
+    folder = check_model_folder(path, revision)
     processor = AudioFlamingo3Processor.from_pretrained(folder)  # cheap: tokenizer problems show first
     check_processor_fits_model(processor, AudioFlamingo3Config.from_file(folder), folder)
     # from_pretrained merges the adapter (no cost per token) before it quantizes, the only working order.

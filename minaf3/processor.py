@@ -29,6 +29,7 @@ from minaf3.chat_template import AUDIO_TOKEN, audio_parts, check_text, parse, re
 from minaf3.errors import AudioError, AudioFileError, ConfigError, InputError
 from minaf3.features import SampleError, log_mel_windows
 from minaf3.processor_files import BatchFeature, read_processor_files
+from minaf3.weights.hub import model_folder
 
 MAX_PROMPT_TOKENS = 16_000  # the model card's input limit, in tokens after audio expansion
 IGNORE_INDEX = -100  # torch cross_entropy's default ignore_index: label positions the loss skips
@@ -82,14 +83,19 @@ class AudioFlamingo3Processor:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike, *, max_prompt_tokens: int | None = MAX_PROMPT_TOKENS
+        cls,
+        path: str | os.PathLike,
+        *,
+        max_prompt_tokens: int | None = MAX_PROMPT_TOKENS,
+        revision: str | None = None,
     ) -> "AudioFlamingo3Processor":
-        """Read tokenizer.json, tokenizer_config.json and the processor configs of a checkpoint folder.
+        """Read tokenizer.json, tokenizer_config.json and the processor configs of a checkpoint folder (or
+        of a hub model id at `revision`: weights/hub.py).
 
         Raises CheckpointError for a missing or unreadable file, ConfigError for feature-extractor settings
         other than the ones minaf3 computes (128 mels, 16 kHz, n_fft 400, hop 160, 30 s windows).
         """
-        return cls(**read_processor_files(path), max_prompt_tokens=max_prompt_tokens)
+        return cls(**read_processor_files(model_folder(path, revision)), max_prompt_tokens=max_prompt_tokens)
 
     # --- text + audio -> tensors ------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """README.md's code runs as written: every ```python block, and the `minaf3` commands of its first screen.
 
 They run in a folder laid out as the README assumes: `audio-flamingo-3-hf` is the tiny random-weight demo
-checkpoint, and every audio file the code names is written here. The README is read when the tests run, so
+checkpoint, so is the model id `nvidia/audio-flamingo-3-hf` in an offline hub cache laid out here, and every
+audio file the code names is written here. The README is read when the tests run, so
 an edit that breaks its code, or a change of minaf3 that breaks the README, fails here (as
 tests/test_doc_snippets.py does for transformers' documentation). The first screen's other commands
 (pip, huggingface-cli) need the network and are not run.
@@ -16,11 +17,14 @@ import pytest
 import soundfile as sf
 import torch
 from conftest import SR, run_snippet, speech_like
+from huggingface_hub import constants
+from test_hub import cache_snapshot
 
 from minaf3.cli import main
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-MODEL_FOLDER = "audio-flamingo-3-hf"  # the folder the README's code loads: the official download's name
+MODEL_FOLDER = "audio-flamingo-3-hf"  # the official download's folder name
+MODEL_ID = "nvidia/audio-flamingo-3-hf"
 AUDIO_FILE = re.compile(r"[\w.-]+\.(?:wav|flac|mp3)\b")
 
 
@@ -44,6 +48,9 @@ COMMANDS = first_screen_commands(README)
 def readme_folder(tmp_path, monkeypatch, demo_checkpoint) -> Path:
     """The working directory the README's code expects: the checkpoint folder and each audio file it names."""
     shutil.copytree(demo_checkpoint, tmp_path / MODEL_FOLDER)
+    cache_snapshot(tmp_path / "hub", demo_checkpoint, repo_id=MODEL_ID)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     named = sorted(set(AUDIO_FILE.findall("\n".join(BLOCKS + COMMANDS))))
     for seed, name in enumerate(named):
         sf.write(tmp_path / name, speech_like(3 * SR, seed=seed), SR)

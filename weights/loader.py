@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 
 from minaf3.errors import CheckpointError, ConfigError
 
+from .hub import model_folder
 from .layouts import checkpoint_names, scan_checkpoint
 from .shards import INDEX_FILE, SINGLE_FILE, TensorInfo, listing
 
@@ -48,8 +49,9 @@ SUPPORT_FILES = {
 REQUIRED_FILES = ("config", "tokenizer", "tokenizer config", "processor config")
 # How check_model_folder's messages end: a partial or interrupted download is the usual cause.
 DOWNLOAD_HINT = (
-    "Download the official checkpoint with `huggingface-cli download nvidia/audio-flamingo-3-hf "
-    "--local-dir audio-flamingo-3-hf` and pass that folder."
+    "Pass the model id nvidia/audio-flamingo-3-hf (downloaded into the Hugging Face cache on first use), or "
+    "download it with `huggingface-cli download nvidia/audio-flamingo-3-hf --local-dir audio-flamingo-3-hf` "
+    "and pass that folder."
 )
 
 
@@ -162,13 +164,14 @@ def checkpoint_files(folder: str | Path, required: tuple[str, ...] = ()) -> dict
     return found
 
 
-def check_model_folder(path: str | Path) -> Path:
-    """Fail early with one line naming what is missing when `path` is not a complete checkpoint folder.
+def check_model_folder(path: str | Path, revision: str | None = None) -> Path:
+    """The checkpoint folder of `path` (a folder, or a hub model id: hub.model_folder), checked: fails early
+    with one line naming what is missing when it is not a complete checkpoint folder.
 
     Reads only the folder listing and the safetensors headers. The message ends with how to download the
     official checkpoint, since an interrupted or partial download is the usual cause.
     """
-    folder = Path(path)
+    folder = model_folder(path, revision)
     if not folder.is_dir():
         kind = "is a file, not a model folder" if folder.exists() else "no such model folder"
         raise CheckpointError(f"{folder}: {kind}. {DOWNLOAD_HINT}")
