@@ -33,7 +33,7 @@ from torch import nn
 
 from .kernels import gemm, gemv
 from .kernels.registry import available
-from .weights.buffers import streamed_empty
+from .weights.buffers import release_file_pages, streamed_empty
 
 # Rows up to which a bf16 or float32 layer streams its weights through the matrix-vector kernel: beyond 8
 # the kernel's per-row cost overtakes a blocked product.
@@ -129,11 +129,13 @@ def split_fused(state_dict: dict, fused: str, parts: dict[str, int]) -> None:
             state_dict[f"{part}.{leaf}"] = rows
 
 
-def join_fused(state_dict: dict, fused: str, parts: dict[str, int]) -> None:
+def join_fused(state_dict: dict, fused: str, parts: dict[str, int], from_file: bool = False) -> None:
     """Replace the parts' tensors `<part>.<leaf>` of `state_dict` by their concatenation `fused.<leaf>`.
 
     A weight is written into memory allocated for streaming (see streamed_empty); each part is popped as
     it is copied, so the transient memory is one group. Nothing happens when the parts are absent.
+    from_file: the parts were just read from a checkpoint (views of its mapped file, never written), whose
+    pages are then released from this process (release_file_pages).
     """
     first = next(iter(parts))
     for leaf in _leaves(state_dict, first):
@@ -141,6 +143,9 @@ def join_fused(state_dict: dict, fused: str, parts: dict[str, int]) -> None:
         rows = sum(piece.shape[0] for piece in pieces)
         out = streamed_empty((rows, *pieces[0].shape[1:]), pieces[0].dtype, pieces[0].device)
         state_dict[f"{fused}.{leaf}"] = torch.cat(pieces, out=out)
+        if from_file:
+            for piece in pieces:
+                release_file_pages(piece)
 
 
 def fused_groups(model: nn.Module) -> dict[str, dict[str, int]]:
@@ -154,13 +159,14 @@ def fused_groups(model: nn.Module) -> dict[str, dict[str, int]]:
 
 
 def join_parts(tensors: dict[str, torch.Tensor], groups: dict[str, dict[str, int]]) -> None:
-    """join_fused for every group, in place: a checkpoint's tensors, ready for the model's load_state_dict.
+    """join_fused for every group, in place: a checkpoint's tensors just read (weights/loader.py), ready for
+    the model's load_state_dict, the parts' file pages released.
 
     Done before load_state_dict rather than in its hook: that method copies the dict it is given, so the
     caller's references would keep every part alive until the whole model is loaded.
     """
     for fused, parts in groups.items():
-        join_fused(tensors, fused, parts)
+        join_fused(tensors, fused, parts, from_file=True)
 
 
 def row_ranges(parts: dict[str, int]) -> dict[str, slice]:

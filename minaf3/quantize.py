@@ -37,7 +37,7 @@ from .kernels.int8_linear import run_int8_linear
 from .kernels.registry import available
 from .linear import product_sum
 from .lora import LoRALinear
-from .weights.buffers import streamed_empty
+from .weights.buffers import release_file_pages, streamed_empty
 
 QUANTIZE_MODES = ("int8",)
 INT8_MAX = 127  # symmetric range [-127, 127]: -128 is left unused so that w -> -w stays representable
@@ -173,11 +173,13 @@ def quantize_layers(model: nn.Module, names: list[str]) -> None:
 
 @torch.no_grad()
 def quantize_state_dict(tensors: dict[str, torch.Tensor], names: list[str]) -> None:
-    """Quantize the weights `<name>.weight` of `tensors` in place: each becomes int8 `<name>.weight` and
-    float32 `<name>.scales` (quantize_weight), its full-precision tensor released as soon as it is done."""
+    """Quantize the weights `<name>.weight` of a checkpoint's tensors just read, in place: each becomes int8
+    `<name>.weight` and float32 `<name>.scales` (quantize_weight), its full-precision tensor released as
+    soon as it is done (a view of the mapped file: its pages too, release_file_pages)."""
     for name in names:
         weight = tensors.pop(f"{name}.weight")
         tensors[f"{name}.weight"], tensors[f"{name}.scales"] = quantize_weight(weight, name)
+        release_file_pages(weight)
         del weight
 
 

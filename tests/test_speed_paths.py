@@ -16,7 +16,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from minaf3.kernels.gemv import gemv_linear
 from minaf3.kernels.registry import runs
-from minaf3.weights.buffers import HUGE_PAGE, MADV_HUGEPAGE, streamed_empty
 from test_lora import ADAPTERS, write_adapter
 from test_model import reference_inputs
 
@@ -317,28 +316,6 @@ def test_eager_decode_streams_through_the_kernel_with_torch_s_answers(
     assert torch.equal(streamed.sequences, plain.sequences)
     # the kernel accumulates in float32 in its own order; bf16 outputs are then rounded to bf16
     assert max((a - b).abs().max() for a, b in zip(streamed.logits, plain.logits, strict=True)) < tolerance
-
-
-@pytest.mark.parametrize("megabytes", [4, 12, 37])
-def test_streamed_weights_ask_for_huge_pages_inside_their_allocation(monkeypatch, megabytes):
-    from minaf3.weights import buffers
-
-    calls = []
-    monkeypatch.setattr(buffers, "_madvise", lambda: lambda *args: calls.append(args) or 0)
-    weight = streamed_empty((megabytes * 2**18,), torch.float32)  # megabytes MiB
-    ((start, length, advice),) = calls
-    assert advice == MADV_HUGEPAGE and start % HUGE_PAGE == 0 and length % HUGE_PAGE == 0
-    assert weight.data_ptr() <= start and start + length <= weight.data_ptr() + weight.nbytes
-    assert length > weight.nbytes - 2 * HUGE_PAGE  # every whole 2 MiB page of it
-    calls.clear()
-    streamed_empty((1000, 100), torch.int8)  # under two huge pages: no hint
-    assert not calls
-
-
-def test_streamed_weights_are_ordinary_tensors_on_this_system():
-    """The real madvise (a hint the kernel may refuse): the tensor behaves like torch.empty's."""
-    weight = streamed_empty((2048, 3000), torch.float32).fill_(2.0)
-    assert weight.shape == (2048, 3000) and weight.sum() == 2.0 * weight.numel()
 
 
 # ---- attention --------------------------------------------------------------------------------------------

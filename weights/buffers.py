@@ -1,4 +1,7 @@
-"""Memory for weights that decoding streams: `streamed_empty`, torch.empty in 2 MiB pages where Linux allows.
+"""Memory for weights: what decoding streams, and what a checkpoint's mapped file no longer needs.
+
+    streamed_empty(shape, dtype)   torch.empty in 2 MiB pages where Linux allows, for weights decoding streams
+    release_file_pages(tensor)     a mapped checkpoint tensor's pages out of this process once it is copied
 
 A decode step reads every weight once. From 4 KiB pages, the page-table walks slow that stream measurably
 (the README's int8 rows come from weights in 2 MiB pages); a huge page covers 512 times as much memory per
@@ -17,6 +20,7 @@ import torch
 # which is what a system set to THP "madvise" (the common default) needs before it uses them for a range.
 HUGE_PAGE = 2 * 2**20
 MADV_HUGEPAGE = 14
+PAGE = 4096
 
 
 @functools.cache
@@ -46,3 +50,38 @@ def streamed_empty(shape: tuple[int, ...], dtype: torch.dtype, device=None) -> t
         end = (tensor.data_ptr() + tensor.nbytes) // HUGE_PAGE * HUGE_PAGE
         madvise(start, end - start, MADV_HUGEPAGE)
     return tensor
+
+
+MADV_DONTNEED = 4
+
+
+def _file_mapping(address: int) -> bool:
+    """Whether `address` lies in a private mapping of a file (/proc/self/maps: a path, private)."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            start, end = (int(bound, 16) for bound in fields[0].split("-"))
+            if start <= address < end:
+                path = fields[5].strip() if len(fields) == 6 else ""
+                return path.startswith("/") and fields[1].endswith("p")
+    return False
+
+
+def release_file_pages(tensor: torch.Tensor) -> bool:
+    """Drop a memory-mapped checkpoint tensor's pages from this process once its data has been copied or
+    quantized: the whole pages inside its bytes stop counting in the resident memory (the OS keeps them in
+    its page cache, and reads them again from the file should anything touch them). Returns whether it did.
+
+    For a tensor read from a checkpoint (a private mapping of its file) that nothing has written to: its
+    pages are then clean copies of the file, and released they lose nothing. The loader calls it right
+    after reading, before anything can write to a weight. Anything that is not a file mapping (anonymous
+    memory, where releasing would zero the data) is left alone.
+    """
+    madvise = _madvise()
+    if madvise is None or tensor.device.type != "cpu" or tensor.nbytes < 2 * PAGE:
+        return False
+    start = -(-tensor.data_ptr() // PAGE) * PAGE
+    end = (tensor.data_ptr() + tensor.nbytes) // PAGE * PAGE
+    if end <= start or not _file_mapping(start):
+        return False
+    return madvise(start, end - start, MADV_DONTNEED) == 0
