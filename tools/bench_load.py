@@ -49,10 +49,27 @@ def write_checkpoint(path: Path, audio_layers: int, text_layers: int) -> None:
     """An AF3 checkpoint folder with official widths, written by transformers in bf16, and a 5 s clip."""
     import numpy as np
     import torch
+    from transformers import AudioFlamingo3Config, AudioFlamingo3ForConditionalGeneration
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import speech_like
+
+    write_support_files(path, audio_layers, text_layers)
+    torch.manual_seed(0)
+    model = AudioFlamingo3ForConditionalGeneration(AudioFlamingo3Config.from_pretrained(path)).to(
+        torch.bfloat16
+    )
+    model.save_pretrained(path)
+    np.save(path / "clip.npy", speech_like(CLIP_SECONDS * SR, SR, seed=0))
+
+
+def write_support_files(path: Path, audio_layers: int, text_layers: int) -> None:
+    """Everything of an official-width AF3 checkpoint folder but its weights, as transformers saves it:
+    config.json (bf16), generation, tokenizer and processor files (a small BPE vocabulary inside the
+    official 151,672-row embedding)."""
     from transformers import (
         AudioFlamingo3Config,
         AudioFlamingo3EncoderConfig,
-        AudioFlamingo3ForConditionalGeneration,
         AudioFlamingo3Processor,
         GenerationConfig,
         PreTrainedTokenizerFast,
@@ -61,7 +78,7 @@ def write_checkpoint(path: Path, audio_layers: int, text_layers: int) -> None:
     )
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import build_tokenizer, speech_like
+    from conftest import build_tokenizer
 
     from minaf3.chat_template import REFERENCE_TEMPLATE
 
@@ -89,11 +106,10 @@ def write_checkpoint(path: Path, audio_layers: int, text_layers: int) -> None:
         eos_token_id=eos,
         tie_word_embeddings=False,
     )
-    config = AudioFlamingo3Config(audio_config=audio, text_config=text, audio_token_id=sound)
-    torch.manual_seed(0)
-    model = AudioFlamingo3ForConditionalGeneration(config).to(torch.bfloat16)
-    model.save_pretrained(path)
-    del model
+    config = AudioFlamingo3Config(
+        audio_config=audio, text_config=text, audio_token_id=sound, dtype="bfloat16"
+    )
+    config.save_pretrained(path)
     GenerationConfig(bos_token_id=bos, eos_token_id=[eos, bos], pad_token_id=bos).save_pretrained(path)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -106,7 +122,6 @@ def write_checkpoint(path: Path, audio_layers: int, text_layers: int) -> None:
         tokenizer=tokenizer,
         chat_template=REFERENCE_TEMPLATE,
     ).save_pretrained(path)
-    np.save(path / "clip.npy", speech_like(CLIP_SECONDS * SR, SR, seed=0))
 
 
 def child(package: str, path: Path, dtype: str | None) -> None:
