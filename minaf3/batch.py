@@ -9,8 +9,11 @@ only exchanges audio lengths at the start and waits for every rank at the end. T
     every rank: read + check the manifest (manifest.py) -> ids already done (part files, merged output)
       -> read the headers of a strided 1/N of the pending audio -> all_gather the lengths
       -> longest first, dealt round robin (equal shares of audio) -> batches under a token budget
-    each batch: generate -> append one line per item to OUT.parts/rank-R.jsonl, flush, fsync
+    each batch: generate -> append one line per item to OUT.parts/rank-R.jsonl, flush, fsync (records.py)
     barrier -> rank 0 merges every record into OUT in manifest order and removes OUT.parts/
+
+`run_batch` reads a manifest file; `answer_items` runs items already read and checked, which is how
+`minaf3 eval` (evaluate.py) generates its answers through the same machinery.
 
 Resume: a re-run skips every id with a record (an error counts as done unless retry_errors); a kill loses
 at most the batches in flight (a torn last line is ignored). A batch that fails as a whole is retried item by

@@ -106,7 +106,7 @@ def read_nvidia_json(path: Path, text: str) -> list[EvalItem]:
         messages, answer, question = _conversation(entry["conversations"], where)
         task = _check_task(entry.get("task"), where, default=path.stem)
         request = {"id": key, "audio": sound, "conversation": messages}
-        # Item.line is the entry's index here: manifest.py names items by it in its messages.
+        # Item.line, which messages quote, holds the entry's index: a JSON list has no line per entry.
         item = Item(index, index, key, _resolve(path, sound), request)
         items.append(EvalItem(item, answer, task, question))
     return items
