@@ -23,7 +23,8 @@ The pipeline, one module per stage:
     tasks.py          synthetic listening tasks: clips, questions and exact answers
     pipeline.py       `minaf3.load(...)`: chat and transcribe in one call; segments.py splits long audio
     cli.py            the `minaf3` command: chat, transcribe, demo (demo.py), estimate (estimate.py),
-                      batch (batch.py, manifest.py)
+                      batch (batch.py, manifest.py, records.py), eval (evaluate.py, datasets.py,
+                      metrics.py)
 
 Checkpoint layouts live in `minaf3.weights` (weights/), Triton and C++ kernels in `minaf3.kernels` (kernels/).
 `import minaf3` imports nothing else: the names below and the submodules (`minaf3.attention.use_backend(...)`)
@@ -57,9 +58,9 @@ _EXPORTS = {
 
 # Every submodule, reachable as an attribute (minaf3.attention) without an import statement of its own.
 _SUBMODULES = set(
-    """attention audio batch chat_template cli config conversation decoder decoding demo dtypes encoder errors
-    estimate features generate kernels linear lora manifest mel model pipeline processor processor_files
-    quantize sampling segments streamer tasks weights windows""".split()
+    """attention audio batch chat_template cli config conversation datasets decoder decoding demo dtypes encoder
+    errors estimate evaluate features generate kernels linear lora manifest mel metrics model pipeline
+    processor processor_files quantize records sampling segments streamer tasks weights windows""".split()
 )
 
 __all__ = sorted(_EXPORTS)

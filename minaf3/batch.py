@@ -9,8 +9,11 @@ only exchanges audio lengths at the start and waits for every rank at the end. T
     every rank: read + check the manifest (manifest.py) -> ids already done (part files, merged output)
       -> read the headers of a strided 1/N of the pending audio -> all_gather the lengths
       -> longest first, dealt round robin (equal shares of audio) -> batches under a token budget
-    each batch: generate -> append one line per item to OUT.parts/rank-R.jsonl, flush, fsync
+    each batch: generate -> append one line per item to OUT.parts/rank-R.jsonl, flush, fsync (records.py)
     barrier -> rank 0 merges every record into OUT in manifest order and removes OUT.parts/
+
+`run_batch` reads a manifest file; `answer_items` runs items already read and checked, which is how
+`minaf3 eval` (evaluate.py) generates its answers through the same machinery.
 
 Resume: a re-run skips every id with a record (an error counts as done unless retry_errors); a kill loses
 at most the batches in flight (a torn last line is ignored). A batch that fails as a whole is retried item by
@@ -19,10 +22,8 @@ every node sees.
 """
 
 import argparse
-import json
 import logging
 import os
-import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -39,112 +40,19 @@ from minaf3.errors import ConfigError, GenerationError, InputError, Minaf3Error
 from minaf3.manifest import Item, audio_samples, build_conversation, pack, read_manifest, shard
 from minaf3.pipeline import Pipeline, load
 from minaf3.processor import strip_transcription_prefix
+from minaf3.records import PartWriter, merge, parts_dir, read_records
 from minaf3.sampling import DEFAULT_MAX_NEW_TOKENS
 from minaf3.weights.loader import check_model_folder
 from minaf3.windows import SAMPLING_RATE
 
 logger = logging.getLogger(__name__)
 
-PARTS_SUFFIX = ".parts"  # OUT.parts/rank-00003.jsonl: what rank 3 finished
 DEFAULT_TOKEN_BUDGET = 65_536  # rows x (prompt + new tokens) per batch: the 7B's bf16 KV cache is 56 KiB a
 # token (28 layers x K and V x 4 heads x 128 x 2 bytes), so 3.5 GiB of cache on top of 16.5 GiB of weights
 DEFAULT_MAX_BATCH_SIZE = 32
 # The final barrier waits for the slowest rank, which may finish hours after the fastest; torch's default
 # (30 min for gloo) would abort a healthy job there. A dead rank is caught sooner: torchrun stops the group.
 DIST_TIMEOUT = timedelta(hours=48)
-
-
-# ---- records on disk ---------------------------------------------------------------------------------------
-def parts_dir(out: Path) -> Path:
-    return out.with_name(out.name + PARTS_SUFFIX)
-
-
-def _lines(path: Path) -> list[dict]:
-    """The complete JSON lines of a record file; a last line without its newline is a torn write, dropped."""
-    data = path.read_bytes()
-    records = []
-    for line in data.split(b"\n")[:-1]:  # the last piece is "" after a final newline, else the torn tail
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # not a record (a damaged or foreign line): its item, if any, runs again
-        if isinstance(record, dict) and ("text" in record or "error" in record):
-            if isinstance(record.get("id"), str | int):  # the types a manifest id can have
-                records.append(record)
-    return records
-
-
-def read_records(out: Path) -> dict[Any, dict]:
-    """Every result recorded so far, by id: the merged output first, then each rank's part file.
-
-    A text beats an error (an error retried with success); otherwise the later record wins. Two texts for
-    one id in the part files cannot happen (each id is dealt to one rank, and done ids are skipped), so they
-    mean two jobs share OUT: a ConfigError rather than a silent pick.
-    """
-    sources = [out] if out.is_file() else []
-    parts = parts_dir(out)
-    sources += sorted(parts.glob("rank-*.jsonl")) if parts.is_dir() else []
-    records: dict[Any, dict] = {}
-    texts_in_parts: set = set()
-    for source in sources:
-        for record in _lines(source):
-            key, old = record["id"], records.get(record["id"])
-            if "text" in record and source != out:
-                if key in texts_in_parts:
-                    raise ConfigError(
-                        f"{source}: a second result for id {key!r}; do two jobs write --out {out}?"
-                    )
-                texts_in_parts.add(key)
-            if old is None or "error" in old or "text" in record:
-                records[key] = record
-    return records
-
-
-class PartWriter:
-    """Appends to one rank's part file; each `write` is on disk (flushed and fsync'd) when it returns."""
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(path, "a+b")  # noqa: SIM115 - held for the run, closed by close()
-        self.file.seek(0)  # reads start where asked; writes in append mode still go to the end
-        data = self.file.read()
-        if data and not data.endswith(b"\n"):  # a torn last line: cut, or the next record is glued to it
-            self.file.truncate(data.rfind(b"\n") + 1)
-
-    def write(self, records: list[dict]) -> None:
-        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        self.file.write(data.encode("utf-8"))
-        self.file.flush()
-        os.fsync(self.file.fileno())  # a record counts as done on re-run: it must survive a power cut
-
-    def close(self) -> None:
-        self.file.close()
-
-
-def merge(items: list[Item], out: Path) -> dict[str, int]:
-    """Write OUT with one record per manifest item, in manifest order, then remove OUT.parts/.
-
-    OUT is replaced atomically, so a crash here leaves the old OUT or the new one, and the parts stay until
-    the new one is in place. Returns counts of texts and errors.
-    """
-    records = read_records(out)
-    missing = [item.id for item in items if item.id not in records]
-    if missing:  # every rank finished before the barrier: a missing result is a bug, not a user error
-        raise RuntimeError(f"merge: {len(missing)} item(s) have no result, first {missing[0]!r}")
-    dropped = len(records) - len(items)
-    if dropped:
-        logger.warning("%s: %d record(s) for ids no longer in the manifest are left out", out, dropped)
-    # One line per manifest item, whose ids are unique (read_manifest): each id exactly once.
-    lines = [json.dumps(records[item.id], ensure_ascii=False) + "\n" for item in items]
-    staging = out.with_name(out.name + ".tmp")
-    with open(staging, "w", encoding="utf-8") as f:
-        f.writelines(lines)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(staging, out)
-    shutil.rmtree(parts_dir(out), ignore_errors=True)
-    errors = sum("error" in records[item.id] for item in items)
-    return {"items": len(items), "texts": len(items) - errors, "errors": errors}
 
 
 # ---- distributed plumbing ----------------------------------------------------------------------------------
@@ -320,10 +228,30 @@ def run_batch(
     model_dir: str | os.PathLike,
     manifest: str | os.PathLike,
     out: str | os.PathLike,
+    **options: Any,
+) -> dict[str, Any]:
+    """Answer every item of the JSONL `manifest` into `out` (see the module docstring); call it on every rank.
+
+    options: those of `answer_items`. Returns, on rank 0, the merged counts (items, texts, errors) and the
+    seconds spent generating; {} on the other ranks.
+    """
+    items = read_manifest(manifest)  # every rank checks it, so a bad line stops them all before any work
+    out = Path(out)
+    if out.is_dir() or out.resolve() == Path(manifest).resolve():
+        raise InputError(f"--out {out}: expected a new or earlier output file, not the manifest or a folder")
+    return answer_items(model_dir, items, out, **options)
+
+
+def answer_items(
+    model_dir: str | os.PathLike,
+    items: list[Item],
+    out: str | os.PathLike,
     *,
     device: str | None = None,
     dtype: str | None = None,
     quantize: str | None = None,
+    adapter: str | os.PathLike | None = None,
+    merge_adapter: bool = True,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     greedy: bool = False,
     token_budget: int = DEFAULT_TOKEN_BUDGET,
@@ -332,9 +260,10 @@ def run_batch(
     retry_errors: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Answer every item of `manifest` into `out` (see the module docstring); call it on every rank.
+    """Answer checked manifest items (read_manifest's, or datasets.py's) into `out`; call it on every rank.
 
-    max_new_tokens and greedy set the default generation options; a manifest line's own options win.
+    max_new_tokens and greedy set the default generation options; an item's own options win.
+    adapter: a LoRA adapter folder in PEFT's format, merged into the weights unless merge_adapter=False.
     threads: torch threads per rank (default: the node's cores shared out among its CPU ranks).
     Returns, on rank 0, the merged counts (items, texts, errors) and the seconds spent generating.
     """
@@ -342,15 +271,14 @@ def run_batch(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name}={value!r}: expected a positive integer")
     out = Path(out)
-    items = read_manifest(manifest)  # every rank checks it, so a bad line stops them all before any work
-    if out.is_dir() or out.resolve() == Path(manifest).resolve():
-        raise InputError(f"--out {out}: expected a new or earlier output file, not the manifest or a folder")
     model_dir = check_model_folder(model_dir)
     rank_dev = rank_device(device, int(os.environ.get("LOCAL_RANK", "0")))
     threads = threads or default_threads(rank_dev)
     if threads:
         torch.set_num_threads(threads)
     defaults = {"max_new_tokens": max_new_tokens, **({"do_sample": False} if greedy else {})}
+    loading = {"device": rank_dev, "dtype": dtype, "quantize": quantize}
+    loading |= {"adapter": adapter, "merge_adapter": merge_adapter}
     with distributed(rank_dev) as (rank, world):
         pending = pending_items(items, out, retry_errors)
         # all_gather is also the point after which writing starts, so no rank reads a part file while
@@ -358,7 +286,7 @@ def run_batch(
         share_audio_lengths(pending, rank, world)
         batches = pack(shard(pending, rank, world), defaults, token_budget, max_batch_size)
         # Loaded only when there is work: a re-run with nothing left to do never reads the weights.
-        pipe = load(model_dir, device=rank_dev, dtype=dtype, quantize=quantize) if batches else None
+        pipe = load(model_dir, **loading) if batches else None
         elapsed = run_share(pipe, batches, out, rank, world, progress)
         if rank > 0:
             return {}
@@ -367,36 +295,69 @@ def run_batch(
 
 
 # ---- command line ------------------------------------------------------------------------------------------
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `batch` on the `minaf3` command's subparsers."""
-    p = subparsers.add_parser("batch", help="answer every line of a JSONL manifest (torchrun for many GPUs)")
-    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint folder")
-    p.add_argument("--manifest", required=True, metavar="FILE", help="JSON lines: id, audio, prompt, ...")
-    p.add_argument("--out", required=True, metavar="FILE", help="JSON lines: id and text, or id and error")
+def add_adapter_options(p: argparse.ArgumentParser) -> None:
+    """--adapter and --adapter-unmerged, for the commands that load a model: chat, transcribe, batch, eval."""
+    p.add_argument(
+        "--adapter",
+        default=None,
+        metavar="DIR",
+        help="a LoRA adapter folder in PEFT's format (adapter_config.json, adapter_model.safetensors), "
+        "merged into the weights",
+    )
+    p.add_argument(
+        "--adapter-unmerged",
+        action="store_true",
+        help="apply the adapter beside the weights on every call instead (slower; not with --quantize)",
+    )
+
+
+def adapter_options(args: argparse.Namespace) -> dict:
+    """load()'s adapter and merge_adapter from parsed arguments; --adapter-unmerged alone is a ConfigError."""
+    if args.adapter_unmerged and args.adapter is None:
+        raise ConfigError("--adapter-unmerged needs --adapter DIR")
+    return {"adapter": args.adapter, "merge_adapter": not args.adapter_unmerged}
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """What `batch` and `eval` share: the model to load and how the items are run."""
+    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint folder or hub model id")
     p.add_argument("--device", default=None, help="cpu (default), cuda (each rank its LOCAL_RANK GPU), auto")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="compute dtype")
     p.add_argument("--quantize", default=None, choices=["int8"], help="int8 weight-only decoder and lm_head")
+    add_adapter_options(p)
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N")
-    p.add_argument("--greedy", action="store_true", help="greedy decoding unless a line sets do_sample")
     p.add_argument("--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET, metavar="N", help="per batch")
     p.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE, metavar="N")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads per rank")
     p.add_argument("--retry-errors", action="store_true", help="re-run items recorded as errors")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def run_options(args: argparse.Namespace) -> dict:
+    """answer_items' keyword arguments (all but greedy) from arguments parsed by add_run_options."""
+    names = ("device", "dtype", "quantize", "max_new_tokens", "token_budget", "max_batch_size", "threads")
+    return {
+        **{name: getattr(args, name) for name in names},
+        **adapter_options(args),
+        "retry_errors": args.retry_errors,
+        "progress": not args.no_progress,
+    }
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `batch` on the `minaf3` command's subparsers."""
+    p = subparsers.add_parser("batch", help="answer every line of a JSONL manifest (torchrun for many GPUs)")
+    p.add_argument("--manifest", required=True, metavar="FILE", help="JSON lines: id, audio, prompt, ...")
+    p.add_argument("--out", required=True, metavar="FILE", help="JSON lines: id and text, or id and error")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding unless a line sets do_sample")
+    add_run_options(p)
     p.set_defaults(run=main_batch)
     return p
 
 
 def main_batch(args: argparse.Namespace) -> int:
     """Run `minaf3 batch` with parsed arguments; rank 0 prints a one-line summary to stderr."""
-    names = ("device", "dtype", "quantize", "max_new_tokens", "greedy", "token_budget", "max_batch_size")
-    summary = run_batch(
-        args.model,
-        args.manifest,
-        args.out,
-        **{name: getattr(args, name) for name in (*names, "threads", "retry_errors")},
-        progress=not args.no_progress,
-    )
+    summary = run_batch(args.model, args.manifest, args.out, greedy=args.greedy, **run_options(args))
     if summary:
         rate = summary["processed"] / summary["seconds"] if summary["seconds"] > 0 else 0.0
         counts = f"{summary['items']} items ({summary['texts']} answered, {summary['errors']} failed)"

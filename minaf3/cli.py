@@ -1,4 +1,4 @@
-"""The `minaf3` command (also `python -m minaf3`): chat, transcribe, demo, estimate, batch.
+"""The `minaf3` command (also `python -m minaf3`): chat, transcribe, demo, estimate, batch, eval.
 
     minaf3 chat --model DIR --audio FILE "What is in this audio?"   one answer, streamed as it is generated
     minaf3 chat --model DIR --audio FILE                            at a terminal: a multi-turn conversation
@@ -6,6 +6,7 @@
     minaf3 demo                                                     tiny random weights, no download
     minaf3 estimate --model DIR --seconds 600 --batch 4             memory needed, before loading anything
     minaf3 batch --model DIR --manifest in.jsonl --out out.jsonl    a corpus, resumable; under torchrun too
+    minaf3 eval --model DIR --data set.json --out report.json       answers scored, a table per task
 
 Errors minaf3 raises on purpose (a missing file, bad audio, a setting out of range) print as one
 `minaf3: error: ...` message with exit status 2, like argparse's own usage errors; anything else is a bug and
@@ -39,6 +40,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N or auto")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="compute dtype")
     p.add_argument("--quantize", default=None, choices=["int8"], help="int8 weight-only decoder and lm_head")
+    from minaf3.batch import add_adapter_options
+
+    add_adapter_options(p)  # --adapter DIR, --adapter-unmerged
 
 
 def _add_generation_options(p: argparse.ArgumentParser, default_tokens: int, samples: bool) -> None:
@@ -120,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     from minaf3.batch import add_parser as add_batch_parser
 
     add_batch_parser(commands)
+    from minaf3.evaluate import add_parser as add_eval_parser
+
+    add_eval_parser(commands)
     return parser
 
 
@@ -156,8 +163,16 @@ def _generation_kwargs(args: argparse.Namespace, pipe) -> dict:
 
 def _load(args: argparse.Namespace, think: bool = False):
     import minaf3
+    from minaf3.batch import adapter_options
 
-    return minaf3.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize, think=think)
+    return minaf3.load(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        think=think,
+        **adapter_options(args),
+    )
 
 
 def run_chat(args: argparse.Namespace) -> int:

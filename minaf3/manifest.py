@@ -66,8 +66,11 @@ class Item:
         return {k: self.request[k] for k in GENERATION_KEYS if k in self.request}
 
 
-def read_manifest(path: str | os.PathLike) -> list[Item]:
-    """Every item of a JSONL manifest, checked for what the run cannot do without: raises InputError."""
+def read_manifest(path: str | os.PathLike, extra_keys: tuple[str, ...] = ()) -> list[Item]:
+    """Every item of a JSONL manifest, checked for what the run cannot do without: raises InputError.
+
+    extra_keys: keys a caller reads besides ITEM_KEYS (evaluation's "answer"), not warned about as unknown.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such manifest file")
@@ -99,7 +102,7 @@ def read_manifest(path: str | os.PathLike) -> list[Item]:
                 raise InputError(f"{where}: 'audio' must be a file path or URL, got {audio!r:.60}")
             if not audio.startswith(AUDIO_URL_PREFIXES):
                 audio = str(path.parent / audio)  # an absolute path stays as it is
-            for name in request.keys() - set(ITEM_KEYS):
+            for name in request.keys() - {*ITEM_KEYS, *extra_keys}:
                 unknown.setdefault(name, number)
             items.append(Item(len(items), number, key, audio, request))
     if not items:

@@ -36,7 +36,7 @@ from .quantize import (
     widen_unquantized_,
 )
 from .sampling import GenerationConfig
-from .weights.adapter import LoraSettings
+from .weights.adapter import LoraSettings, check_adapter_folder
 from .weights.hub import model_folder
 from .weights.loader import DOWNLOAD_HINT, read_checkpoint
 from .windows import audio_token_lengths, frames_needed
@@ -214,6 +214,8 @@ class AudioFlamingo3ForConditionalGeneration(nn.Module):
         quantize: str | None = None,
         think: bool = False,
         revision: str | None = None,
+        adapter: str | Path | None = None,
+        merge_adapter: bool = True,
     ) -> "AudioFlamingo3ForConditionalGeneration":
         """Load a checkpoint folder in any of the three layouts (see weights/layouts.py), or a hub model id
         (`nvidia/audio-flamingo-3-hf`, at `revision`: weights/hub.py).
@@ -225,20 +227,29 @@ class AudioFlamingo3ForConditionalGeneration(nn.Module):
         no second copy of the weights is ever made: q/k/v and gate/up are concatenated into their fused
         layers one group at a time.
         think: also apply the AF-Think LoRA adapter of `<path>/think`, merged into the weights.
+        adapter: instead, the LoRA adapter in this folder (PEFT's format; see minaf3.lora), merged into the
+        weights unless merge_adapter=False (then added on every call, and quantize must be None).
         quantize: None or "int8": int8 weight-only decoder and lm_head (minaf3.quantize), quantized from the
         tensors as stored (a bf16 checkpoint loaded in float32 never holds its decoder in float32), or with
-        `think`, after the adapter is merged in the model's dtype.
+        an adapter, after it is merged in the model's dtype.
         """
         check_mode(quantize)
         path = model_folder(path, revision)
         if not path.is_dir():
             raise CheckpointError(f"{path}: checkpoint folder not found. {DOWNLOAD_HINT}")
+        if think and adapter is not None:
+            raise ConfigError(f"think=True applies {THINK_FOLDER}/; give it or adapter={adapter!r}, not both")
         if think and not (path / THINK_FOLDER).is_dir():
             raise CheckpointError(f"{path}: think=True but the folder has no {THINK_FOLDER}/ adapter")
+        adapter = path / THINK_FOLDER if think else adapter
+        if adapter is not None:
+            check_adapter_folder(adapter)  # its config, before a single weight is read
+            if quantize is not None and not merge_adapter:
+                raise ConfigError("an unmerged adapter needs the float weights: merge it, or do not quantize")
         config = AudioFlamingo3Config.from_file(path)
         device = resolve_device(device_map)
         # With an adapter the weights are merged in the model's dtype first, then quantized.
-        quantize_on_read = quantize if not think else None
+        quantize_on_read = quantize if adapter is None else None
         dtype = weights_dtype(
             path, resolve_dtype(dtype, device, path), device, quantize_on_read, dtype is None
         )
@@ -251,9 +262,9 @@ class AudioFlamingo3ForConditionalGeneration(nn.Module):
         del tensors  # the model holds the only references now
         model.language_model.reset_buffers(device)
         model.generation_config = generation_config
-        if think:
-            model.load_adapter(path / THINK_FOLDER, merge=True)
-        if quantize is not None and think:
+        if adapter is not None:
+            model.load_adapter(adapter, merge=merge_adapter)
+        if quantize is not None and adapter is not None:
             quantize_model(model, quantize)
         if quantize_on_read is not None and dtype == torch.float32:
             widen_unquantized_(model, dtype)  # what stays floating point, read as stored

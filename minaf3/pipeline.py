@@ -48,6 +48,8 @@ def load(
     quantize: str | None = None,
     think: bool = False,
     revision: str | None = None,
+    adapter: str | os.PathLike | None = None,
+    merge_adapter: bool = True,
 ) -> "Pipeline":
     """Load the checkpoint folder or hub model id `path` (any layout weights/ reads) with its processor.
 
@@ -57,17 +59,26 @@ def load(
     (weight-only, decoder and lm_head). think: ask for reasoning in every chat (AF-Think's request), with
     the AF-Think adapter from the folder's think/ when it has one (a warning is logged when it has not).
     revision: for a hub model id, the branch, tag or commit (weights/hub.py: cached copies, HF_HUB_OFFLINE).
+    adapter: a LoRA adapter folder in PEFT's format (a fine-tune's), applied instead of think/; merged into
+    the weights, or with merge_adapter=False added on every call (slower; the weights stay as stored). A
+    CheckpointError lists what does not fit the model.
     """
     check_mode(quantize)
     folder = check_model_folder(path, revision)
     processor = AudioFlamingo3Processor.from_pretrained(folder)  # cheap: tokenizer problems show first
     check_processor_fits_model(processor, AudioFlamingo3Config.from_file(folder), folder)
     # from_pretrained merges the adapter (no cost per token) before it quantizes, the only working order.
-    has_adapter = think and (folder / THINK_FOLDER).is_dir()
+    has_adapter = think and adapter is None and (folder / THINK_FOLDER).is_dir()
     model = AudioFlamingo3ForConditionalGeneration.from_pretrained(
-        folder, dtype=dtype, device_map=device, quantize=quantize, think=has_adapter
+        folder,
+        dtype=dtype,
+        device_map=device,
+        quantize=quantize,
+        think=has_adapter,
+        adapter=adapter,
+        merge_adapter=merge_adapter,
     )
-    if think and not has_adapter:
+    if think and adapter is None and not has_adapter:
         logger.warning(
             "%s has no think/ adapter folder: the base model is asked to reason without it", folder
         )

@@ -279,3 +279,45 @@ def run_snippet(code: str, namespace: dict) -> str:
     with contextlib.redirect_stdout(out):
         exec(code, namespace)
     return out.getvalue()
+
+
+# ---- a LoRA adapter for the demo checkpoint (owner: evaluation and the --adapter option) -------------------
+DEMO_ADAPTER_TARGETS = ("q_proj", "v_proj")
+
+
+def write_demo_adapter(folder: Path, checkpoint: Path, seed: int = 0, r: int = 4) -> Path:
+    """A LoRA adapter for `checkpoint`'s decoder as PEFT saves one for transformers' AF3: adapter_config.json
+    and adapter_model.safetensors, named `base_model.model.model.language_model.layers.N.self_attn.q_proj...`.
+
+    lora_B is random rather than PEFT's zeros (a trained adapter's), and large enough that greedy answers
+    change: A and B entries have std 0.3 and alpha / r = 2, against the demo's weights of std 0.08.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    with safe_open(str(Path(checkpoint) / "model.safetensors"), "pt") as f:
+        for name in f.keys():
+            layer, _, leaf = name.removeprefix("language_model.model.").rpartition(".")
+            if not name.startswith("language_model.model.layers.") or leaf != "weight":
+                continue
+            if layer.rpartition(".")[2] not in DEMO_ADAPTER_TARGETS:
+                continue
+            out_features, in_features = f.get_slice(name).get_shape()
+            key = f"base_model.model.model.language_model.{layer}"
+            tensors[f"{key}.lora_A.weight"] = 0.3 * torch.randn(r, in_features, generator=generator)
+            tensors[f"{key}.lora_B.weight"] = 0.3 * torch.randn(out_features, r, generator=generator)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    targets = rf".*language_model\.layers\.\d+\.self_attn\.({'|'.join(DEMO_ADAPTER_TARGETS)})"
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": targets}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def demo_adapter(tmp_path_factory, demo_checkpoint) -> Path:
+    """write_demo_adapter's adapter for the demo checkpoint (seed 0)."""
+    return write_demo_adapter(tmp_path_factory.mktemp("demo_adapter"), demo_checkpoint)

@@ -1,4 +1,4 @@
-"""minaf3/batch.py: torchrun ranks (gloo, CPU) against one process, kill and resume, records on disk, errors.
+"""minaf3/batch.py: torchrun ranks (gloo, CPU) against one process, kill and resume, errors.
 
 The torchrun tests launch real processes (`python -m torch.distributed.run --standalone`, a free port each
 time) on the tiny reference checkpoint; decoding is greedy, so every run must give the same text per item.
@@ -18,8 +18,7 @@ import pytest
 import soundfile as sf
 from conftest import speech_like
 
-from minaf3.batch import PartWriter, main, merge, parts_dir, read_records, run_batch
-from minaf3.errors import ConfigError
+from minaf3.batch import main, parts_dir, read_records, run_batch
 from minaf3.manifest import pack, read_manifest, shard
 
 ITEMS = 20
@@ -181,36 +180,6 @@ def test_a_bad_item_does_not_poison_its_batch(tiny_checkpoint, tmp_path, caplog)
     assert records[1]["id"] == "bad" and records[1]["error"].startswith("InputError: ")
     assert "robot" in records[1]["error"]
     assert [records[0], *records[2:]] == records_of(tmp_path / "good.out")
-
-
-def test_records_on_disk_survive_torn_lines_and_prefer_texts(tmp_path):
-    out = tmp_path / "out.jsonl"
-    out.write_text('{"id": "a", "error": "AudioError: old"}\n{"id": "b", "text": "B"}\n')
-    part = parts_dir(out) / "rank-00001.jsonl"
-    part.parent.mkdir()
-    part.write_text('{"id": "a", "text": "A"}\n{"id": "b", "error": "X: later"}\n{"id": "c", "text": "C"}')
-    records = read_records(out)
-    assert records == {"a": {"id": "a", "text": "A"}, "b": {"id": "b", "text": "B"}}  # "c" is torn
-    writer = PartWriter(part)  # drops the torn tail before appending
-    writer.write([{"id": "c", "text": "C2"}, {"id": 4, "text": "ü"}])
-    writer.close()
-    assert part.read_text(encoding="utf-8").endswith(
-        '"X: later"}\n{"id": "c", "text": "C2"}\n{"id": 4, "text": "ü"}\n'
-    )
-    manifest = tmp_path / "in.jsonl"
-    manifest.write_text("".join(json.dumps({"id": k, "audio": "x.wav"}) + "\n" for k in ["c", 4, "a", "b"]))
-    counts = merge(read_manifest(manifest), out)
-    assert counts == {"items": 4, "texts": 4, "errors": 0} and not parts_dir(out).exists()
-    assert [r["id"] for r in records_of(out)] == ["c", 4, "a", "b"]
-
-
-def test_two_texts_for_one_id_in_the_parts_are_an_error(tmp_path):
-    out = tmp_path / "out.jsonl"
-    parts_dir(out).mkdir()
-    for rank in range(2):
-        (parts_dir(out) / f"rank-0000{rank}.jsonl").write_text('{"id": "a", "text": "A"}\n')
-    with pytest.raises(ConfigError, match="a second result for id 'a'; do two jobs write --out"):
-        read_records(out)
 
 
 def test_manifest_and_option_errors_come_before_any_model_work(tmp_path, capsys):

@@ -183,6 +183,18 @@ def read_settings(folder: Path) -> LoraSettings:
     )
 
 
+def check_adapter_folder(folder: str | Path) -> LoraSettings:
+    """The settings of the adapter in `folder` once its config is read and its weights file found: what can be
+    checked before a model exists. CheckpointError for a missing folder, config or weights file."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: adapter folder not found")
+    settings = read_settings(folder)
+    if not any((folder / f).is_file() for f in WEIGHT_FILES):
+        raise CheckpointError(f"{folder}: no adapter weights ({' or '.join(WEIGHT_FILES)})")
+    return settings
+
+
 def _load(path: Path, label: str) -> dict[str, torch.Tensor]:
     """All tensors of one file, on the CPU as stored; CheckpointError if the file is damaged or not a dict."""
     try:
@@ -290,12 +302,8 @@ def read_adapter(
     shape of every parameter. Everything is checked first; one CheckpointError lists every problem.
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: adapter folder not found")
-    settings = read_settings(folder)
-    weights = next((folder / f for f in WEIGHT_FILES if (folder / f).is_file()), None)
-    if weights is None:
-        raise CheckpointError(f"{folder}: no adapter weights ({' or '.join(WEIGHT_FILES)})")
+    settings = check_adapter_folder(folder)
+    weights = next(folder / f for f in WEIGHT_FILES if (folder / f).is_file())
     stored = _load(weights, f"{folder.name}/{weights.name}")
     problems: dict[str, list[str]] = {kind: [] for kind in PROBLEMS}
 
