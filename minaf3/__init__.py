@@ -58,9 +58,10 @@ _EXPORTS = {
 
 # Every submodule, reachable as an attribute (minaf3.attention) without an import statement of its own.
 _SUBMODULES = set(
-    """attention audio batch chat_template cli config conversation datasets decoder decoding demo dtypes encoder
-    errors estimate evaluate features generate kernels linear lora manifest mel metrics model pipeline
-    processor processor_files quantize records sampling segments streamer tasks weights windows""".split()
+    """attention audio batch chat_template cli config conversation datasets decoder decoding demo dtypes
+    encoder errors estimate evaluate features generate kernels linear lora manifest mel metrics model
+    pipeline processor processor_files quantize records sampling segments streamer tasks weights
+    windows""".split()
 )
 
 __all__ = sorted(_EXPORTS)

@@ -235,17 +235,7 @@ class AudioFlamingo3ForConditionalGeneration(nn.Module):
         """
         check_mode(quantize)
         path = model_folder(path, revision)
-        if not path.is_dir():
-            raise CheckpointError(f"{path}: checkpoint folder not found. {DOWNLOAD_HINT}")
-        if think and adapter is not None:
-            raise ConfigError(f"think=True applies {THINK_FOLDER}/; give it or adapter={adapter!r}, not both")
-        if think and not (path / THINK_FOLDER).is_dir():
-            raise CheckpointError(f"{path}: think=True but the folder has no {THINK_FOLDER}/ adapter")
-        adapter = path / THINK_FOLDER if think else adapter
-        if adapter is not None:
-            check_adapter_folder(adapter)  # its config, before a single weight is read
-            if quantize is not None and not merge_adapter:
-                raise ConfigError("an unmerged adapter needs the float weights: merge it, or do not quantize")
+        adapter = chosen_adapter(path, think, adapter, quantize, merge_adapter)
         config = AudioFlamingo3Config.from_file(path)
         device = resolve_device(device_map)
         # With an adapter the weights are merged in the model's dtype first, then quantized.
@@ -269,6 +259,25 @@ class AudioFlamingo3ForConditionalGeneration(nn.Module):
         if quantize_on_read is not None and dtype == torch.float32:
             widen_unquantized_(model, dtype)  # what stays floating point, read as stored
         return model.eval()
+
+
+def chosen_adapter(
+    path: Path, think: bool, adapter: str | Path | None, quantize: str | None, merge: bool
+) -> Path | None:
+    """The adapter folder from_pretrained applies (think/ or `adapter`), checked before any weight is read;
+    CheckpointError or ConfigError for a missing folder or options that do not go together."""
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint folder not found. {DOWNLOAD_HINT}")
+    if think and adapter is not None:
+        raise ConfigError(f"think=True applies {THINK_FOLDER}/; give it or adapter={adapter!r}, not both")
+    if think and not (path / THINK_FOLDER).is_dir():
+        raise CheckpointError(f"{path}: think=True but the folder has no {THINK_FOLDER}/ adapter")
+    adapter = path / THINK_FOLDER if think else adapter
+    if adapter is not None:
+        check_adapter_folder(adapter)  # its config, before a single weight is read
+        if quantize is not None and not merge:
+            raise ConfigError("an unmerged adapter needs the float weights: merge it, or do not quantize")
+    return None if adapter is None else Path(adapter)
 
 
 def read_weights(
