@@ -7,6 +7,7 @@ and every wait has a deadline, so a hung server fails its test instead of hangin
 import base64
 import http.client
 import json
+import socket
 import threading
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ class ThreadServer:
 
     @property
     def state(self):
-        return self.server.config.app.state.minaf3
+        return self.server.config.app.minaf3
 
     def __enter__(self) -> "ThreadServer":
         self.thread.start()
@@ -69,19 +70,35 @@ class ThreadServer:
         self.thread.join(30)
 
 
-def request(port: int, method: str, path: str, body: bytes | str | dict | None = None, headers=None):
-    """(status, headers dict, body bytes) of one HTTP request on a fresh connection."""
-    if isinstance(body, dict):
+def request(port: int, method: str, path: str, body=None, headers=None, chunked: bool = False):
+    """(status, headers dict, body bytes) of one HTTP request on a fresh connection. body: bytes, str or
+    anything JSON; chunked: sent without a Content-Length, in chunks."""
+    if body is not None and not isinstance(body, bytes | str):
         body = json.dumps(body)
     if isinstance(body, str):
         body = body.encode()
+    if chunked:
+        data = body
+        body = (data[i : i + 65536] for i in range(0, len(data), 65536))
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=REQUEST_SECONDS)
     try:
-        connection.request(method, path, body=body, headers=headers or {})
+        connection.request(method, path, body=body, headers=headers or {}, encode_chunked=chunked)
         response = connection.getresponse()
         return response.status, dict(response.getheaders()), response.read()
     finally:
         connection.close()
+
+
+def announce(port: int, path: str, length: int, headers=None):
+    """(status, body bytes) of a POST that announces a Content-Length but sends no body: a server that
+    answers before reading the body answers this one."""
+    with socket.create_connection(("127.0.0.1", port), timeout=REQUEST_SECONDS) as sock:
+        lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {length}"]
+        lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, response.read()
 
 
 def open_stream(port: int, body: dict, headers=None):

@@ -27,7 +27,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
+from starlette.datastructures import Headers, UploadFile
 
 from minaf3.serve import errors
 from minaf3.serve.batcher import Batcher, Closed, QueueFull
@@ -70,28 +70,42 @@ class ServerState:
 
 
 class Admission:
-    """ASGI middleware: counts requests in flight and, once draining, answers new ones 503 (/health aside)."""
+    """The outermost ASGI layer: counts requests in flight; once draining, answers new ones 503 (/health
+    aside). `minaf3` is the ServerState the routes share.
 
-    def __init__(self, app, state: ServerState):
-        self.app, self.state = app, state
+    A body whose Content-Length is over the limit is answered 413 here, in OpenAI's shape, before any of it
+    is read (FastAPI's own limit, which sits outside its exception handlers, would answer in plain text);
+    a body without a length (chunked) is counted as it arrives by FastAPI's limit, whose error reaches
+    errors.py's handlers.
+    """
+
+    def __init__(self, app: FastAPI, state: ServerState):
+        self.app, self.minaf3 = app, state
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if self.state.draining and scope["path"] != "/health":
-            refusal = APIError(
-                503, "the server is shutting down", code="shutting_down", headers={"Connection": "close"}
-            )
+        state = self.minaf3
+        limit, declared = state.options.max_body_bytes, Headers(scope=scope).get("content-length", "")
+        refusal = None
+        if state.draining and scope["path"] != "/health":
+            refusal = APIError(503, "the server is shutting down", code="shutting_down")
+        elif declared.isdigit() and int(declared) > limit:
+            message = f"the request body is {int(declared):,} bytes, over this server's limit of {limit:,}"
+            refusal = APIError(413, message, code="request_too_large")
+        if refusal is not None:
+            refusal.headers["Connection"] = "close"
             return await refusal.response()(scope, receive, send)
-        self.state.in_flight += 1
+        state.in_flight += 1
         try:
             await self.app(scope, receive, send)
         finally:
-            self.state.in_flight -= 1
+            state.in_flight -= 1
 
 
-def create_app(options: ServeOptions, load: Callable, on_load_error: Callable | None = None) -> FastAPI:
-    """The application. load() -> Pipeline runs in a thread at start-up; on_load_error(exc) if it raises."""
+def create_app(options: ServeOptions, load: Callable, on_load_error: Callable | None = None) -> Admission:
+    """The application (FastAPI's, inside Admission; its ServerState is `.minaf3`). load() -> Pipeline runs
+    in a thread at start-up; on_load_error(exc) if it raises."""
     state = ServerState(options)
     limits = Limits(
         max_tokens=options.max_tokens,
@@ -135,8 +149,6 @@ def create_app(options: ServeOptions, load: Callable, on_load_error: Callable | 
         redoc_url=None,
         openapi_url=None,
     )
-    app.state.minaf3 = state
-    app.add_middleware(Admission, state=state)
     errors.install(app)
 
     async def authorize(request: Request) -> None:
@@ -262,4 +274,4 @@ def create_app(options: ServeOptions, load: Callable, on_load_error: Callable | 
     async def index():
         return HTMLResponse(page)
 
-    return app
+    return Admission(app, state)

@@ -5,14 +5,16 @@
     minaf3's typed errors     (minaf3/errors.py: bad audio, prompts, settings) 400, code = the class name
     Starlette's HTTPException unknown route 404, wrong method 405, body over the limit 413, bad multipart 400
     anything else             500 "internal server error": logged with its traceback, never shown to clients
+    a client gone mid-request 499, unlogged (nobody is there to read it)
 
 install(app) registers the handlers, so no route needs its own try/except.
 """
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from minaf3.errors import Minaf3Error
 from minaf3.serve.audio_sources import SourceError
@@ -49,7 +51,7 @@ class APIError(Exception):
 HTTP_MESSAGES = {
     404: ("no such route", "not_found"),
     405: ("method not allowed on this route", "method_not_allowed"),
-    413: ("the request body is over this server's size limit", "request_too_large"),
+    413: ("the request body is over this server's limit", "request_too_large"),
 }
 
 
@@ -87,5 +89,9 @@ def install(app: FastAPI) -> None:
         # with its traceback: nothing to log here.
         return to_api_error(error, request).response()
 
+    async def gone(request: Request, error: ClientDisconnect) -> Response:
+        return Response(status_code=499)  # nobody reads it: the client left while sending its request
+
     for kind in (APIError, SourceError, Minaf3Error, HTTPException, RequestValidationError, Exception):
         app.add_exception_handler(kind, handle)
+    app.add_exception_handler(ClientDisconnect, gone)

@@ -181,8 +181,8 @@ def _unknown(keys, allowed, where: str = "") -> None:
 def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
     """A checked ChatRequest from a decoded JSON body; APIError(400) naming the first bad field."""
     body = _object(body, "body")
-    body = {k: v for k, v in body.items() if v is not None}  # OpenAI reads null as "not given"
     _unknown(body, CHAT_FIELDS)
+    body = {k: v for k, v in body.items() if v is not None}  # OpenAI reads null as "not given"
     for name, neutral in NEUTRAL.items():
         if name in body and body[name] != neutral:
             raise invalid(

@@ -157,7 +157,7 @@ def make_server(args: argparse.Namespace):
         """uvicorn's server, marking the app as draining before it starts its graceful shutdown."""
 
         def handle_exit(self, sig, frame):
-            state = app.state.minaf3
+            state = app.minaf3
             if not state.draining:
                 state.draining = True
                 logger.warning(
@@ -191,7 +191,7 @@ def run_serve(args: argparse.Namespace) -> int:
         f"minaf3 serve: http://{args.host}:{args.port}/ (loading {args.model})", file=sys.stderr, flush=True
     )
     server.run()
-    error = server.config.app.state.minaf3.load_error
+    error = server.config.app.minaf3.load_error
     if isinstance(error, Minaf3Error):
         raise error
     if error is not None:
