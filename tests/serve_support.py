@@ -17,14 +17,20 @@ REQUEST_SECONDS = 120
 
 
 class ThreadServer:
-    """`minaf3 serve ARGS` run by uvicorn in a thread of this process; use as a context manager."""
+    """`minaf3 serve ARGS` run by uvicorn in a thread of this process; use as a context manager.
+
+    --threads is this process's torch thread count, so that starting a server leaves it as it was for the
+    tests that run after (torch's setting is process-wide)."""
 
     def __init__(self, *argv: str, server=None):
         if server is None:
+            import torch
+
             from minaf3.cli import build_parser
             from minaf3.serve.server import make_server
 
-            args = build_parser().parse_args(["serve", "--port", "0", *map(str, argv)])
+            argv = ("--port", "0", "--threads", str(torch.get_num_threads()), *map(str, argv))
+            args = build_parser().parse_args(["serve", *argv])
             server = make_server(args)
         self.server = server
         self.thread = threading.Thread(target=server.run, name="test-server", daemon=True)

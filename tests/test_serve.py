@@ -7,11 +7,16 @@ batch forms only when it is full, so what they assert does not depend on timing.
 """
 
 import json
+import os
+import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import soundfile as sf
@@ -468,3 +473,58 @@ def test_import_minaf3_does_not_import_the_server():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+# ---- the README's examples -------------------------------------------------------------------------------
+def readme_serving_blocks() -> list[tuple[str, str]]:
+    """The fenced (language, code) blocks of the README's "Serving over HTTP" section, in order."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Serving over HTTP") :]
+    section = section[: section.index("\n## ", 1)]
+    return re.findall(r"```(sh|python)\n(.*?)```", section, re.S)
+
+
+def test_readme_serving_examples(demo_checkpoint, demo_pipeline, tmp_path):
+    """The README's server command (the demo checkpoint under the README's model name, any free port), then
+    its curl and openai-client examples, word for word but the port; their output is the pipeline's."""
+    (_, setup), (_, curl), (_, python) = readme_serving_blocks()
+    argv = shlex.split(next(line for line in setup.splitlines() if line.startswith("minaf3 serve")))[2:]
+    name = argv[argv.index("--model") + 1]
+    argv[argv.index("--model") + 1], argv[argv.index("--port") + 1] = str(demo_checkpoint), "0"
+    clip = Path(shutil.copy(demo_checkpoint / CLIP_NAME, tmp_path / "clip.wav"))
+    with ThreadServer(*argv, "--served-model-name", name) as running:
+        port = str(running.wait_ready().port)
+        shell = subprocess.run(
+            ["bash", "-c", curl.replace("8000", port)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        client = subprocess.run(
+            [sys.executable, "-c", python.replace("8000", port)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    answer = demo_pipeline.chat("What is in this audio?", audio=str(clip), do_sample=False)
+    transcript = demo_pipeline.transcribe(str(clip))
+    assert shell.returncode == 0, shell.stderr
+    reply, end = json.JSONDecoder().raw_decode(shell.stdout)  # curl -s prints the JSON without a newline
+    assert reply["choices"][0]["message"]["content"] == answer
+    assert shell.stdout[end:] == transcript.to_srt()
+    assert client.returncode == 0, client.stderr
+    assert client.stdout == f"{answer}\n{transcript.text}\n"
+
+
+def test_default_torch_threads_leave_a_core_for_the_requests():
+    from minaf3.cli import build_parser
+    from minaf3.serve.server import torch_threads
+
+    def threads(*argv):
+        return torch_threads(build_parser().parse_args(["serve", "--model", "m", *argv]))
+
+    assert threads() == max(1, len(os.sched_getaffinity(0)) - 1)
+    assert threads("--threads", "3") == 3
+    assert threads("--device", "cuda") is None  # torch's own default where the CPU does not generate

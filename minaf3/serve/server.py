@@ -75,6 +75,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--adapter", default=None, metavar="DIR", help="a LoRA adapter folder, merged (e.g. MODEL/think)"
     )
     p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch threads (default on the CPU: all cores but one, which the requests' HTTP, audio "
+        "decoding and features need beside generation)",
+    )
+    p.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile the decode step (a graph per batch size: slow to warm up with varying batches)",
@@ -87,9 +95,9 @@ def options_from(args: argparse.Namespace):
     """ServeOptions from parsed arguments; ConfigError naming a bad value."""
     from minaf3.serve.app import ServeOptions
 
-    for name in ("port", "max_batch_size", "max_queue", "max_new_tokens"):
+    for name in ("port", "max_batch_size", "max_queue", "max_new_tokens", "threads"):
         value = getattr(args, name)
-        if value < (0 if name == "port" else 1):
+        if value is not None and value < (0 if name == "port" else 1):
             raise ConfigError(f"--{name.replace('_', '-')} {value}: expected a positive integer")
     if args.batch_window_ms < 0 or args.max_upload_mb <= 0:
         raise ConfigError("--batch-window-ms must be >= 0 and --max-upload-mb > 0")
@@ -124,6 +132,17 @@ def check_adapter(args: argparse.Namespace) -> bool:
     return own
 
 
+def torch_threads(args: argparse.Namespace) -> int | None:
+    """--threads, or on the CPU all cores but one: generation shares the machine with the request path
+    (uvicorn, JSON, base64 and audio decoding, log-mel), and torch's threads on every core would make the
+    two take turns, each waiting at the other's barriers (a batch of 21 rows ran 4x slower so on 2 cores)."""
+    if args.threads is not None:
+        return args.threads
+    if args.device not in (None, "cpu"):
+        return None
+    return max(1, len(os.sched_getaffinity(0)) - 1)
+
+
 def load_pipeline(args: argparse.Namespace):
     """minaf3.load with the server's model options, and the adapter if one is given."""
     import minaf3
@@ -152,6 +171,11 @@ def make_server(args: argparse.Namespace):
     options = options_from(args)
     check_model_folder(args.model)
     check_adapter(args)
+    threads = torch_threads(args)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)  # every thread's intra-op pool, the batcher's included
 
     class Server(uvicorn.Server):
         """uvicorn's server, marking the app as draining before it starts its graceful shutdown."""
