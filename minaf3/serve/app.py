@@ -10,7 +10,7 @@
 The server listens at once and loads the model in a thread, so /health can say "loading" (and /v1 answers
 503 with Retry-After) until it is ready. With an API key, /v1 needs `Authorization: Bearer KEY`. After
 SIGTERM (server.py) every new request gets 503 while the ones in flight finish. Errors are answered in
-OpenAI's shape by errors.py's handlers; request bodies over max_body_bytes get 413 from FastAPI's limit.
+OpenAI's shape by responses.py's handlers; request bodies over max_body_bytes get 413 from FastAPI's limit.
 """
 
 import json
@@ -29,10 +29,10 @@ from fastapi.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, UploadFile
 
-from minaf3.serve import errors
+from minaf3.serve import responses
 from minaf3.serve.batcher import Batcher, Closed, QueueFull
-from minaf3.serve.errors import APIError
 from minaf3.serve.openai_format import Limits, parse_chat_request, parse_transcription_form
+from minaf3.serve.responses import APIError
 from minaf3.serve.service import Channel, Service
 
 logger = logging.getLogger("minaf3.serve")
@@ -76,7 +76,7 @@ class Admission:
     A body whose Content-Length is over the limit is answered 413 here, in OpenAI's shape, before any of it
     is read (FastAPI's own limit, which sits outside its exception handlers, would answer in plain text);
     a body without a length (chunked) is counted as it arrives by FastAPI's limit, whose error reaches
-    errors.py's handlers.
+    responses.py's handlers.
     """
 
     def __init__(self, app: FastAPI, state: ServerState):
@@ -149,7 +149,7 @@ def create_app(options: ServeOptions, load: Callable, on_load_error: Callable | 
         redoc_url=None,
         openapi_url=None,
     )
-    errors.install(app)
+    responses.install(app)
 
     async def authorize(request: Request) -> None:
         if options.api_key is None:

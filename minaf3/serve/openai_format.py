@@ -1,8 +1,7 @@
-"""OpenAI's request and response shapes: check a request body field by field, build the answers' JSON.
+"""OpenAI's requests, checked field by field (the answers' bodies are in responses.py).
 
-    parse_chat_request(body, limits) -> ChatRequest            POST /v1/chat/completions
+    parse_chat_request(body, limits) -> ChatRequest                    POST /v1/chat/completions
     parse_transcription_form(fields, limits) -> TranscriptionRequest   POST /v1/audio/transcriptions
-    completion / chunk / usage_chunk / transcription_json ...  the bodies OpenAI's clients read
 
 Every problem is an APIError naming the field as OpenAI's `param` does ("messages[0].content[1].input_audio
 .format") and saying what is wrong; unknown fields are refused by name rather than ignored, so a client never
@@ -15,29 +14,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from minaf3.serve.audio_sources import AUDIO_FORMATS, AudioRef, decode_base64, parse_data_url
-from minaf3.serve.errors import APIError
+from minaf3.serve.responses import APIError
 
 # Beyond OpenAI's fields: "think" (AF-Think's reasoning request) and "min_tokens" (no end of sequence before
 # that many tokens, vLLM's name for it).
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-CHAT_FIELDS = {
-    "model",
-    "messages",
-    "stream",
-    "stream_options",
-    "max_tokens",
-    "max_completion_tokens",
-    "temperature",
-    "top_p",
-    "seed",
-    "stop",
-    "n",
-    "think",
-    "min_tokens",
-    "presence_penalty",
-    "frequency_penalty",
-    "logprobs",
-}
+CHAT_FIELDS = set(
+    "model messages stream stream_options max_tokens max_completion_tokens temperature top_p seed stop n "
+    "think min_tokens presence_penalty frequency_penalty logprobs".split()
+)
 # Fields OpenAI defines that change nothing at these values; any other value is refused by name.
 NEUTRAL = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0, "logprobs": False}
 MAX_STOP_STRINGS = 4  # OpenAI's limit
@@ -94,15 +79,6 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     think: bool = False
-
-    def audio_refs(self) -> list[AudioRef]:
-        return [
-            p["audio"]
-            for m in self.messages
-            if isinstance(m["content"], list)
-            for p in m["content"]
-            if p["type"] == "audio"
-        ]
 
 
 @dataclass
@@ -363,87 +339,3 @@ def parse_transcription_form(fields: dict[str, list], limits: Limits) -> Transcr
     return TranscriptionRequest(
         text.get("model"), data, filename or "file", response_format, prompt, settings
     )
-
-
-# ---- responses ---------------------------------------------------------------------------------------------
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def completion(rid: str, created: int, model: str, text: str, finish_reason: str, counts: dict) -> dict:
-    """A whole chat.completion: one choice and its usage."""
-    choice = {
-        "index": 0,
-        "message": {"role": "assistant", "content": text},
-        "finish_reason": finish_reason,
-        "logprobs": None,
-    }
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [choice],
-        "usage": counts,
-    }
-
-
-def chunk(rid: str, created: int, model: str, delta: dict, finish_reason: str | None = None) -> dict:
-    """One chat.completion.chunk of a stream: a piece of text (delta), or the end (finish_reason)."""
-    choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
-    return {
-        "id": rid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [choice],
-    }
-
-
-def usage_chunk(rid: str, created: int, model: str, counts: dict) -> dict:
-    """The last chunk when stream_options.include_usage is set: no choices, the usage."""
-    return {
-        "id": rid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [],
-        "usage": counts,
-    }
-
-
-def transcription_json(text: str, counts: dict) -> dict:
-    return {"text": text, "usage": _transcription_usage(counts)}
-
-
-def transcription_verbose(transcription, tokens: list[list[int]], counts: dict) -> dict:
-    """verbose_json: the text, the audio's duration in seconds and its segments (start and end in seconds).
-
-    Segments are the pieces long audio is read in (up to 600 s each, cut at quiet points), not sentences;
-    no language is reported, since AF3 does not detect one.
-    """
-    segments = [
-        {"id": i, "start": s.start, "end": s.end, "text": s.text, "tokens": ids}
-        for i, (s, ids) in enumerate(zip(transcription.segments, tokens, strict=True))
-    ]
-    return {
-        "task": "transcribe",
-        "duration": transcription.duration,
-        "text": transcription.text,
-        "segments": segments,
-        "usage": _transcription_usage(counts),
-    }
-
-
-def _transcription_usage(counts: dict) -> dict:
-    # The shape OpenAI gives for token-billed transcription models.
-    return {
-        "type": "tokens",
-        "input_tokens": counts["prompt_tokens"],
-        "output_tokens": counts["completion_tokens"],
-        "total_tokens": counts["total_tokens"],
-    }

@@ -29,9 +29,10 @@ from minaf3.conversation import add_think_request, load_conversation_audio
 from minaf3.errors import GenerationError
 from minaf3.segments import Segment, Transcription, join_texts, segment_bounds, to_seconds
 from minaf3.serve import openai_format as fmt
+from minaf3.serve import responses
 from minaf3.serve.audio_sources import resolve, to_waveform
 from minaf3.serve.batcher import Batcher, Job
-from minaf3.serve.errors import to_api_error
+from minaf3.serve.responses import to_api_error
 from minaf3.serve.rows import RowSink
 
 POLL_SECONDS = 0.25  # how often a waiting non-streamed request checks that its client is still there
@@ -157,8 +158,8 @@ class Service:
         if not await self.wait([job], channel, gone):
             return None
         sink = job.sink
-        counts = fmt.usage(job.prompt_tokens, len(sink.tokens))
-        return fmt.completion(
+        counts = responses.usage(job.prompt_tokens, len(sink.tokens))
+        return responses.completion(
             new_id(), int(time.time()), self.model_id, sink.text, sink.finish_reason, counts
         )
 
@@ -171,7 +172,7 @@ class Service:
         """
         rid, created, model = new_id(), int(time.time()), self.model_id
         try:
-            yield sse(fmt.chunk(rid, created, model, {"role": "assistant", "content": ""}))
+            yield sse(responses.chunk(rid, created, model, {"role": "assistant", "content": ""}))
             while True:
                 event = await channel.next(KEEPALIVE_SECONDS)
                 if event is None:
@@ -179,15 +180,15 @@ class Service:
                     continue
                 kind, value = event
                 if kind == "delta":
-                    yield sse(fmt.chunk(rid, created, model, {"content": value}))
+                    yield sse(responses.chunk(rid, created, model, {"content": value}))
                 elif kind == "error":
                     yield sse(error_body(value))
                     return
                 elif kind == "done":
-                    yield sse(fmt.chunk(rid, created, model, {}, job.sink.finish_reason))
+                    yield sse(responses.chunk(rid, created, model, {}, job.sink.finish_reason))
                     if request.include_usage:
-                        counts = fmt.usage(job.prompt_tokens, len(job.sink.tokens))
-                        yield sse(fmt.usage_chunk(rid, created, model, counts))
+                        counts = responses.usage(job.prompt_tokens, len(job.sink.tokens))
+                        yield sse(responses.usage_chunk(rid, created, model, counts))
                     yield format_sse_event(data_str="[DONE]")
                     return
         finally:
@@ -204,15 +205,15 @@ class Service:
             for job, (start, end) in zip(jobs, bounds, strict=True)
         ]
         transcript = Transcription(join_texts([s.text for s in segments]), segments)
-        counts = fmt.usage(sum(j.prompt_tokens for j in jobs), sum(len(j.sink.tokens) for j in jobs))
+        counts = responses.usage(sum(j.prompt_tokens for j in jobs), sum(len(j.sink.tokens) for j in jobs))
         if request.response_format == "text":
             return transcript.text
         if request.response_format == "srt":
             return transcript.to_srt()
         if request.response_format == "verbose_json":
             tokens = [[t for t in job.sink.tokens if t not in self.eos_ids] for job in jobs]
-            return fmt.transcription_verbose(transcript, tokens, counts)
-        return fmt.transcription_json(transcript.text, counts)
+            return responses.transcription_verbose(transcript, tokens, counts)
+        return responses.transcription_json(transcript.text, counts)
 
 
 def new_id() -> str:

@@ -1,4 +1,10 @@
-"""Every failure as OpenAI's error body, {"error": {"message", "type", "param", "code"}}, with its status.
+"""What the server sends back, in OpenAI's shapes: answers, and every failure as an error body.
+
+Answers: a chat completion, the chunks of a streamed one (usage last when asked), a transcription in its
+formats. They are the shapes OpenAI's clients parse (the official `openai` package reads each one in the
+tests); a field minaf3 has no value for is null or absent, never made up (no logprobs, no language).
+
+Errors, {"error": {"message", "type", "param", "code"}} with an HTTP status:
 
     APIError                  raised by the server's own checks (openai_format.py, app.py)
     SourceError               audio bytes that cannot be had (audio_sources.py): 400, or 413 over the limit
@@ -20,6 +26,91 @@ from minaf3.errors import Minaf3Error
 from minaf3.serve.audio_sources import SourceError
 
 
+# ---- answers ----------------------------------------------------------------------------------------------
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def completion(rid: str, created: int, model: str, text: str, finish_reason: str, counts: dict) -> dict:
+    """A whole chat.completion: one choice and its usage."""
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": text},
+        "finish_reason": finish_reason,
+        "logprobs": None,
+    }
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [choice],
+        "usage": counts,
+    }
+
+
+def chunk(rid: str, created: int, model: str, delta: dict, finish_reason: str | None = None) -> dict:
+    """One chat.completion.chunk of a stream: a piece of text (delta), or the end (finish_reason)."""
+    choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+    return {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [choice],
+    }
+
+
+def usage_chunk(rid: str, created: int, model: str, counts: dict) -> dict:
+    """The last chunk when stream_options.include_usage is set: no choices, the usage."""
+    return {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [],
+        "usage": counts,
+    }
+
+
+def transcription_json(text: str, counts: dict) -> dict:
+    return {"text": text, "usage": _transcription_usage(counts)}
+
+
+def transcription_verbose(transcription, tokens: list[list[int]], counts: dict) -> dict:
+    """verbose_json: the text, the audio's duration in seconds and its segments (start and end in seconds).
+
+    Segments are the pieces long audio is read in (up to 600 s each, cut at quiet points), not sentences;
+    no language is reported, since AF3 does not detect one.
+    """
+    segments = [
+        {"id": i, "start": s.start, "end": s.end, "text": s.text, "tokens": ids}
+        for i, (s, ids) in enumerate(zip(transcription.segments, tokens, strict=True))
+    ]
+    return {
+        "task": "transcribe",
+        "duration": transcription.duration,
+        "text": transcription.text,
+        "segments": segments,
+        "usage": _transcription_usage(counts),
+    }
+
+
+def _transcription_usage(counts: dict) -> dict:
+    # The shape OpenAI gives for token-billed transcription models.
+    return {
+        "type": "tokens",
+        "input_tokens": counts["prompt_tokens"],
+        "output_tokens": counts["completion_tokens"],
+        "total_tokens": counts["total_tokens"],
+    }
+
+
+# ---- errors -----------------------------------------------------------------------------------------------
 class APIError(Exception):
     """A request the server refuses, in OpenAI's error shape, with its HTTP status and extra headers."""
 
