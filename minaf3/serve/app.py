@@ -224,8 +224,8 @@ def create_app(options: ServeOptions, load: Callable, on_load_error: Callable | 
     async def transcriptions(request: Request):
         service = ready()
         fields: dict[str, list] = {}
-        limits_ = {"max_files": 1, "max_fields": MAX_FORM_FIELDS, "max_part_size": MAX_FORM_FIELD_BYTES}
-        async with request.form(**limits_) as form:
+        form_limits = {"max_files": 1, "max_fields": MAX_FORM_FIELDS, "max_part_size": MAX_FORM_FIELD_BYTES}
+        async with request.form(**form_limits) as form:
             for name, value in form.multi_items():
                 if isinstance(value, UploadFile):
                     value = (value.filename, await value.read())

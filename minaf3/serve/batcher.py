@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from minaf3.errors import Minaf3Error
 from minaf3.serve.rows import FanOut, RowSink, RowsSettled
 
 logger = logging.getLogger(__name__)
@@ -266,6 +267,8 @@ class Batcher:
                     if job.sink.open:
                         self._run([job])
                 return
+            if not isinstance(exc, Minaf3Error):  # a bug or the machine, not the request: keep its traceback
+                logger.error("a batch of %d failed", len(jobs), exc_info=exc)
             for job in jobs:
                 job.sink.fail(exc)
         with self._cond:

@@ -72,28 +72,29 @@ class Service:
     # ---- preparing jobs (worker threads) ---------------------------------------------------------------
     def prepare_chat(self, request: fmt.ChatRequest, channel: Channel) -> Job:
         """The request as one job; Minaf3Error or SourceError (400/413) for anything the model cannot take."""
-        conversation = [
-            {
-                **m,
-                "content": [dict(p) for p in m["content"]]
-                if isinstance(m["content"], list)
-                else m["content"],
-            }
-            for m in request.messages
-        ]
+        conversation = self._with_waveforms(request.messages)
         if request.think:
             add_think_request(conversation)
-        for message in conversation:
-            for part in message["content"] if isinstance(message["content"], list) else []:
-                if part["type"] == "audio":
-                    ref = part["audio"]
-                    part["audio"] = to_waveform(resolve(ref, self.limits.max_audio_bytes), ref.where)
         conversation = load_conversation_audio(conversation, refuse_long_audio=True)
         inputs = self.pipe.processor.apply_chat_template(conversation)
         sink = RowSink(
             self._decode, self.eos_ids, request.max_tokens, request.stop, request.stream, channel.emit
         )
         return self._job(inputs, sink, request.settings)
+
+    def _with_waveforms(self, messages: list[dict]) -> list[dict]:
+        """A copy of the messages whose audio parts hold decoded waveforms instead of AudioRefs."""
+        out = []
+        for message in messages:
+            content = message["content"]
+            if isinstance(content, list):
+                content = [self._decoded(part) if part["type"] == "audio" else dict(part) for part in content]
+            out.append({**message, "content": content})
+        return out
+
+    def _decoded(self, part: dict) -> dict:
+        ref = part["audio"]
+        return {"type": "audio", "audio": to_waveform(resolve(ref, self.limits.max_audio_bytes), ref.where)}
 
     def prepare_transcription(
         self, request: fmt.TranscriptionRequest, channel: Channel
