@@ -465,6 +465,17 @@ def test_adapter_is_applied(demo_checkpoint, demo_pipeline, tmp_path):
     assert status == 200 and json.loads(answer)["choices"][0]["message"]["content"] == expected
 
 
+def test_model_options_reach_the_model(demo_checkpoint, demo_pipeline):
+    """--quantize int8 serves what minaf3.load(quantize="int8") answers (which differs from float32's)."""
+    clip = demo_checkpoint / CLIP_NAME
+    expected = greedy(minaf3.load(demo_checkpoint, quantize="int8"), clip, tokens=40)
+    assert expected != greedy(demo_pipeline, clip, tokens=40)
+    with ThreadServer("--model", demo_checkpoint, "--quantize", "int8", "--dtype", "float32") as running:
+        body = {"messages": ask(clip, QUESTION), "temperature": 0, "max_tokens": 40}
+        status, _, answer = request(running.wait_ready().port, "POST", "/v1/chat/completions", body)
+    assert status == 200 and json.loads(answer)["choices"][0]["message"]["content"] == expected
+
+
 def test_import_minaf3_does_not_import_the_server():
     result = run_python(
         "import sys, minaf3, minaf3.cli; minaf3.cli.build_parser(); "
