@@ -230,7 +230,7 @@ def create_app(options: ServeOptions, load: Callable, on_load_error: Callable | 
                 if isinstance(value, UploadFile):
                     value = (value.filename, await value.read())
                 fields.setdefault(name, []).append(value)
-        transcription = parse_transcription_form(fields, limits)
+        transcription = parse_transcription_form(fields)
         check_model(transcription.model)
         channel = Channel()
         jobs, bounds = await run_in_threadpool(service.prepare_transcription, transcription, channel)

@@ -1,7 +1,7 @@
 """OpenAI's requests, checked field by field (the answers' bodies are in responses.py).
 
     parse_chat_request(body, limits) -> ChatRequest                    POST /v1/chat/completions
-    parse_transcription_form(fields, limits) -> TranscriptionRequest   POST /v1/audio/transcriptions
+    parse_transcription_form(fields) -> TranscriptionRequest           POST /v1/audio/transcriptions
 
 Every problem is an APIError naming the field as OpenAI's `param` does ("messages[0].content[1].input_audio
 .format") and saying what is wrong; unknown fields are refused by name rather than ignored, so a client never
@@ -290,7 +290,7 @@ def _part(part, where: str, limits: Limits) -> dict:
 
 
 # ---- transcriptions ----------------------------------------------------------------------------------------
-def parse_transcription_form(fields: dict[str, list], limits: Limits) -> TranscriptionRequest:
+def parse_transcription_form(fields: dict[str, list]) -> TranscriptionRequest:
     """A checked TranscriptionRequest from multipart fields: name -> [str or (filename, bytes), ...]."""
     _unknown(fields, TRANSCRIPTION_FIELDS | set(GRANULARITY_FIELDS))
     for name, values in fields.items():
