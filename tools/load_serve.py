@@ -2,15 +2,17 @@
 
     python tools/load_serve.py [--model DIR] [--clients 32] [--requests 4] [--min-tokens 32] [--max-tokens 64]
 
-Starts `minaf3 serve` twice as a subprocess on 127.0.0.1 (a free port each time), on the demo checkpoint
-unless --model is given: first with --max-batch-size 1 (one request per generate call: serving one request at
-a time), then with dynamic batching (--max-batch-size 32, the default 10 ms window). Each time the same
-clients x requests chat requests (8 clips of 1-6 s, four questions, greedy, answers of --min-tokens to
+Starts two `minaf3 serve` subprocesses on 127.0.0.1 (free ports), on the demo checkpoint unless --model is
+given: one with --max-batch-size 1 (one request per generate call: serving one request at a time), one with
+dynamic batching (--max-batch-size 32, the default 10 ms window). In each of --rounds rounds, the two take
+turns (an idle server costs nothing, and turns spread the machine's other load over both); each time the
+same clients x requests chat requests (8 clips of 1-6 s, four questions, greedy, answers of --min-tokens to
 --max-tokens tokens, every fourth one streamed) are sent by `clients` threads at once, each client sending its
-requests one after another. It checks that every request is answered (nothing lost) and that every batched
-answer equals its one-at-a-time answer, and prints the CPU it ran on (/proc/cpuinfo: model and flags), then
-a table: answered, equal, wall time, requests per second, median and 95th percentile latency, mean rows per
-generate call and the speed-up in throughput.
+requests one after another. It checks that every request is answered (nothing lost) and that every answer
+equals the one-at-a-time server's first-round answer, and prints the CPU it ran on (/proc/cpuinfo: model and
+flags), then a table: answered, equal, median wall time and requests per second over the rounds, median and
+95th percentile latency (all rounds), mean rows per generate call, the share of the time spent in generate,
+and the speed-up in throughput.
 
 Bounded: loopback only, each request times out after REQUEST_SECONDS, each run after RUN_SECONDS, and the
 servers are stopped (SIGTERM, then SIGKILL) whatever happens.
@@ -18,6 +20,7 @@ servers are stopped (SIGTERM, then SIGKILL) whatever happens.
 
 import argparse
 import base64
+import contextlib
 import http.client
 import io
 import json
@@ -57,6 +60,11 @@ def cpu_description() -> str:
     fields = {k.strip(): v.strip() for k, v in fields.items()}
     flags = textwrap.fill(fields.get("flags", "?"), 110, initial_indent="    ", subsequent_indent="    ")
     return f"CPU: {fields.get('model name', '?')}, {os.cpu_count()} logical cores; flags:\n{flags}"
+
+
+def load_average() -> str:
+    """The 1-minute load average: how busy the machine was with other work."""
+    return f"{os.getloadavg()[0]:.1f}"
 
 
 def free_port() -> int:
@@ -191,6 +199,59 @@ def run(port: int, bodies: list[dict], clients: int) -> tuple[list, list, float]
     return answers, latencies, time.perf_counter() - begun
 
 
+def measure(server: Server, bodies: list[dict], clients: int) -> dict:
+    """One round on a running server: answers, latencies and wall time (s), rows, calls, time in generate."""
+    before = server.health()["batcher"]
+    answers, latencies, wall = run(server.port, bodies, clients)
+    after = server.health()["batcher"]
+    calls = after["batches"] - before["batches"]
+    return {
+        "answers": answers,
+        "latencies": latencies,
+        "wall": wall,
+        "rows": after["rows"] - before["rows"],
+        "calls": calls,
+        "busy": after["busy_seconds"] - before["busy_seconds"],
+    }
+
+
+def report(rounds: dict[str, list[dict]]) -> bool:
+    """Print the table (medians over rounds, latencies pooled); True if nothing was lost and all are equal."""
+    baseline = rounds["one at a time"]
+    reference = baseline[0]["answers"]
+    rate = {
+        name: float(np.median([len(r["answers"]) / r["wall"] for r in runs])) for name, runs in rounds.items()
+    }
+    print(
+        "| serving | answered | equal to one at a time | median wall s | requests/s | p50 latency s "
+        "| p95 latency s | rows per generate call | time in generate | throughput vs one at a time |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    ok = True
+    for name, runs in rounds.items():
+        total = sum(len(r["answers"]) for r in runs)
+        answered = sum(a is not None for r in runs for a in r["answers"])
+        equal = sum(
+            a is not None and a == b for r in runs for a, b in zip(r["answers"], reference, strict=True)
+        )
+        done = [t for r in runs for t, a in zip(r["latencies"], r["answers"], strict=True) if a is not None]
+        p50, p95 = np.percentile(done, [50, 95]) if done else (float("nan"),) * 2
+        rows = sum(r["rows"] for r in runs) / max(1, sum(r["calls"] for r in runs))
+        busy = sum(r["busy"] for r in runs) / sum(r["wall"] for r in runs)
+        wall = float(np.median([r["wall"] for r in runs]))
+        print(
+            f"| {name} | {answered}/{total} | {equal}/{total} | {wall:.2f} | {rate[name]:.1f} | {p50:.3f} | "
+            f"{p95:.3f} | {rows:.1f} | {busy:.0%} | {rate[name] / rate['one at a time']:.2f}x |"
+        )
+        ok &= answered == total and equal == total
+    ratios = [
+        len(b["answers"]) / b["wall"] / (len(a["answers"]) / a["wall"])
+        for a, b in zip(baseline, rounds["dynamic batching"], strict=True)
+    ]
+    print(f"\nthroughput vs one at a time, round by round: {', '.join(f'{x:.2f}x' for x in ratios)}")
+    return ok
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the demo's)")
@@ -198,60 +259,43 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=4, help="requests per client")
     parser.add_argument("--min-tokens", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--max-batch-size", type=int, default=32, help="of the batched run")
-    parser.add_argument(
-        "--threads", type=int, default=None, help="the servers' torch threads (their default)"
-    )
+    parser.add_argument("--max-batch-size", type=int, default=32, help="of the batched server")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, the two servers taking turns")
+    parser.add_argument("--threads", type=int, default=None, help="the servers' torch threads")
     args = parser.parse_args()
     import torch
 
     from minaf3.demo import write_demo_checkpoint
 
     print(cpu_description())
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; python {platform.python_version()}")
+    print(f"torch {torch.__version__}, python {platform.python_version()}; load average {load_average()}")
     bodies = workload(args.clients, args.requests, args.min_tokens, args.max_tokens)
+    options = ["--max-new-tokens", str(args.max_tokens)] + (
+        ["--threads", str(args.threads)] if args.threads else []
+    )
     with tempfile.TemporaryDirectory() as scratch:
         model = args.model or write_demo_checkpoint(Path(scratch) / "demo")
         print(
             f"model: {'the demo checkpoint (random weights)' if args.model is None else model}; "
             f"{args.clients} clients x {args.requests} requests, greedy, answers of {args.min_tokens} to "
-            f"{args.max_tokens} tokens"
+            f"{args.max_tokens} tokens; {args.rounds} rounds, the servers taking turns; torch threads: "
+            f"{args.threads or 'the server default'}\n"
         )
-        results = {}
-        for name, batch in (("one at a time", 1), ("dynamic batching", args.max_batch_size)):
-            options = ["--max-batch-size", str(batch), "--max-new-tokens", str(args.max_tokens)]
-            options += ["--threads", str(args.threads)] if args.threads else []
-            with Server(model, *options) as server:
+        modes = {"one at a time": 1, "dynamic batching": args.max_batch_size}
+        rounds: dict[str, list[dict]] = {name: [] for name in modes}
+        with contextlib.ExitStack() as stack:
+            servers = {
+                name: stack.enter_context(Server(model, "--max-batch-size", str(size), *options))
+                for name, size in modes.items()
+            }
+            for server in servers.values():
                 send(server.port, bodies[0])  # warm up: kernels loaded, first-call costs paid
-                before = server.health()["batcher"]
-                answers, latencies, wall = run(server.port, bodies, args.clients)
-                after = server.health()["batcher"]
-            calls = after["batches"] - before["batches"]
-            rows = (after["rows"] - before["rows"]) / calls if calls else 0.0
-            busy = (after["busy_seconds"] - before["busy_seconds"]) / wall
-            results[name] = (answers, latencies, wall, rows, busy)
-    baseline = results["one at a time"]
-    print()
-    print(
-        "| serving | answered | equal to one at a time | wall s | requests/s | p50 latency s | p95 latency s "
-        "| rows per generate call | time in generate | throughput vs one at a time |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    ok = True
-    for name, (answers, latencies, wall, rows, busy) in results.items():
-        answered = sum(a is not None for a in answers)
-        equal = sum(a is not None and a == b for a, b in zip(answers, baseline[0], strict=True))
-        done = sorted(t for t, a in zip(latencies, answers, strict=True) if a is not None and t is not None)
-        p50, p95 = (np.percentile(done, 50), np.percentile(done, 95)) if done else (float("nan"),) * 2
-        rate = answered / wall
-        speedup = rate / (sum(a is not None for a in baseline[0]) / baseline[2])
-        print(
-            f"| {name} | {answered}/{len(answers)} | {equal}/{len(answers)} | {wall:.2f} | {rate:.1f} | "
-            f"{p50:.3f} | {p95:.3f} | {rows:.1f} | {busy:.0%} | {speedup:.2f}x |"
-        )
-        ok &= answered == len(answers) and equal == len(answers)
-    print()
-    print("nothing lost, every answer equal: " + ("yes" if ok else "NO"))
+            for _ in range(args.rounds):
+                for name, server in servers.items():
+                    rounds[name].append(measure(server, bodies, args.clients))
+    ok = report(rounds)
+    print(f"load average at the end {load_average()} (other jobs on this machine slow both servers)")
+    print("nothing lost, every answer equal to its one-at-a-time answer: " + ("yes" if ok else "NO"))
     return 0 if ok else 1
 
 
