@@ -8,6 +8,7 @@ batch forms only when it is full, so what they assert does not depend on timing.
 
 import json
 import os
+import queue
 import re
 import shlex
 import shutil
@@ -300,8 +301,8 @@ def test_a_client_that_leaves_stops_its_work(batching, clips, demo_pipeline):
     long = {"temperature": 0, "max_tokens": 4000, "min_tokens": 4000}
     a_connection, a = open_stream(batching.port, {"messages": ask(clips["wav"], QUESTION), **long}, auth)
     b_connection, b = open_stream(batching.port, {"messages": ask(clips["ogg"], QUESTION), **long}, auth)
-    while "content" not in json.loads(read_event(a))["choices"][0]["delta"]:
-        pass
+    while not json.loads(read_event(a))["choices"][0]["delta"].get("content"):
+        pass  # the role first, then the first piece: the batch is running
     a_connection.close()
     alone = greedy(demo_pipeline, clips["ogg"], tokens=30, min_new_tokens=30)
     text = ""
@@ -350,35 +351,21 @@ def test_health_is_ready_only_once_the_model_is_loaded(demo_checkpoint):
 
 def test_sigterm_finishes_running_requests_and_refuses_new_ones(demo_checkpoint, tmp_path):
     """The `minaf3 serve` command in its own process: SIGTERM while a stream runs, which still ends whole."""
-    command = [
-        sys.executable,
-        "-m",
-        "minaf3",
-        "serve",
-        "--model",
-        str(demo_checkpoint),
-        "--port",
-        "0",
-        "--max-new-tokens",
-        "1024",
-    ]
-    # Port 0: the server prints nothing of the port uvicorn picks, so bind here and pass it on.
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command[command.index("0")] = str(port)
+    command = [sys.executable, "-m", "minaf3", "serve", "--model", str(demo_checkpoint)]
+    command += "--port 0 --max-new-tokens 1024".split()
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    lines: queue.Queue = queue.Queue()  # stderr, read by a thread so that every wait has a deadline
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stderr] + [lines.put(None)]).start()
+    stderr = []
     try:
+        while not (listening := re.search(r"listening on http://127.0.0.1:(\d+)/", "".join(stderr))):
+            line = lines.get(timeout=120)
+            assert line is not None, f"the server ended: {''.join(stderr)}"
+            stderr.append(line)
+        port = int(listening[1])
         deadline = time.monotonic() + 120
-        while True:
-            try:
-                if request(port, "GET", "/health")[0] == 200:
-                    break
-            except ConnectionError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, "the server did not start"
+        while request(port, "GET", "/health")[0] != 200:
+            assert time.monotonic() < deadline, "the model did not load"
             time.sleep(0.1)
         body = {
             "messages": ask(demo_checkpoint / CLIP_NAME, QUESTION),
@@ -388,7 +375,8 @@ def test_sigterm_finishes_running_requests_and_refuses_new_ones(demo_checkpoint,
             "stream_options": {"include_usage": True},
         }
         connection, response = open_stream(port, body)
-        assert "content" in json.loads(read_event(response))["choices"][0]["delta"] or read_event(response)
+        while not json.loads(read_event(response))["choices"][0]["delta"].get("content"):
+            pass  # the role first, then the first piece: the row is being generated
         process.send_signal(signal.SIGTERM)
         time.sleep(0.3)  # let the signal land; the assertions below hold whenever it does
         try:
@@ -405,8 +393,9 @@ def test_sigterm_finishes_running_requests_and_refuses_new_ones(demo_checkpoint,
     finally:
         if process.poll() is None:
             process.kill()
-        stderr = process.communicate()[1]
-    assert "SIGTERM: finishing 1 request(s) in flight, refusing new ones" in stderr, stderr
+        process.wait()
+    stderr += iter(lambda: lines.get(timeout=60), None)
+    assert "SIGTERM: finishing 1 request(s) in flight, refusing new ones" in "".join(stderr), stderr
 
 
 def test_cli_errors_are_one_line(demo_checkpoint, tmp_path, capsys, monkeypatch):

@@ -32,16 +32,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     from minaf3.pipeline import DEFAULT_MAX_NEW_TOKENS
 
     p = subparsers.add_parser("serve", help="an OpenAI-compatible HTTP API (and a page at /) for one model")
-    p.add_argument("--model", required=True, metavar="DIR|ID", help="checkpoint folder")
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="DIR|ID",
+        help="checkpoint folder (a hub id must be downloaded first)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="default 8000; 0: any free port")
     p.add_argument(
         "--api-key",
         default=os.environ.get("MINAF3_API_KEY"),
         metavar="KEY",
         help="require 'Authorization: Bearer KEY' on /v1 (default: $MINAF3_API_KEY, else no key)",
     )
-    p.add_argument("--max-batch-size", type=int, default=32, metavar="N", help="rows per generate call")
+    p.add_argument(
+        "--max-batch-size", type=int, default=32, metavar="N", help="rows per generate call (default 32)"
+    )
     p.add_argument(
         "--batch-window-ms",
         type=float,
@@ -178,7 +185,14 @@ def make_server(args: argparse.Namespace):
         torch.set_num_threads(threads)  # every thread's intra-op pool, the batcher's included
 
     class Server(uvicorn.Server):
-        """uvicorn's server, marking the app as draining before it starts its graceful shutdown."""
+        """uvicorn's server, saying where it listens, and marking the app as draining before it starts its
+        graceful shutdown."""
+
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started:  # the address as bound: --port 0 gets a free port
+                host, port = self.servers[0].sockets[0].getsockname()[:2]
+                logger.info("minaf3 serve: listening on http://%s:%d/ (model %s)", host, port, options.model_id)
 
         def handle_exit(self, sig, frame):
             state = app.minaf3
@@ -211,9 +225,6 @@ def run_serve(args: argparse.Namespace) -> int:
         logger.setLevel(logging.INFO)
         logger.propagate = False
     server = make_server(args)
-    print(
-        f"minaf3 serve: http://{args.host}:{args.port}/ (loading {args.model})", file=sys.stderr, flush=True
-    )
     server.run()
     error = server.config.app.minaf3.load_error
     if isinstance(error, Minaf3Error):
