@@ -11,8 +11,8 @@ same clients x requests chat requests (8 clips of 1-6 s, four questions, greedy,
 requests one after another. It checks that every request is answered (nothing lost) and that every answer
 equals the one-at-a-time server's first-round answer, and prints the CPU it ran on (/proc/cpuinfo: model and
 flags), then a table: answered, equal, median wall time and requests per second over the rounds, median and
-95th percentile latency (all rounds), mean rows per generate call, the share of the time spent in generate,
-and the speed-up in throughput.
+95th percentile latency (all rounds), mean rows and milliseconds per generate call, the share of the time
+spent in generate, and the speed-up in throughput (ratio of the median rates; each round's is listed too).
 
 Bounded: loopback only, each request times out after REQUEST_SECONDS, each run after RUN_SECONDS, and the
 servers are stopped (SIGTERM, then SIGKILL) whatever happens.
@@ -224,9 +224,10 @@ def report(rounds: dict[str, list[dict]]) -> bool:
     }
     print(
         "| serving | answered | equal to one at a time | median wall s | requests/s | p50 latency s "
-        "| p95 latency s | rows per generate call | time in generate | throughput vs one at a time |"
+        "| p95 latency s | rows per generate call | ms per generate call | time in generate "
+        "| throughput vs one at a time |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     ok = True
     for name, runs in rounds.items():
         total = sum(len(r["answers"]) for r in runs)
@@ -236,12 +237,14 @@ def report(rounds: dict[str, list[dict]]) -> bool:
         )
         done = [t for r in runs for t, a in zip(r["latencies"], r["answers"], strict=True) if a is not None]
         p50, p95 = np.percentile(done, [50, 95]) if done else (float("nan"),) * 2
-        rows = sum(r["rows"] for r in runs) / max(1, sum(r["calls"] for r in runs))
+        calls = max(1, sum(r["calls"] for r in runs))
+        rows, per_call = sum(r["rows"] for r in runs) / calls, 1000 * sum(r["busy"] for r in runs) / calls
         busy = sum(r["busy"] for r in runs) / sum(r["wall"] for r in runs)
         wall = float(np.median([r["wall"] for r in runs]))
+        speedup = rate[name] / rate["one at a time"]
         print(
             f"| {name} | {answered}/{total} | {equal}/{total} | {wall:.2f} | {rate[name]:.1f} | {p50:.3f} | "
-            f"{p95:.3f} | {rows:.1f} | {busy:.0%} | {rate[name] / rate['one at a time']:.2f}x |"
+            f"{p95:.3f} | {rows:.1f} | {per_call:.0f} | {busy:.0%} | {speedup:.2f}x |"
         )
         ok &= answered == total and equal == total
     ratios = [
