@@ -263,7 +263,7 @@ def main() -> int:
     parser.add_argument("--min-tokens", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-batch-size", type=int, default=32, help="of the batched server")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds, the two servers taking turns")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds, the two servers taking turns")
     parser.add_argument("--threads", type=int, default=None, help="the servers' torch threads")
     args = parser.parse_args()
     import torch
