@@ -10,7 +10,8 @@ same waveforms), and a batched row's tokens equal the row's alone, so every answ
 `minaf3.load(...).chat/.transcribe` gives for the same input and settings. Chat audio over 600 s is refused
 (Pipeline.chat(refuse_long_audio=True)): a server cutting it silently would answer about part of the clip.
 
-A Channel carries one request's row events from the worker thread into the event loop. A client that goes
+A Channel carries one request's row events from the worker thread into the event loop (through the loop's
+Mailbox, one wake-up for all the rows of a step). A client that goes
 away cancels its rows: queued ones are dropped, running ones stop being decoded and end the batch once no
 row of it has a client.
 """
@@ -18,8 +19,10 @@ row of it has a client.
 import asyncio
 import itertools
 import json
+import threading
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi.sse import format_sse_event
@@ -40,15 +43,50 @@ KEEPALIVE_SECONDS = 5.0  # a comment line on an idle stream: proxies keep it ope
 _seeded = itertools.count()  # makes each seeded job's key unique: it runs alone
 
 
+class Mailbox:
+    """Events from the worker thread into one event loop, delivered in one wake-up per burst.
+
+    Each call_soon_threadsafe wakes the loop, which then takes the GIL from the decode loop; a batch step
+    emits a piece for every streamed row, so they are posted here and handed over together.
+    """
+
+    _of_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox]" = weakref.WeakKeyDictionary()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, tuple]] = []
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> "Mailbox":
+        """The loop's mailbox (called in the loop's own thread, so no two are made for one loop)."""
+        if loop not in cls._of_loop:
+            cls._of_loop[loop] = cls(loop)
+        return cls._of_loop[loop]
+
+    def post(self, queue: asyncio.Queue, event: tuple) -> None:
+        with self._lock:
+            self._pending.append((queue, event))
+            first = len(self._pending) == 1
+        if first:  # later posts of this burst ride on the wake-up already scheduled
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for queue, event in pending:
+            queue.put_nowait(event)
+
+
 class Channel:
     """Row events ("delta", text) / ("done", sink) / ("error", exc) from the worker thread to one request."""
 
     def __init__(self):
-        self.loop = asyncio.get_running_loop()
+        self.mailbox = Mailbox.of(asyncio.get_running_loop())
         self.queue: asyncio.Queue = asyncio.Queue()
 
     def emit(self, kind: str, value) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
+        self.mailbox.post(self.queue, (kind, value))
 
     async def next(self, timeout: float) -> tuple[str, object] | None:
         """The next event, or None after `timeout` seconds without one."""
