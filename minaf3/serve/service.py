@@ -11,9 +11,8 @@ same waveforms), and a batched row's tokens equal the row's alone, so every answ
 (Pipeline.chat(refuse_long_audio=True)): a server cutting it silently would answer about part of the clip.
 
 A Channel carries one request's row events from the worker thread into the event loop (through the loop's
-Mailbox, one wake-up for all the rows of a step). A client that goes
-away cancels its rows: queued ones are dropped, running ones stop being decoded and end the batch once no
-row of it has a client.
+Mailbox, one wake-up for all the rows of a step). A client that goes away cancels its rows: queued ones are
+dropped, running ones stop being decoded and end the batch once no row of it has a client.
 """
 
 import asyncio
