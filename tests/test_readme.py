@@ -28,9 +28,14 @@ MODEL_ID = "nvidia/audio-flamingo-3-hf"
 AUDIO_FILE = re.compile(r"[\w.-]+\.(?:wav|flac|mp3)\b")
 
 
+SERVED = "## Serving over HTTP"  # its blocks talk to a running server: tests/test_serve.py runs them
+
+
 def python_blocks(text: str) -> list[str]:
-    """The code of every ```python fenced block, in order."""
-    return re.findall(r"^```python\n(.*?)^```$", text, flags=re.MULTILINE | re.DOTALL)
+    """The code of every ```python fenced block, in order, but those of the serving section."""
+    sections = re.split(r"^(?=## )", text, flags=re.MULTILINE)
+    kept = "".join(section for section in sections if not section.startswith(SERVED))
+    return re.findall(r"^```python\n(.*?)^```$", kept, flags=re.MULTILINE | re.DOTALL)
 
 
 def first_screen_commands(text: str) -> list[str]:
