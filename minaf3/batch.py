@@ -375,7 +375,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE", help="JSON lines: id and text, or id and error")
     p.add_argument("--device", default=None, help="cpu (default), cuda (each rank its LOCAL_RANK GPU), auto")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="compute dtype")
-    p.add_argument("--quantize", default=None, choices=["int8"], help="int8 weight-only decoder and lm_head")
+    p.add_argument(
+        "--quantize", default=None, choices=["int8", "int4"], help="weight-only int8 or int4 decoder, lm_head"
+    )
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N")
     p.add_argument("--greedy", action="store_true", help="greedy decoding unless a line sets do_sample")
     p.add_argument("--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET, metavar="N", help="per batch")
