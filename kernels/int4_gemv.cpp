@@ -452,66 +452,8 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return y;
 }
 
-// One row of W (K columns) as bfloat16 (each weight computed in float32, then rounded to nearest even) or
-// float32, into out.
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
-void dequantize_row(const uint8_t* w, const uint16_t* s, int64_t K, int64_t G, bool bf16, void* out) {
-  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  // lane i of the first 16 columns is lo[i / 2] (even i) or hi[i / 2] (odd i): index i / 2 + 16 * (i % 2)
-  const __m512i first = _mm512_or_si512(_mm512_srli_epi32(lane, 1),
-                                        _mm512_slli_epi32(_mm512_and_si512(lane, _mm512_set1_epi32(1)), 4));
-  const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
-  for (int64_t k = 0; k < K; k += 32) {  // 16 bytes: columns k + 2i (low nibbles), k + 2i + 1 (high)
-    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k / 2)));
-    const __m512 scale = _mm512_set1_ps(bf16_to_float(s[k / G]));
-    const __m512 offset = _mm512_mul_ps(scale, _mm512_set1_ps(-8.0f));
-    const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15))), scale, offset);
-    const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), scale, offset);
-    const __m512 a = _mm512_permutex2var_ps(lo, first, hi), b = _mm512_permutex2var_ps(lo, second, hi);
-    if (bf16) {
-      _mm512_storeu_si512(static_cast<uint16_t*>(out) + k, (__m512i)_mm512_cvtne2ps_pbh(b, a));
-    } else {
-      _mm512_storeu_ps(static_cast<float*>(out) + k, a);
-      _mm512_storeu_ps(static_cast<float*>(out) + k + 16, b);
-    }
-  }
-}
-
-// Rows [row0, row0 + rows) of W as a (rows, K) tensor of `dtype`, bfloat16 or float32: the tiles of the
-// prefill path on AVX-512 BF16 CPUs (int4_linear.py), which torch's bf16 product multiplies.
-at::Tensor int4_dequantize(const at::Tensor& w, const at::Tensor& scales, int64_t row0, int64_t rows,
-                           at::ScalarType dtype) {
-  const char* name = "int4_dequantize";
-  TORCH_CHECK(cpu_has("avx512_bf16"), name, ": needs a CPU with AVX-512 BF16");
-  TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(), name,
-              ": w must be a contiguous (N, K / 2) uint8 CPU tensor");
-  const int64_t K = 2 * w.size(1), N = w.size(0);
-  TORCH_CHECK(K % kAlign == 0, name, ": K = ", K, " must be a multiple of ", kAlign);
-  TORCH_CHECK(scales.dim() == 2 && scales.scalar_type() == at::kBFloat16 && scales.is_contiguous() &&
-                  scales.size(0) == N && scales.size(1) > 0 && K % scales.size(1) == 0 &&
-                  (K / scales.size(1)) % 32 == 0,
-              name, ": scales must be contiguous (", N, ", K / G) bfloat16 with G a multiple of 32");
-  TORCH_CHECK(row0 >= 0 && rows >= 0 && row0 + rows <= N, name, ": rows ", row0, " + ", rows, " of ", N);
-  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kFloat, name, ": dtype must be bfloat16 or float32");
-  const int64_t G = K / scales.size(1);
-  at::Tensor out = at::empty({rows, K}, w.options().dtype(dtype));
-  const uint8_t* wp = w.data_ptr<uint8_t>() + row0 * (K / 2);
-  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr()) + row0 * (K / G);
-  char* base = static_cast<char*>(out.data_ptr());
-  const int64_t row_bytes = K * out.element_size();
-  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n)
-      dequantize_row(wp + n * (K / 2), sp + n * (K / G), K, G, dtype == at::kBFloat16, base + n * row_bytes);
-  });
-  return out;
-}
-
 TORCH_LIBRARY(minaf3_int4, m) {
-  m.def("int4_dequantize(Tensor w, Tensor scales, int row0, int rows, ScalarType dtype) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor w, Tensor scales, Tensor? bias, str isa='auto') -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(minaf3_int4, CPU, m) {
-  m.impl("int4_linear", &int4_linear);
-  m.impl("int4_dequantize", &int4_dequantize);
-}
+TORCH_LIBRARY_IMPL(minaf3_int4, CPU, m) { m.impl("int4_linear", &int4_linear); }

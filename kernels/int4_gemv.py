@@ -3,11 +3,9 @@
     load_library()   builds (first use) and loads it; False, with one logged warning, when it cannot be built
                      here (registry.py calls it: registry.runs("int4"))
 
-Its operators (kernels/int4_linear.py calls them; the layout is described there):
-    torch.ops.minaf3_int4.int4_linear(x, w, scales, bias, isa="auto")   the streaming loop for a few rows
-    torch.ops.minaf3_int4.int4_dequantize(w, scales, row0, rows, dtype)  weight rows as bf16 or float32
-                                                                          (AVX-512 BF16 CPUs only)
-Their shape functions are registered here, so torch.compile traces through the calls.
+Its operator, torch.ops.minaf3_int4.int4_linear(x, w, scales, bias, isa="auto"), the streaming loop for a
+few rows, is called by kernels/int4_linear.py (which describes the layout); its shape function is registered
+here, so torch.compile traces through the calls.
 """
 
 from __future__ import annotations
@@ -31,10 +29,6 @@ def _build() -> bool:
     @torch.library.register_fake("minaf3_int4::int4_linear")
     def _(x, w, scales, bias, isa="auto"):
         return x.new_empty(*x.shape[:-1], w.shape[0])
-
-    @torch.library.register_fake("minaf3_int4::int4_dequantize")
-    def _(w, scales, row0, rows, dtype):
-        return w.new_empty(rows, 2 * w.shape[1], dtype=dtype)
 
     return True
 

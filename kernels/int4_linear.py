@@ -19,10 +19,9 @@ Backends: the `backend=` argument, else $MINAF3_INT4_BACKEND, else "auto".
   "cpp"    the C++ kernels (CPU): below PREFILL_MIN_ROWS rows int4_gemv.cpp's streaming loop (its AVX-512
            BF16 code where the CPU has those instructions, else AVX-512 or AVX2 code); from PREFILL_MIN_ROWS
            rows, on CPUs whose best vector unit is AVX2, gemm.cpp's blocked product with the int4 rows
-           widened to float32 and scaled as they are packed, and on CPUs with AVX-512 BF16, tiles of
-           PREFILL_TILE_ROWS weight rows dequantized to bf16 by int4_gemv.cpp and multiplied by torch's bf16
-           product (oneDNN's bf16 dot-product kernels); elsewhere the loop at every row count. ConfigError
-           when the kernels cannot be built or run here.
+           widened to float32 and scaled as they are packed, and on CPUs with AVX-512 BF16, tiles of weight
+           rows dequantized to bf16 and multiplied by torch's bf16 product (bf16_tiles.py); elsewhere the
+           loop at every row count. ConfigError when the kernels cannot be built or run here.
   "torch"  torch ops only: tiles of weight rows dequantized in x's dtype, multiplied with F.linear.
   "auto"   "cpp" for CPU tensors where the library builds, otherwise "torch".
 
@@ -44,7 +43,7 @@ import torch.nn.functional as F
 
 from minaf3.errors import ConfigError
 
-from . import cpp_build
+from . import bf16_tiles, cpp_build
 from .registry import available, runs
 
 GROUP_SIZE = 32  # columns per scale (see the module docstring)
@@ -55,9 +54,6 @@ BACKEND_ENV = "MINAF3_INT4_BACKEND"
 # Rows from which the "cpp" backend leaves the streaming loop for a matrix product (where there is one for
 # this CPU): where the two crossed on the decoder's shapes (tools/bench_int4.py --rows).
 PREFILL_MIN_ROWS = 40
-# Weight rows per dequantized bf16 tile on AVX-512 BF16 CPUs: oneDNN's bf16 product of a prompt's rows by a
-# few hundred weight rows runs faster per FLOP than by thousands, and the tile stays in L2 (3584 x 256 x 2 B).
-PREFILL_TILE_ROWS = 256
 # The torch backend dequantizes this many weight bytes (in the activation dtype) at a time (as int8's).
 DEQUANT_TILE_BYTES = 8 * 2**20
 GEMM_X_DTYPES = (torch.float32, torch.bfloat16)  # gemm.cpp's activation dtypes
@@ -139,7 +135,7 @@ def run_int4_linear(
                 x if x.dtype in GEMM_X_DTYPES else x.float(), weight, scales, bias32
             )
         elif rows >= PREFILL_MIN_ROWS and kernels.bf16_prefill:
-            return _bf16_tiles(x, weight, scales, bias)
+            return bf16_tiles.tiled_linear(x, bf16_tiles.int4_tiles(weight, scales), weight.shape[0], bias)
         else:
             out = torch.ops.minaf3_int4.int4_linear(
                 x if x.dtype == f32 else x.float(), weight, scales, bias32
@@ -204,23 +200,6 @@ def int4_product_sum(
     x32 = F.pad(x.float(), (0, Kp - x.shape[-1]))
     y = (x32.unsqueeze(-2) * W).sum(-1)  # (..., 1, Kp) * (N, Kp) -> (..., N)
     return (y if bias is None else y + bias).to(x.dtype)
-
-
-def _bf16_tiles(
-    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """Many rows on an AVX-512 BF16 CPU: x (..., Kp) rounded to bf16 times tiles of PREFILL_TILE_ROWS weight
-    rows dequantized to bf16, by torch's bf16 product; (..., N) in x.dtype."""
-    N = weight.shape[0]
-    xb = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-    out = torch.empty(xb.shape[0], N, dtype=x.dtype)
-    for n0 in range(0, N, PREFILL_TILE_ROWS):
-        rows = min(PREFILL_TILE_ROWS, N - n0)
-        tile = torch.ops.minaf3_int4.int4_dequantize(weight, scales, n0, rows, torch.bfloat16)  # (rows, Kp)
-        out[:, n0 : n0 + rows] = F.linear(xb, tile)
-    if bias is not None:
-        out += bias
-    return out.reshape(*x.shape[:-1], N)
 
 
 def _torch_int4_linear(

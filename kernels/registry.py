@@ -26,7 +26,7 @@ import torch
 
 from minaf3.errors import ConfigError
 
-from . import cpp_build, cpu_attention, gemm, gemv, int4_gemv, log_mel
+from . import bf16_tiles, cpp_build, cpu_attention, gemm, gemv, int4_gemv, log_mel
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,8 @@ class Kernels:
     cpu_attention: bool  # cpu_attention.cpp: one query token over the static KV cache
     gemv: bool  # int8_gemv.cpp: streaming matrix-vector products over int8, bf16 or float32 weights
     gemm: bool  # gemm.cpp: blocked matrix products for many rows, on CPUs whose best vector unit is AVX2
-    int4: bool  # int4_gemv.cpp: int4 products for a few rows, and dequantized tiles for many
-    bf16_prefill: bool  # quantized prefill as bf16 tiles times oneDNN's bf16 product: CPUs with AVX-512 BF16
+    int4: bool  # int4_gemv.cpp: streaming products over int4 weights, for a few rows
+    bf16_prefill: bool  # bf16_tiles.cpp: int8 and int4 prefill as bf16 tiles, on CPUs with AVX-512 BF16
     log_mel: bool  # log_mel.cpp: the fused log-mel front end
     triton: bool  # triton importable, and a CUDA device to run it on
 
@@ -56,8 +56,8 @@ def _triton_runs() -> bool:
 
 
 def _bf16_prefill_runs() -> bool:
-    # The tiles are dequantized by int4_gemv.cpp's AVX-512 BF16 code and multiplied in hardware bf16.
-    return torch.cpu._is_avx512_bf16_supported() and int4_gemv.load_library()
+    # The tiles are made by AVX-512 BF16 code and multiplied by torch's bf16 product, in hardware there only.
+    return torch.cpu._is_avx512_bf16_supported() and bf16_tiles.load_library()
 
 
 def _gemm_runs() -> bool:

@@ -146,9 +146,10 @@ def bench_layer(key: str, rows_list: list[int], repeats: int) -> None:
         for label, (_, nbytes) in contenders.items():
             seconds = times[label]
             rate = nbytes / seconds
+            flops = 2 * rows * N * K / seconds
             print(
                 f"{rows:>4} {label:>16} {seconds * 1e3:9.2f} {rate / 1e9:7.1f} {rate / bandwidth:6.0%} "
-                f"{times['int8'] / seconds:7.2f}x {times['fp32'] / seconds:7.2f}x {2 * rows * N * K / seconds / 1e9:8.0f}"
+                f"{times['int8'] / seconds:7.2f}x {times['fp32'] / seconds:7.2f}x {flops / 1e9:8.0f}"
             )
         print(f"{rows:>4} {'read probe':>16} {times['read'] * 1e3:9.2f} {bandwidth / 1e9:7.1f}")
         del contenders
@@ -182,22 +183,21 @@ def weight_error_report(K: int) -> None:
     errors = {
         n: (((w / int8[n]).round() * int8[n] - w).norm() / w.norm()).item() for n, w in matrices.items()
     }
-    print(
-        f"{'int8 per-row absmax':>34} {1 + 4 / K:12.4f} {errors['Gaussian']:9.2%} {errors['Student t5']:10.2%}"
-    )
+
+    def row(label: str, per_weight: float, e: list[float]) -> None:
+        print(f"{label:>34} {per_weight:12.4f} {e[0]:9.2%} {e[1]:10.2%}")
+
+    row("int8 per-row absmax", 1 + 4 / K, list(errors.values()))
     for group in (32, 64, 128):
         for symmetric in (True, False):
             label = f"int4 {'symmetric' if symmetric else 'asymmetric'}, group {group}"
             per_weight = 0.5 + (2 if symmetric else 4) / group
-            e = [int4_error(w, group, symmetric) for w in matrices.values()]
-            print(f"{label:>34} {per_weight:12.4f} {e[0]:9.2%} {e[1]:10.2%}")
+            row(label, per_weight, [int4_error(w, group, symmetric) for w in matrices.values()])
     ours = []
     for w in matrices.values():
         approx = int4_dequantize_reference(*quantize_weight_int4(w))[:, :K]
         ours.append(((approx - w.double()).norm() / w.double().norm()).item())
-    print(
-        f"{'minaf3 quantize_weight_int4':>34} {quantized_bytes(1, K, 'int4') / K:12.4f} {ours[0]:9.2%} {ours[1]:10.2%}"
-    )
+    row("minaf3 quantize_weight_int4", quantized_bytes(1, K, "int4") / K, ours)
 
 
 # ---- --logits ---------------------------------------------------------------------------------------------
