@@ -43,15 +43,20 @@ inline uint16_t float_to_bf16(float v) {  // round to nearest even, as torch's c
   return static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
 }
 
+// 16 int8 weights at w as float32, times the scale s.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) inline __m512 widen(const int8_t* w,
+                                                                                         __m512 s) {
+  const __m512i wide = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(wide), s);
+}
+
 // One int8 row of K columns (any K) times its scale, as bf16.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 void int8_row(const int8_t* w, float scale, int64_t K, uint16_t* out) {
   const __m512 s = _mm512_set1_ps(scale);
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
-    const __m512 a = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + k)))), s);
-    const __m512 b = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + k + 16)))), s);
-    _mm512_storeu_si512(out + k, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+    _mm512_storeu_si512(out + k, (__m512i)_mm512_cvtne2ps_pbh(widen(w + k + 16, s), widen(w + k, s)));
   }
   for (; k < K; ++k) out[k] = float_to_bf16(w[k] * scale);  // the last K % 32 columns
 }
@@ -69,7 +74,8 @@ void int4_row(const uint8_t* w, const uint16_t* s, int64_t K, int64_t G, uint16_
     const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + k / 2)));
     const __m512 scale = _mm512_set1_ps(bf16_to_float(s[k / G]));
     const __m512 offset = _mm512_mul_ps(scale, _mm512_set1_ps(-8.0f));
-    const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15))), scale, offset);
+    const __m512i low_nibbles = _mm512_and_si512(v, _mm512_set1_epi32(15));
+    const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(low_nibbles), scale, offset);
     const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), scale, offset);
     const __m512 a = _mm512_permutex2var_ps(lo, first, hi), b = _mm512_permutex2var_ps(lo, second, hi);
     _mm512_storeu_si512(out + k, (__m512i)_mm512_cvtne2ps_pbh(b, a));
@@ -79,8 +85,10 @@ void int4_row(const uint8_t* w, const uint16_t* s, int64_t K, int64_t G, uint16_
 // The checks both operators share; returns the (rows, K) bf16 output.
 at::Tensor output_for(const char* name, const at::Tensor& w, int64_t K, int64_t row0, int64_t rows) {
   TORCH_CHECK(cpu_has_avx512_bf16(), name, ": needs a CPU with AVX-512 BF16");
-  TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.is_contiguous(), name, ": w must be a contiguous 2-D CPU tensor");
-  TORCH_CHECK(row0 >= 0 && rows >= 0 && row0 + rows <= w.size(0), name, ": rows ", row0, " + ", rows, " of ", w.size(0));
+  TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.is_contiguous(), name,
+              ": w must be a contiguous 2-D CPU tensor");
+  TORCH_CHECK(row0 >= 0 && rows >= 0 && row0 + rows <= w.size(0), name, ": rows ", row0, " + ", rows, " of ",
+              w.size(0));
   return at::empty({rows, K}, w.options().dtype(at::kBFloat16));
 }
 
@@ -90,8 +98,8 @@ at::Tensor output_for(const char* name, const at::Tensor& w, int64_t K, int64_t 
 at::Tensor int8_dequantize(const at::Tensor& w, const at::Tensor& scales, int64_t row0, int64_t rows) {
   const char* name = "int8_dequantize";
   TORCH_CHECK(w.scalar_type() == at::kChar, name, ": w must be int8");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == w.size(0), name,
-              ": scales must be ", w.size(0), " contiguous float32 values");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == w.size(0),
+              name, ": scales must be ", w.size(0), " contiguous float32 values");
   const int64_t K = w.size(1);
   at::Tensor out = output_for(name, w, K, row0, rows);
   const int8_t* wp = w.data_ptr<int8_t>() + row0 * K;

@@ -175,8 +175,10 @@ void pack(const Int4Weight* q, int64_t K, int64_t n0, int64_t k0, int64_t nr, in
     const uint16_t* s = q->s + (n0 + j) * (K / q->G);
     for (int64_t k = k0; k < k0 + kc; k += 16) {  // 8 bytes: columns k + 2i (low nibbles), k + 2i + 1 (high)
       const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k / 2)));
-      const __m256 scale = _mm256_set1_ps(to_float(s[k / q->G])), offset = _mm256_mul_ps(scale, _mm256_set1_ps(-8.0f));
-      const __m256 lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15))), scale, offset);
+      const __m256 scale = _mm256_set1_ps(to_float(s[k / q->G]));
+      const __m256 offset = _mm256_mul_ps(scale, _mm256_set1_ps(-8.0f));
+      const __m256i low_nibbles = _mm256_and_si256(v, _mm256_set1_epi32(15));
+      const __m256 lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(low_nibbles), scale, offset);
       const __m256 hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), scale, offset);
       const __m256 a = _mm256_unpacklo_ps(lo, hi), b = _mm256_unpackhi_ps(lo, hi);  // pairs in 128-bit halves
       _mm256_storeu_ps(rows + j * kKC + (k - k0), _mm256_permute2f128_ps(a, b, 0x20));
@@ -321,8 +323,8 @@ at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   return gemm("int8_gemm", x, w, &scales, bias);
 }
 
-// y (..., N) float32 = x (..., K) @ W.T + bias, x float32 or bf16 and W the int4 weight w (N, K / 2) uint8 with
-// scales (N, K / G) bf16, K a multiple of 128 and G of 32: an int4 layer's product for many rows.
+// y (..., N) float32 = x (..., K) @ W.T + bias, x float32 or bf16 and W the int4 weight w (N, K / 2) uint8
+// with scales (N, K / G) bf16, K a multiple of 128 and G of 32: an int4 layer's product for many rows.
 at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                      const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(float32_or_bf16(x) && w.scalar_type() == at::kByte && scales.scalar_type() == at::kBFloat16,

@@ -6,29 +6,29 @@
 // Decode reads every weight once per token, so its time is the weights' bytes over the memory bandwidth:
 // at half a byte per weight, the loop must turn nibbles into products twice as fast per weight as the int8
 // loop does to stay at that limit. Three things keep it cheap:
-//   - x is permuted once per call into the order in which each instruction set unpacks the nibbles, so that
-//     no weight is ever shuffled into column order;
-//   - the scale multiplies each group's finished sum, not each weight, and the - 8 is taken out through
-//     the sums of x, computed once per call:
-//       sum_k x[k] W[n, k] = sum_g scales[n, g] * (sum_{k in g} x[k] q[n, k] - 8 X[g]),  X[g] = sum_{k in g} x[k]
-//     where each vector lane's share of -8 X[g] is the value its accumulator starts from, so that it costs
-//     the loop nothing;
+//   - x is permuted once per call into the order in which each instruction set unpacks the nibbles, so
+//     that no weight is ever shuffled into column order;
+//   - the scale multiplies each group's finished sum, not each weight, and the - 8 goes through the sums
+//     of x:  sum_k x[k] W[n, k] = sum_g scales[n, g] * (sum_{k in g} x[k] q[n, k] - 8 sum_{k in g} x[k]),
+//     each vector lane's share of the second sum being the value its accumulator starts from (computed
+//     once per call), so that it costs the loop nothing;
 //   - on CPUs with AVX-512 BF16, a nibble becomes the bf16 number 128 + q with one bitwise operation (its
-//     bits are 0x4300 | q), and _mm512_dpbf16_ps multiplies 32 of them by bf16 activations per instruction;
-//     the 128 joins the 8 in the X term. Products of bf16 values are exact in float32 and the sums are
-//     float32: only the activations are rounded, to bf16 (a relative 2^-9, well below int4's own error).
-// Without AVX-512 BF16, the nibbles are widened to int32 and converted to float32 (AVX-512 or AVX2 code),
+//     bits are 0x4300 | q), and _mm512_dpbf16_ps multiplies 32 of them by bf16 activations at once; the 128
+//     joins the 8. Products of bf16 values are exact in float32 and the sums are float32: only the
+//     activations are rounded, to bf16 (a relative 2^-8 at most, far below int4's own error).
+// Without AVX-512 BF16 the nibbles are widened to int32 and converted to float32 (AVX-512 or AVX2 code),
 // with float32 activations.
 //
 // One source for the instruction sets, as int8_gemv.cpp: built with -mavx2 -mfma; the AVX-512 entry points
-// alone are compiled for their targets (`flatten` inlines the generic code into them) and chosen at run time.
-// Blocking, prefetching and threading are int8_gemv.cpp's (see there for why): R weight rows x BT activation
-// rows per pass over K; short rows read in R runs; weights prefetched kPrefetchBytes ahead into L2; each
-// thread claims chunks of rows from its own run first, then from the others'.
+// alone are compiled for their targets (`flatten` inlines the generic code into them), chosen at run time.
+// Blocking, prefetching and threading are int8_gemv.cpp's (see there for why): R weight rows x BT
+// activation rows per pass over K; short rows read in R runs; weights prefetched kPrefetchBytes ahead into
+// L2; each thread claims chunks of rows from its own run first, then from the others'.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <immintrin.h>
 #include <torch/library.h>
 
@@ -43,19 +43,15 @@
 
 namespace {
 
-constexpr int64_t kCacheLine = 64;
-constexpr int64_t kPrefetchBytes = 64 * 1024;  // int8_gemv.cpp's distance
-constexpr int64_t kTileBytes = 256 * 1024;
-constexpr int64_t kShortRowBytes = 4096;
-constexpr int64_t kChunkWork = 512 * 1024;
-constexpr int64_t kMinChunkRows = 16;
-constexpr int64_t kAlign = 128;  // K is a multiple of this: one 64-byte line of a row
+// int8_gemv.cpp's sizes (see there why): prefetch distance, weight tile per L2, short rows, work per chunk.
+constexpr int64_t kCacheLine = 64, kPrefetchBytes = 64 * 1024, kTileBytes = 256 * 1024;
+constexpr int64_t kShortRowBytes = 4096, kChunkWork = 512 * 1024, kMinChunkRows = 16;
+constexpr int64_t kAlign = 128;  // K is a multiple of this: a 64-byte line of a row per AVX-512 BF16 step
 
 inline float bf16_to_float(uint16_t bits) {
   const uint32_t wide = static_cast<uint32_t>(bits) << 16;
   float f;
-  std::memcpy(&f, &wide, sizeof f);
-  return f;
+  return std::memcpy(&f, &wide, sizeof f), f;
 }
 
 inline uint16_t float_to_bf16(float v) {  // round to nearest even, as torch's conversion (no NaN here)
@@ -64,13 +60,12 @@ inline uint16_t float_to_bf16(float v) {  // round to nearest even, as torch's c
   return static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
 }
 
-// Each Isa: `Step` columns per step of the loop (Step / 2 bytes of a row), activations of type `X` laid out
-// by `permute` in the order `dot` consumes them, and the constant `kBias` its unpacked nibbles carry
-// (q + kBias is what it multiplies), taken out with the X term.
+// Each Isa: kStep columns per step (kStep / 2 bytes of a row) in vectors of kLanes floats; activations of
+// type X, position j of a step holding column source(j) and adding to accumulator lane lane(j); kBias, the
+// constant its unpacked nibbles carry (dot multiplies q + kBias); scales<G>, each lane's scale in a step.
 
 struct Avx2 {
-  static constexpr int kStep = 16;  // 8 bytes -> 8 int32 lanes: low nibbles, then high nibbles
-  static constexpr int kLanes = 8;
+  static constexpr int kStep = 16, kLanes = 8;  // 8 bytes -> 8 int32 lanes: low nibbles, then high ones
   static constexpr float kBias = 0.0f;
   using X = float;
   using Vec = __m256;
@@ -80,27 +75,21 @@ struct Avx2 {
   static inline float sum(Vec v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
   }
-  // x[k0 + 2i] then x[k0 + 2i + 1] for i < 8: lane i of the low and high vectors.
   static inline int64_t source(int64_t j) { return j < 8 ? 2 * j : 2 * (j - 8) + 1; }
-  static inline int64_t lane(int64_t j) { return j % 8; }  // the accumulator lane position j adds to
+  static inline int64_t lane(int64_t j) { return j % 8; }
   // acc[b] += the step's 16 weights of the row at w times the BT activation rows at x (stride xs).
   template <int BT>
   static inline void dot(const uint8_t* w, const X* x, int64_t xs, Vec* acc) {
     const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w)));
     const Vec lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0x0F)));
     const Vec hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
-#pragma GCC unroll 4
-    for (int b = 0; b < BT; ++b) {
-      acc[b] = fma(_mm256_loadu_ps(x + b * xs), lo, acc[b]);
-      acc[b] = fma(_mm256_loadu_ps(x + b * xs + 8), hi, acc[b]);
-    }
+    for (int b = 0; b < BT; ++b) acc[b] = fma(load(x + b * xs + 8), hi, fma(load(x + b * xs), lo, acc[b]));
   }
-  // The scale of each lane's column in a step at column k (a step lies within one group).
-  template <int G>
+  template <int G>  // a step lies within one group
   static inline Vec scales(const uint16_t* s, int64_t k) { return _mm256_set1_ps(bf16_to_float(s[k / G])); }
+  // R * BT group sums and as many totals, a row's 2 weight vectors and an activation: 16 ymm registers
   static constexpr int rows_per_block(int64_t M) { return M <= 1 ? 4 : 2; }
   static constexpr int max_bt(int64_t M) { return M <= 1 ? 1 : 2; }
 };
@@ -108,8 +97,7 @@ struct Avx2 {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
 struct Avx512 {
-  static constexpr int kStep = 32;  // 16 bytes -> 16 int32 lanes
-  static constexpr int kLanes = 16;
+  static constexpr int kStep = 32, kLanes = 16;  // 16 bytes -> 16 int32 lanes
   static constexpr float kBias = 0.0f;
   using X = float;
   using Vec = __m512;
@@ -124,11 +112,7 @@ struct Avx512 {
     const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
     const Vec lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0F)));
     const Vec hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
-#pragma GCC unroll 4
-    for (int b = 0; b < BT; ++b) {
-      acc[b] = fma(_mm512_loadu_ps(x + b * xs), lo, acc[b]);
-      acc[b] = fma(_mm512_loadu_ps(x + b * xs + 16), hi, acc[b]);
-    }
+    for (int b = 0; b < BT; ++b) acc[b] = fma(load(x + b * xs + 16), hi, fma(load(x + b * xs), lo, acc[b]));
   }
   template <int G>
   static inline Vec scales(const uint16_t* s, int64_t k) { return _mm512_set1_ps(bf16_to_float(s[k / G])); }
@@ -139,24 +123,15 @@ struct Avx512 {
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
-struct Avx512Bf16 {
+struct Avx512Bf16 : Avx512 {  // Avx512's float32 vectors and blocking, bf16 products
   // 64 bytes = 32 words; word i holds columns 4i .. 4i + 3 in its four nibbles. Nibble j of every word,
   // masked and or-ed with 0x4300, is the bf16 128 + q (vector j), and dpbf16 pairs words 2l and 2l + 1:
   // lane l of vector j multiplies columns 8l + j and 8l + 4 + j, so every lane stays within 8 columns.
   static constexpr int kStep = 128;
-  static constexpr int kLanes = 16;
   static constexpr float kBias = 128.0f;
   using X = uint16_t;  // bf16 bits
-  using Vec = __m512;
-  static inline Vec zero() { return _mm512_setzero_ps(); }
-  static inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
-  static inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-  static inline float sum(Vec v) { return _mm512_reduce_add_ps(v); }
   // Position 32j + 2l + e of a step's activations holds column 8l + 4e + j.
-  static inline int64_t source(int64_t p) {
-    const int64_t j = p / 32, l = (p % 32) / 2, e = p % 2;
-    return 8 * l + 4 * e + j;
-  }
+  static inline int64_t source(int64_t p) { return 8 * ((p % 32) / 2) + 4 * (p % 2) + p / 32; }
   static inline int64_t lane(int64_t p) { return (p % 32) / 2; }
   template <int BT>
   static inline void dot(const uint8_t* w, const X* x, int64_t xs, Vec* acc) {
@@ -167,14 +142,9 @@ struct Avx512Bf16 {
     q[1] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), mask, one28, 0xEA);
     q[2] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), mask, one28, 0xEA);
     q[3] = _mm512_or_si512(_mm512_srli_epi16(v, 12), one28);
-#pragma GCC unroll 4
-    for (int b = 0; b < BT; ++b) {
-#pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) {
-        const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + b * xs + 32 * j);
-        acc[b] = _mm512_dpbf16_ps(acc[b], xv, (__m512bh)q[j]);
-      }
-    }
+    for (int b = 0; b < BT; ++b)
+      for (int j = 0; j < 4; ++j)
+        acc[b] = _mm512_dpbf16_ps(acc[b], (__m512bh)_mm512_loadu_si512(x + b * xs + 32 * j), (__m512bh)q[j]);
   }
   // Lane l covers columns k + 8l .. k + 8l + 7: the scale of group (k + 8l) / G, for 128 / G groups.
   template <int G>
@@ -188,11 +158,10 @@ struct Avx512Bf16 {
                                    : _mm_cvtsi32_si128(*reinterpret_cast<const int32_t*>(s + k / G));
       const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
       const __m512i idx = _mm512_slli_epi32(_mm512_srli_epi32(lane, G == 32 ? 2 : 3), 16);
-      return _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xAAAAAAAA, idx, _mm512_castsi128_si512(bits)));
+      const __m512i wide = _mm512_maskz_permutexvar_epi16(0xAAAAAAAA, idx, _mm512_castsi128_si512(bits));
+      return _mm512_castsi512_ps(wide);
     }
   }
-  static constexpr int rows_per_block(int64_t) { return 4; }
-  static constexpr int max_bt(int64_t) { return 2; }
 };
 #pragma GCC pop_options
 
@@ -227,9 +196,10 @@ inline void dot_block(const Problem& p, int64_t n0, int64_t gap, int64_t step, i
     if ((k0 / 2) % kCacheLine == 0) {  // each row's line kPrefetchBytes / R ahead (or the next block's row)
       const int64_t ahead = k0 / 2 + kPrefetchBytes / R;
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r)
-        _mm_prefetch(reinterpret_cast<const char*>(w + r * stride + (ahead < row ? ahead : next + ahead - row)),
-                     _MM_HINT_T1);
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* line = w + r * stride + (ahead < row ? ahead : next + ahead - row);
+        _mm_prefetch(reinterpret_cast<const char*>(line), _MM_HINT_T1);
+      }
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
@@ -249,15 +219,12 @@ inline void dot_block(const Problem& p, int64_t n0, int64_t gap, int64_t step, i
 
 template <class Isa, int R, int G>
 inline void block(const Problem& p, int64_t bt, int64_t n0, int64_t gap, int64_t step, int64_t b0) {
-  float out[R * 2];  // (R, bt) row-major
-  if (bt == 1) {
-    dot_block<Isa, R, 1, G>(p, n0, gap, step, b0, out);
-  } else {
-    dot_block<Isa, R, 2, G>(p, n0, gap, step, b0, out);
-  }
+  float out[R * 2];  // (R, bt) row-major; direct calls, which `flatten` inlines (a pointer would not be)
+  if (bt == 1) dot_block<Isa, R, 1, G>(p, n0, gap, step, b0, out);
+  if (bt == 2) dot_block<Isa, R, 2, G>(p, n0, gap, step, b0, out);
   for (int r = 0; r < R; ++r) {
     const int64_t n = n0 + r * gap;
-    for (int64_t b = 0; b < bt; ++b) p.y[(b0 + b) * p.N + n] = out[r * bt + b] + (p.bias ? p.bias[n] : 0.0f);
+    for (int64_t b = 0; b < bt; ++b) p.y[(b0 + b) * p.N + n] = out[r * bt + b] + (p.bias ? p.bias[n] : 0.f);
   }
 }
 
@@ -272,11 +239,8 @@ inline void rows_kernel(const Problem& p, int64_t begin, int64_t end) {
     for (int64_t b0 = 0; b0 < p.M; b0 += max_bt) {
       const int64_t bt = std::min<int64_t>(max_bt, p.M - b0);
       for (int64_t i = 0; i < q; ++i) {
-        if (runs) {
-          block<Isa, R, G>(p, bt, t0 + i, q, 1, b0);
-        } else {
-          block<Isa, R, G>(p, bt, t0 + R * i, 1, R, b0);
-        }
+        if (runs) block<Isa, R, G>(p, bt, t0 + i, q, 1, b0);  // row i of each of R runs
+        if (!runs) block<Isa, R, G>(p, bt, t0 + R * i, 1, R, b0);  // R adjacent rows
       }
       for (int64_t n = t0 + R * q; n < t1; ++n) block<Isa, 1, G>(p, bt, n, 1, 1, b0);
     }
@@ -285,13 +249,11 @@ inline void rows_kernel(const Problem& p, int64_t begin, int64_t end) {
 
 template <class Isa, int G>
 inline void rows_for_isa(const Problem& p, int64_t begin, int64_t end) {
-  if (Isa::rows_per_block(p.M) == 4) {
-    rows_kernel<Isa, 4, G>(p, begin, end);
-  } else {
-    rows_kernel<Isa, 2, G>(p, begin, end);
-  }
+  if (Isa::rows_per_block(p.M) == 4) rows_kernel<Isa, 4, G>(p, begin, end);
+  if (Isa::rows_per_block(p.M) == 2) rows_kernel<Isa, 2, G>(p, begin, end);
 }
 
+// The entry points: everything they call is inlined (`flatten`) and so compiled for their target.
 template <int G>
 __attribute__((flatten)) void rows_avx2(const Problem& p, int64_t begin, int64_t end) {
   rows_for_isa<Avx2, G>(p, begin, end);
@@ -310,17 +272,6 @@ void rows_avx512_bf16(const Problem& p, int64_t begin, int64_t end) {
 }
 
 using RowsFn = void (*)(const Problem&, int64_t, int64_t);
-
-enum class Code { kAvx2, kAvx512, kAvx512Bf16 };
-
-template <int G>
-RowsFn rows_for(Code code) {
-  switch (code) {
-    case Code::kAvx512Bf16: return rows_avx512_bf16<G>;
-    case Code::kAvx512: return rows_avx512<G>;
-    default: return rows_avx2<G>;
-  }
-}
 
 struct alignas(64) Run {
   std::atomic<int64_t> next{0};
@@ -347,26 +298,24 @@ void run(const Problem& p, RowsFn rows) {
     for (int64_t t = begin; t < end; ++t) {
       for (int64_t i = 0; i < threads; ++i) {
         Run& run = runs[(t + i) % threads];
-        for (int64_t c = run.next++; c < run.end; c = run.next++) rows(p, c * chunk, std::min(N, (c + 1) * chunk));
+        for (int64_t c = run.next++; c < run.end; c = run.next++) {
+          rows(p, c * chunk, std::min(N, (c + 1) * chunk));
+        }
       }
     }
   });
 }
 
-bool cpu_has(const char* code) {
+// The code `isa` names ("auto": the best this CPU runs), checked against the CPU.
+std::string choose(const std::string& isa) {
   static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   static const bool bf16 = avx512 && __builtin_cpu_supports("avx512bf16");
-  const std::string name(code);
-  return name == "avx2" || (name == "avx512" && avx512) || (name == "avx512_bf16" && bf16);
-}
-
-// The code `isa` names ("auto": the best this CPU runs).
-Code choose(const std::string& isa) {
-  if (isa == "auto") return cpu_has("avx512_bf16") ? Code::kAvx512Bf16 : cpu_has("avx512") ? Code::kAvx512 : Code::kAvx2;
-  TORCH_CHECK(isa == "avx2" || isa == "avx512" || isa == "avx512_bf16", "int4_linear: isa must be auto, avx2, avx512 or avx512_bf16; got ", isa);
-  TORCH_CHECK(cpu_has(isa.c_str()), "int4_linear: this CPU has no ", isa);
-  return isa == "avx2" ? Code::kAvx2 : isa == "avx512" ? Code::kAvx512 : Code::kAvx512Bf16;
+  if (isa == "auto") return bf16 ? "avx512_bf16" : avx512 ? "avx512" : "avx2";
+  TORCH_CHECK(isa == "avx2" || isa == "avx512" || isa == "avx512_bf16",
+              "int4_linear: isa must be auto, avx2, avx512 or avx512_bf16; got ", isa);
+  TORCH_CHECK(isa == "avx2" || (isa == "avx512" ? avx512 : bf16), "int4_linear: this CPU has no ", isa);
+  return isa;
 }
 
 // x (M, K) float32 -> the activations in Isa's order (Isa::X), and the accumulators' starts: for each unit
@@ -378,41 +327,32 @@ std::pair<at::Tensor, at::Tensor> prepare(const at::Tensor& x, int64_t G) {
   constexpr int S = Isa::kStep, L = Isa::kLanes;
   const int64_t M = x.size(0), K = x.size(1), U = std::max<int64_t>(G, S), starts = K / U * L;
   at::Tensor xp = at::empty({M, K * static_cast<int64_t>(sizeof(X))}, x.options().dtype(at::kByte));
-  at::Tensor start = at::empty({M, starts}, x.options());
+  at::Tensor start = at::zeros({M, starts}, x.options());
   const float* src = x.data_ptr<float>();
   X* dst = reinterpret_cast<X*>(xp.data_ptr());
-  float* sums = start.data_ptr<float>();
-  std::fill(sums, sums + M * starts, 0.0f);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t k0 = 0; k0 < K; k0 += S) {
-      float* lanes = sums + m * starts + k0 / U * L;
+      float* lanes = start.data_ptr<float>() + m * starts + k0 / U * L;
       for (int64_t j = 0; j < S; ++j) {
-        float v = src[m * K + k0 + Isa::source(j)];
-        if constexpr (sizeof(X) == 2) {
-          dst[m * K + k0 + j] = float_to_bf16(v);
-          v = bf16_to_float(dst[m * K + k0 + j]);
-        } else {
-          dst[m * K + k0 + j] = v;
-        }
-        lanes[Isa::lane(j)] -= (8.0f + Isa::kBias) * v;
+        const float v = src[m * K + k0 + Isa::source(j)];
+        if constexpr (sizeof(X) == 2) dst[m * K + k0 + j] = float_to_bf16(v);
+        if constexpr (sizeof(X) == 4) dst[m * K + k0 + j] = v;
+        lanes[Isa::lane(j)] -= (8.0f + Isa::kBias) * (sizeof(X) == 2 ? bf16_to_float(float_to_bf16(v)) : v);
       }
     }
   }
   return {xp, start};
 }
 
+// y = the product of p for x (M, K): its activations prepared for `code`, then the rows of that code.
 template <int G>
-void run_for_group(Code code, const at::Tensor& x, Problem& p) {
-  auto go = [&](auto prepared) {
-    p.x = prepared.first.data_ptr();
-    p.start = prepared.second.template data_ptr<float>();
-    run(p, rows_for<G>(code));
-  };
-  switch (code) {
-    case Code::kAvx512Bf16: go(prepare<Avx512Bf16>(x, G)); break;
-    case Code::kAvx512: go(prepare<Avx512>(x, G)); break;
-    default: go(prepare<Avx2>(x, G)); break;
-  }
+void run_for_group(const std::string& code, const at::Tensor& x, Problem& p) {
+  const auto [xp, start] = code == "avx512_bf16" ? prepare<Avx512Bf16>(x, G)
+                           : code == "avx512"    ? prepare<Avx512>(x, G)
+                                                 : prepare<Avx2>(x, G);
+  p.x = xp.data_ptr();
+  p.start = start.data_ptr<float>();
+  run(p, code == "avx512_bf16" ? rows_avx512_bf16<G> : code == "avx512" ? rows_avx512<G> : rows_avx2<G>);
 }
 
 }  // namespace
@@ -423,7 +363,8 @@ void run_for_group(Code code, const at::Tensor& x, Problem& p) {
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                        const std::optional<at::Tensor>& bias, const std::string& isa) {
   const char* name = "int4_linear";
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && scales.device().is_cpu(), name, ": CPU tensors expected");
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && scales.device().is_cpu(), name,
+              ": CPU tensors expected");
   TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat, name, ": x must be float32 (..., K)");
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte, name, ": w must be (N, K / 2) uint8");
   const int64_t K = x.size(-1), N = w.size(0);
@@ -432,11 +373,11 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   TORCH_CHECK(scales.dim() == 2 && scales.scalar_type() == at::kBFloat16 && scales.size(0) == N, name,
               ": scales must be (", N, ", groups) bfloat16");
   const int64_t groups = scales.size(1), G = groups ? K / groups : 0;
-  TORCH_CHECK(groups > 0 && G * groups == K && (G == 32 || G == 64 || G == 128), name, ": ", K, " columns in ",
-              groups, " groups: the group size must be 32, 64 or 128");
+  TORCH_CHECK(groups > 0 && G * groups == K && (G == 32 || G == 64 || G == 128), name, ": ", K,
+              " columns in ", groups, " groups: the group size must be 32, 64 or 128");
   TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->numel() == N), name,
               ": bias must be float32 with ", N, " entries");
-  const Code code = choose(isa);
+  const std::string code = choose(isa);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
   out_shape.push_back(N);
   at::Tensor y = at::empty(out_shape, x.options());
