@@ -2,7 +2,9 @@
 // with x and w float32 or bf16 (widened to float32 as they are packed: on a CPU without bf16 instructions,
 // torch's own bf16 products run at ~22 GFLOP/s on two cores, emulated), or w int8 with one float32 scale
 // per row (an int8-quantized model's prefill: y = scales * (x @ w.T) + bias, the int8 values widened to
-// float32 as they are packed; kernels/int8_linear.py).
+// float32 as they are packed; kernels/int8_linear.py), or w int4 with a bf16 scale per group of columns (an
+// int4-quantized model's prefill: each panel's rows dequantized to float32 as they are packed; the layout
+// is kernels/int4_linear.py's).
 //
 // Prefill and the audio encoder multiply a few hundred rows (155 for a 5 s clip and a 30-token question,
 // 250 encoder frames) by weights of thousands of rows. There oneDNN and MKL reach 133-157 and 109-131
@@ -132,6 +134,13 @@ inline __m256 load8(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
 
+// An int4 weight (kernels/int4_linear.py): q packed two per byte, W = scales[n, k / G] * (q - 8).
+struct Int4Weight {
+  const uint8_t* w;   // (N, K / 2)
+  const uint16_t* s;  // (N, K / G) bf16
+  int64_t G;
+};
+
 // B[k][j] = w[j * K + k] for j < nr (zeros for nr <= j < 16) and k < kc: one panel of w, transposed.
 template <class W>
 void pack_panel(const W* w, int64_t K, int64_t nr, int64_t kc, float* B) {
@@ -149,6 +158,34 @@ void pack_panel(const W* w, int64_t K, int64_t nr, int64_t kc, float* B) {
   for (; k < kc; ++k) {  // a partial panel, or the last kc % 8 columns
     for (int64_t j = 0; j < kNR; ++j) B[k * kNR + j] = j < nr ? to_float(w[j * K + k]) : 0.0f;
   }
+}
+
+// The panel of rows n0 .. n0 + nr, columns k0 .. k0 + kc of a plain weight (float32, bf16, int8).
+template <class W>
+void pack(const W* w, int64_t K, int64_t n0, int64_t k0, int64_t nr, int64_t kc, float* B) {
+  pack_panel(w + n0 * K + k0, K, nr, kc, B);
+}
+
+// The same for an int4 weight: each row's kc columns (a multiple of 32 here: K is a multiple of 128 and
+// kKC of 32) dequantized to float32 in column order, then the float panel transposed.
+void pack(const Int4Weight* q, int64_t K, int64_t n0, int64_t k0, int64_t nr, int64_t kc, float* B) {
+  alignas(64) float rows[kNR * kKC];
+  for (int64_t j = 0; j < nr; ++j) {
+    const uint8_t* w = q->w + (n0 + j) * (K / 2);
+    const uint16_t* s = q->s + (n0 + j) * (K / q->G);
+    for (int64_t k = k0; k < k0 + kc; k += 16) {  // 8 bytes: columns k + 2i (low nibbles), k + 2i + 1 (high)
+      const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k / 2)));
+      const __m256 scale = _mm256_set1_ps(to_float(s[k / q->G]));
+      const __m256 offset = _mm256_mul_ps(scale, _mm256_set1_ps(-8.0f));
+      const __m256i low_nibbles = _mm256_and_si256(v, _mm256_set1_epi32(15));
+      const __m256 lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(low_nibbles), scale, offset);
+      const __m256 hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), scale, offset);
+      const __m256 a = _mm256_unpacklo_ps(lo, hi), b = _mm256_unpackhi_ps(lo, hi);  // pairs in 128-bit halves
+      _mm256_storeu_ps(rows + j * kKC + (k - k0), _mm256_permute2f128_ps(a, b, 0x20));
+      _mm256_storeu_ps(rows + j * kKC + (k - k0) + 8, _mm256_permute2f128_ps(a, b, 0x31));
+    }
+  }
+  pack_panel(rows, kKC, nr, kc, B);
 }
 
 struct FreeDeleter {
@@ -189,7 +226,7 @@ void block_product(const X* x, const W* w, const float* scales, const float* bia
         const int64_t kc = std::min<int64_t>(kKC, K - k0);
         for (int64_t g = 0; g < group; ++g) {
           const int64_t n0 = (q0 + g) * kNR;
-          pack_panel(w + n0 * K + k0, K, std::min<int64_t>(kNR, N - n0), kc, B.get() + g * kKC * kNR);
+          pack(w, K, n0, k0, std::min<int64_t>(kNR, N - n0), kc, B.get() + g * kKC * kNR);
         }
         for (int64_t p = 0; p < panels_of_x; ++p) {
           const int64_t mr = std::min<int64_t>(kMR, rows - p * kMR);
@@ -223,12 +260,14 @@ bool float32_or_bf16(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16;
 }
 
-// y (..., N) float32 = x (..., K) @ w (N, K).T (times scales (N,) when given) + bias (N,) float32.
+// y (..., N) float32 = x (..., K) @ w (N, K).T (times scales (N,) when given) + bias (N,) float32; or for an
+// int4 weight (`int4`), w (N, K / 2) uint8 and its group scales.
 at::Tensor gemm(const char* name, const at::Tensor& x, const at::Tensor& w, const at::Tensor* scales,
-                const std::optional<at::Tensor>& bias) {
+                const std::optional<at::Tensor>& bias, const at::Tensor* int4_scales = nullptr) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), name, ": CPU tensors expected");
   TORCH_CHECK(x.dim() >= 1 && w.dim() == 2, name, ": x (..., K) and w (N, K) expected");
-  TORCH_CHECK(w.size(1) == x.size(-1), name, ": x has ", x.size(-1), " columns but w has ", w.size(1));
+  const int64_t columns = int4_scales ? 2 * w.size(1) : w.size(1);
+  TORCH_CHECK(columns == x.size(-1), name, ": x has ", x.size(-1), " columns but w has ", columns);
   TORCH_CHECK(!scales || (scales->scalar_type() == at::kFloat && scales->numel() == w.size(0)), name, ": ",
               w.size(0), " weight rows need as many float32 scales");
   TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->numel() == w.size(0)), name,
@@ -260,6 +299,11 @@ at::Tensor gemm(const char* name, const at::Tensor& x, const at::Tensor& w, cons
   if (wc.scalar_type() == at::kFloat) product(data_of<float>(wc));
   if (wc.scalar_type() == at::kBFloat16) product(data_of<uint16_t>(wc));
   if (wc.scalar_type() == at::kChar) product(data_of<int8_t>(wc));
+  if (int4_scales) {
+    const at::Tensor gs = int4_scales->contiguous();
+    const Int4Weight q{data_of<uint8_t>(wc), data_of<uint16_t>(gs), K / gs.size(1)};
+    product(&q);
+  }
   return y;
 }
 
@@ -279,14 +323,29 @@ at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   return gemm("int8_gemm", x, w, &scales, bias);
 }
 
+// y (..., N) float32 = x (..., K) @ W.T + bias, x float32 or bf16 and W the int4 weight w (N, K / 2) uint8
+// with scales (N, K / G) bf16, K a multiple of 128 and G of 32: an int4 layer's product for many rows.
+at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                     const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(float32_or_bf16(x) && w.scalar_type() == at::kByte && scales.scalar_type() == at::kBFloat16,
+              "int4_gemm: x must be float32 or bfloat16, w uint8 and scales bfloat16");
+  const int64_t K = 2 * w.size(1);
+  TORCH_CHECK(K % 128 == 0 && scales.dim() == 2 && scales.size(0) == w.size(0) && scales.size(1) > 0 &&
+                  K % scales.size(1) == 0 && (K / scales.size(1)) % 32 == 0,
+              "int4_gemm: K = ", K, " must be a multiple of 128 in groups of a multiple of 32 columns");
+  return gemm("int4_gemm", x, w, nullptr, bias, &scales);
+}
+
 // A torch operator rather than a pybind11 function: the build needs no Python headers, and torch.compile
 // can trace through it (gemm.py registers its shape function).
 TORCH_LIBRARY(minaf3_gemm, m) {
   m.def("f32_gemm(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("int8_gemm(Tensor x, Tensor w, Tensor scales, Tensor? bias) -> Tensor");
+  m.def("int4_gemm(Tensor x, Tensor w, Tensor scales, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(minaf3_gemm, CPU, m) {
   m.impl("f32_gemm", &f32_gemm);
   m.impl("int8_gemm", &int8_gemm);
+  m.impl("int4_gemm", &int4_gemm);
 }

@@ -8,7 +8,8 @@ or on int8 weights with a scale per row): building it, and its entry points.
     gemm_linear(x, w, bias)      x (..., K) @ w (N, K).T + bias through the library, in x's dtype
 
 The int8 operator, torch.ops.minaf3_gemm.int8_gemm(x, w_int8, scales, bias), is called by
-kernels/int8_linear.py for an int8 layer's prefill.
+kernels/int8_linear.py for an int8 layer's prefill; the int4 one, torch.ops.minaf3_gemm.int4_gemm(x, w,
+scales, bias), by kernels/int4_linear.py.
 
 minaf3/linear.py sends float32 and bf16 layers with more rows than a decode step (prefill, the audio
 encoder, the projector) here on CPUs whose best vector unit is AVX2 (`wanted`). Why a kernel of our own: on
@@ -57,6 +58,10 @@ def _build() -> bool:
         return x.new_empty(*x.shape[:-1], w.shape[0], dtype=torch.float32)
 
     @torch.library.register_fake("minaf3_gemm::int8_gemm")
+    def _(x, w, scales, bias):
+        return x.new_empty(*x.shape[:-1], w.shape[0], dtype=torch.float32)
+
+    @torch.library.register_fake("minaf3_gemm::int4_gemm")
     def _(x, w, scales, bias):
         return x.new_empty(*x.shape[:-1], w.shape[0], dtype=torch.float32)
 

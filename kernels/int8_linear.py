@@ -6,8 +6,9 @@
 Backends: the `backend=` argument, else the environment variable MINAF3_INT8_BACKEND, else "auto".
   "cpp"    the C++ kernels (CPU): int8_gemv.cpp's streaming loop (AVX-512 code where the CPU has it, else
            AVX2), or from GEMM_MIN_ROWS rows on CPUs whose best vector unit is AVX2, gemm.cpp's blocked
-           product with the int8 rows widened and scaled as they are packed; ConfigError when they cannot
-           be built or run here.
+           product with the int8 rows widened and scaled as they are packed, and on CPUs with AVX-512 BF16,
+           tiles of rows dequantized to bf16 and multiplied by torch's bf16 product (bf16_tiles.py);
+           ConfigError when they cannot be built or run here.
   "torch"  torch ops only: up to SMALL_BATCH rows aten._weight_int8pack_mm with bf16 activations, more rows
            (and non-CPU devices) dequantize tiles of weight rows and multiply with F.linear.
   "auto"   "cpp" for CPU tensors when the kernel builds on an AVX2 CPU, otherwise "torch".
@@ -34,8 +35,8 @@ import torch.nn.functional as F
 
 from minaf3.errors import ConfigError
 
-from . import cpp_build
-from .registry import runs
+from . import bf16_tiles, cpp_build
+from .registry import available, runs
 
 BACKEND_ENV = "MINAF3_INT8_BACKEND"
 # Rows up to which the torch backend uses _weight_int8pack_mm; its time grows with every row (6-8 ms at
@@ -95,8 +96,11 @@ def run_int8_linear(
     """
     chosen = resolve_backend(backend)
     if x.device.type == "cpu" and chosen != "torch":
-        if x.shape[:-1].numel() >= GEMM_MIN_ROWS and runs("gemm"):
+        many = x.shape[:-1].numel() >= GEMM_MIN_ROWS
+        if many and runs("gemm"):
             op = torch.ops.minaf3_gemm.int8_gemm  # many rows (prefill): the blocked product
+        elif many and available().bf16_prefill:  # or bf16 tiles times torch's bf16 product
+            return bf16_tiles.tiled_linear(x, bf16_tiles.int8_tiles(w_int8, scales), w_int8.shape[0], bias)
         elif runs("gemv"):
             op = torch.ops.minaf3_int8.int8_linear  # a few rows (decode): the streaming loop
         else:

@@ -26,7 +26,7 @@ import torch
 
 from minaf3.errors import ConfigError
 
-from . import cpp_build, cpu_attention, gemm, gemv, log_mel
+from . import bf16_tiles, cpp_build, cpu_attention, gemm, gemv, int4_gemv, log_mel
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,8 @@ class Kernels:
     cpu_attention: bool  # cpu_attention.cpp: one query token over the static KV cache
     gemv: bool  # int8_gemv.cpp: streaming matrix-vector products over int8, bf16 or float32 weights
     gemm: bool  # gemm.cpp: blocked matrix products for many rows, on CPUs whose best vector unit is AVX2
+    int4: bool  # int4_gemv.cpp: streaming products over int4 weights, for a few rows
+    bf16_prefill: bool  # bf16_tiles.cpp: int8 and int4 prefill as bf16 tiles, on CPUs with AVX-512 BF16
     log_mel: bool  # log_mel.cpp: the fused log-mel front end
     triton: bool  # triton importable, and a CUDA device to run it on
 
@@ -53,6 +55,11 @@ def _triton_runs() -> bool:
     return triton_common.is_available()
 
 
+def _bf16_prefill_runs() -> bool:
+    # The tiles are made by AVX-512 BF16 code and multiplied by torch's bf16 product, in hardware there only.
+    return torch.cpu._is_avx512_bf16_supported() and bf16_tiles.load_library()
+
+
 def _gemm_runs() -> bool:
     # gemm.cpp's 8-lane AVX2 code is measured against oneDNN only on AVX2 CPUs; on AVX-512 ones oneDNN runs.
     return gemm.wanted() and gemm.load_library()
@@ -63,6 +70,8 @@ LOADERS = {
     "cpu_attention": cpu_attention.load_library,
     "gemv": gemv.load_library,
     "gemm": _gemm_runs,
+    "int4": int4_gemv.load_library,
+    "bf16_prefill": _bf16_prefill_runs,
     "log_mel": log_mel.load_extension,
     "triton": _triton_runs,
 }
@@ -98,6 +107,9 @@ def report() -> str:
     why = {
         "gemm": "see the build warning" if gemm.wanted() else "meant for CPUs whose best vector unit is AVX2",
         "triton": "needs triton and a CUDA device",
+        "bf16_prefill": "needs AVX-512 BF16"
+        if not torch.cpu._is_avx512_bf16_supported()
+        else "see the build warning",
     }
     lines = []
     for name in kernels.names():

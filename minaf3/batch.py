@@ -323,7 +323,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="DIR", help="checkpoint folder or hub model id")
     p.add_argument("--device", default=None, help="cpu (default), cuda (each rank its LOCAL_RANK GPU), auto")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="compute dtype")
-    p.add_argument("--quantize", default=None, choices=["int8"], help="int8 weight-only decoder and lm_head")
+    p.add_argument(
+        "--quantize", default=None, choices=["int8", "int4"], help="weight-only int8 or int4 decoder, lm_head"
+    )
     add_adapter_options(p)
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N")
     p.add_argument("--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET, metavar="N", help="per batch")

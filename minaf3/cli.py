@@ -40,7 +40,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N or auto")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="compute dtype")
-    p.add_argument("--quantize", default=None, choices=["int8"], help="int8 weight-only decoder and lm_head")
+    p.add_argument(
+        "--quantize", default=None, choices=["int8", "int4"], help="weight-only int8 or int4 decoder, lm_head"
+    )
     from minaf3.batch import add_adapter_options
 
     add_adapter_options(p)  # --adapter DIR, --adapter-unmerged
@@ -118,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--batch", type=int, default=1, help="items per generate call (default 1)")
     estimate.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     estimate.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    estimate.add_argument("--quantize", default=None, choices=["int8"])
+    estimate.add_argument("--quantize", default=None, choices=["int8", "int4"])
     estimate.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N")
     estimate.set_defaults(run=run_estimate)
 

@@ -4,7 +4,8 @@ Three parts, from files that are cheap to read (config.json and the safetensors 
 
     weights      every tensor the model loads, in the dtype it will run in; with quantize="int8" the
                  decoder's and lm_head's matrices take 1 byte per element plus a float32 scale per output
-                 row (kernels/int8_linear.py)
+                 row, with "int4" half a byte per element plus a bf16 scale per group of 32 (rows padded
+                 to a multiple of 128 columns): quantize.quantized_bytes
     KV cache     2 (k, v) x decoder layers x batch x KV heads x head_dim x (prompt + max_new_tokens) slots,
                  allocated once by generate in the model's dtype
     activations  the larger of the two peaks of one generate call: the encoder over all windows of the batch,
@@ -28,7 +29,7 @@ import torch
 from minaf3.config import AudioFlamingo3Config
 from minaf3.dtypes import resolve_dtype
 from minaf3.errors import ConfigError
-from minaf3.quantize import check_mode
+from minaf3.quantize import check_mode, quantized_bytes
 from minaf3.sampling import DEFAULT_MAX_NEW_TOKENS
 from minaf3.weights.layouts import our_names, scan_checkpoint
 from minaf3.weights.loader import check_model_folder
@@ -45,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 PROMPT_OVERHEAD_TOKENS = 64  # system prompt (~20 tokens), role markers and a question of a few dozen tokens
 FLOAT32_BYTES = 4
-# int8 weight-only quantization covers the decoder's linear layers and lm_head (one scale per output row).
+# Weight-only quantization covers the decoder's linear layers and lm_head.
 QUANTIZED = re.compile(r"language_model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight|lm_head\.weight")
 
 
@@ -139,8 +140,8 @@ def weight_bytes(folder: Path, dtype: torch.dtype, quantize: str | None) -> tupl
         shape = stored[theirs].shape
         numel = int(torch.Size(shape).numel())
         parameters += numel
-        if quantize == "int8" and QUANTIZED.fullmatch(ours):
-            total += numel + shape[0] * FLOAT32_BYTES  # int8 values + a float32 scale per output row
+        if quantize is not None and QUANTIZED.fullmatch(ours):
+            total += quantized_bytes(shape[0], shape[1], quantize)
         else:
             total += numel * dtype.itemsize
     return parameters, total

@@ -27,7 +27,7 @@ from .estimate import weights_dtype
 from .linear import Linear, fused_groups, join_parts
 from .lora import load_adapter
 from .quantize import (
-    Int8Linear,
+    QUANTIZED_LAYERS,
     check_mode,
     quantizable_linears,
     quantize_layers,
@@ -100,7 +100,7 @@ class AudioFlamingo3ForConditionalGeneration(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype the model computes in (an int8-quantized lm_head keeps int8 weights: not this)."""
+        """The dtype the model computes in (a quantized lm_head keeps int8 or int4 weights: not this)."""
         return self.language_model.embed_tokens.weight.dtype
 
     # ---- audio ------------------------------------------------------------------------------------------
@@ -197,11 +197,11 @@ class AudioFlamingo3ForConditionalGeneration(nn.Module):
     def load_adapter(self, path: str | Path, merge: bool = True) -> LoraSettings:
         """Apply the LoRA adapter in folder `path` (AF-Think: `<checkpoint>/think`); see minaf3.lora.
 
-        Returns the adapter's LoraSettings. An int8 weight cannot take the update: load adapters first.
+        Returns the adapter's LoraSettings. A quantized weight cannot take the update: load adapters first.
         """
-        if any(isinstance(m, Int8Linear) for m in self.language_model.modules()):
+        if any(isinstance(m, QUANTIZED_LAYERS) for m in self.language_model.modules()):
             raise ConfigError(
-                "load the adapter before quantizing: an int8 weight cannot take the LoRA update"
+                "load the adapter before quantizing: a quantized weight cannot take the LoRA update"
             )
         return load_adapter(self, path, merge=merge)
 
@@ -229,8 +229,8 @@ class AudioFlamingo3ForConditionalGeneration(nn.Module):
         think: also apply the AF-Think LoRA adapter of `<path>/think`, merged into the weights.
         adapter: instead, the LoRA adapter in this folder (PEFT's format; see minaf3.lora), merged into the
         weights unless merge_adapter=False (then added on every call, and quantize must be None).
-        quantize: None or "int8": int8 weight-only decoder and lm_head (minaf3.quantize), quantized from the
-        tensors as stored (a bf16 checkpoint loaded in float32 never holds its decoder in float32), or with
+        quantize: None, "int8" or "int4": weight-only decoder and lm_head (minaf3.quantize), quantized from
+        the tensors as stored (a bf16 checkpoint loaded in float32 never holds its decoder in float32), or with
         an adapter, after it is merged in the model's dtype.
         """
         check_mode(quantize)
@@ -285,7 +285,7 @@ def read_weights(
 ) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors in the form `model`'s load_state_dict takes: fused layers concatenated,
     and with `quantize`, the decoder's and lm_head's weights quantized (and `model`'s layers swapped for
-    empty Int8Linear ones to receive them).
+    empty quantized ones to receive them).
 
     To be quantized, weights are read as stored (on the CPU, views of the file) and converted one at a
     time; reading them in float32 first would hold the whole decoder in float32 at once (33 GB for AF3).
@@ -296,8 +296,9 @@ def read_weights(
     groups = fused_groups(model)
     if quantize is not None:
         quantized = quantizable_linears(model)
-        quantize_state_dict(tensors, [part for name in quantized for part in groups.get(name, [name])])
-        quantize_layers(model, quantized)
+        parts = [part for name in quantized for part in groups.get(name, [name])]
+        quantize_state_dict(tensors, parts, quantize)
+        quantize_layers(model, quantized, quantize)
     join_parts(tensors, groups)
     return tensors
 

@@ -55,7 +55,7 @@ def load(
 
     device: "cpu" (default), "cuda", "auto" or a torch.device. dtype: "float32", "bfloat16", "float16" or a
     torch dtype (default: as from_pretrained: the checkpoint's bf16 on CUDA and on CPUs with bf16
-    instructions, else float32). quantize: None or "int8"
+    instructions, else float32). quantize: None, "int8" or "int4"
     (weight-only, decoder and lm_head). think: ask for reasoning in every chat (AF-Think's request), with
     the AF-Think adapter from the folder's think/ when it has one (a warning is logged when it has not).
     revision: for a hub model id, the branch, tag or commit (weights/hub.py: cached copies, HF_HUB_OFFLINE).

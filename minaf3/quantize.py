@@ -1,13 +1,22 @@
-"""int8 weight-only quantization of the language model's linear layers and lm_head.
+"""Weight-only quantization of the language model's linear layers and lm_head: int8 and int4.
 
-    quantize_model(model, "int8")      swaps every Linear under model.language_model (qkv_proj, o_proj,
-                                       gate_up_proj, down_proj) and model.lm_head for an Int8Linear, in
-                                       place: quantized from a loaded model's weights, or empty on a model
-                                       built on the meta device, for load_state_dict to fill
-    quantize_state_dict(tensors, names)  the same for a checkpoint's tensors before loading: each weight
-                                       `name.weight` becomes int8 `name.weight` and float32 `name.scales`
-    quantize_weight(w)                 -> (w_int8 (N, K) int8, scales (N,) float32)
+    quantize_model(model, mode)        swaps every Linear under model.language_model (qkv_proj, o_proj,
+                                       gate_up_proj, down_proj) and model.lm_head for an Int8Linear or an
+                                       Int4Linear, in place: quantized from a loaded model's weights, or empty
+                                       on a model built on the meta device, for load_state_dict to fill
+    quantize_state_dict(tensors, names, mode)  the same for a checkpoint's tensors before loading: each
+                                       weight `name.weight` becomes quantized `name.weight` and `name.scales`
+    quantize_weight(w)                 int8: -> (w_int8 (N, K) int8, scales (N,) float32)
+    quantize_weight_int4(w)            int4: -> (packed (N, Kp / 2) uint8, scales (N, Kp / 32) bfloat16)
     Int8Linear                         weight int8 (out, in), scales float32 (out,), bias (out,) or None
+    Int4Linear                         weight uint8 (out, Kp / 2), scales bfloat16 (out, Kp / 32), bias
+    quantized_bytes(out, in, mode)     the bytes of one quantized weight and its scales
+
+int4 (kernels/int4_linear.py holds the layout and why): symmetric, a bf16 scale per group of 32 input
+columns, two 4-bit values per byte, W = scales * (q - 8); the scale maps each group's largest-magnitude
+weight to -8, and rows are padded with zero weights to a multiple of 128 columns. Its error and its speed
+against int8 and fp32: tools/bench_int4.py. Both formats split a fused layer's rows exactly as the
+checkpoint's separate layers quantized one by one: every scale belongs to one output row.
 
 Symmetric, one scale per output row: scales[n] = max_k |w[n, k]| / 127 and w_int8 = round(w / scales[n]),
 so every row uses the full [-127, 127] range and dequantizes as w_int8 * scales[n]. Activations stay in
@@ -33,13 +42,21 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ConfigError
+from .kernels.int4_linear import (
+    GROUP_SIZE,
+    ZERO_POINT,
+    int4_product_sum,
+    pack_int4,
+    padded_width,
+    run_int4_linear,
+)
 from .kernels.int8_linear import run_int8_linear
 from .kernels.registry import available
 from .linear import product_sum
 from .lora import LoRALinear
 from .weights.buffers import release_file_pages, streamed_empty
 
-QUANTIZE_MODES = ("int8",)
+QUANTIZE_MODES = ("int8", "int4")
 INT8_MAX = 127  # symmetric range [-127, 127]: -128 is left unused so that w -> -w stays representable
 # fp32 bytes of one conversion chunk: 64 MiB bounds the transient of the 2.2 GB fp32 lm_head (151672 x 3584)
 # at 4681 rows, while staying large enough that the per-chunk overhead is negligible.
@@ -89,6 +106,63 @@ class Int8Linear(nn.Module):
         )
 
 
+class Int4Linear(nn.Module):
+    """y = x @ W.T + bias with W an int4 weight (kernels/int4_linear.py's layout): a drop-in for nn.Linear.
+
+    weight (out_features, Kp / 2) uint8 and scales (out_features, Kp / group_size) bfloat16 are buffers,
+    Kp = in_features rounded up to a multiple of 128; bias keeps the original layer's dtype. Moving the
+    layer (.to, .float()) never re-types the buffers: the kernels read this format only. `backend`
+    overrides kernels/int4_linear.py's choice for this layer (None: the default choice).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, GROUP_SIZE
+        Kp = padded_width(in_features)
+        self.register_buffer(
+            "weight", torch.full((out_features, Kp // 2), 0x88, dtype=torch.uint8, device=device)
+        )
+        self.register_buffer(
+            "scales", torch.zeros(out_features, Kp // GROUP_SIZE, dtype=torch.bfloat16, device=device)
+        )
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
+        else:
+            self.register_parameter("bias", None)
+        self.backend: str | None = None
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, name: str = "linear") -> "Int4Linear":
+        """Quantize `linear`'s weight (see quantize_weight_int4); the bias is shared, not copied."""
+        out = cls(linear.in_features, linear.out_features, bias=False, device="meta")  # allocates nothing
+        out.weight, out.scales = quantize_weight_int4(linear.weight, name)
+        out.register_parameter("bias", linear.bias)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in_features) -> (..., out_features) in x.dtype."""
+        if torch.compiler.is_compiling() and x.numel() == x.shape[-1] and not available().int4:
+            # A compiled one-row step without the C++ kernel: unpack, multiply and sum, one inductor loop.
+            return int4_product_sum(x, self.weight, self.scales, self.bias)
+        return run_int4_linear(x, self.weight, self.scales, self.bias, backend=self.backend)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.scales.dtype != torch.bfloat16:  # a dtype cast (model.float()): the format stays bf16
+            self.scales = self.scales.to(torch.bfloat16)
+        return self
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, group_size={self.group_size}"
+        )
+
+
+QUANTIZED_LAYERS = (Int8Linear, Int4Linear)
+
+
 @torch.no_grad()
 def quantize_weight(weight: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
     """weight (N, K) float -> (w_int8 (N, K) int8, scales (N,) float32) on weight's device.
@@ -113,6 +187,47 @@ def quantize_weight(weight: torch.Tensor, name: str = "weight") -> tuple[torch.T
     return w_int8, scales
 
 
+@torch.no_grad()
+def quantize_weight_int4(weight: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
+    """weight (N, K) float -> (packed (N, Kp / 2) uint8, scales (N, Kp / GROUP_SIZE) bfloat16) on weight's
+    device, in kernels/int4_linear.py's layout.
+
+    Each group's scale is its largest-magnitude weight divided by -8, rounded to bf16; each weight then
+    rounds to the nearest of the 16 levels of that (rounded) scale, the extreme to -8 exactly. An all-zero
+    group gets scale 0 (its values are 8: zero weights), as do the padding columns. Converted in row chunks
+    of QUANT_CHUNK_BYTES of float32, so the transient is a chunk. Raises CheckpointError naming `name` and
+    the first bad rows if the weight holds NaN or Inf.
+    """
+    N, K = weight.shape
+    Kp, G = padded_width(K), GROUP_SIZE
+    packed = streamed_empty((N, Kp // 2), torch.uint8, weight.device)
+    scales = torch.empty(N, Kp // G, dtype=torch.bfloat16, device=weight.device)
+    rows = max(1, QUANT_CHUNK_BYTES // (4 * Kp))
+    for n0 in range(0, N, rows):
+        # (rows, Kp), a copy even for float32 input: the in-place ops below must not touch the weight.
+        chunk = torch.nn.functional.pad(weight[n0 : n0 + rows].to(torch.float32), (0, Kp - K))
+        finite = torch.isfinite(chunk).all(1)
+        if not finite.all():
+            bad = (n0 + (~finite).nonzero().flatten()[:5]).tolist()
+            raise CheckpointError(f"{name}: weight holds NaN or Inf (rows {bad}...); cannot quantize it")
+        groups = chunk.view(chunk.shape[0], Kp // G, G)
+        extreme = groups.gather(-1, groups.abs().argmax(-1, keepdim=True))  # (rows, Kp / G, 1), signed
+        scale = (extreme / -ZERO_POINT).to(torch.bfloat16)
+        step = scale.float()
+        q = groups.div_(torch.where(step == 0, 1.0, step)).round_().add_(ZERO_POINT).clamp_(0, 15)
+        packed[n0 : n0 + rows] = pack_int4(q.view(-1, Kp))
+        scales[n0 : n0 + rows] = scale.squeeze(-1)
+    return packed, scales
+
+
+def quantized_bytes(out_features: int, in_features: int, mode: str) -> int:
+    """Bytes of one weight (out_features, in_features) quantized in `mode`, its scales included."""
+    if mode == "int4":
+        Kp = padded_width(in_features)
+        return out_features * (Kp // 2 + Kp // GROUP_SIZE * 2)  # two values per byte + a bf16 scale per group
+    return out_features * (in_features + 4)  # int8 values + a float32 scale per row
+
+
 def quantizable_linears(model: nn.Module) -> list[str]:
     """Names of the layers quantize_model replaces: nn.Linear under language_model, and lm_head."""
     return [
@@ -124,15 +239,22 @@ def quantizable_linears(model: nn.Module) -> list[str]:
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, mode: str = "int8") -> nn.Module:
-    """Replace the language model's linear layers and lm_head by Int8Linear, in place; returns `model`.
+    """Replace the language model's linear layers and lm_head by Int8Linear ("int8") or Int4Linear ("int4"),
+    in place; returns `model`.
 
     Layers already quantized are left as they are, so calling twice is harmless. Raises ConfigError for an
-    unknown mode, a model without such layers, or an unmerged LoRA adapter (merge it first: the int8 weight
-    must hold the update).
+    unknown mode, a model without such layers, layers already quantized in the other mode, or an unmerged LoRA
+    adapter (merge it first: the quantized weight must hold the update).
     """
     check_mode(mode)
     names = quantizable_linears(model)
-    if not names and not any(isinstance(m, Int8Linear) for m in model.modules()):
+    done = {type(m) for m in model.modules() if isinstance(m, QUANTIZED_LAYERS)}
+    if done - {LAYERS[mode]}:
+        raise ConfigError(
+            f"{type(model).__name__} is already quantized ({done.pop().__name__}); quantize={mode!r} needs "
+            "the full-precision weights: load it again"
+        )
+    if not names and not done:
         raise ConfigError(
             f"{type(model).__name__}: no linear layers under language_model and no lm_head to quantize"
         )
@@ -143,7 +265,7 @@ def quantize_model(model: nn.Module, mode: str = "int8") -> nn.Module:
             f"{unmerged[0]} (and {len(unmerged) - 1} more) holds an unmerged LoRA update; "
             "call minaf3.lora.merge(model) before quantizing"
         )
-    quantize_layers(model, names)
+    quantize_layers(model, names, mode)
     return model
 
 
@@ -153,10 +275,11 @@ def check_mode(mode: str | None) -> None:
         raise ConfigError(f"quantize={mode!r}: expected None or one of {list(QUANTIZE_MODES)}")
 
 
-def quantize_layers(model: nn.Module, names: list[str]) -> None:
-    """Replace the Linear layers `names` of `model` by Int8Linear, in place (quantize_model's loop; also
-    tools/bench.py's, which quantizes one part of a model at a time to see where the error comes from).
-    On the meta device the Int8Linear is empty, shaped for load_state_dict(..., assign=True)."""
+def quantize_layers(model: nn.Module, names: list[str], mode: str = "int8") -> None:
+    """Replace the Linear layers `names` of `model` by quantized layers of `mode`, in place (quantize_model's
+    loop; also tools/bench.py's, which quantizes one part of a model at a time to see where the error comes
+    from). On the meta device the quantized layer is empty, shaped for load_state_dict(..., assign=True)."""
+    layer_class = LAYERS[mode]
     # By name, one at a time: holding the modules in a list would keep every fp32 weight alive to the end.
     for name in names:
         parent_name, _, child = name.rpartition(".")
@@ -165,20 +288,22 @@ def quantize_layers(model: nn.Module, names: list[str]) -> None:
         if layer.weight.is_meta:
             bias = layer.bias is not None
             dtype = layer.bias.dtype if bias else None
-            quantized = Int8Linear(layer.in_features, layer.out_features, bias, device="meta", dtype=dtype)
+            quantized = layer_class(layer.in_features, layer.out_features, bias, device="meta", dtype=dtype)
         else:
-            quantized = Int8Linear.from_linear(layer, name)
+            quantized = layer_class.from_linear(layer, name)
         setattr(parent, child, quantized)
 
 
 @torch.no_grad()
-def quantize_state_dict(tensors: dict[str, torch.Tensor], names: list[str]) -> None:
-    """Quantize the weights `<name>.weight` of a checkpoint's tensors just read, in place: each becomes int8
-    `<name>.weight` and float32 `<name>.scales` (quantize_weight), its full-precision tensor released as
-    soon as it is done (a view of the mapped file: its pages too, release_file_pages)."""
+def quantize_state_dict(tensors: dict[str, torch.Tensor], names: list[str], mode: str = "int8") -> None:
+    """Quantize the weights `<name>.weight` of a checkpoint's tensors just read, in place: each becomes the
+    quantized `<name>.weight` and `<name>.scales` of `mode` (quantize_weight, quantize_weight_int4), its
+    full-precision tensor released as soon as it is done (a view of the mapped file: its pages too,
+    release_file_pages)."""
+    quantize = quantize_weight_int4 if mode == "int4" else quantize_weight
     for name in names:
         weight = tensors.pop(f"{name}.weight")
-        tensors[f"{name}.weight"], tensors[f"{name}.scales"] = quantize_weight(weight, name)
+        tensors[f"{name}.weight"], tensors[f"{name}.scales"] = quantize(weight, name)
         release_file_pages(weight)
         del weight
 
@@ -186,7 +311,7 @@ def quantize_state_dict(tensors: dict[str, torch.Tensor], names: list[str]) -> N
 @torch.no_grad()
 def widen_unquantized_(model: nn.Module, dtype: torch.dtype) -> None:
     """Convert every floating-point parameter of `model` to `dtype` in place, one tensor at a time (so the
-    transient memory is one tensor); Int8Linear's int8 weights and float32 scales are buffers, untouched.
+    transient memory is one tensor); the quantized layers' weights and scales are buffers, untouched.
     A parameter shared by several modules (tied weights) stays shared."""
     widened: dict[int, nn.Parameter] = {}
     for module in model.modules():
@@ -195,3 +320,6 @@ def widen_unquantized_(model: nn.Module, dtype: torch.dtype) -> None:
                 if id(param) not in widened:
                     widened[id(param)] = nn.Parameter(param.to(dtype), requires_grad=param.requires_grad)
                 setattr(module, name, widened[id(param)])
+
+
+LAYERS = {"int8": Int8Linear, "int4": Int4Linear}  # the layer each mode swaps in

@@ -92,7 +92,7 @@ def test_cuda_without_a_gpu_is_unknown(demo_checkpoint):
         ({"batch": 0}, "batch=0"),
         ({"max_new_tokens": 0}, "max_new_tokens=0"),
         ({"device": "tpu"}, "device='tpu'"),
-        ({"quantize": "int4"}, "quantize='int4'"),
+        ({"quantize": "int3"}, "quantize='int3'"),
         ({"dtype": "int8"}, "dtype='int8'"),
     ],
 )

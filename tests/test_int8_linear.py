@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from minaf3.kernels import gemv
 from minaf3.kernels import int8_linear as kernel
 from minaf3.kernels.int8_linear import int8_linear, int8_linear_reference
-from minaf3.kernels.registry import override, runs
+from minaf3.kernels.registry import available, override, runs
 
 from minaf3 import ConfigError
 
@@ -50,8 +50,11 @@ def run_path(path: str, x, w, scales, bias):
     return int8_linear(x, w, scales, bias, backend=path)
 
 
-def path_tolerance(path: str, in_features: int) -> float:
-    # float32 sums in another order (cpp) or bf16-rounded activations (torch's small-batch op)
+def path_tolerance(path: str, in_features: int, rows: int = 1) -> float:
+    # float32 sums in another order (cpp) or bf16-rounded activations (torch's small-batch op); from
+    # GEMM_MIN_ROWS rows on an AVX-512 BF16 CPU, bf16 tiles (bf16 activations, weights and outputs)
+    if path == "cpp" and rows >= kernel.GEMM_MIN_ROWS and available().bf16_prefill and not available().gemm:
+        return 2 * BF16_EPS
     return 2 * BF16_EPS if path == "torch" else in_features * FLOAT32_EPS
 
 
@@ -82,7 +85,7 @@ def test_batch_rows_each_equal_that_row_alone(path, rows):
     out = run_path(path, x, w, scales, b)
     alone = torch.cat([run_path(path, x[i : i + 1], w, scales, b) for i in range(rows)])
     expected = int8_linear_reference(x, w, scales, b)
-    bound = error_bound(x, w, scales, b, path_tolerance(path, 3584))
+    bound = error_bound(x, w, scales, b, path_tolerance(path, 3584, rows))
     assert ((out - expected).abs() <= bound).all()
     assert ((out - alone).abs() <= bound).all()
 
@@ -120,8 +123,9 @@ def test_leading_dims_and_dtype_are_kept(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_many_rows_take_the_blocked_product_where_it_is_wanted(dtype):
     """From GEMM_MIN_ROWS rows (a prompt) the "cpp" backend calls gemm.cpp's int8 operator on CPUs whose
-    best vector unit is AVX2, and the streaming loop below that or on other CPUs; every way, the product
-    is the reference's within float32 rounding (bf16 rows: within their output's rounding)."""
+    best vector unit is AVX2, bf16 tiles on CPUs with AVX-512 BF16, and the streaming loop below that or on
+    other CPUs; every way, the product is the reference's within float32 rounding (bf16 rows, or tiles:
+    within bf16 rounding)."""
     from torch.profiler import profile
 
     many = kernel.GEMM_MIN_ROWS
@@ -129,16 +133,21 @@ def test_many_rows_take_the_blocked_product_where_it_is_wanted(dtype):
     x = torch.randn(many, 300).to(dtype)
     expected = int8_linear_reference(x, w, scales, b).float()
     bound = error_bound(x, w, scales, b, 300 * FLOAT32_EPS if dtype == torch.float32 else 2 * BF16_EPS)
-    for wanted, rows, op in [
-        (True, many, "minaf3_gemm::int8_gemm"),
-        (True, many - 1, "minaf3_int8::int8_linear"),
-        (False, many, "minaf3_int8::int8_linear"),  # an AVX-512 CPU: the loop at any row count
-    ]:
-        with override(gemm=wanted), profile() as trace:
+    tiles_bound = error_bound(x, w, scales, b, 2 * BF16_EPS)
+    cases = [
+        ({"gemm": True}, many, "minaf3_gemm::int8_gemm"),
+        ({"gemm": True}, many - 1, "minaf3_int8::int8_linear"),
+        ({"gemm": False, "bf16_prefill": False}, many, "minaf3_int8::int8_linear"),  # the loop at any count
+    ]
+    if torch.cpu._is_avx512_bf16_supported():  # there the tiles must build and run
+        cases.append(({"gemm": False, "bf16_prefill": True}, many, "minaf3_tiles::int8_dequantize"))
+    for flags, rows, op in cases:
+        with override(**flags), profile() as trace:
             out = int8_linear(x[:rows], w, scales, b)
         calls = {event.key: event.count for event in trace.key_averages() if event.key.startswith("minaf3")}
-        assert calls == {op: 1}, (wanted, rows, calls)
-        assert out.dtype == dtype and ((out.float() - expected[:rows]).abs() <= bound[:rows]).all()
+        assert set(calls) == {op}, (flags, rows, calls)
+        allowed = tiles_bound if op.startswith("minaf3_tiles") else bound
+        assert out.dtype == dtype and ((out.float() - expected[:rows]).abs() <= allowed[:rows]).all()
 
 
 @pytest.mark.parametrize("rows", [3, kernel.GEMM_MIN_ROWS])  # the streaming loop, the blocked product

@@ -212,8 +212,8 @@ def test_damaged_weights_are_reported_with_the_hint(demo_checkpoint, tmp_path):
 
 
 def test_bad_arguments(demo_pipeline, demo_checkpoint, clip, tmp_path):
-    with pytest.raises(ConfigError, match="quantize='int4'"):
-        minaf3.load(demo_checkpoint, quantize="int4")
+    with pytest.raises(ConfigError, match="quantize='int3'"):
+        minaf3.load(demo_checkpoint, quantize="int3")
     with pytest.raises(InputError, match="inside them"):
         demo_pipeline.chat(user_turn(clip, "Hi"), audio=clip)
     with pytest.raises(InputError, match="non-empty list"):

@@ -205,8 +205,8 @@ def test_bfloat16_model_quantizes_and_runs(tiny_checkpoint, fp32_model, audio_in
 
 
 def test_quantize_model_errors_and_idempotence(tiny_checkpoint, int8_model):
-    with pytest.raises(ConfigError, match=r"quantize='int4': expected None or one of \['int8'\]"):
-        quantize_model(int8_model, "int4")
+    with pytest.raises(ConfigError, match=r"quantize='int3': expected None or one of \['int8', 'int4'\]"):
+        quantize_model(int8_model, "int3")
     assert quantize_model(int8_model) is int8_model  # already quantized: nothing to do, no error
     with pytest.raises(ConfigError, match="Sequential: no linear layers under language_model"):
         quantize_model(torch.nn.Sequential(torch.nn.Linear(4, 4)))

@@ -140,8 +140,8 @@ def test_from_pretrained_quantize_comes_after_the_adapter(think_checkpoint, inpu
     assert torch.equal(logits(model, inputs), logits(expected_model, inputs))
     with pytest.raises(ConfigError, match="before quantizing"):
         model.load_adapter(think_checkpoint / "think")
-    with pytest.raises(ConfigError, match=r"quantize='int4': expected None or one of \['int8'\]"):
-        load(think_checkpoint, quantize="int4")
+    with pytest.raises(ConfigError, match=r"quantize='int3': expected None or one of \['int8', 'int4'\]"):
+        load(think_checkpoint, quantize="int3")
 
 
 def test_the_memory_check_counts_the_widening_an_adapter_needs(think_checkpoint, monkeypatch):

@@ -1,0 +1,400 @@
+// int4 weight-only matrix product on the CPU for a few activation rows (decode):
+//   y (M, N) = x (M, K) @ W.T + bias,   W[n, k] = scales[n, k / G] * (q[n, k] - 8)
+// q in 0..15, two per byte (byte j of a row: column 2j in its low nibble, 2j + 1 in its high one), scales
+// bf16, one per group of G columns, K a multiple of 128 (the layout: kernels/int4_linear.py).
+//
+// Decode reads every weight once per token, so its time is the weights' bytes over the memory bandwidth:
+// at half a byte per weight, the loop must turn nibbles into products twice as fast per weight as the int8
+// loop does to stay at that limit. Three things keep it cheap:
+//   - x is permuted once per call into the order in which each instruction set unpacks the nibbles, so
+//     that no weight is ever shuffled into column order;
+//   - the scale multiplies each group's finished sum, not each weight, and the - 8 goes through the sums
+//     of x:  sum_k x[k] W[n, k] = sum_g scales[n, g] * (sum_{k in g} x[k] q[n, k] - 8 sum_{k in g} x[k]),
+//     each vector lane's share of the second sum being the value its accumulator starts from (computed
+//     once per call), so that it costs the loop nothing;
+//   - on CPUs with AVX-512 BF16, a nibble becomes the bf16 number 128 + q with one bitwise operation (its
+//     bits are 0x4300 | q), and _mm512_dpbf16_ps multiplies 32 of them by bf16 activations at once; the 128
+//     joins the 8. Products of bf16 values are exact in float32 and the sums are float32: only the
+//     activations are rounded, to bf16 (a relative 2^-8 at most, far below int4's own error).
+// Without AVX-512 BF16 the nibbles are widened to int32 and converted to float32 (AVX-512 or AVX2 code),
+// with float32 activations.
+//
+// One source for the instruction sets, as int8_gemv.cpp: built with -mavx2 -mfma; the AVX-512 entry points
+// alone are compiled for their targets (`flatten` inlines the generic code into them), chosen at run time.
+// Blocking, prefetching and threading are int8_gemv.cpp's (see there for why): R weight rows x BT
+// activation rows per pass over K; short rows read in R runs; weights prefetched kPrefetchBytes ahead into
+// L2; each thread claims chunks of rows from its own run first, then from the others'.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#pragma GCC diagnostic ignored "-Wpsabi"  // __m512 in generic code: always inlined (see int8_gemv.cpp)
+
+namespace {
+
+// int8_gemv.cpp's sizes (see there why): prefetch distance, weight tile per L2, short rows, work per chunk.
+constexpr int64_t kCacheLine = 64, kPrefetchBytes = 64 * 1024, kTileBytes = 256 * 1024;
+constexpr int64_t kShortRowBytes = 4096, kChunkWork = 512 * 1024, kMinChunkRows = 16;
+constexpr int64_t kAlign = 128;  // K is a multiple of this: a 64-byte line of a row per AVX-512 BF16 step
+
+inline float bf16_to_float(uint16_t bits) {
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float f;
+  return std::memcpy(&f, &wide, sizeof f), f;
+}
+
+inline uint16_t float_to_bf16(float v) {  // round to nearest even, as torch's conversion (no NaN here)
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  return static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+// Each Isa: kStep columns per step (kStep / 2 bytes of a row) in vectors of kLanes floats; activations of
+// type X, position j of a step holding column source(j) and adding to accumulator lane lane(j); kBias, the
+// constant its unpacked nibbles carry (dot multiplies q + kBias); scales<G>, each lane's scale in a step.
+
+struct Avx2 {
+  static constexpr int kStep = 16, kLanes = 8;  // 8 bytes -> 8 int32 lanes: low nibbles, then high ones
+  static constexpr float kBias = 0.0f;
+  using X = float;
+  using Vec = __m256;
+  static inline Vec zero() { return _mm256_setzero_ps(); }
+  static inline Vec load(const float* p) { return _mm256_loadu_ps(p); }
+  static inline Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline float sum(Vec v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  }
+  static inline int64_t source(int64_t j) { return j < 8 ? 2 * j : 2 * (j - 8) + 1; }
+  static inline int64_t lane(int64_t j) { return j % 8; }
+  // acc[b] += the step's 16 weights of the row at w times the BT activation rows at x (stride xs).
+  template <int BT>
+  static inline void dot(const uint8_t* w, const X* x, int64_t xs, Vec* acc) {
+    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w)));
+    const Vec lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0x0F)));
+    const Vec hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+    for (int b = 0; b < BT; ++b) acc[b] = fma(load(x + b * xs + 8), hi, fma(load(x + b * xs), lo, acc[b]));
+  }
+  template <int G>  // a step lies within one group
+  static inline Vec scales(const uint16_t* s, int64_t k) { return _mm256_set1_ps(bf16_to_float(s[k / G])); }
+  // R * BT group sums and as many totals, a row's 2 weight vectors and an activation: 16 ymm registers
+  static constexpr int rows_per_block(int64_t M) { return M <= 1 ? 4 : 2; }
+  static constexpr int max_bt(int64_t M) { return M <= 1 ? 1 : 2; }
+};
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+struct Avx512 {
+  static constexpr int kStep = 32, kLanes = 16;  // 16 bytes -> 16 int32 lanes
+  static constexpr float kBias = 0.0f;
+  using X = float;
+  using Vec = __m512;
+  static inline Vec zero() { return _mm512_setzero_ps(); }
+  static inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
+  static inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline float sum(Vec v) { return _mm512_reduce_add_ps(v); }
+  static inline int64_t source(int64_t j) { return j < 16 ? 2 * j : 2 * (j - 16) + 1; }
+  static inline int64_t lane(int64_t j) { return j % 16; }
+  template <int BT>
+  static inline void dot(const uint8_t* w, const X* x, int64_t xs, Vec* acc) {
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+    const Vec lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0F)));
+    const Vec hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+    for (int b = 0; b < BT; ++b) acc[b] = fma(load(x + b * xs + 16), hi, fma(load(x + b * xs), lo, acc[b]));
+  }
+  template <int G>
+  static inline Vec scales(const uint16_t* s, int64_t k) { return _mm512_set1_ps(bf16_to_float(s[k / G])); }
+  static constexpr int rows_per_block(int64_t) { return 4; }
+  static constexpr int max_bt(int64_t) { return 2; }
+};
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+struct Avx512Bf16 : Avx512 {  // Avx512's float32 vectors and blocking, bf16 products
+  // 64 bytes = 32 words; word i holds columns 4i .. 4i + 3 in its four nibbles. Nibble j of every word,
+  // masked and or-ed with 0x4300, is the bf16 128 + q (vector j), and dpbf16 pairs words 2l and 2l + 1:
+  // lane l of vector j multiplies columns 8l + j and 8l + 4 + j, so every lane stays within 8 columns.
+  static constexpr int kStep = 128;
+  static constexpr float kBias = 128.0f;
+  using X = uint16_t;  // bf16 bits
+  // Position 32j + 2l + e of a step's activations holds column 8l + 4e + j.
+  static inline int64_t source(int64_t p) { return 8 * ((p % 32) / 2) + 4 * (p % 2) + p / 32; }
+  static inline int64_t lane(int64_t p) { return (p % 32) / 2; }
+  template <int BT>
+  static inline void dot(const uint8_t* w, const X* x, int64_t xs, Vec* acc) {
+    const __m512i v = _mm512_loadu_si512(w);
+    const __m512i mask = _mm512_set1_epi16(0x0F), one28 = _mm512_set1_epi16(0x4300);
+    __m512i q[4];
+    q[0] = _mm512_ternarylogic_epi32(v, mask, one28, 0xEA);  // (v & mask) | one28
+    q[1] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), mask, one28, 0xEA);
+    q[2] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), mask, one28, 0xEA);
+    q[3] = _mm512_or_si512(_mm512_srli_epi16(v, 12), one28);
+    for (int b = 0; b < BT; ++b)
+      for (int j = 0; j < 4; ++j)
+        acc[b] = _mm512_dpbf16_ps(acc[b], (__m512bh)_mm512_loadu_si512(x + b * xs + 32 * j), (__m512bh)q[j]);
+  }
+  // Lane l covers columns k + 8l .. k + 8l + 7: the scale of group (k + 8l) / G, for 128 / G groups.
+  template <int G>
+  static inline Vec scales(const uint16_t* s, int64_t k) {
+    if constexpr (G == 128) {
+      return _mm512_set1_ps(bf16_to_float(s[k / G]));
+    } else {
+      // The step's 4 (G = 32) or 2 (G = 64) scales, read without passing the row's end; word 2l + 1 of the
+      // result takes scale 8l / G and word 2l is zero: lane l is that scale as a float32.
+      const __m128i bits = G == 32 ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + k / G))
+                                   : _mm_cvtsi32_si128(*reinterpret_cast<const int32_t*>(s + k / G));
+      const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+      const __m512i idx = _mm512_slli_epi32(_mm512_srli_epi32(lane, G == 32 ? 2 : 3), 16);
+      const __m512i wide = _mm512_maskz_permutexvar_epi16(0xAAAAAAAA, idx, _mm512_castsi128_si512(bits));
+      return _mm512_castsi512_ps(wide);
+    }
+  }
+};
+#pragma GCC pop_options
+
+struct Problem {
+  const void* x;       // (M, K) activations, permuted for the Isa (Isa::X)
+  const uint8_t* w;    // (N, K / 2) packed
+  const uint16_t* s;   // (N, K / G) bf16 scales
+  const float* start;  // (M, K / U * L): each accumulator's start, -(8 + Isa::kBias) * its share of X
+  const float* bias;   // (N,) or nullptr
+  float* y;            // (M, N)
+  int64_t M, N, K;
+};
+
+// out[r * BT + b] = y[b0 + b, n0 + r * gap] without the bias, for R weight rows `gap` rows apart from row n0
+// (the next block `step` rows on, where the prefetch runs past a row's end) and BT activation rows from b0.
+// The loop goes in units of U = max(G, step) columns: a group's steps, or one step of several groups.
+template <class Isa, int R, int BT, int G>
+inline void dot_block(const Problem& p, int64_t n0, int64_t gap, int64_t step, int64_t b0, float* out) {
+  using Vec = typename Isa::Vec;
+  using X = typename Isa::X;
+  constexpr int S = Isa::kStep, L = Isa::kLanes, U = G > S ? G : S;
+  const int64_t K = p.K, row = K / 2, groups = K / G, starts = K / U * L;
+  const uint8_t* w = p.w + n0 * row;
+  const uint16_t* s = p.s + n0 * groups;
+  const X* x = static_cast<const X*>(p.x) + b0 * K;
+  const float* start = p.start + b0 * starts;
+  const int64_t stride = gap * row, next = step * row;
+  Vec total[R * BT];
+#pragma GCC unroll 16
+  for (int i = 0; i < R * BT; ++i) total[i] = Isa::zero();
+  for (int64_t k0 = 0, u = 0; k0 < K; k0 += U, u += L) {
+    if ((k0 / 2) % kCacheLine == 0) {  // each row's line kPrefetchBytes / R ahead (or the next block's row)
+      const int64_t ahead = k0 / 2 + kPrefetchBytes / R;
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* line = w + r * stride + (ahead < row ? ahead : next + ahead - row);
+        _mm_prefetch(reinterpret_cast<const char*>(line), _MM_HINT_T1);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      Vec acc[BT];
+#pragma GCC unroll 4
+      for (int b = 0; b < BT; ++b) acc[b] = Isa::load(start + b * starts + u);
+#pragma GCC unroll 4
+      for (int64_t k = k0; k < k0 + U; k += S) Isa::template dot<BT>(w + r * stride + k / 2, x + k, K, acc);
+      const Vec scale = Isa::template scales<G>(s + r * gap * groups, k0);
+#pragma GCC unroll 4
+      for (int b = 0; b < BT; ++b) total[r * BT + b] = Isa::fma(acc[b], scale, total[r * BT + b]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < R * BT; ++i) out[i] = Isa::sum(total[i]);
+}
+
+template <class Isa, int R, int G>
+inline void block(const Problem& p, int64_t bt, int64_t n0, int64_t gap, int64_t step, int64_t b0) {
+  float out[R * 2];  // (R, bt) row-major; direct calls, which `flatten` inlines (a pointer would not be)
+  if (bt == 1) dot_block<Isa, R, 1, G>(p, n0, gap, step, b0, out);
+  if (bt == 2) dot_block<Isa, R, 2, G>(p, n0, gap, step, b0, out);
+  for (int r = 0; r < R; ++r) {
+    const int64_t n = n0 + r * gap;
+    for (int64_t b = 0; b < bt; ++b) p.y[(b0 + b) * p.N + n] = out[r * bt + b] + (p.bias ? p.bias[n] : 0.f);
+  }
+}
+
+// Output rows [begin, end) for all M activation rows: int8_gemv.cpp's rows_kernel.
+template <class Isa, int R, int G>
+inline void rows_kernel(const Problem& p, int64_t begin, int64_t end) {
+  const int64_t row_bytes = p.K / 2, max_bt = Isa::max_bt(p.M);
+  const int64_t tile = p.M <= max_bt ? end - begin : std::max<int64_t>(R, kTileBytes / row_bytes / R * R);
+  const bool runs = row_bytes < kShortRowBytes;
+  for (int64_t t0 = begin; t0 < end; t0 += tile) {
+    const int64_t t1 = std::min(end, t0 + tile), q = (t1 - t0) / R;
+    for (int64_t b0 = 0; b0 < p.M; b0 += max_bt) {
+      const int64_t bt = std::min<int64_t>(max_bt, p.M - b0);
+      for (int64_t i = 0; i < q; ++i) {
+        if (runs) block<Isa, R, G>(p, bt, t0 + i, q, 1, b0);  // row i of each of R runs
+        if (!runs) block<Isa, R, G>(p, bt, t0 + R * i, 1, R, b0);  // R adjacent rows
+      }
+      for (int64_t n = t0 + R * q; n < t1; ++n) block<Isa, 1, G>(p, bt, n, 1, 1, b0);
+    }
+  }
+}
+
+template <class Isa, int G>
+inline void rows_for_isa(const Problem& p, int64_t begin, int64_t end) {
+  if (Isa::rows_per_block(p.M) == 4) rows_kernel<Isa, 4, G>(p, begin, end);
+  if (Isa::rows_per_block(p.M) == 2) rows_kernel<Isa, 2, G>(p, begin, end);
+}
+
+// The entry points: everything they call is inlined (`flatten`) and so compiled for their target.
+template <int G>
+__attribute__((flatten)) void rows_avx2(const Problem& p, int64_t begin, int64_t end) {
+  rows_for_isa<Avx2, G>(p, begin, end);
+}
+
+template <int G>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"), flatten))
+void rows_avx512(const Problem& p, int64_t begin, int64_t end) {
+  rows_for_isa<Avx512, G>(p, begin, end);
+}
+
+template <int G>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"), flatten))
+void rows_avx512_bf16(const Problem& p, int64_t begin, int64_t end) {
+  rows_for_isa<Avx512Bf16, G>(p, begin, end);
+}
+
+using RowsFn = void (*)(const Problem&, int64_t, int64_t);
+
+struct alignas(64) Run {
+  std::atomic<int64_t> next{0};
+  int64_t end = 0;
+};
+
+// y = the product of p, split over torch's threads as int8_gemv.cpp's run().
+void run(const Problem& p, RowsFn rows) {
+  const int64_t row_work = std::max<int64_t>(1, p.K / 2 * p.M);
+  int64_t chunk = std::max<int64_t>(kMinChunkRows, kChunkWork / row_work);
+  chunk = (chunk + 3) / 4 * 4;
+  const int64_t N = p.N, num_chunks = (N + chunk - 1) / chunk;
+  if (num_chunks == 1) {
+    rows(p, 0, N);
+    return;
+  }
+  const int64_t threads = std::min<int64_t>(num_chunks, at::get_num_threads());
+  std::vector<Run> runs(threads);
+  for (int64_t t = 0; t < threads; ++t) {
+    runs[t].next = t * num_chunks / threads;
+    runs[t].end = (t + 1) * num_chunks / threads;
+  }
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t i = 0; i < threads; ++i) {
+        Run& run = runs[(t + i) % threads];
+        for (int64_t c = run.next++; c < run.end; c = run.next++) {
+          rows(p, c * chunk, std::min(N, (c + 1) * chunk));
+        }
+      }
+    }
+  });
+}
+
+// The code `isa` names ("auto": the best this CPU runs), checked against the CPU.
+std::string choose(const std::string& isa) {
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  static const bool bf16 = avx512 && __builtin_cpu_supports("avx512bf16");
+  if (isa == "auto") return bf16 ? "avx512_bf16" : avx512 ? "avx512" : "avx2";
+  TORCH_CHECK(isa == "avx2" || isa == "avx512" || isa == "avx512_bf16",
+              "int4_linear: isa must be auto, avx2, avx512 or avx512_bf16; got ", isa);
+  TORCH_CHECK(isa == "avx2" || (isa == "avx512" ? avx512 : bf16), "int4_linear: this CPU has no ", isa);
+  return isa;
+}
+
+// x (M, K) float32 -> the activations in Isa's order (Isa::X), and the accumulators' starts: for each unit
+// of U columns and each lane, -(8 + kBias) times the sum of the activations that lane multiplies there (as
+// multiplied: bf16-rounded where they are).
+template <class Isa>
+std::pair<at::Tensor, at::Tensor> prepare(const at::Tensor& x, int64_t G) {
+  using X = typename Isa::X;
+  constexpr int S = Isa::kStep, L = Isa::kLanes;
+  const int64_t M = x.size(0), K = x.size(1), U = std::max<int64_t>(G, S), starts = K / U * L;
+  at::Tensor xp = at::empty({M, K * static_cast<int64_t>(sizeof(X))}, x.options().dtype(at::kByte));
+  at::Tensor start = at::zeros({M, starts}, x.options());
+  const float* src = x.data_ptr<float>();
+  X* dst = reinterpret_cast<X*>(xp.data_ptr());
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t k0 = 0; k0 < K; k0 += S) {
+      float* lanes = start.data_ptr<float>() + m * starts + k0 / U * L;
+      for (int64_t j = 0; j < S; ++j) {
+        const float v = src[m * K + k0 + Isa::source(j)];
+        if constexpr (sizeof(X) == 2) dst[m * K + k0 + j] = float_to_bf16(v);
+        if constexpr (sizeof(X) == 4) dst[m * K + k0 + j] = v;
+        lanes[Isa::lane(j)] -= (8.0f + Isa::kBias) * (sizeof(X) == 2 ? bf16_to_float(float_to_bf16(v)) : v);
+      }
+    }
+  }
+  return {xp, start};
+}
+
+// y = the product of p for x (M, K): its activations prepared for `code`, then the rows of that code.
+template <int G>
+void run_for_group(const std::string& code, const at::Tensor& x, Problem& p) {
+  const auto [xp, start] = code == "avx512_bf16" ? prepare<Avx512Bf16>(x, G)
+                           : code == "avx512"    ? prepare<Avx512>(x, G)
+                                                 : prepare<Avx2>(x, G);
+  p.x = xp.data_ptr();
+  p.start = start.data_ptr<float>();
+  run(p, code == "avx512_bf16" ? rows_avx512_bf16<G> : code == "avx512" ? rows_avx512<G> : rows_avx2<G>);
+}
+
+}  // namespace
+
+// y (..., N) float32 = x (..., K) float32 @ W.T + bias (N,) float32, W (N, K) the int4 weight above, given
+// as w (N, K / 2) uint8 and scales (N, K / G) bfloat16 with G in {32, 64, 128} and K a multiple of 128.
+// isa: "auto" (the best code this CPU runs), or "avx512_bf16", "avx512", "avx2" (tests run each).
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                       const std::optional<at::Tensor>& bias, const std::string& isa) {
+  const char* name = "int4_linear";
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && scales.device().is_cpu(), name,
+              ": CPU tensors expected");
+  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat, name, ": x must be float32 (..., K)");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte, name, ": w must be (N, K / 2) uint8");
+  const int64_t K = x.size(-1), N = w.size(0);
+  TORCH_CHECK(w.size(1) * 2 == K, name, ": x has ", K, " columns but w packs ", w.size(1) * 2);
+  TORCH_CHECK(K % kAlign == 0, name, ": K = ", K, " must be a multiple of ", kAlign);
+  TORCH_CHECK(scales.dim() == 2 && scales.scalar_type() == at::kBFloat16 && scales.size(0) == N, name,
+              ": scales must be (", N, ", groups) bfloat16");
+  const int64_t groups = scales.size(1), G = groups ? K / groups : 0;
+  TORCH_CHECK(groups > 0 && G * groups == K && (G == 32 || G == 64 || G == 128), name, ": ", K,
+              " columns in ", groups, " groups: the group size must be 32, 64 or 128");
+  TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->numel() == N), name,
+              ": bias must be float32 with ", N, " entries");
+  const std::string code = choose(isa);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
+  out_shape.push_back(N);
+  at::Tensor y = at::empty(out_shape, x.options());
+  const int64_t M = x.numel() / K;
+  if (M == 0 || N == 0) return y;
+  const at::Tensor xc = x.contiguous().view({M, K}), wc = w.contiguous(), sc = scales.contiguous();
+  const at::Tensor bc = bias ? bias->contiguous() : at::Tensor();
+  Problem p{nullptr, wc.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(sc.data_ptr()), nullptr,
+            bias ? bc.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K};
+  if (G == 32) run_for_group<32>(code, xc, p);
+  if (G == 64) run_for_group<64>(code, xc, p);
+  if (G == 128) run_for_group<128>(code, xc, p);
+  return y;
+}
+
+TORCH_LIBRARY(minaf3_int4, m) {
+  m.def("int4_linear(Tensor x, Tensor w, Tensor scales, Tensor? bias, str isa='auto') -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(minaf3_int4, CPU, m) { m.impl("int4_linear", &int4_linear); }

@@ -1,0 +1,264 @@
+"""The int4 matrix product (kernels/int4_linear.py) against its float64 reference, on every path.
+
+Paths: the streaming loop in each of its instruction sets this CPU has (AVX-512 BF16, AVX-512, AVX2), the
+prefill products (gemm.cpp's on AVX2, forced here where it is not the default; bf16 tiles on AVX-512 BF16
+CPUs), torch's ops, a torch.compile'd call, and the unpack-multiply-sum of a compiled step without the
+library; over hypothesis-chosen shapes, odd widths and widths that are not a multiple of the group or of the
+128-column alignment among them. The tolerances come from float32 rounding or from the bf16 rounding of the
+activations a path multiplies, never from a typed number.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from minaf3.kernels import int4_linear as kernel
+from minaf3.kernels.int4_linear import (
+    ALIGN,
+    GROUP_SIZES,
+    int4_dequantize_reference,
+    int4_linear,
+    int4_linear_reference,
+    int4_product_sum,
+    pack_int4,
+    padded_width,
+    unpack_int4,
+)
+from minaf3.kernels.registry import override, runs
+
+from minaf3 import ConfigError
+
+FLOAT32_EPS = torch.finfo(torch.float32).eps
+BF16_UNIT = torch.finfo(torch.bfloat16).eps / 2  # the relative rounding error of a float rounded to bf16
+ISAS = ["avx512_bf16", "avx512", "avx2"]
+# The loop's instruction sets this CPU has, each forced; "auto" is what a call without `isa` runs.
+LOOP_PATHS = [
+    isa
+    for isa in ISAS
+    if {"avx512_bf16": torch.cpu._is_avx512_bf16_supported(), "avx512": torch.cpu._is_avx512_supported()}.get(
+        isa, torch.cpu._is_avx2_supported()
+    )
+]
+PATHS = [f"loop-{isa}" for isa in LOOP_PATHS] + ["gemm", "bf16-tiles", "torch", "product-sum"]
+KERNEL_SETTINGS = settings(max_examples=30, deadline=None)
+
+
+def random_layer(out_features: int, in_features: int, bias: bool, seed: int, group: int = 32):
+    """An int4 weight of random 4-bit values and bf16 scales of both signs, for in_features columns (the
+    padding columns zero, as the quantizer makes them)."""
+    g = torch.Generator().manual_seed(seed)
+    Kp = padded_width(in_features)
+    q = torch.randint(0, 16, (out_features, Kp), generator=g)
+    q[:, in_features:] = kernel.ZERO_POINT
+    scales = ((torch.rand(out_features, Kp // group, generator=g) - 0.5) * 0.02).bfloat16()
+    b = torch.randn(out_features, generator=g) if bias else None
+    return pack_int4(q), scales, b
+
+
+def error_bound(x, w, scales, bias, rel: float) -> torch.Tensor:
+    """|y - y_ref| allowed per element: rel * sum_k |x_k W_nk| (+ |bias|), the scale of rounding errors."""
+    W = int4_dequantize_reference(w, scales)[:, : x.shape[-1]].float()
+    size = x.float().abs() @ W.abs().T
+    return rel * (size + (0 if bias is None else bias.abs())) + 1e-6
+
+
+def run_path(path: str, x, w, scales, bias):
+    """x @ W.T + bias on one of PATHS (a prefill path given fewer rows than it takes still runs it)."""
+    if path.startswith("loop-"):
+        assert runs("int4")
+        Kp = 2 * w.shape[1]
+        xp = torch.nn.functional.pad(x, (0, Kp - x.shape[-1]))
+        return torch.ops.minaf3_int4.int4_linear(xp, w, scales, bias, path.removeprefix("loop-"))
+    if path == "product-sum":
+        return int4_product_sum(x.unsqueeze(-2), w, scales, bias).squeeze(-2)
+    if path in ("gemm", "bf16-tiles"):
+        if path == "bf16-tiles" and not torch.cpu._is_avx512_bf16_supported():
+            pytest.skip("this CPU has no AVX-512 BF16")  # where it has, the path must build and run
+        flags = {"gemm": path == "gemm", "bf16_prefill": path == "bf16-tiles"}
+        with override(**flags), pytest.MonkeyPatch.context() as patch:
+            patch.setattr(kernel, "PREFILL_MIN_ROWS", 1)
+            return int4_linear(x, w, scales, bias, backend="cpp")
+    return int4_linear(x, w, scales, bias, backend=path)
+
+
+def path_tolerance(path: str, in_features: int) -> float:
+    """Relative to sum |x W|: float32 sums in another order; bf16-rounded activations (the AVX-512 BF16
+    loop); bf16-rounded activations, weights and outputs (bf16 tiles)."""
+    if path == "loop-avx512_bf16" or (path == "loop-auto" and "avx512_bf16" in LOOP_PATHS):
+        return BF16_UNIT + in_features * FLOAT32_EPS
+    if path == "bf16-tiles":
+        return 3 * BF16_UNIT + in_features * FLOAT32_EPS
+    return 2 * in_features * FLOAT32_EPS
+
+
+@pytest.mark.parametrize("path", PATHS)
+@KERNEL_SETTINGS
+@given(
+    rows=st.integers(1, 9),
+    out_features=st.integers(1, 70),
+    in_features=st.integers(1, 300),  # odd widths, across 32-column groups and 128-column alignment
+    group=st.sampled_from(GROUP_SIZES),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_int4_linear_matches_the_float64_reference(path, rows, out_features, in_features, group, bias, seed):
+    w, scales, b = random_layer(out_features, in_features, bias, seed, group)
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(seed + 1))
+    out = run_path(path, x, w, scales, b)
+    expected = int4_linear_reference(x, w, scales, b)
+    assert out.shape == (rows, out_features) and out.dtype == x.dtype
+    bound = error_bound(x, w, scales, b, path_tolerance(path, padded_width(in_features)))
+    assert ((out - expected).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("path", [f"loop-{isa}" for isa in LOOP_PATHS] + ["gemm", "bf16-tiles"])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 9, kernel.PREFILL_MIN_ROWS + 3])
+def test_batch_rows_each_equal_that_row_alone(path, rows):
+    """Row blocking (1-2 activation rows per pass, tiles of weight rows, panels of gemm.cpp) must not mix
+    rows; width 3584 as in AF3, 203 weight rows: whole blocks of 4, then odd ones."""
+    w, scales, b = random_layer(203, 3584, True, seed=rows)
+    x = torch.randn(rows, 3584)
+    out = run_path(path, x, w, scales, b)
+    alone = torch.cat([run_path(path, x[i : i + 1], w, scales, b) for i in range(rows)])
+    bound = error_bound(x, w, scales, b, path_tolerance(path, 3584))
+    assert ((out - int4_linear_reference(x, w, scales, b)).abs() <= bound).all()
+    assert ((out - alone).abs() <= 2 * bound).all()
+
+
+@pytest.mark.parametrize("isa", LOOP_PATHS)
+@pytest.mark.parametrize("shape", [(1, 3001, 1024), (3, 517, 4096)])
+def test_thread_count_does_not_change_any_bit(isa, shape):
+    """Threads claim chunks of rows as they go; each row's sum is the same code whichever thread runs it."""
+    rows, out_features, in_features = shape  # several chunks of rows, none a whole number of 4-row blocks
+    w, scales, b = random_layer(out_features, in_features, True, seed=8)
+    x = torch.randn(rows, in_features)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = torch.ops.minaf3_int4.int4_linear(x, w, scales, b, isa)
+        torch.set_num_threads(max(2, threads))
+        shared = torch.ops.minaf3_int4.int4_linear(x, w, scales, b, isa)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(alone, shared)
+
+
+def test_pack_and_unpack_are_inverse_and_follow_the_layout():
+    q = torch.arange(256).remainder(16).view(2, 128)
+    packed = pack_int4(q)
+    assert packed.shape == (2, 64) and packed.dtype == torch.uint8
+    assert packed[0, 0] == q[0, 0] | q[0, 1] << 4 and packed[1, 7] == q[1, 14] | q[1, 15] << 4
+    assert torch.equal(unpack_int4(packed), q.to(torch.uint8))
+    scales = torch.tensor([[2.0, -1.0, 0.5, 4.0], [1.0, 1.0, 1.0, 1.0]]).bfloat16()
+    W = int4_dequantize_reference(packed, scales)
+    assert W[0, 1] == 2.0 * (1 - 8) and W[0, 33] == -1.0 * (1 - 8) and W[1, 127] == 15 - 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [3, kernel.PREFILL_MIN_ROWS])  # the loop, a prefill path
+def test_leading_dims_and_dtype_are_kept(dtype, rows):
+    w, scales, b = random_layer(24, 200, True, seed=3)
+    x = torch.randn(2, rows, 200).to(dtype)
+    out = int4_linear(x, w, scales, b.to(dtype))
+    assert out.shape == (2, rows, 24) and out.dtype == dtype
+    expected = int4_linear_reference(x, w, scales, b).float()
+    tolerance = 4 * BF16_UNIT + 256 * FLOAT32_EPS + (2 * BF16_UNIT if dtype == torch.bfloat16 else 0)
+    assert ((out.float() - expected).abs() <= error_bound(x, w, scales, b, tolerance)).all()
+
+
+@pytest.mark.parametrize("rows", [1, 3, kernel.PREFILL_MIN_ROWS])  # the loop, a prefill path
+def test_traced_by_torch_compile_without_graph_breaks(rows):
+    w, scales, b = random_layer(16, 100, True, seed=4)
+    x = torch.randn(2, rows, 100)  # leading dims and a padded width: the shape functions must keep them
+    eager = int4_linear(x, w, scales, b)
+    compiled = torch.compile(lambda t: int4_linear(t, w, scales, b), backend="eager", fullgraph=True)
+    assert torch.allclose(compiled(x), eager)
+
+
+def test_compiled_product_sum_is_one_row_of_the_reference():
+    """What a compiled one-row step runs without the library, compiled by inductor."""
+    w, scales, b = random_layer(40, 300, True, seed=11)
+    x = torch.randn(1, 1, 300)
+    compiled = torch.compile(int4_product_sum, fullgraph=True)
+    expected = int4_linear_reference(x, w, scales, b)
+    assert (
+        (compiled(x, w, scales, b) - expected).abs() <= error_bound(x, w, scales, b, 512 * FLOAT32_EPS)
+    ).all()
+
+
+def test_many_rows_take_the_path_meant_for_this_cpu():
+    """From PREFILL_MIN_ROWS rows: gemm.cpp's operator where it is wanted (AVX2 CPUs), else bf16 tiles where
+    the CPU has AVX-512 BF16, else the loop; below it, the loop."""
+    from torch.profiler import profile
+
+    many = kernel.PREFILL_MIN_ROWS
+    w, scales, b = random_layer(70, 300, True, seed=9)
+    x = torch.randn(many, 300)
+    cases = [
+        ({"gemm": True}, many, "minaf3_gemm::int4_gemm"),
+        ({"gemm": True}, many - 1, "minaf3_int4::int4_linear"),
+        ({"gemm": False, "bf16_prefill": False}, many, "minaf3_int4::int4_linear"),
+    ]
+    if torch.cpu._is_avx512_bf16_supported():  # the path must build and run there
+        cases.append(({"gemm": False, "bf16_prefill": True}, many, "minaf3_tiles::int4_dequantize"))
+    for flags, rows, op in cases:
+        with override(**flags), profile() as trace:
+            int4_linear(x[:rows], w, scales, b)
+        calls = {event.key for event in trace.key_averages() if event.key.startswith("minaf3")}
+        assert calls == {op}, (flags, rows, calls)
+
+
+def test_backend_switch_by_argument_and_environment(monkeypatch):
+    calls = []
+    torch_path = kernel._torch_int4_linear
+    monkeypatch.setattr(kernel, "_torch_int4_linear", lambda *a: calls.append(1) or torch_path(*a))
+    w, scales, _ = random_layer(8, 128, False, seed=5)
+    x = torch.randn(1, 128)
+    int4_linear(x, w, scales)
+    assert calls == []  # auto: the C++ kernel builds on this machine
+    int4_linear(x, w, scales, backend="torch")
+    assert calls == [1]
+    monkeypatch.setenv(kernel.BACKEND_ENV, "torch")
+    int4_linear(x, w, scales)
+    assert calls == [1, 1]
+    monkeypatch.setenv(kernel.BACKEND_ENV, "fast")
+    with pytest.raises(ConfigError, match="MINAF3_INT4_BACKEND='fast'"):
+        int4_linear(x, w, scales)
+
+
+def test_input_errors_name_the_mismatch():
+    w, scales, b = random_layer(8, 256, True, seed=6)
+    x = torch.randn(2, 256)
+    with pytest.raises(ConfigError, match=r"input must be float \(\.\.\., K <= 256\)"):
+        int4_linear(torch.randn(2, 257), w, scales)
+    with pytest.raises(
+        ConfigError, match=f"weight must be \\(N, Kp / 2\\) uint8 with Kp a multiple of {ALIGN}"
+    ):
+        int4_linear(x, w[:, :100], scales)
+    with pytest.raises(ConfigError, match=r"scales must be \(8, 256 / G\) bfloat16"):
+        int4_linear(x, w, scales.float())
+    with pytest.raises(ConfigError, match=r"scales must be .* G in \[32, 64, 128\]"):
+        int4_linear(x, w, scales[:, :1])  # one group of 256 columns: not a size the kernels take
+    int4_linear(x, w, scales[:, :2].contiguous())  # 2 groups of 128 columns: accepted
+    with pytest.raises(ConfigError, match=r"bias must be \(8,\)"):
+        int4_linear(x, w, scales, b[:3])
+
+
+def test_the_loop_refuses_what_it_cannot_multiply():
+    """The operator's own checks name it and the problem before reading any data."""
+    assert runs("int4")
+    op = torch.ops.minaf3_int4.int4_linear
+    w, scales, _ = random_layer(4, 256, False, seed=7)
+    x = torch.randn(2, 256)
+    with pytest.raises(RuntimeError, match="int4_linear: x has 255 columns but w packs 256"):
+        op(x[:, :255], w, scales, None)
+    with pytest.raises(RuntimeError, match="the group size must be 32, 64 or 128"):
+        op(x, w, scales[:, :1].contiguous(), None)
+    with pytest.raises(RuntimeError, match="isa must be auto, avx2, avx512 or avx512_bf16"):
+        op(x, w, scales, None, "sse")
+
+
+def test_cpp_backend_refuses_tensors_it_cannot_run():
+    w, scales, _ = random_layer(4, 128, False, seed=7)
+    with override(int4=False), pytest.raises(ConfigError, match="int4 backend 'cpp' cannot run"):
+        int4_linear(torch.randn(1, 128), w, scales, backend="cpp")
