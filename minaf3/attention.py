@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError
+from .kernels import cpu_attention
 from .kernels.registry import available
 
 BACKENDS = ("triton", "cpp", "sdpa", "eager")
@@ -101,19 +102,20 @@ def attention(
     """Scaled dot-product attention with D**-0.5 scaling; see the module docstring for shapes and masks.
 
     mask: `attention_mask(key_mask, query_pos, S)` when the caller has built it already (the decoder builds
-    it once per forward pass for all its layers); the triton backend ignores it.
+    it once per forward pass for all its layers); the triton and cpp backends ignore it (they read key_mask
+    and query_pos, and only the slots up to the query's own).
     """
     backend = backend or default_backend(q.device, q.shape[2])
     if not torch.compiler.is_compiling():  # a compiled step's graph keeps no Python side effects
         _counts[backend] += 1
-    if backend in ("sdpa", "eager", "cpp") and mask is None:
+    if backend == "cpp":  # first: it runs for every layer of every decoded token on the CPU
+        return cpp_attention(q, k, v, key_mask, query_pos)
+    if backend in ("sdpa", "eager") and mask is None:
         mask = attention_mask(key_mask, query_pos, k.shape[-2])
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
     if backend == "eager":
         return eager_attention(q, k, v, mask)
-    if backend == "cpp":
-        return cpp_attention(q, k, v, mask)
     if backend == "triton":
         return triton_attention(q, k, v, key_mask, query_pos)
     raise ConfigError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
@@ -144,10 +146,15 @@ def eager_attention(
 
 
 def cpp_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    query_pos: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The C++ kernel: one query token per row, on the CPU. mask (B or 1, 1, 1, S) bool or None."""
-    if q.device.type != "cpu":
+    """The C++ kernel: one query token per row, on the CPU, over key slots 0..query_pos[0] (all S without
+    query_pos) that key_mask (B, S) shows."""
+    if not q.is_cpu:
         raise ConfigError(f"attention backend 'cpp' runs on the CPU; got tensors on {q.device}")
     if q.shape[2] != 1:
         raise ConfigError(
@@ -156,10 +163,7 @@ def cpp_attention(
         )
     if not available().cpu_attention:
         raise ConfigError("attention backend 'cpp' cannot run: its kernel could not be built (see the log)")
-    from .kernels.cpu_attention import decode_attention
-
-    visible = None if mask is None else mask.reshape(mask.shape[0], mask.shape[-1])  # (B|1,1,1,S) -> (B|1,S)
-    return decode_attention(q, k, v, visible)
+    return cpu_attention.decode_attention(q, k, v, key_mask, query_pos)
 
 
 def triton_attention(

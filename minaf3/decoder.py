@@ -13,6 +13,13 @@ new tokens, `input_pos` the cache slots they are written to, and `key_mask` says
 With left padding the two differ: a row padded by p tokens has RoPE position t - p in slot t. What every layer
 shares (RoPE cos/sin, the attention mask, the attention backend) is computed once per forward pass
 (`StepInputs`), not once per layer.
+
+Where the element-wise steps run: the torch code below is their definition, and runs for autograd, inside
+torch.compile (inductor fuses it into its own loops) and on devices without kernels. On CUDA RMSNorm and RoPE
+run as Triton kernels (`on_triton`). On the CPU outside autograd and torch.compile (`cpu_fused`: eager
+inference, the CPU default for generation) RMSNorm, RoPE with the cache write, and SiLU-and-multiply each run
+as one C++ operator (kernels/decode_ops.cpp): at batch 1 a torch op's dispatch costs more than its
+arithmetic, and these steps were about forty ops per layer.
 """
 
 from dataclasses import dataclass
@@ -23,8 +30,12 @@ from torch import nn
 
 from .attention import attention, attention_mask, default_backend
 from .config import DecoderConfig
+from .kernels import decode_ops
 from .kernels.registry import available
 from .linear import Linear, fuse_rows
+
+# dtypes decode_ops.cpp computes in
+FUSED_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @dataclass
@@ -50,6 +61,18 @@ def on_triton(x: torch.Tensor) -> bool:
     return x.is_cuda and available().triton
 
 
+def cpu_fused(x: torch.Tensor) -> bool:
+    """Whether element-wise work on x runs as decode_ops.cpp's operators: on the CPU, outside autograd (whose
+    backward needs the torch ops) and torch.compile (which fuses the torch ops itself)."""
+    return (
+        x.is_cpu
+        and not torch.is_grad_enabled()
+        and x.dtype in FUSED_DTYPES
+        and available().decode_ops
+        and not torch.compiler.is_compiling()
+    )
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in float32 and cast back before the weight, as Qwen2 does."""
 
@@ -59,6 +82,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_fused(x):
+            return decode_ops.rms_norm(x, self.weight, self.eps)
         if on_triton(x):
             from .kernels.rmsnorm_rope import rms_norm
 
@@ -142,13 +167,21 @@ class DecoderAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
-        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, T, Hq*Dh) -> (B, Hq, T, Dh)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # -> (B, Hkv, T, Dh)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # -> (B, Hkv, T, Dh)
-        q, k = rotate(q, k, step.cos, step.sin)
-        if step.input_pos is not None:
-            k, v = self.kv_cache.update(step.input_pos, k, v)  # (B, Hkv, S, Dh)
+        qkv = self.qkv_proj(x)  # (B, T, (Hq + 2 * Hkv) * Dh)
+        if step.input_pos is not None and cpu_fused(qkv):  # the else branch's steps as one operator
+            cache = self.kv_cache
+            q = decode_ops.rope_cache(
+                qkv, step.cos, step.sin, cache.k_cache, cache.v_cache, step.input_pos, self.num_heads
+            )  # (B, Hq, T, Dh)
+            k, v = cache.k_cache, cache.v_cache  # (B, Hkv, S, Dh)
+        else:
+            q, k, v = qkv.split(self.sizes, dim=-1)
+            q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, T, Hq*Dh) -> (B, Hq, T, Dh)
+            k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # -> (B, Hkv, T, Dh)
+            v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # -> (B, Hkv, T, Dh)
+            q, k = rotate(q, k, step.cos, step.sin)
+            if step.input_pos is not None:
+                k, v = self.kv_cache.update(step.input_pos, k, v)  # (B, Hkv, S, Dh)
         y = attention(
             q, k, v, key_mask=step.key_mask, query_pos=step.query_pos, backend=step.backend, mask=step.mask
         )  # (B, Hq, T, Dh)
@@ -166,7 +199,10 @@ class MLP(nn.Module):
         fuse_rows(self, "gate_up_proj", {"gate_proj": i, "up_proj": i})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (..., 2 * I) -> 2 x (..., I)
+        gate_up = self.gate_up_proj(x)  # (..., 2 * I): gate, then up
+        if cpu_fused(gate_up):
+            return self.down_proj(decode_ops.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)  # (..., 2 * I) -> 2 x (..., I)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -240,7 +276,9 @@ class Qwen2Decoder(nn.Module):
             query_pos, num_keys = torch.arange(T, device=inputs_embeds.device), T
         else:
             query_pos, num_keys = input_pos, self.cache_shape[2]
-        mask = None if backend == "triton" else attention_mask(key_mask, query_pos, num_keys)
+        # triton and cpp read key_mask and query_pos themselves, and only the slots up to the query's
+        needs_mask = backend not in ("triton", "cpp")
+        mask = attention_mask(key_mask, query_pos, num_keys) if needs_mask else None
         step = StepInputs(cos, sin, key_mask, query_pos, input_pos, mask, backend)
         x = inputs_embeds
         for layer in self.layers:

@@ -2,6 +2,7 @@
 
     race(candidates, repeats)          best wall time of each callable, raced in turns
     decode_race(runs, n, repeats)      seconds per decode step, with the prefill cancelled out
+    step_race(runs, repeats)           seconds per decode step, timed between streamed tokens
     rate_probes() / rates(times)       a 2048^3 float32 product and a sum over 1 GiB -> FLOP/s, bytes/s
 
 The machine is shared and its speed drifts by 1.5x within minutes: contenders timed one after the other
@@ -43,6 +44,39 @@ def decode_race(runs: dict, n: int, repeats: int, extra: dict | None = None) -> 
     return {name: (times[name, n] - times[name, 1]) / (n - 1) for name in runs} | {
         k: times[k] for k in extra or {}
     }
+
+
+class Clock:
+    """A streamer (put, end) that notes when each piece arrives: the prompt, then each step's tokens."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def per_step(self) -> float:
+        """Seconds per decode step: from the first new token (the prefill's) to the last."""
+        if len(self.times) < 3:
+            raise ValueError(f"a step time needs at least two new tokens; the streamer saw {len(self.times) - 1}")
+        return (self.times[-1] - self.times[1]) / (len(self.times) - 2)
+
+
+def step_race(runs: dict, repeats: int) -> dict:
+    """Seconds per decode step of each `runs[name](streamer)` (a generate call that streams to it), best of
+    `repeats` turns after a warm-up: timed between the first and the last new token, so the prefill, which
+    for a long prompt varies by more than all the steps take, is not in it (decode_race subtracts it)."""
+    best = dict.fromkeys(runs, math.inf)
+    for turn in range(repeats + 1):
+        for name, run in runs.items():
+            clock = Clock()
+            run(clock)
+            if turn:
+                best[name] = min(best[name], clock.per_step())
+    return best
 
 
 def rate_probes() -> dict:
