@@ -3,7 +3,8 @@
     load_library()      builds (first use) and loads it; False, with one logged warning, when it cannot be
                         built here
     decode_attention(q, k, v, key_mask, query_slot)
-                        q (B, Hq, 1, D), k/v (B, Hkv, S, D), key_mask (Bm, S), query_slot (1,) -> (B, Hq, 1, D)
+                        q (B, Hq, 1, D), k/v (B, Hkv, S, D), key_mask (Bm, S), query_slot (1,)
+                        -> (B, Hq, 1, D)
 
 minaf3/attention.py calls it as the "cpp" backend, the default for one query token on the CPU; its
 definition is attention.py's eager_attention, which the tests compare it with. Why a kernel: the eager

@@ -60,7 +60,7 @@ load_library = build_once(_build)
 
 
 def _typed(error: RuntimeError) -> Exception:
-    """An operator's own argument check (made before it reads any data) as a ConfigError; others as they are."""
+    """An operator's own argument check (made before it reads any data) as ConfigError; others as is."""
     message = str(error).splitlines()[0]
     return ConfigError(message) if message.startswith(tuple(f"{name}:" for name in NAMES)) else error
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attention, attention_mask, default_backend
+from .attention import attention, attention_mask, default_backend, plain_causal
 from .config import DecoderConfig
 from .kernels import decode_ops
 from .kernels.registry import available
@@ -44,7 +44,8 @@ class StepInputs:
 
     cos, sin (B, 1, T, head_dim); key_mask (B, S) bool or None; query_pos (T,) cache slot of each query;
     input_pos (T,) slots to write, None without a cache; mask: attention_mask(...) for the sdpa and eager
-    backends (None for triton, whose kernels read key_mask and query_pos); backend: the attention backend.
+    backends (None for triton and cpp, whose kernels read key_mask and query_pos, and for a plain causal
+    prompt); backend: the attention backend; causal: attention.plain_causal(key_mask, query_pos) holds.
     """
 
     cos: torch.Tensor
@@ -54,6 +55,7 @@ class StepInputs:
     input_pos: torch.Tensor | None
     mask: torch.Tensor | None
     backend: str
+    causal: bool
 
 
 def on_triton(x: torch.Tensor) -> bool:
@@ -183,7 +185,7 @@ class DecoderAttention(nn.Module):
             if step.input_pos is not None:
                 k, v = self.kv_cache.update(step.input_pos, k, v)  # (B, Hkv, S, Dh)
         y = attention(
-            q, k, v, key_mask=step.key_mask, query_pos=step.query_pos, backend=step.backend, mask=step.mask
+            q, k, v, step.key_mask, step.query_pos, step.backend, step.mask, step.causal
         )  # (B, Hq, T, Dh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, Hq, T, Dh) -> (B, T, Hq * Dh)
 
@@ -272,14 +274,15 @@ class Qwen2Decoder(nn.Module):
         T = inputs_embeds.shape[1]
         backend = default_backend(inputs_embeds.device, T)
         cos, sin = rope_cos_sin(positions, self.inv_freq, inputs_embeds.dtype)
-        if input_pos is None:  # no cache: the keys are exactly these T tokens, in order
-            query_pos, num_keys = torch.arange(T, device=inputs_embeds.device), T
-        else:
-            query_pos, num_keys = input_pos, self.cache_shape[2]
-        # triton and cpp read key_mask and query_pos themselves, and only the slots up to the query's
-        needs_mask = backend not in ("triton", "cpp")
-        mask = attention_mask(key_mask, query_pos, num_keys) if needs_mask else None
-        step = StepInputs(cos, sin, key_mask, query_pos, input_pos, mask, backend)
+        # no cache: the keys are exactly these T tokens, in order
+        query_pos = torch.arange(T, device=inputs_embeds.device) if input_pos is None else input_pos
+        # A prompt from slot 0 without padding is plain causal attention, which sdpa runs without a mask.
+        causal = backend == "sdpa" and T > 1 and not torch.compiler.is_compiling()
+        causal = causal and plain_causal(key_mask, query_pos)
+        mask = None  # triton and cpp read key_mask and query_pos, and only the slots up to the query's own
+        if backend == "eager" or (backend == "sdpa" and not causal):
+            mask = attention_mask(key_mask, query_pos, T if input_pos is None else self.cache_shape[2])
+        step = StepInputs(cos, sin, key_mask, query_pos, input_pos, mask, backend, causal)
         x = inputs_embeds
         for layer in self.layers:
             x = layer(x, step)

@@ -26,7 +26,7 @@ def kernel():
 
 
 def definition(q, k, v, key_mask=None, query_slot=None):
-    """eager_attention in float64: slot j visible iff j <= query_slot (every slot without one) and key_mask."""
+    """eager_attention in float64: slot j visible iff j <= query_slot (or any j without one) and key_mask."""
     S = k.shape[2]
     last = S - 1 if query_slot is None else int(query_slot)
     visible = (torch.arange(S) <= last)[None, :]  # (1, S)

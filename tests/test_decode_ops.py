@@ -82,7 +82,9 @@ def torch_rope_cache(qkv, cos, sin, k_cache, v_cache, slots, num_heads):
     dtype=DTYPES,
     seed=st.integers(0, 2**16),
 )
-def test_rope_cache_matches_split_rotate_and_cache_update(batch, tokens, kv_heads, groups, half_dim, dtype, seed):
+def test_rope_cache_matches_split_rotate_and_cache_update(
+    batch, tokens, kv_heads, groups, half_dim, dtype, seed
+):
     """Random slots (not in order), positions per row (left padding), every other slot left as it was; the
     operator rounds as the torch ops do, product by product, so the results are theirs to the bit."""
     g = torch.Generator().manual_seed(seed)
@@ -128,7 +130,10 @@ def test_nan_and_infinity_reach_the_outputs_as_in_torch():
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda: decode_ops.rms_norm(torch.ones(2, 8), torch.ones(7), 1e-6), r"rms_norm: x \(\.\.\., H\) and"),
+        (
+            lambda: decode_ops.rms_norm(torch.ones(2, 8), torch.ones(7), 1e-6),
+            r"rms_norm: x \(\.\.\., H\) and",
+        ),
         (lambda: decode_ops.rms_norm(torch.ones(2, 8).half(), torch.ones(8), 1e-6), "float32 or bfloat16"),
         (lambda: decode_ops.silu_mul(torch.ones(2, 7)), r"silu_mul: gate_up must be \(\.\.\., 2 I\)"),
         (lambda: decode_ops.silu_mul(torch.ones(2, 8).double()), "float32 or bfloat16 expected"),
