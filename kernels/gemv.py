@@ -24,6 +24,9 @@ from .cpp_build import build_once, build_openmp_library
 
 SOURCE = Path(__file__).with_name("int8_gemv.cpp")
 EXTENSION_NAME = "minaf3_int8_gemv"
+# weight dtype -> its operator, filled once the library is loaded (looked up per call: resolving
+# torch.ops.<namespace>.<name> each time costs a good part of a small layer's product)
+PRODUCTS: dict[torch.dtype, object] = {}
 
 
 def _build() -> bool:
@@ -46,6 +49,10 @@ def _build() -> bool:
     def _(x, w, bias, allow_avx512=True):
         return x.new_empty(*x.shape[:-1], w.shape[0])
 
+    PRODUCTS.update({
+        torch.bfloat16: torch.ops.minaf3_int8.bf16_linear.default,
+        torch.float32: torch.ops.minaf3_int8.f32_linear.default,
+    })  # fmt: skip
     return True
 
 
@@ -55,6 +62,8 @@ load_library = build_once(_build)
 def gemv_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) @ w (N, K).T + bias for a bf16 or float32 weight on the CPU, accumulated in float32 ->
     (..., N) in x.dtype. Needs the library: registry.available().gemv."""
-    op = torch.ops.minaf3_int8.bf16_linear if w.dtype == torch.bfloat16 else torch.ops.minaf3_int8.f32_linear
+    op = PRODUCTS[w.dtype]
+    if x.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32):
+        return op(x, w, bias)  # float32 activations (and bias): nothing to convert, each call of a decode
     y = op(x.float(), w, None if bias is None else bias.float())
     return y.to(x.dtype)

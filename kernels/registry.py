@@ -26,14 +26,15 @@ import torch
 
 from minaf3.errors import ConfigError
 
-from . import bf16_tiles, cpp_build, cpu_attention, gemm, gemv, int4_gemv, log_mel
+from . import bf16_tiles, cpp_build, cpu_attention, decode_ops, gemm, gemv, int4_gemv, log_mel
 
 
 @dataclass(frozen=True)
 class Kernels:
     """What runs in this process. Each field is True when the kernel is built, loaded and meant for here."""
 
-    cpu_attention: bool  # cpu_attention.cpp: one query token over the static KV cache
+    cpu_attention: bool  # cpu_attention.cpp: one query token over the filled slots of the static KV cache
+    decode_ops: bool  # decode_ops.cpp: a decoder layer's element-wise steps (RMSNorm, RoPE + cache, SiLU)
     gemv: bool  # int8_gemv.cpp: streaming matrix-vector products over int8, bf16 or float32 weights
     gemm: bool  # gemm.cpp: blocked matrix products for many rows, on CPUs whose best vector unit is AVX2
     int4: bool  # int4_gemv.cpp: streaming products over int4 weights, for a few rows
@@ -68,6 +69,7 @@ def _gemm_runs() -> bool:
 # name -> the call that builds or loads it (each thread-safe, and decided once per process)
 LOADERS = {
     "cpu_attention": cpu_attention.load_library,
+    "decode_ops": decode_ops.load_library,
     "gemv": gemv.load_library,
     "gemm": _gemm_runs,
     "int4": int4_gemv.load_library,

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError
+from .kernels import cpu_attention
 from .kernels.registry import available
 
 BACKENDS = ("triton", "cpp", "sdpa", "eager")
@@ -89,6 +90,16 @@ def attention_mask(
     return allowed.unsqueeze(-3)  # (B or 1, 1, T, S)
 
 
+def plain_causal(key_mask: torch.Tensor | None, query_pos: torch.Tensor) -> bool:
+    """Whether query i sits in slot i and every slot up to the last query holds a token (a prompt written
+    from slot 0, without padding): then attention is plain causal attention over the first T slots. One host
+    synchronisation; for blocks of queries (a prefill), not for every decode step."""
+    T = query_pos.shape[0]
+    if not torch.equal(query_pos, torch.arange(T, device=query_pos.device)):
+        return False
+    return key_mask is None or bool(key_mask[:, :T].all())
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -97,23 +108,32 @@ def attention(
     query_pos: torch.Tensor | None = None,
     backend: str | None = None,
     mask: torch.Tensor | None = None,
+    causal: bool = False,
 ) -> torch.Tensor:
     """Scaled dot-product attention with D**-0.5 scaling; see the module docstring for shapes and masks.
 
     mask: `attention_mask(key_mask, query_pos, S)` when the caller has built it already (the decoder builds
-    it once per forward pass for all its layers); the triton backend ignores it.
+    it once per forward pass for all its layers); the triton and cpp backends ignore it (they read key_mask
+    and query_pos, and only the slots up to the query's own).
+    causal: the caller's word that `plain_causal(key_mask, query_pos)` holds; sdpa then runs its causal
+    kernel over the first T slots with no mask: a (T, S) mask for a long prompt is T * S bytes, which sdpa
+    widens to a float copy in every layer, and the causal kernel skips the blocks the mask would hide.
     """
     backend = backend or default_backend(q.device, q.shape[2])
     if not torch.compiler.is_compiling():  # a compiled step's graph keeps no Python side effects
         _counts[backend] += 1
-    if backend in ("sdpa", "eager", "cpp") and mask is None:
+    if backend == "cpp":  # first: it runs for every layer of every decoded token on the CPU
+        return cpp_attention(q, k, v, key_mask, query_pos)
+    gqa = q.shape[1] != k.shape[1]
+    if backend == "sdpa" and causal:
+        T = q.shape[2]
+        return F.scaled_dot_product_attention(q, k[:, :, :T], v[:, :, :T], is_causal=True, enable_gqa=gqa)
+    if backend in ("sdpa", "eager") and mask is None:
         mask = attention_mask(key_mask, query_pos, k.shape[-2])
     if backend == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     if backend == "eager":
         return eager_attention(q, k, v, mask)
-    if backend == "cpp":
-        return cpp_attention(q, k, v, mask)
     if backend == "triton":
         return triton_attention(q, k, v, key_mask, query_pos)
     raise ConfigError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
@@ -144,10 +164,15 @@ def eager_attention(
 
 
 def cpp_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    query_pos: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The C++ kernel: one query token per row, on the CPU. mask (B or 1, 1, 1, S) bool or None."""
-    if q.device.type != "cpu":
+    """The C++ kernel: one query token per row, on the CPU, over key slots 0..query_pos[0] (all S without
+    query_pos) that key_mask (B, S) shows."""
+    if not q.is_cpu:
         raise ConfigError(f"attention backend 'cpp' runs on the CPU; got tensors on {q.device}")
     if q.shape[2] != 1:
         raise ConfigError(
@@ -156,10 +181,7 @@ def cpp_attention(
         )
     if not available().cpu_attention:
         raise ConfigError("attention backend 'cpp' cannot run: its kernel could not be built (see the log)")
-    from .kernels.cpu_attention import decode_attention
-
-    visible = None if mask is None else mask.reshape(mask.shape[0], mask.shape[-1])  # (B|1,1,1,S) -> (B|1,S)
-    return decode_attention(q, k, v, visible)
+    return cpu_attention.decode_attention(q, k, v, key_mask, query_pos)
 
 
 def triton_attention(

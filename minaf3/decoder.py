@@ -13,6 +13,13 @@ new tokens, `input_pos` the cache slots they are written to, and `key_mask` says
 With left padding the two differ: a row padded by p tokens has RoPE position t - p in slot t. What every layer
 shares (RoPE cos/sin, the attention mask, the attention backend) is computed once per forward pass
 (`StepInputs`), not once per layer.
+
+Where the element-wise steps run: the torch code below is their definition, and runs for autograd, inside
+torch.compile (inductor fuses it into its own loops) and on devices without kernels. On CUDA RMSNorm and RoPE
+run as Triton kernels (`on_triton`). On the CPU outside autograd and torch.compile (`cpu_fused`: eager
+inference, the CPU default for generation) RMSNorm, RoPE with the cache write, and SiLU-and-multiply each run
+as one C++ operator (kernels/decode_ops.cpp): at batch 1 a torch op's dispatch costs more than its
+arithmetic, and these steps were about forty ops per layer.
 """
 
 from dataclasses import dataclass
@@ -21,10 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attention, attention_mask, default_backend
+from .attention import attention, attention_mask, default_backend, plain_causal
 from .config import DecoderConfig
+from .kernels import decode_ops
 from .kernels.registry import available
 from .linear import Linear, fuse_rows
+
+# dtypes decode_ops.cpp computes in
+FUSED_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @dataclass
@@ -33,7 +44,8 @@ class StepInputs:
 
     cos, sin (B, 1, T, head_dim); key_mask (B, S) bool or None; query_pos (T,) cache slot of each query;
     input_pos (T,) slots to write, None without a cache; mask: attention_mask(...) for the sdpa and eager
-    backends (None for triton, whose kernels read key_mask and query_pos); backend: the attention backend.
+    backends (None for triton and cpp, whose kernels read key_mask and query_pos, and for a plain causal
+    prompt); backend: the attention backend; causal: attention.plain_causal(key_mask, query_pos) holds.
     """
 
     cos: torch.Tensor
@@ -43,11 +55,24 @@ class StepInputs:
     input_pos: torch.Tensor | None
     mask: torch.Tensor | None
     backend: str
+    causal: bool
 
 
 def on_triton(x: torch.Tensor) -> bool:
     """Whether element-wise work on x runs as Triton kernels: on CUDA, where fusing saves memory passes."""
     return x.is_cuda and available().triton
+
+
+def cpu_fused(x: torch.Tensor) -> bool:
+    """Whether element-wise work on x runs as decode_ops.cpp's operators: on the CPU, outside autograd (whose
+    backward needs the torch ops) and torch.compile (which fuses the torch ops itself)."""
+    return (
+        x.is_cpu
+        and not torch.is_grad_enabled()
+        and x.dtype in FUSED_DTYPES
+        and available().decode_ops
+        and not torch.compiler.is_compiling()
+    )
 
 
 class RMSNorm(nn.Module):
@@ -59,6 +84,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_fused(x):
+            return decode_ops.rms_norm(x, self.weight, self.eps)
         if on_triton(x):
             from .kernels.rmsnorm_rope import rms_norm
 
@@ -142,15 +169,23 @@ class DecoderAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
-        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, T, Hq*Dh) -> (B, Hq, T, Dh)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # -> (B, Hkv, T, Dh)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # -> (B, Hkv, T, Dh)
-        q, k = rotate(q, k, step.cos, step.sin)
-        if step.input_pos is not None:
-            k, v = self.kv_cache.update(step.input_pos, k, v)  # (B, Hkv, S, Dh)
+        qkv = self.qkv_proj(x)  # (B, T, (Hq + 2 * Hkv) * Dh)
+        if step.input_pos is not None and cpu_fused(qkv):  # the else branch's steps as one operator
+            cache = self.kv_cache
+            q = decode_ops.rope_cache(
+                qkv, step.cos, step.sin, cache.k_cache, cache.v_cache, step.input_pos, self.num_heads
+            )  # (B, Hq, T, Dh)
+            k, v = cache.k_cache, cache.v_cache  # (B, Hkv, S, Dh)
+        else:
+            q, k, v = qkv.split(self.sizes, dim=-1)
+            q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, T, Hq*Dh) -> (B, Hq, T, Dh)
+            k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # -> (B, Hkv, T, Dh)
+            v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # -> (B, Hkv, T, Dh)
+            q, k = rotate(q, k, step.cos, step.sin)
+            if step.input_pos is not None:
+                k, v = self.kv_cache.update(step.input_pos, k, v)  # (B, Hkv, S, Dh)
         y = attention(
-            q, k, v, key_mask=step.key_mask, query_pos=step.query_pos, backend=step.backend, mask=step.mask
+            q, k, v, step.key_mask, step.query_pos, step.backend, step.mask, step.causal
         )  # (B, Hq, T, Dh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, Hq, T, Dh) -> (B, T, Hq * Dh)
 
@@ -166,7 +201,10 @@ class MLP(nn.Module):
         fuse_rows(self, "gate_up_proj", {"gate_proj": i, "up_proj": i})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (..., 2 * I) -> 2 x (..., I)
+        gate_up = self.gate_up_proj(x)  # (..., 2 * I): gate, then up
+        if cpu_fused(gate_up):
+            return self.down_proj(decode_ops.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)  # (..., 2 * I) -> 2 x (..., I)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -236,12 +274,15 @@ class Qwen2Decoder(nn.Module):
         T = inputs_embeds.shape[1]
         backend = default_backend(inputs_embeds.device, T)
         cos, sin = rope_cos_sin(positions, self.inv_freq, inputs_embeds.dtype)
-        if input_pos is None:  # no cache: the keys are exactly these T tokens, in order
-            query_pos, num_keys = torch.arange(T, device=inputs_embeds.device), T
-        else:
-            query_pos, num_keys = input_pos, self.cache_shape[2]
-        mask = None if backend == "triton" else attention_mask(key_mask, query_pos, num_keys)
-        step = StepInputs(cos, sin, key_mask, query_pos, input_pos, mask, backend)
+        # no cache: the keys are exactly these T tokens, in order
+        query_pos = torch.arange(T, device=inputs_embeds.device) if input_pos is None else input_pos
+        # A prompt from slot 0 without padding is plain causal attention, which sdpa runs without a mask.
+        causal = backend == "sdpa" and T > 1 and not torch.compiler.is_compiling()
+        causal = causal and plain_causal(key_mask, query_pos)
+        mask = None  # triton and cpp read key_mask and query_pos, and only the slots up to the query's own
+        if backend == "eager" or (backend == "sdpa" and not causal):
+            mask = attention_mask(key_mask, query_pos, T if input_pos is None else self.cache_shape[2])
+        step = StepInputs(cos, sin, key_mask, query_pos, input_pos, mask, backend, causal)
         x = inputs_embeds
         for layer in self.layers:
             x = layer(x, step)

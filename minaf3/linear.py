@@ -69,19 +69,26 @@ class Linear(nn.Linear):
     """y = x W^T + b, computed on the fastest path for the input's device, dtype and rows (see above)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Decoding calls this for every layer of every token: cheapest checks first, attributes read once.
-        if x.device.type != "cpu" or torch.is_grad_enabled():
-            return F.linear(x, self.weight, self.bias)
-        weight, bias, kernels = self.weight, self.bias, available()
+        # Eager decoding calls this for every layer of every token, and at small widths the Python here
+        # costs as much as the product: the cheapest checks first, eager decoding's case first, and the
+        # parameters read from their dictionary (`self.weight` goes through nn.Module's Python __getattr__,
+        # half a microsecond a read).
+        params = self._parameters
+        weight, bias = params["weight"], params["bias"]
+        if not x.is_cpu or torch.is_grad_enabled():
+            return F.linear(x, weight, bias)
         rows = x.numel() // x.shape[-1]
-        streams = kernels.gemv and weight.dtype in STREAM_DTYPES
-        if torch.compiler.is_compiling() and rows == 1:
+        streams = weight.dtype in STREAM_DTYPES and available().gemv
+        compiling = torch.compiler.is_compiling()
+        if rows <= STREAM_MAX_ROWS and streams and not compiling:
+            return gemv.gemv_linear(x, weight, bias)
+        if compiling and rows == 1:
             if streams and weight.numel() >= STREAM_KERNEL_MIN_WEIGHTS:
                 return gemv.gemv_linear(x, weight, bias)
             return product_sum(x, weight, None, bias)
         if rows <= STREAM_MAX_ROWS and streams:
             return gemv.gemv_linear(x, weight, bias)
-        if kernels.gemm and x.dtype == weight.dtype and x.dtype in GEMM_DTYPES:
+        if available().gemm and x.dtype == weight.dtype and x.dtype in GEMM_DTYPES:
             return gemm.gemm_linear(x, weight, bias)
         if ONEDNN and weight.numel() >= ONEDNN_MIN_WEIGHTS and x.dtype == weight.dtype == torch.float32:
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")

@@ -230,8 +230,8 @@ class AudioFlamingo3ForConditionalGeneration(nn.Module):
         adapter: instead, the LoRA adapter in this folder (PEFT's format; see minaf3.lora), merged into the
         weights unless merge_adapter=False (then added on every call, and quantize must be None).
         quantize: None, "int8" or "int4": weight-only decoder and lm_head (minaf3.quantize), quantized from
-        the tensors as stored (a bf16 checkpoint loaded in float32 never holds its decoder in float32), or with
-        an adapter, after it is merged in the model's dtype.
+        the tensors as stored (a bf16 checkpoint loaded in float32 never holds its decoder in float32), or
+        with an adapter, after it is merged in the model's dtype.
         """
         check_mode(quantize)
         path = model_folder(path, revision)

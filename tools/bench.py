@@ -9,6 +9,7 @@ best of --repeats turns, and the rates behind the limits are raced alongside.
   1. Overhead-bound decode: full depth (32 encoder, 28 decoder layers) at tiny width (decoder 112 wide, 7
      query / 1 KV head, ffn 224; vocabulary 4096), batch 1, greedy: ms/token = (t(n) - t(1)) / (n - 1).
      minaf3 eager and with its compiled decode step (--autotune adds "max-autotune-no-cudagraphs").
+     The same after long prompts, one 30 s window (780 tokens) and twenty (16k): tools/bench_prompts.py.
   2. Time to first token, official widths with 2 encoder + 2 decoder layers, a 5 s clip (125 audio tokens)
      and a 30-token question. Limit: FLOPs of the valid work (conv front end and encoder over the clip's
      frames only, projector, decoder prefill) at the fp32 2048^3 matmul rate (the faster of MKL and oneDNN),
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from racing import GIB, decode_race, race, rate_probes, rates
+from racing import GIB, cpu_flags, decode_race, describe_cpu, race, rate_probes, rates
 
 # (audio_config, text_config, init std) in transformers' own names
 TINY = (
@@ -95,15 +96,15 @@ def load(path: Path, which: str, **options):
     return AudioFlamingo3ForConditionalGeneration.from_pretrained(path, **options)
 
 
-def hf_generate(model, ids, mask, n, **audio):
+def hf_generate(model, ids, mask, n, streamer=None, **audio):
     with torch.inference_mode():
         return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                              do_sample=False, pad_token_id=0, **audio)  # fmt: skip
+                              do_sample=False, pad_token_id=0, streamer=streamer, **audio)  # fmt: skip
 
 
-def ours_generate(model, ids, mask, n, compile=False, **audio):
+def ours_generate(model, ids, mask, n, compile=False, streamer=None, **audio):
     return model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, repetition_penalty=1.0,
-                          eos_token_id=[], compile=compile, **audio)  # fmt: skip
+                          eos_token_id=[], compile=compile, streamer=streamer, **audio)  # fmt: skip
 
 
 def decode_bytes(model) -> int:
@@ -173,15 +174,13 @@ def tiny_rows(path: Path, table: Table, args) -> None:
         table.add(f"1. decode, tiny width, 32+28 layers, batch 1, {label} (ms/token)",
                   1e3 * step["transformers"], 1e3 * step[label], "ms", speedup=8, limit=limit)  # fmt: skip
     for label in modes:
-        table.add(
-            f"4. decode, tiny width, batch 8, prompts 8..50, {label} (tokens/s)",
-            8 / step8["transformers"],
-            8 / step8[label],
-            "tokens/s",
-            speedup=2,
-            fmt="{:.0f}",
-        )
+        ref_rate, rate = 8 / step8["transformers"], 8 / step8[label]
+        table.add(f"4. decode, tiny width, batch 8, prompts 8..50, {label} (tokens/s)", ref_rate, rate,
+                  "tokens/s", speedup=2, fmt="{:.0f}")  # fmt: skip
     table.note(f"1. limit: {decode_bytes(ours) / 1e6:.1f} MB of weights read per token at the read bandwidth")
+    from bench_prompts import prompt_rows  # imported here: bench_prompts imports this module
+
+    prompt_rows(ref, ours, modes, table, args)
 
 
 def ttft_flops(audio: dict, text: dict, samples: int, prompt: int) -> float:
@@ -370,7 +369,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--autotune", action="store_true", help="also max-autotune-no-cudagraphs (slow)")
     parser.add_argument("--rows", choices=["all", "tiny", "official"], default="all",
-                        help="tiny: rows 1 and 4 only; official: rows 2, 3 (and 5 on CUDA) only")  # fmt: skip
+                        help="tiny: rows 1 (long prompts too), 4; official: 2, 3 (5 on CUDA)")  # fmt: skip
     parser.add_argument("--dir", default=None, help="folder for the temporary checkpoints (about 7 GB)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -381,6 +380,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads; "
           f"at the start: fp32 matmul {flops / 1e9:.0f} GFLOP/s, read {read / 1e9:.1f} GB/s, "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
+    print(describe_cpu(*cpu_flags()), flush=True)
     table = Table()
     with torch.inference_mode(), tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         if args.rows != "official":

@@ -1,0 +1,132 @@
+"""Row 1 of tools/bench.py after long prompts: decode at tiny width once a prompt fills the cache.
+
+    python tools/bench_prompts.py [--threads 2] [--repeats 3] [--no-compile] [--dir DIR]
+
+(tools/bench.py runs these rows after row 1; this runs them alone.) Prompts: one 30 s window of audio (750
+audio tokens + 30 text tokens = 780) and twenty (600 s, the longest AF3 takes: 15,000 audio tokens + 1,000
+text tokens = 16k), batch 1, greedy, 48 new tokens, minaf3 eager and compiled against transformers 5.23.
+ms/token is timed between streamed tokens (`racing.step_race`): a 16k prompt's prefill varies from turn to
+turn by more than all 48 steps take, so subtracting a one-token call, as row 1 does, would measure noise.
+Then compiled decoding at 16k against 780 prompt tokens: how much more a step costs beyond the attention
+arithmetic the extra slots bring, which is timed alone (`attention_seconds`) and taken out.
+"""
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from bench import TINY, Table, hf_generate, load, ours_generate, write_checkpoint
+from racing import cpu_flags, describe_cpu, race, step_race
+
+# (30 s windows of audio, text tokens after them) of each prompt, and the new tokens timed
+LONG_PROMPTS = {"780-token (one 30 s window)": (1, 30), "16k-token (twenty windows, 600 s)": (20, 1000)}
+LONG_NEW_TOKENS = 48
+
+
+def long_prompt(windows: int, text_tokens: int, seed: int) -> tuple[torch.Tensor, dict]:
+    """input_ids (1, 750 * windows + text_tokens): the audio tokens, then random text; and the features of
+    `windows` 30 s windows of noise."""
+    from minaf3.features import log_mel_spectrogram
+    from minaf3.windows import WINDOW_SAMPLES, audio_token_count
+
+    samples = windows * WINDOW_SAMPLES
+    clip = (0.1 * np.random.default_rng(seed).standard_normal(samples)).astype(np.float32)
+    features, features_mask = log_mel_spectrogram(clip)
+    vocab = TINY[1]["vocab_size"]
+    text = torch.randint(0, vocab - 100, (1, text_tokens), generator=torch.Generator().manual_seed(seed))
+    ids = torch.cat([torch.full((1, audio_token_count(samples)), vocab - 1), text], dim=1)
+    return ids, dict(input_features=features, input_features_mask=features_mask)
+
+
+def prompt_rows(ref, ours, modes: dict, table: Table, args) -> None:
+    """Row 1 after long prompts (LONG_PROMPTS): ms/token between streamed tokens, the greedy tokens against
+    transformers', and compiled decoding's growth from 780 to 16k prompt tokens net of the attention
+    arithmetic. modes: {label: minaf3's compile argument}."""
+    steps = {}
+    for i, (label, (windows, text_tokens)) in enumerate(LONG_PROMPTS.items()):
+        ids, audio = long_prompt(windows, text_tokens, seed=i)
+        start = time.perf_counter()
+        # the 16k prompt's turns take minutes (a prefill each): half as many
+        step, same = race_prompt(
+            ref, ours, modes, ids, audio, max(1, args.repeats // (2 if windows > 1 else 1))
+        )
+        table.note(f"{label} prompt: greedy tokens equal transformers' ({', '.join(modes)}): "
+                   f"{', '.join(map(str, same.values()))}; {time.perf_counter() - start:.0f} s")  # fmt: skip
+        for name in modes:
+            target = {"eager": 3, "compiled": 8}.get(name)
+            table.add(f"1. decode, tiny width, {label} prompt, batch 1, {name} (ms/token)",
+                      1e3 * step["transformers"], 1e3 * step[name], "ms", speedup=target)  # fmt: skip
+        steps[ids.shape[1]] = step
+    if "compiled" in modes:
+        (short, at_short), (long, at_long) = sorted(steps.items())
+        arithmetic = attention_seconds(long, args.repeats) - attention_seconds(short, args.repeats)
+        growth = at_long["compiled"] / at_short["compiled"] - 1
+        beyond = (at_long["compiled"] - arithmetic) / at_short["compiled"] - 1
+        table.note(f"1. compiled, {long} against {short} prompt tokens: {growth:+.0%} per token, of which "
+                   f"the attention arithmetic over the extra slots {1e3 * arithmetic:.2f} ms; beyond it "
+                   f"{beyond:+.0%} (target ≤ +10%: {'✗✓'[beyond <= 0.10]})")  # fmt: skip
+
+
+def race_prompt(ref, ours, modes: dict, ids: torch.Tensor, audio: dict, repeats: int) -> tuple[dict, dict]:
+    """Seconds per step of transformers and of minaf3 in each mode on one prompt (step_race), and whether
+    each mode's greedy tokens equal transformers' ({mode: bool})."""
+    mask, n, outputs = torch.ones_like(ids), LONG_NEW_TOKENS, {}
+
+    def run(name: str, generate, model, **options):
+        def call(streamer):
+            outputs[name] = generate(model, ids, mask, n, streamer=streamer, **options, **audio)
+
+        return call
+
+    runs = {"transformers": run("transformers", hf_generate, ref)}
+    runs |= {name: run(name, ours_generate, ours, compile=mode) for name, mode in modes.items()}
+    step = step_race(runs, repeats)
+    return step, {name: torch.equal(outputs[name], outputs["transformers"]) for name in modes}
+
+
+def attention_seconds(filled: int, repeats: int) -> float:
+    """Seconds for row 1's 28 decoder layers of one token's attention over `filled` slots, the C++ kernel
+    alone on caches of their own (as a decode step meets them, not in cache from the previous layer)."""
+    from minaf3.attention import attention
+
+    text = TINY[1]
+    layers, heads, head_dim = text["num_hidden_layers"], text["num_attention_heads"], 16
+    slots = filled + LONG_NEW_TOKENS
+    caches = [(torch.randn(1, 1, slots, head_dim), torch.randn(1, 1, slots, head_dim)) for _ in range(layers)]
+    q, key_mask, slot = (
+        torch.randn(1, heads, 1, head_dim),
+        torch.ones(1, slots, dtype=torch.bool),
+        torch.tensor([filled]),
+    )
+
+    def step():
+        for k, v in caches:
+            attention(q, k, v, key_mask, slot, backend="cpp")
+
+    return race({"attention": step}, max(3, repeats))["attention"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-compile", action="store_true", help="eager rows only")
+    parser.add_argument("--dir", default=None, help="folder for the temporary checkpoint")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(describe_cpu(*cpu_flags()), flush=True)
+    table = Table()
+    modes = {"eager": False} | ({} if args.no_compile else {"compiled": "default"})
+    with torch.inference_mode(), tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        path = write_checkpoint(Path(tmp) / "tiny", TINY)
+        prompt_rows(load(path, "transformers"), load(path, "minaf3"), modes, table, args)
+    print(f"\n{table.markdown()}")
+
+
+if __name__ == "__main__":
+    main()
