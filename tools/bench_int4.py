@@ -35,11 +35,11 @@ import time
 from pathlib import Path
 
 import torch
-from racing import race, rate_probes
-
 from minaf3.kernels import gemm
 from minaf3.kernels.int4_linear import PREFILL_MIN_ROWS, int4_dequantize_reference, padded_width
 from minaf3.kernels.registry import available, override
+from racing import race, rate_probes
+
 from minaf3.linear import Linear
 from minaf3.quantize import Int4Linear, Int8Linear, quantize_weight_int4, quantized_bytes
 
