@@ -16,15 +16,21 @@ The pipeline, one module per stage:
     generate.py       prefill, decode_one_token and the generation loop with a static KV cache
     lora.py           AF-Think: LoRA adapters merged into (or wrapped around) the decoder's linears
     pipeline.py       `minaf3.load(...)`: chat and transcribe in one call; segments.py splits long audio
-    cli.py            the `minaf3` command: chat, transcribe, demo (demo.py), estimate (estimate.py)
+    cli.py            the `minaf3` command: chat, transcribe, demo (demo.py), estimate (estimate.py),
+                      train (train.py: a tiny AF3 learns the synthetic listening tasks of tasks.py)
 
 Checkpoint layouts live in `minaf3.weights` (weights/), Triton kernels in `minaf3.kernels` (kernels/).
 Names are imported lazily so that `import minaf3` costs little beyond importing torch.
 """
 
 import importlib
+from pathlib import Path
 
 __version__ = "0.1.0"
+
+# The tiny AF3 minaf3 ships, trained by `minaf3 train` on the synthetic tasks: a checkpoint folder in the hub
+# layout that minaf3.load and transformers' from_pretrained both accept (the README says how it was made).
+TINY_MODEL = Path(__file__).with_name("tiny")
 
 # public name -> module that defines it
 _EXPORTS = {
@@ -47,7 +53,7 @@ _EXPORTS = {
     "GenerationError": "errors",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, "TINY_MODEL"])
 
 
 def __getattr__(name: str):
@@ -59,4 +65,4 @@ def __getattr__(name: str):
 
 
 def __dir__():
-    return sorted(list(globals()) + __all__)
+    return sorted(set(globals()) | set(__all__))

@@ -1,4 +1,4 @@
-"""The `minaf3` command (also `python -m minaf3`): chat, transcribe, demo, estimate, batch.
+"""The `minaf3` command (also `python -m minaf3`): chat, transcribe, demo, estimate, batch, train.
 
     minaf3 chat --model DIR --audio FILE "What is in this audio?"   one answer, streamed as it is generated
     minaf3 chat --model DIR --audio FILE                            at a terminal: a multi-turn conversation
@@ -6,6 +6,7 @@
     minaf3 demo                                                     tiny random weights, no download
     minaf3 estimate --model DIR --seconds 600 --batch 4             memory needed, before loading anything
     minaf3 batch --model DIR --manifest in.jsonl --out out.jsonl    a corpus, resumable; under torchrun too
+    minaf3 train --out DIR                                          a tiny AF3 from scratch, resumable
 
 Errors minaf3 raises on purpose (a missing file, bad audio, a setting out of range) print as one
 `minaf3: error: ...` message with exit status 2, like argparse's own usage errors; anything else is a bug and
@@ -118,8 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.set_defaults(run=run_estimate)
 
     from minaf3.batch import add_parser as add_batch_parser
+    from minaf3.train import add_parser as add_train_parser
 
     add_batch_parser(commands)
+    add_train_parser(commands)
     return parser
 
 
