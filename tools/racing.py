@@ -3,13 +3,16 @@
     race(candidates, repeats)          best wall time of each callable, raced in turns
     decode_race(runs, n, repeats)      seconds per decode step, with the prefill cancelled out
     rate_probes() / rates(times)       a 2048^3 float32 product and a sum over 1 GiB -> FLOP/s, bytes/s
+    cpu_summary()                      the CPU's name and the vector flags minaf3's kernels and dtypes follow
 
 The machine is shared and its speed drifts by 1.5x within minutes: contenders timed one after the other
 would meet different machines, so each turn runs every contender once, and a time is the best turn.
 """
 
 import math
+import platform
 import time
+from pathlib import Path
 
 import torch
 
@@ -17,6 +20,24 @@ from minaf3.linear import ONEDNN
 from minaf3.weights.buffers import streamed_empty
 
 GIB = 2**30
+VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_summary() -> str:
+    """'<CPU model name>; flags: avx2 fma ...': the /proc/cpuinfo flags among VECTOR_FLAGS."""
+    name, flags = platform.processor() or "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    present = [flag for flag in VECTOR_FLAGS if flag in flags]
+    return f"{name}; flags: {' '.join(present) or 'none of ' + ' '.join(VECTOR_FLAGS)}"
 
 
 def race(candidates: dict, repeats: int) -> dict:
