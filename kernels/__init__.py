@@ -11,7 +11,10 @@ C++ for the CPU, built on first use with ninja (cpp_build.py):
     int8_gemv.cpp         streaming matrix-vector products over int8, bf16 or float32 weights (gemv.py
                           builds it; int8_linear.py and minaf3/quantize.py for int8, minaf3/linear.py for
                           bf16 and float32 decode)
-    cpu_attention.cpp/.py one-token decode attention over the GQA cache (minaf3/attention.py's "cpp")
+    cpu_attention.cpp/.py one-token decode attention over the filled slots of the GQA cache
+                          (minaf3/attention.py's "cpp")
+    decode_ops.cpp / .py  a decoder layer's element-wise steps (RMSNorm, RoPE with the cache write,
+                          SiLU-and-multiply), each one operator (minaf3/decoder.py, CPU inference)
     gemm.cpp / .py        matrix products for many rows (prefill, encoder) on AVX2 CPUs, in float32
                           arithmetic on float32 or bf16 weights (minaf3/linear.py)
 

@@ -69,7 +69,8 @@ inline __m256 hsum8(const __m256* a) {
   const __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
   // lanes: (a0 a1 a2 a3 | a0 a1 a2 a3) and (a4 a5 a6 a7 | a4 a5 a6 a7), each a half of its sum
   const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
-  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
+                       _mm256_permute2f128_ps(s0123, s4567, 0x31));
 }
 
 inline float hmax(__m256 v) {
@@ -281,8 +282,8 @@ void run(const Problem<T>& p) {
   const int64_t pair_work = 2 * G * p.n * p.D;  // multiply-adds: scores and weighted values
   const bool parallel = pairs * pair_work >= kMinParallelWork && at::get_num_threads() > 1;
   // Ranges per (row, key head): one, unless the work is shared out; then at least 64 slots each.
-  const int64_t ranges = parallel ? std::clamp<int64_t>(pair_work / kRangeWork, 1, std::max<int64_t>(1, p.n / 64))
-                                  : 1;
+  const int64_t most = std::max<int64_t>(1, p.n / 64);
+  const int64_t ranges = parallel ? std::clamp<int64_t>(pair_work / kRangeWork, 1, most) : 1;
   const int64_t tasks = pairs * ranges, stride = G * (p.D + 2);
   std::vector<float> partials(tasks * stride);
   auto partial = [&](int64_t task) {
@@ -335,15 +336,17 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   if (key_mask) {
     TORCH_CHECK(key_mask->device().is_cpu() && key_mask->scalar_type() == at::kBool && key_mask->dim() == 2 &&
                     key_mask->size(1) == S && (key_mask->size(0) == 1 || key_mask->size(0) == B),
-                "decode_attention: key_mask must be bool (1 or ", B, ", ", S, "), got ", key_mask->scalar_type(),
-                " ", key_mask->sizes());
+                "decode_attention: key_mask must be bool (1 or ", B, ", ", S, "), got ",
+                key_mask->scalar_type(), " ", key_mask->sizes());
   }
   int64_t n = S;
   if (query_slot) {
-    TORCH_CHECK(query_slot->device().is_cpu() && query_slot->numel() == 1 && !query_slot->is_floating_point(),
-                "decode_attention: query_slot must be one integer, got ", query_slot->scalar_type(), " ",
+    TORCH_CHECK(query_slot->device().is_cpu() && query_slot->numel() == 1 &&
+                    query_slot->scalar_type() == at::kLong,
+                "decode_attention: query_slot must be one int64, got ", query_slot->scalar_type(), " ",
                 query_slot->sizes());
-    const int64_t slot = query_slot->item<int64_t>();
+    // read in place: item() would be one more trip through the dispatcher, per layer and token
+    const int64_t slot = *query_slot->const_data_ptr<int64_t>();
     TORCH_CHECK(slot >= 0 && slot < S, "decode_attention: query_slot ", slot, " is outside the ", S,
                 " cache slots");
     n = slot + 1;

@@ -59,7 +59,7 @@ def decode_attention(
 
     q (B, Hq, 1, D); k, v (B, Hkv, S, D), Hq a multiple of Hkv (query head h reads key head h // (Hq/Hkv));
     all float32 or all bfloat16. The query sees slot j iff j <= query_slot and key_mask[b, j]: key_mask
-    (B or 1, S) bool or None (every slot holds a token); query_slot (1,) integer tensor, the query's own slot,
+    (B or 1, S) bool or None (every slot holds a token); query_slot (1,) int64 tensor, the query's own slot,
     or None (every slot). Slots after query_slot are never read. A query that sees no slot outputs zeros.
     Returns (B, Hq, 1, D) in q's dtype. Needs the library (registry.available().cpu_attention).
     Raises ConfigError naming the mismatch (the operator's own checks, made before it reads any data, so

@@ -7,9 +7,9 @@
 //   silu_mul(gate_up)            silu(gate) * up, gate and up the two halves of the fused projection
 //
 // Why: in eager decoding at batch 1 each torch op costs microseconds of dispatch for nanoseconds of work.
-// RMSNorm is seven ops, RoPE and the cache writes about fifteen (split, views, two rotations of four ops each,
-// two indexed writes), SiLU-and-multiply three; at small widths that dispatch was most of a decoder layer's
-// time. The definitions are the torch code in minaf3/decoder.py, which the tests compare these with.
+// RMSNorm is seven ops, RoPE and the cache writes about fifteen (split, views, two rotations of four ops
+// each, two indexed writes), SiLU-and-multiply three; at small widths that dispatch was most of a decoder
+// layer's time. The definitions are the torch code in minaf3/decoder.py, which the tests compare these with.
 //
 // Rounding follows the torch code: statistics and products in float32; with bfloat16 tensors each torch op's
 // result is rounded to bfloat16 where torch rounds it (the normalised x before the weight; each RoPE product
@@ -55,7 +55,8 @@ inline __m256 round_to<bf16>(__m256 v) {  // to nearest even on the 16 dropped b
   const __m256i bits = _mm256_castps_si256(v);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
   const __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb));
-  const __m256 kept = _mm256_castsi256_ps(_mm256_and_si256(rounded, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+  const __m256i top = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  const __m256 kept = _mm256_castsi256_ps(_mm256_and_si256(rounded, top));
   return _mm256_blendv_ps(kept, v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
 }
 
@@ -84,9 +85,9 @@ inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n));
 }
 
-// ---- RMSNorm ------------------------------------------------------------------------------------------------
+// ---- RMSNorm --------------------------------------------------------------------------------------------
 
-// y (rows, H) = w * round_X(x * rsqrt(mean(x^2) + eps)), rounded to O (X and W both bf16: bf16, else float32).
+// y (rows, H) = w * round_X(x * rsqrt(mean(x^2) + eps)), rounded to O (bf16 if X and W are, else float32).
 template <typename X, typename W, typename O>
 void rms_norm_rows(const X* x, const W* w, O* y, int64_t rows, int64_t H, float eps) {
   const int64_t H8 = H / 8 * 8;
@@ -141,8 +142,8 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 // Without contracting x * cos + turned * sin into a fused multiply-add (GCC would: -ffp-contract=fast is its
 // default), so float32 results are torch's to the bit.
 template <typename T>
-__attribute__((optimize("fp-contract=off"))) inline void rotate(const T* x, const T* cos, const T* sin, int64_t D,
-                                                                 T* out) {
+__attribute__((optimize("fp-contract=off"))) inline void rotate(const T* x, const T* cos, const T* sin,
+                                                                 int64_t D, T* out) {
   const int64_t half = D / 2;
   for (int64_t i = 0; i < D; ++i) {
     const float xi = static_cast<float>(x[i]);
@@ -173,24 +174,24 @@ void rope_cache_rows(const T* qkv, const T* cos, const T* sin, T* k_cache, T* v_
   }
 }
 
-at::Tensor rope_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
-                      at::Tensor& v_cache, const at::Tensor& slots, int64_t num_heads) {
+at::Tensor rope_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                      at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slots, int64_t num_heads) {
   TORCH_CHECK(qkv.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu() &&
                   cos.device().is_cpu() && sin.device().is_cpu() && slots.device().is_cpu(),
               "rope_cache: CPU tensors expected");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
                   v_cache.is_contiguous(),
-              "rope_cache: k_cache and v_cache must be contiguous (B, Hkv, S, D), got ", k_cache.sizes(), " and ",
-              v_cache.sizes());
+              "rope_cache: k_cache and v_cache must be contiguous (B, Hkv, S, D), got ", k_cache.sizes(),
+              " and ", v_cache.sizes());
   const int64_t B = k_cache.size(0), Hkv = k_cache.size(1), S = k_cache.size(2), D = k_cache.size(3);
   const int64_t Hq = num_heads;
-  TORCH_CHECK(qkv.dim() == 3 && qkv.size(0) == B && qkv.size(2) == (Hq + 2 * Hkv) * D, "rope_cache: qkv must be (",
-              B, ", T, ", (Hq + 2 * Hkv) * D, ") for ", Hq, " query and ", Hkv, " key heads of ", D, ", got ",
-              qkv.sizes());
+  TORCH_CHECK(qkv.dim() == 3 && qkv.size(0) == B && qkv.size(2) == (Hq + 2 * Hkv) * D,
+              "rope_cache: qkv must be (", B, ", T, ", (Hq + 2 * Hkv) * D, ") for ", Hq, " query and ", Hkv,
+              " key heads of ", D, ", got ", qkv.sizes());
   TORCH_CHECK(D % 2 == 0, "rope_cache: head_dim must be even, got ", D);
   const int64_t T_ = qkv.size(1);
-  TORCH_CHECK(cos.numel() == B * T_ * D && sin.numel() == B * T_ * D, "rope_cache: cos and sin must hold (", B,
-              ", ", T_, ", ", D, ") angles, got ", cos.sizes(), " and ", sin.sizes());
+  TORCH_CHECK(cos.numel() == B * T_ * D && sin.numel() == B * T_ * D, "rope_cache: cos and sin must hold (",
+              B, ", ", T_, ", ", D, ") angles, got ", cos.sizes(), " and ", sin.sizes());
   const auto dtype = qkv.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "rope_cache: float32 or bfloat16 expected, got ",
               dtype);
@@ -202,14 +203,16 @@ at::Tensor rope_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Te
   const at::Tensor sc = slots.contiguous();
   const int64_t* slot = sc.data_ptr<int64_t>();
   for (int64_t t = 0; t < T_; ++t) {
-    TORCH_CHECK(slot[t] >= 0 && slot[t] < S, "rope_cache: slot ", slot[t], " is outside the ", S, " cache slots");
+    TORCH_CHECK(slot[t] >= 0 && slot[t] < S, "rope_cache: slot ", slot[t], " is outside the ", S,
+                " cache slots");
   }
   at::Tensor q = at::empty({B, Hq, T_, D}, qkv.options());
   if (B * T_ == 0) return q;
   const at::Tensor xc = qkv.contiguous(), cc = cos.contiguous(), snc = sin.contiguous();
   if (dtype == at::kFloat) {
-    rope_cache_rows(xc.data_ptr<float>(), cc.data_ptr<float>(), snc.data_ptr<float>(), k_cache.data_ptr<float>(),
-                    v_cache.data_ptr<float>(), slot, q.data_ptr<float>(), B, T_, Hq, Hkv, S, D);
+    rope_cache_rows(xc.data_ptr<float>(), cc.data_ptr<float>(), snc.data_ptr<float>(),
+                    k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), slot, q.data_ptr<float>(), B, T_,
+                    Hq, Hkv, S, D);
   } else {
     rope_cache_rows(xc.data_ptr<bf16>(), cc.data_ptr<bf16>(), snc.data_ptr<bf16>(), k_cache.data_ptr<bf16>(),
                     v_cache.data_ptr<bf16>(), slot, q.data_ptr<bf16>(), B, T_, Hq, Hkv, S, D);
@@ -251,7 +254,8 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   TORCH_CHECK(gate_up.dim() >= 1 && gate_up.size(-1) % 2 == 0, "silu_mul: gate_up must be (..., 2 I), got ",
               gate_up.sizes());
   const auto dtype = gate_up.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "silu_mul: float32 or bfloat16 expected, got ", dtype);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "silu_mul: float32 or bfloat16 expected, got ",
+              dtype);
   std::vector<int64_t> shape(gate_up.sizes().begin(), gate_up.sizes().end());
   const int64_t I = shape.back() / 2;
   shape.back() = I;
@@ -273,8 +277,8 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 // shape functions); rope_cache declares the caches it writes.
 TORCH_LIBRARY(minaf3_decode, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
-  m.def("rope_cache(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, "
-        "int num_heads) -> Tensor");
+  m.def("rope_cache(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+        "Tensor slots, int num_heads) -> Tensor");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
 }
 

@@ -30,8 +30,8 @@ from .sampling import GenerationConfig, choose_tokens, mark_seen_, seen_tokens
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Compiled decoding rounds the cache length up to a power of two, at least this: each length is a graph of its
 # own (a minute to compile for 28 layers on a CPU), so prompts from 1 to 16k tokens share at most 7 graphs.
-# The extra slots are never attended to (causality hides slots past the current one); attention reads them,
-# which at batch 1 costs little next to reading the weights.
+# The extra slots cost nothing per step: causality hides the slots past the current one, and the CPU's
+# attention kernel reads only the slots up to it (CUDA's decode kernel skips the blocks past it).
 MIN_COMPILED_SLOTS = 256
 _compiled: dict[tuple[str, str], Callable] = {}
 

@@ -185,8 +185,9 @@ def test_decoding_through_the_kernel_gives_the_eager_tokens_and_logits(tiny_chec
         (lambda q, k, v, m, s: (q[:, :, :, :8], k, v, m, s), r"k \[2, 2, 10, 16\] does not match q"),
         (lambda q, k, v, m, s: (q, k, v, m, s + 1), "query_slot 10 is outside the 10 cache slots"),
         (lambda q, k, v, m, s: (q, k, v, m, s - 10), "query_slot -1 is outside"),
-        (lambda q, k, v, m, s: (q, k, v, m, s.float()), "query_slot must be one integer"),
-        (lambda q, k, v, m, s: (q, k, v, m, s.repeat(2)), "query_slot must be one integer"),
+        (lambda q, k, v, m, s: (q, k, v, m, s.float()), "query_slot must be one int64"),
+        (lambda q, k, v, m, s: (q, k, v, m, s.int()), "query_slot must be one int64"),
+        (lambda q, k, v, m, s: (q, k, v, m, s.repeat(2)), "query_slot must be one int64"),
     ],
 )
 def test_operator_refuses_what_it_cannot_compute(change, message):

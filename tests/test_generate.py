@@ -143,6 +143,18 @@ def test_greedy_matches_reference_on_audio_batch(model, reference, audio_batch, 
     assert torch.equal(ours, expected)
 
 
+def test_greedy_matches_reference_after_a_long_prompt(model, reference, reference_processor):
+    """Two minutes of audio (four windows, 3000 audio tokens) and a question: prefill through sdpa's causal
+    kernel, then steps whose attention reads thousands of filled slots of the cache."""
+    inputs = dict(reference_processor.apply_chat_template(
+        [audio_turn("Describe the sound in detail.", 120.0, seed=3)],
+        tokenize=True, add_generation_prompt=True, return_dict=True,
+    ))  # fmt: skip
+    assert inputs["input_ids"].shape[1] > 3000
+    kwargs = dict(do_sample=False, max_new_tokens=N, min_new_tokens=N)
+    assert torch.equal(model.generate(**inputs, **kwargs), reference.generate(**inputs, **kwargs))
+
+
 def test_greedy_matches_reference_text_only(model, reference, reference_processor):
     inputs = process(reference_processor, ["text", "multi_turn"])
     kwargs = dict(do_sample=False, max_new_tokens=N, min_new_tokens=N)
