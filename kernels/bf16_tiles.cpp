@@ -1,25 +1,36 @@
-// Quantized weights as bf16 tiles, for the prefill of int8 and int4 layers on CPUs with AVX-512 BF16
-// (kernels/bf16_tiles.py): rows [row0, row0 + rows) of a weight, dequantized to a (rows, K) bf16 tensor that
-// torch's bf16 matrix product (oneDNN's bf16 dot-product kernels) multiplies by a prompt's activations.
+// The prefill of int8 and int4 layers on CPUs with AVX-512 BF16 (kernels/bf16_tiles.py): y = x @ W.T + bias,
+// W's rows dequantized to bf16 a tile at a time and multiplied by torch's bf16 matrix product (oneDNN's bf16
+// dot-product kernels).
 //
-//   int8_dequantize   W[n, k] = scales[n] * w[n, k]               w (N, K) int8, scales (N,) float32
-//   int4_dequantize   W[n, k] = scales[n, k / G] * (q[n, k] - 8)   kernels/int4_linear.py's layout
+//   int8_dequantize, int8_tiled_linear   W[n, k] = scales[n] * w[n, k]             w int8, scales float32
+//   int4_dequantize, int4_tiled_linear   W[n, k] = scales[n, k / G] * (q[n, k] - 8) (int4_linear.py's layout)
 //
 // Each weight is computed in float32 and rounded once to bf16 (to nearest even, as torch rounds). A tile of
 // a few hundred rows is a fraction of the time its product takes (it reads the quantized bytes once and
 // writes 2 bytes per weight into L2), so the product, not this, sets the pace.
 //
+// One parallel region per product: each thread claims tiles in turn, dequantizes each into its own buffer
+// and multiplies it on its own (a product inside a parallel region runs on one thread). Tiles multiplied
+// one after the other, each product parallel in itself, cost a wait for every thread at every tile: on a
+// machine shared with other work, a thread its core has lent elsewhere holds each of those up (measured:
+// 4x slower than one bf16 product over the whole weight, at 155 rows x 37888 x 3584 on two busy cores).
+//
 // Built by kernels/bf16_tiles.py with -mavx2 -mfma (cpp_build.py); the row functions alone are compiled for
 // AVX-512 BF16, and the operators refuse to run on a CPU without it.
 
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <vector>
 
 namespace {
 
@@ -92,6 +103,29 @@ at::Tensor output_for(const char* name, const at::Tensor& w, int64_t K, int64_t 
   return at::empty({rows, K}, w.options().dtype(at::kBFloat16));
 }
 
+// Rows [row0, row0 + rows) of a weight into a (rows, K) bf16 buffer.
+using Dequantize = std::function<void(int64_t row0, int64_t rows, uint16_t* out)>;
+
+// y (M, N) float32 = x (M, K) @ W.T + bias, W (N, K) given tile_rows rows at a time by `dequantize`.
+at::Tensor tiled_product(const at::Tensor& x, int64_t N, int64_t tile_rows, const Dequantize& dequantize,
+                         const std::optional<at::Tensor>& bias) {
+  const at::Tensor xb = x.to(at::kBFloat16).contiguous();
+  const int64_t M = xb.size(0), K = xb.size(1), tiles = (N + tile_rows - 1) / tile_rows;
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  std::atomic<int64_t> next{0};
+  const at::ThreadLocalState caller;  // grad and inference mode: the tensor ops below run on other threads
+  at::parallel_for(0, std::min<int64_t>(tiles, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    const at::ThreadLocalStateGuard as_caller(caller);
+    at::Tensor tile = at::empty({tile_rows, K}, xb.options());
+    for (int64_t t = next++; t < tiles; t = next++) {  // a thread its core lends elsewhere claims fewer
+      const int64_t n0 = t * tile_rows, rows = std::min(tile_rows, N - n0);
+      dequantize(n0, rows, reinterpret_cast<uint16_t*>(tile.data_ptr()));
+      y.narrow(1, n0, rows).copy_(at::mm(xb, tile.narrow(0, 0, rows).t()));
+    }
+  });
+  return bias ? y.add_(*bias) : y;
+}
+
 }  // namespace
 
 // Rows [row0, row0 + rows) of scales[:, None] * w as bf16: w (N, K) int8, scales (N,) float32.
@@ -130,12 +164,52 @@ at::Tensor int4_dequantize(const at::Tensor& w, const at::Tensor& scales, int64_
   return out;
 }
 
+// y (..., N) float32 = x (..., K) @ (scales[:, None] * w).T + bias, x any float dtype (rounded to bf16),
+// w (N, K) int8, scales (N,) float32, bias (N,) float32 or none; tile_rows weight rows per tile.
+at::Tensor int8_tiled_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                             const std::optional<at::Tensor>& bias, int64_t tile_rows) {
+  int8_dequantize(w, scales, 0, 0);  // the checks alone
+  const int64_t K = w.size(1), N = w.size(0);
+  TORCH_CHECK(x.size(-1) == K && tile_rows > 0, "int8_tiled_linear: x has ", x.size(-1), " columns, w ", K);
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  const Dequantize rows_of = [&](int64_t row0, int64_t rows, uint16_t* out) {
+    for (int64_t n = 0; n < rows; ++n) int8_row(wp + (row0 + n) * K, sp[row0 + n], K, out + n * K);
+  };
+  at::Tensor y = tiled_product(x.reshape({-1, K}), N, tile_rows, rows_of, bias);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+  shape.push_back(N);
+  return y.view(shape);
+}
+
+// y (..., N) float32 = x (..., Kp) @ W.T + bias for an int4 weight (int4_dequantize's), as above.
+at::Tensor int4_tiled_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                             const std::optional<at::Tensor>& bias, int64_t tile_rows) {
+  int4_dequantize(w, scales, 0, 0);  // the checks alone
+  const int64_t K = 2 * w.size(1), N = w.size(0), groups = scales.size(1);
+  TORCH_CHECK(x.size(-1) == K && tile_rows > 0, "int4_tiled_linear: x has ", x.size(-1), " columns, w ", K);
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr());
+  const Dequantize rows_of = [&](int64_t row0, int64_t rows, uint16_t* out) {
+    for (int64_t n = row0; n < row0 + rows; ++n)
+      int4_row(wp + n * (K / 2), sp + n * groups, K, K / groups, out + (n - row0) * K);
+  };
+  at::Tensor y = tiled_product(x.reshape({-1, K}), N, tile_rows, rows_of, bias);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+  shape.push_back(N);
+  return y.view(shape);
+}
+
 TORCH_LIBRARY(minaf3_tiles, m) {
   m.def("int8_dequantize(Tensor w, Tensor scales, int row0, int rows) -> Tensor");
   m.def("int4_dequantize(Tensor w, Tensor scales, int row0, int rows) -> Tensor");
+  m.def("int8_tiled_linear(Tensor x, Tensor w, Tensor scales, Tensor? bias, int tile_rows) -> Tensor");
+  m.def("int4_tiled_linear(Tensor x, Tensor w, Tensor scales, Tensor? bias, int tile_rows) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(minaf3_tiles, CPU, m) {
   m.impl("int8_dequantize", &int8_dequantize);
   m.impl("int4_dequantize", &int4_dequantize);
+  m.impl("int8_tiled_linear", &int8_tiled_linear);
+  m.impl("int4_tiled_linear", &int4_tiled_linear);
 }

@@ -135,7 +135,7 @@ def run_int4_linear(
                 x if x.dtype in GEMM_X_DTYPES else x.float(), weight, scales, bias32
             )
         elif rows >= PREFILL_MIN_ROWS and kernels.bf16_prefill:
-            return bf16_tiles.tiled_linear(x, bf16_tiles.int4_tiles(weight, scales), weight.shape[0], bias)
+            return bf16_tiles.int4_tiled_linear(x, weight, scales, bias)
         else:
             out = torch.ops.minaf3_int4.int4_linear(
                 x if x.dtype == f32 else x.float(), weight, scales, bias32

@@ -100,7 +100,7 @@ def run_int8_linear(
         if many and runs("gemm"):
             op = torch.ops.minaf3_gemm.int8_gemm  # many rows (prefill): the blocked product
         elif many and available().bf16_prefill:  # or bf16 tiles times torch's bf16 product
-            return bf16_tiles.tiled_linear(x, bf16_tiles.int8_tiles(w_int8, scales), w_int8.shape[0], bias)
+            return bf16_tiles.int8_tiled_linear(x, w_int8, scales, bias)
         elif runs("gemv"):
             op = torch.ops.minaf3_int8.int8_linear  # a few rows (decode): the streaming loop
         else:

@@ -1,6 +1,7 @@
 """bf16 tiles of quantized weights (kernels/bf16_tiles.py): the prefill of int8 and int4 layers on CPUs with
 AVX-512 BF16. Each tile is the weight's values rounded once to bf16, exactly as torch rounds them; the tiled
-product is the float64 reference within bf16 rounding of activations, weights and outputs."""
+product, on one thread or several, is the float64 reference within bf16 rounding of activations, weights and
+outputs."""
 
 import pytest
 import torch
@@ -35,7 +36,7 @@ def test_int8_tiles_are_the_weight_rounded_to_bf16(N, K, row0, seed):
     w, scales = int8_weight(N, K, seed)
     row0 = row0 % N
     rows = N - row0
-    tile = bf16_tiles.int8_tiles(w, scales)(row0, rows)
+    tile = torch.ops.minaf3_tiles.int8_dequantize(w, scales, row0, rows)
     expected = (w[row0:].float() * scales[row0:, None]).bfloat16()  # float32 product, one rounding
     assert tile.dtype == torch.bfloat16 and torch.equal(tile, expected)
 
@@ -49,27 +50,34 @@ def test_int8_tiles_are_the_weight_rounded_to_bf16(N, K, row0, seed):
 )
 def test_int4_tiles_are_the_weight_rounded_to_bf16(N, K, group, seed):
     w, scales = int4_weight(N, K, seed, group)
-    tile = bf16_tiles.int4_tiles(w, scales)(N // 2, N - N // 2)
+    tile = torch.ops.minaf3_tiles.int4_dequantize(w, scales, N // 2, N - N // 2)
     expected = int4_dequantize_reference(w, scales)[N // 2 :].float().bfloat16()  # exact in float32
     assert torch.equal(tile, expected)
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 @pytest.mark.parametrize("N, K", [(1, 128), (600, 384), (257, 3584)])  # one tile, several, a partial last
-def test_tiled_linear_is_the_reference_within_bf16_rounding(mode, N, K):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_tiled_linear_is_the_reference_within_bf16_rounding(mode, N, K, threads):
     torch.manual_seed(0)
     if mode == "int8":
         w, scales = int8_weight(N, K, seed=1)
-        W, dequantize = w.double() * scales.double()[:, None], bf16_tiles.int8_tiles(w, scales)
+        W, product = w.double() * scales.double()[:, None], bf16_tiles.int8_tiled_linear
     else:
         w, scales = int4_weight(N, K, seed=1, group=32)
-        W, dequantize = int4_dequantize_reference(w, scales), bf16_tiles.int4_tiles(w, scales)
+        W, product = int4_dequantize_reference(w, scales), bf16_tiles.int4_tiled_linear
     x, bias = torch.randn(3, 7, K), torch.randn(N)
-    out = bf16_tiles.tiled_linear(x, dequantize, N, bias)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        out = product(x, w, scales, bias)
+    finally:
+        torch.set_num_threads(before)
     expected = x.double() @ W.T + bias.double()
     bound = 3 * BF16_UNIT * (x.double().abs() @ W.abs().T) + 1e-6  # activations, weights, outputs rounded
     assert out.shape == (3, 7, N) and out.dtype == torch.float32
     assert ((out.double() - expected).abs() <= bound).all()
+    assert product(x.bfloat16(), w, scales, bias).dtype == torch.bfloat16
 
 
 def test_the_operators_name_what_they_refuse():
@@ -81,3 +89,11 @@ def test_the_operators_name_what_they_refuse():
     p, s = int4_weight(4, 128, seed=2, group=32)
     with pytest.raises(RuntimeError, match="int4_dequantize: scales must be contiguous"):
         torch.ops.minaf3_tiles.int4_dequantize(p, s.float(), 0, 4)
+
+
+def test_tiled_linear_under_inference_mode():
+    """The product's threads take the caller's inference mode (pipelines generate under it)."""
+    w, scales = int8_weight(600, 128, seed=3)
+    with torch.inference_mode():
+        out = bf16_tiles.int8_tiled_linear(torch.randn(5, 128), w, scales, torch.randn(600))
+    assert out.shape == (5, 600)

@@ -200,7 +200,7 @@ def test_many_rows_take_the_path_meant_for_this_cpu():
         ({"gemm": False, "bf16_prefill": False}, many, "minaf3_int4::int4_linear"),
     ]
     if torch.cpu._is_avx512_bf16_supported():  # the path must build and run there
-        cases.append(({"gemm": False, "bf16_prefill": True}, many, "minaf3_tiles::int4_dequantize"))
+        cases.append(({"gemm": False, "bf16_prefill": True}, many, "minaf3_tiles::int4_tiled_linear"))
     for flags, rows, op in cases:
         with override(**flags), profile() as trace:
             int4_linear(x[:rows], w, scales, b)

@@ -140,7 +140,7 @@ def test_many_rows_take_the_blocked_product_where_it_is_wanted(dtype):
         ({"gemm": False, "bf16_prefill": False}, many, "minaf3_int8::int8_linear"),  # the loop at any count
     ]
     if torch.cpu._is_avx512_bf16_supported():  # there the tiles must build and run
-        cases.append(({"gemm": False, "bf16_prefill": True}, many, "minaf3_tiles::int8_dequantize"))
+        cases.append(({"gemm": False, "bf16_prefill": True}, many, "minaf3_tiles::int8_tiled_linear"))
     for flags, rows, op in cases:
         with override(**flags), profile() as trace:
             out = int8_linear(x[:rows], w, scales, b)
