@@ -82,7 +82,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N or auto")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="compute dtype")
-    p.add_argument("--quantize", default=None, choices=["int8"], help="int8 weight-only decoder and lm_head")
+    p.add_argument(
+        "--quantize", default=None, choices=["int8", "int4"], help="weight-only int8 or int4 decoder, lm_head"
+    )
     p.add_argument(
         "--adapter", default=None, metavar="DIR", help="a LoRA adapter folder, merged (e.g. MODEL/think)"
     )
