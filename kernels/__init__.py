@@ -13,7 +13,12 @@ C++ for the CPU, built on first use with ninja (cpp_build.py):
                           bf16 and float32 decode)
     cpu_attention.cpp/.py one-token decode attention over the GQA cache (minaf3/attention.py's "cpp")
     gemm.cpp / .py        matrix products for many rows (prefill, encoder) on AVX2 CPUs, in float32
-                          arithmetic on float32 or bf16 weights (minaf3/linear.py)
+                          arithmetic on float32, bf16, int8 or int4 weights (minaf3/linear.py, int8_linear.py,
+                          int4_linear.py)
+    int4_gemv.cpp / .py   streaming matrix-vector products over int4 weights: AVX-512 BF16 dot products,
+                          or AVX-512 / AVX2 float32 code (int4_linear.py, the layout's home)
+    bf16_tiles.cpp / .py  int8 and int4 prefill on CPUs with AVX-512 BF16: weight tiles dequantized to bf16,
+                          multiplied by torch's bf16 product (int8_linear.py, int4_linear.py)
 
 Importing this package imports nothing heavy: each kernel module brings in what it needs.
 """

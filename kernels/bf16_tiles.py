@@ -26,9 +26,16 @@ from .cpp_build import build_once, build_openmp_library
 
 SOURCE = Path(__file__).with_name("bf16_tiles.cpp")
 EXTENSION_NAME = "minaf3_bf16_tiles"
-# Weight rows per tile: the tile (3584 x 256 x 2 B = 1.8 MB at AF3's width) stays in a core's L2 while oneDNN
-# multiplies it; 128 to 512 rows measured within the machine's noise of each other (tools/bench_int4.py).
-TILE_ROWS = 256
+# Bytes of bf16 per tile, as rows of the weight within TILE_ROWS: at 155 rows, 512 rows of width 3584 and 112
+# rows of width 18944 (down_proj) ran fastest, each within a few percent of a bf16 product over the whole
+# weight; 32 rows lost 15-20%, and a fixed 256 rows lost 15% at width 18944.
+TILE_BYTES = 4 * 2**20
+TILE_ROWS = (64, 512)
+
+
+def tile_rows(in_features: int) -> int:
+    """Weight rows per tile: TILE_BYTES of bf16, a multiple of 16 within TILE_ROWS."""
+    return min(TILE_ROWS[1], max(TILE_ROWS[0], TILE_BYTES // (2 * in_features) // 16 * 16))
 
 
 def _build() -> bool:
@@ -62,7 +69,7 @@ def int8_tiled_linear(
     """x (..., K) @ (scales[:, None] * w).T + bias -> (..., N) in x.dtype; w (N, K) int8, scales (N,).
     Needs the library, on a CPU with AVX-512 BF16 (registry.available().bf16_prefill)."""
     b = None if bias is None else bias.float()
-    y = torch.ops.minaf3_tiles.int8_tiled_linear(x, w, scales.float().contiguous(), b, TILE_ROWS)
+    y = torch.ops.minaf3_tiles.int8_tiled_linear(x, w, scales.float().contiguous(), b, tile_rows(w.shape[1]))
     return y.to(x.dtype)
 
 
@@ -72,4 +79,5 @@ def int4_tiled_linear(
     """x (..., Kp) @ W.T + bias -> (..., N) in x.dtype for an int4 weight w (N, Kp / 2), scales (N, Kp / G).
     Needs the library, on a CPU with AVX-512 BF16 (registry.available().bf16_prefill)."""
     b = None if bias is None else bias.float()
-    return torch.ops.minaf3_tiles.int4_tiled_linear(x, w, scales, b, TILE_ROWS).to(x.dtype)
+    tiles = tile_rows(2 * w.shape[1])
+    return torch.ops.minaf3_tiles.int4_tiled_linear(x, w, scales, b, tiles).to(x.dtype)

@@ -18,8 +18,9 @@ copies in turn, so every call streams its weights from memory, as in a model's d
 
 --weight-error: relative L2 error of the dequantized weights of a Gaussian matrix and a Student-t one (5
 degrees of freedom: heavier tails, as trained weights have), for per-row int8 and for int4 at groups of 32,
-64 and 128, symmetric (the scale maps the largest-magnitude weight to -8) and asymmetric (min/max, a bf16
-zero point per group), with the bytes per weight each takes; and minaf3's own quantize_weight_int4.
+64 and 128, symmetric (the scale maps the largest-magnitude weight to -8; at 32 also to +-7, 15 levels) and
+asymmetric (min/max, a bf16 zero point per group), with the bytes per weight each takes; and minaf3's own
+quantize_weight_int4.
 --logits: relative L2 of int4 and int8 logits against fp32: the tests' tiny model (2+2 layers, width 64) on a
 random prompt, and tools/bench.py's official-width model (2 decoder layers, ~6 GB written to --dir) on the
 16-token prompt tools/bench.py reports int8's error on.
@@ -76,9 +77,13 @@ def layer_of(cls, weight: torch.Tensor) -> torch.nn.Module:
     return cls.from_linear(layer_of(Linear, weight))
 
 
-def in_turn(calls: list, setup=contextlib.nullcontext):
-    """A call of the next of `calls` each time (copies of a layer: none is still in cache), under `setup`."""
-    state = {"i": 0}
+def in_turn(calls: list, setup=contextlib.nullcontext, first: int = 0):
+    """A call of the next of `calls` each time (copies of a layer: none is still in cache), under `setup`.
+
+    Contenders that share copies start from different ones (`first`): in turns, the one raced after
+    another would otherwise read the copy the other has just brought into the cache.
+    """
+    state = {"i": first}
 
     def call():
         state["i"] = (state["i"] + 1) % len(calls)
@@ -113,11 +118,11 @@ def candidates(weight: torch.Tensor, x: torch.Tensor) -> dict:
         xp = torch.nn.functional.pad(x, (0, Kp - K))
         op = torch.ops.minaf3_int4.int4_linear
         cpu = torch.cpu
-        for isa in ("avx512_bf16", "avx512", "avx2"):
+        for first, isa in enumerate(("avx512_bf16", "avx512", "avx2"), start=1):
             present = {"avx512_bf16": cpu._is_avx512_bf16_supported(), "avx512": cpu._is_avx512_supported()}
             if present.get(isa, cpu._is_avx2_supported()):
                 calls = [lambda m=m, isa=isa: op(xp, m.weight, m.scales, None, isa) for m in int4_layers]
-                out[f"int4 {isa}"] = (in_turn(calls), nbytes)
+                out[f"int4 {isa}"] = (in_turn(calls, first=first), nbytes)
     elif not streamed:
         out["int4 loop"] = (in_turn(int4, lambda: override(gemm=False, bf16_prefill=False)), nbytes)
         if available().bf16_prefill:
@@ -156,10 +161,14 @@ def bench_layer(key: str, rows_list: list[int], repeats: int) -> None:
 
 
 # ---- --weight-error ---------------------------------------------------------------------------------------
-def int4_error(w: torch.Tensor, group: int, symmetric: bool) -> float:
-    """Relative L2 of w (N, K) rounded to 16 levels per group, bf16 scales (and zero points)."""
+def int4_error(w: torch.Tensor, group: int, symmetric: bool, fifteen: bool = False) -> float:
+    """Relative L2 of w (N, K) rounded to 16 levels per group, bf16 scales (and zero points); `fifteen`:
+    symmetric with the largest magnitude at +-7, leaving -8 unused."""
     g = w.view(w.shape[0], -1, group)
-    if symmetric:
+    if fifteen:
+        step = (g.abs().amax(-1, keepdim=True) / 7).bfloat16().float()
+        approx = (g / step).round().clamp(-7, 7) * step
+    elif symmetric:
         step = (g.gather(-1, g.abs().argmax(-1, keepdim=True)) / -8).bfloat16().float()
         q = (g / step).round().clamp(-8, 7)
         approx = q * step
@@ -193,6 +202,9 @@ def weight_error_report(K: int) -> None:
             label = f"int4 {'symmetric' if symmetric else 'asymmetric'}, group {group}"
             per_weight = 0.5 + (2 if symmetric else 4) / group
             row(label, per_weight, [int4_error(w, group, symmetric) for w in matrices.values()])
+        if group == 32:
+            fifteen = [int4_error(w, group, True, fifteen=True) for w in matrices.values()]
+            row("int4 symmetric +-7, group 32", 0.5 + 2 / group, fifteen)
     ours = []
     for w in matrices.values():
         approx = int4_dequantize_reference(*quantize_weight_int4(w))[:, :K]
