@@ -25,6 +25,7 @@ The pipeline, one module per stage:
     cli.py            the `minaf3` command: chat, transcribe, demo (demo.py), estimate (estimate.py),
                       batch (batch.py, manifest.py, records.py), eval (evaluate.py, datasets.py,
                       metrics.py)
+                      train (train.py: a tiny AF3 learns the synthetic listening tasks of tasks.py)
 
 Checkpoint layouts live in `minaf3.weights` (weights/), Triton and C++ kernels in `minaf3.kernels` (kernels/).
 `import minaf3` imports nothing else: the names below and the submodules (`minaf3.attention.use_backend(...)`)
@@ -32,8 +33,13 @@ are imported on first use.
 """
 
 import importlib
+from pathlib import Path
 
 __version__ = "0.1.0"
+
+# The tiny AF3 minaf3 ships, trained by `minaf3 train` on the synthetic tasks: a checkpoint folder in the hub
+# layout that minaf3.load and transformers' from_pretrained both accept (the README says how it was made).
+TINY_MODEL = Path(__file__).with_name("tiny")
 
 # public name -> module that defines it
 _EXPORTS = {
@@ -60,11 +66,11 @@ _EXPORTS = {
 _SUBMODULES = set(
     """attention audio batch chat_template cli config conversation datasets decoder decoding demo dtypes
     encoder errors estimate evaluate features generate kernels linear lora manifest mel metrics model
-    pipeline processor processor_files quantize records sampling segments streamer tasks weights
-    windows""".split()
+    pipeline processor processor_files quantize records sampling segments streamer tasks train train_config
+    weights windows""".split()
 )
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, "TINY_MODEL"])
 
 
 def __getattr__(name: str):

@@ -24,6 +24,7 @@ other than text/audio, audio parts without exactly one source and non-string tex
 the conversation, message and part.
 """
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,6 +189,16 @@ def render(conversation: Any, add_generation_prompt: bool = True, audio_token: s
     if add_generation_prompt:
         pieces.append(f"{IM_START}assistant\n")
     return "".join(pieces)
+
+
+# An assistant turn of a rendered prompt: group 1 is what training learns, its content and closing <|im_end|>.
+_ASSISTANT_TURN = re.compile(re.escape(f"{IM_START}assistant\n") + f"(.*?{re.escape(IM_END)})", re.DOTALL)
+
+
+def assistant_spans(prompt: str) -> list[tuple[int, int]]:
+    """The character spans [start, end) of a rendered prompt that hold an assistant turn's content and its
+    closing <|im_end|>: the text an answer-only loss learns. A generation prompt's open turn has none."""
+    return [match.span(1) for match in _ASSISTANT_TURN.finditer(prompt)]
 
 
 def audio_parts(messages: list[Message]) -> list[AudioPart]:

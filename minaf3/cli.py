@@ -1,4 +1,4 @@
-"""The `minaf3` command (also `python -m minaf3`): chat, transcribe, demo, estimate, batch, eval, serve.
+"""The `minaf3` command (also `python -m minaf3`): chat, transcribe, demo, estimate, batch, eval, serve, train.
 
     minaf3 chat --model DIR --audio FILE "What is in this audio?"   one answer, streamed as it is generated
     minaf3 chat --model DIR --audio FILE                            at a terminal: a multi-turn conversation
@@ -8,6 +8,7 @@
     minaf3 batch --model DIR --manifest in.jsonl --out out.jsonl    a corpus, resumable; under torchrun too
     minaf3 eval --model DIR --data set.json --out report.json       answers scored, a table per task
     minaf3 serve --model DIR [--port 8000]                          an OpenAI-compatible HTTP API
+    minaf3 train --out DIR                                          a tiny AF3 from scratch, resumable
 
 Errors minaf3 raises on purpose (a missing file, bad audio, a setting out of range) print as one
 `minaf3: error: ...` message with exit status 2, like argparse's own usage errors; anything else is a bug and
@@ -125,13 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.set_defaults(run=run_estimate)
 
     from minaf3.batch import add_parser as add_batch_parser
+    from minaf3.evaluate import add_parser as add_eval_parser
     from minaf3.serve.server import add_parser as add_serve_parser
+    from minaf3.train import add_parser as add_train_parser
 
     add_batch_parser(commands)
-    from minaf3.evaluate import add_parser as add_eval_parser
-
     add_eval_parser(commands)
     add_serve_parser(commands)
+    add_train_parser(commands)
     return parser
 
 

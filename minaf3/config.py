@@ -206,6 +206,64 @@ class AudioFlamingo3Config:
             projector_bias=bool(d.get("projector_bias", True)),
         )
 
+    def to_dict(self) -> dict:
+        """config.json as transformers 5 writes it for AudioFlamingo3Config: these values in its spellings,
+        with its defaults for what minaf3 does not model (dropouts 0, initializer_range 0.02, no sliding
+        window). from_dict(to_dict()) gives this config back."""
+        enc, dec = self.encoder, self.decoder
+        audio = {
+            "activation_dropout": 0.0,
+            "activation_function": "gelu",
+            "attention_dropout": 0.0,
+            "dropout": 0.0,
+            "hidden_size": enc.hidden_size,
+            "initializer_range": 0.02,
+            "intermediate_size": enc.intermediate_size,
+            "layerdrop": 0.0,
+            "max_source_positions": enc.max_source_positions,
+            "model_type": "audioflamingo3_encoder",
+            "num_attention_heads": enc.num_heads,
+            "num_hidden_layers": enc.num_layers,
+            "num_mel_bins": enc.num_mel_bins,
+            "scale_embedding": False,
+        }
+        text = {
+            "attention_dropout": 0.0,
+            "bos_token_id": dec.bos_token_id,
+            "eos_token_id": dec.eos_token_id,
+            "hidden_act": "silu",
+            "hidden_size": dec.hidden_size,
+            "initializer_range": 0.02,
+            "intermediate_size": dec.intermediate_size,
+            "layer_types": ["full_attention"] * dec.num_layers,
+            "max_position_embeddings": dec.max_position_embeddings,
+            "max_window_layers": 28,
+            "model_type": "qwen2",
+            "num_attention_heads": dec.num_heads,
+            "num_hidden_layers": dec.num_layers,
+            "num_key_value_heads": dec.num_kv_heads,
+            "pad_token_id": None,
+            "rms_norm_eps": dec.rms_norm_eps,
+            "rope_parameters": {"rope_theta": dec.rope_theta, "rope_type": "default"},
+            "sliding_window": None,
+            "tie_word_embeddings": False,
+            "use_cache": True,
+            "use_sliding_window": False,
+            "vocab_size": dec.vocab_size,
+        }
+        if dec.head_dim != dec.hidden_size // dec.num_heads:  # written only when it is not the default
+            text["head_dim"] = dec.head_dim
+        return {
+            "architectures": ["AudioFlamingo3ForConditionalGeneration"],
+            "audio_config": audio,
+            "audio_token_id": self.audio_token_id,
+            "dtype": "float32",
+            "model_type": "audioflamingo3",
+            "projector_bias": self.projector_bias,
+            "projector_hidden_act": "gelu",
+            "text_config": text,
+        }
+
     @classmethod
     def from_file(cls, path: str | Path) -> "AudioFlamingo3Config":
         """Read `config.json` from a checkpoint folder or a file path."""

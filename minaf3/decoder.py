@@ -225,8 +225,9 @@ class Qwen2Decoder(nn.Module):
     def __init__(self, config: DecoderConfig):
         super().__init__()
         self.config = config
-        # No random init here: from_pretrained assigns the checkpoint's tensors, and nn.Embedding's init on
-        # the meta device costs a second the first time (it imports torch._refs).
+        # No random init here: from_pretrained assigns the checkpoint's tensors (a model to train calls
+        # init_weights), and nn.Embedding's init on the meta device costs a second the first time (it
+        # imports torch._refs).
         self.embed_tokens = nn.Embedding(
             config.vocab_size, config.hidden_size, _weight=torch.empty(config.vocab_size, config.hidden_size)
         )

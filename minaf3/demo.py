@@ -30,13 +30,14 @@ import soundfile as sf
 import torch
 from safetensors.torch import save_file
 
-from minaf3.chat_template import DEFAULT_SYSTEM_PROMPT, REFERENCE_TEMPLATE
-from minaf3.config import AudioFlamingo3Config
+from minaf3.chat_template import DEFAULT_SYSTEM_PROMPT
+from minaf3.config import AudioFlamingo3Config, DecoderConfig, EncoderConfig
 from minaf3.errors import ConfigError
 from minaf3.kernels.registry import available
 from minaf3.processor import DEFAULT_TRANSCRIPTION_PROMPT
+from minaf3.processor_files import write_processor_files
 from minaf3.weights.layouts import HUB, checkpoint_names
-from minaf3.windows import HOP_LENGTH, MAX_AUDIO_SECONDS, N_FFT, N_MELS, SAMPLING_RATE, WINDOW_SAMPLES
+from minaf3.windows import HOP_LENGTH, MAX_AUDIO_SECONDS, N_MELS, SAMPLING_RATE, WINDOW_SAMPLES
 
 if TYPE_CHECKING:
     from minaf3.pipeline import Pipeline, Timings
@@ -79,8 +80,9 @@ NEXT_STEP = (
 )
 
 
-def train_tokenizer():
-    """A byte-level BPE `tokenizers.Tokenizer` with AF3's special tokens, as transformers saves it."""
+def train_tokenizer(corpus: list[str] = CORPUS, vocab_size: int = VOCAB_SIZE):
+    """A byte-level BPE `tokenizers.Tokenizer` with AF3's special tokens, as transformers saves it: merges
+    learned from `corpus` until the vocabulary holds `vocab_size` tokens (or no pair repeats)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
@@ -89,12 +91,12 @@ def train_tokenizer():
     # transformers' save adds this no-op post-processor; writing it too makes the file identical to its save.
     tok.post_processor = processors.TemplateProcessing(single="$A", pair="$A:0 $B:1", special_tokens=[])
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(CORPUS * 20, trainer)
+    tok.train_from_iterator(corpus * 20, trainer)
     return tok
 
 
@@ -108,59 +110,35 @@ def model_config(
     text_hidden: int,
     text_heads: int,
     text_kv_heads: int,
+    audio_intermediate: int | None = None,
+    text_intermediate: int | None = None,
 ) -> dict:
-    """config.json with the fields and spellings transformers 5 writes for AudioFlamingo3Config."""
+    """config.json with the fields and spellings transformers 5 writes for AudioFlamingo3Config, for a model
+    of these sizes and SPECIAL_TOKENS' ids; the feed-forward widths default to twice the hidden widths."""
     token = {name: SPECIAL_TOKENS.index(name) for name in SPECIAL_TOKENS}
-    audio = {
-        "activation_dropout": 0.0,
-        "activation_function": "gelu",
-        "attention_dropout": 0.0,
-        "dropout": 0.0,
-        "hidden_size": audio_hidden,
-        "initializer_range": 0.02,
-        "intermediate_size": 2 * audio_hidden,
-        "layerdrop": 0.0,
-        "max_source_positions": WINDOW_SAMPLES // HOP_LENGTH // 2,  # 1500 frames after conv2's stride 2
-        "model_type": "audioflamingo3_encoder",
-        "num_attention_heads": audio_heads,
-        "num_hidden_layers": audio_layers,
-        "num_mel_bins": N_MELS,
-        "scale_embedding": False,
-    }
-    text = {
-        "attention_dropout": 0.0,
-        "bos_token_id": token[ENDOFTEXT],
-        "eos_token_id": token[IM_END],
-        "hidden_act": "silu",
-        "hidden_size": text_hidden,
-        "initializer_range": 0.02,
-        "intermediate_size": 2 * text_hidden,
-        "layer_types": ["full_attention"] * text_layers,
-        "max_position_embeddings": 32768,
-        "max_window_layers": 28,
-        "model_type": "qwen2",
-        "num_attention_heads": text_heads,
-        "num_hidden_layers": text_layers,
-        "num_key_value_heads": text_kv_heads,
-        "pad_token_id": None,
-        "rms_norm_eps": 1e-06,
-        "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"},
-        "sliding_window": None,
-        "tie_word_embeddings": False,
-        "use_cache": True,
-        "use_sliding_window": False,
-        "vocab_size": vocab_size,
-    }
-    return {
-        "architectures": ["AudioFlamingo3ForConditionalGeneration"],
-        "audio_config": audio,
-        "audio_token_id": token[AUDIO_TOKEN],
-        "dtype": "float32",
-        "model_type": "audioflamingo3",
-        "projector_bias": True,
-        "projector_hidden_act": "gelu",
-        "text_config": text,
-    }
+    encoder = EncoderConfig(
+        num_mel_bins=N_MELS,
+        hidden_size=audio_hidden,
+        num_layers=audio_layers,
+        num_heads=audio_heads,
+        intermediate_size=audio_intermediate or 2 * audio_hidden,
+        max_source_positions=WINDOW_SAMPLES // HOP_LENGTH // 2,  # 1500 frames after conv2's stride 2
+    )
+    decoder = DecoderConfig(
+        vocab_size=vocab_size,
+        hidden_size=text_hidden,
+        intermediate_size=text_intermediate or 2 * text_hidden,
+        num_layers=text_layers,
+        num_heads=text_heads,
+        num_kv_heads=text_kv_heads,
+        head_dim=text_hidden // text_heads,
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=32768,
+        bos_token_id=token[ENDOFTEXT],
+        eos_token_id=token[IM_END],
+    )
+    return AudioFlamingo3Config(encoder, decoder, audio_token_id=token[AUDIO_TOKEN]).to_dict()
 
 
 def random_weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
@@ -223,44 +201,6 @@ def generation_config(token: dict[str, int]) -> dict:
     }
 
 
-def tokenizer_config() -> dict:
-    """tokenizer_config.json as transformers 5 writes it for AF3's tokenizer."""
-    return {
-        "backend": "tokenizers",
-        "bos_token": None,
-        "eos_token": IM_END,
-        "extra_special_tokens": [IM_START, IM_END, AUDIO_TOKEN],
-        "pad_token": ENDOFTEXT,
-        "processor_class": "AudioFlamingo3Processor",
-        "tokenizer_class": "TokenizersBackend",
-        "unk_token": None,
-    }
-
-
-def processor_config() -> dict:
-    """processor_config.json: the audio token, the transcription prompt and Whisper's feature settings."""
-    return {
-        "audio_token": AUDIO_TOKEN,
-        "default_transcription_prompt": DEFAULT_TRANSCRIPTION_PROMPT,
-        "feature_extractor": {
-            "chunk_length": WINDOW_SAMPLES // SAMPLING_RATE,
-            "dither": 0.0,
-            "feature_extractor_type": "WhisperFeatureExtractor",
-            "feature_size": N_MELS,
-            "hop_length": HOP_LENGTH,
-            "n_fft": N_FFT,
-            "n_samples": WINDOW_SAMPLES,
-            "nb_max_frames": WINDOW_SAMPLES // HOP_LENGTH,
-            "padding_side": "right",
-            "padding_value": 0.0,
-            "return_attention_mask": True,
-            "sampling_rate": SAMPLING_RATE,
-        },
-        "max_audio_len": MAX_AUDIO_SECONDS,
-        "processor_class": "AudioFlamingo3Processor",
-    }
-
-
 def write_demo_checkpoint(path: str | os.PathLike, seed: int = 0, **sizes: int) -> Path:
     """Write a tiny random-weight AF3 checkpoint folder (hub layout) and clip.wav into `path`.
 
@@ -280,10 +220,15 @@ def write_demo_checkpoint(path: str | os.PathLike, seed: int = 0, **sizes: int) 
     save_file(random_weights(config, seed), str(folder / "model.safetensors"), metadata={"format": "pt"})
     token = {name: tok.token_to_id(name) for name in SPECIAL_TOKENS}
     _write_json(folder / "generation_config.json", generation_config(token))
-    tok.save(str(folder / "tokenizer.json"))
-    _write_json(folder / "tokenizer_config.json", tokenizer_config())
-    _write_json(folder / "processor_config.json", processor_config())
-    (folder / "chat_template.jinja").write_text(REFERENCE_TEMPLATE, encoding="utf-8")
+    write_processor_files(
+        folder,
+        tok,
+        pad_token=ENDOFTEXT,
+        eos_token=IM_END,
+        audio_token=AUDIO_TOKEN,
+        default_transcription_prompt=DEFAULT_TRANSCRIPTION_PROMPT,
+        max_audio_len=MAX_AUDIO_SECONDS,
+    )
     # The clip goes last: is_complete() takes a folder with it as finished.
     sf.write(folder / CLIP_NAME, demo_clip(seed=seed), SAMPLING_RATE, subtype="PCM_16")
     return folder

@@ -12,6 +12,8 @@ Only the first `pooled_frames(conv_frames(L))` outputs of a window with L real m
 (windows.py); the rest come from padding and are dropped by the model.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,6 +23,16 @@ from .config import EncoderConfig
 from .dtypes import cpu_has_native_bf16
 from .linear import Linear
 from .windows import conv_frames
+
+
+def sinusoids(length: int, channels: int, max_timescale: float = 10_000.0) -> torch.Tensor:
+    """Whisper's positions (length, channels) float32: the sines, then the cosines, of position * r_i for
+    C/2 rates r_i geometric from 1 down to 1 / max_timescale. The encoder's positions at init."""
+    if channels % 2 or channels < 4:
+        raise ValueError(f"sinusoidal positions need an even number of channels >= 4, got {channels}")
+    inv_timescales = torch.exp(-math.log(max_timescale) / (channels // 2 - 1) * torch.arange(channels // 2))
+    angles = torch.arange(length)[:, None] * inv_timescales[None, :]  # (length, C/2)
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
 class Conv1d(nn.Conv1d):
@@ -86,8 +98,9 @@ class WhisperEncoder(nn.Module):
         h = config.hidden_size
         self.conv1 = Conv1d(config.num_mel_bins, h, kernel_size=3, padding=1)
         self.conv2 = Conv1d(h, h, kernel_size=3, stride=2, padding=1)
-        # Weights always come from a checkpoint: passing the storage skips nn.Embedding's random init,
-        # which on the meta device costs about a second the first time (it imports torch._refs).
+        # Weights come from a checkpoint or init_weights: passing the storage skips nn.Embedding's random
+        # init, which on the meta device costs about a second the first time (it imports torch._refs).
+        # In training the positions stay Whisper's sinusoids (model.init_weights), as in Whisper.
         self.embed_positions = nn.Embedding(
             config.max_source_positions, h, _weight=torch.empty(config.max_source_positions, h)
         )

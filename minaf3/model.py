@@ -11,17 +11,20 @@ Parameter names follow this tree, so `language_model.layers.3.self_attn.q_proj.w
 model; the checkpoint's own names are mapped once, in weights/.
 """
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import AudioFlamingo3Config
-from .decoder import Qwen2Decoder
+from .decoder import Qwen2Decoder, RMSNorm
 from .dtypes import resolve_dtype
-from .encoder import WhisperEncoder
+from .encoder import WhisperEncoder, sinusoids
 from .errors import CheckpointError, ConfigError, InputError
 from .estimate import weights_dtype
 from .linear import Linear, fused_groups, join_parts
@@ -38,6 +41,7 @@ from .quantize import (
 from .sampling import GenerationConfig
 from .weights.adapter import LoraSettings, check_adapter_folder
 from .weights.hub import model_folder
+from .weights.layouts import HUB, checkpoint_names
 from .weights.loader import DOWNLOAD_HINT, read_checkpoint
 from .windows import audio_token_lengths, frames_needed
 
@@ -45,13 +49,19 @@ from .windows import audio_token_lengths, frames_needed
 # per-call overhead (GPU launches), padding costs attention and matrix products in proportion.
 GROUP_SLACK = 0.25
 THINK_FOLDER = "think"  # the AF-Think LoRA adapter's subfolder in the hub checkpoint
+INIT_STD = 0.02  # the std of linear, convolution and embedding weights at init: AF3's initializer_range
+IGNORE_INDEX = -100  # label of positions the loss skips (torch cross_entropy's default ignore_index)
+# Labelled positions whose logits the loss computes at once: a chunk's float32 logits are at most
+# LOSS_CHUNK_ELEMENTS (256 MiB), so AF3's 151,672-token vocabulary takes 442 positions a chunk.
+LOSS_CHUNK_ELEMENTS = 1 << 26
 
 
 @dataclass
 class CausalLMOutput:
-    """logits (B, T, vocab) in the model's dtype; loss: mean next-token cross-entropy (labels given)."""
+    """logits (B, T, vocab) in the model's dtype (None when only the loss was asked for); loss: mean
+    next-token cross-entropy over the labelled positions (labels given)."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     loss: torch.Tensor | None = None
 
 
@@ -167,10 +177,14 @@ class AudioFlamingo3ForConditionalGeneration(nn.Module):
         position_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        return_logits: bool | None = None,
         **unused,
     ) -> CausalLMOutput:
         """Logits for every position (or the last `logits_to_keep`), and the loss when labels are given.
 
+        labels (B, T): the token each position should hold, IGNORE_INDEX (-100) where nothing is learned;
+        position t is scored on predicting labels[t + 1]. The loss computes logits at the labelled positions
+        only (`lm_loss`), so with labels the logits are None unless return_logits=True asks for them too.
         As in the reference, positions default to 0..T-1 for every row; pass `position_ids` for left-padded
         batches to give each row the positions it would have alone (generate does).
         """
@@ -183,8 +197,10 @@ class AudioFlamingo3ForConditionalGeneration(nn.Module):
             position_ids = torch.arange(T, device=inputs_embeds.device).expand(B, T)
         key_mask = None if attention_mask is None else attention_mask.bool()
         hidden = self.language_model(inputs_embeds, position_ids, key_mask)
-        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
-        loss = None if labels is None else causal_lm_loss(logits, labels)
+        loss = None if labels is None else lm_loss(hidden, self.lm_head, labels)
+        logits = None
+        if return_logits or (return_logits is None and labels is None):
+            logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         return CausalLMOutput(logits=logits, loss=loss)
 
     def generate(self, *args, **kwargs) -> torch.Tensor:
@@ -192,6 +208,53 @@ class AudioFlamingo3ForConditionalGeneration(nn.Module):
         from .generate import generate
 
         return generate(self, *args, **kwargs)
+
+    # ---- initialisation and saving ---------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> "AudioFlamingo3ForConditionalGeneration":
+        """Fill every weight as the architecture starts training: linear, convolution and embedding weights
+        normal with std INIT_STD, biases zero, norms one, and the encoder's positions Whisper's sinusoids.
+
+        Draws come from a generator seeded with `seed`, in module order, so a seed always gives the same
+        model. The constructor leaves the weights unset (torch.empty), which from_pretrained overwrites.
+        Returns the model.
+        """
+        generator = torch.Generator().manual_seed(seed)
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Conv1d | nn.Embedding):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * INIT_STD)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.LayerNorm | RMSNorm):
+                module.weight.fill_(1.0)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+        positions = self.audio_tower.embed_positions.weight
+        positions.copy_(sinusoids(*positions.shape))
+        return self
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write config.json, model.safetensors (hub tensor names, float32 or the model's dtype) and, when the
+        model has one, generation_config.json into folder `path`: what from_pretrained and transformers read.
+
+        The processor's files are `AudioFlamingo3Processor.save_pretrained`'s. Returns the folder.
+        """
+        if any(isinstance(m, Int8Linear) for m in self.modules()):
+            raise ConfigError("save_pretrained: an int8 model has no hub layout; save it before quantizing")
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = self.state_dict()  # the checkpoint's names: fused layers speak their parts' names
+        names = checkpoint_names(HUB, state)
+        # Fused layers' parts are views of one tensor: safetensors stores tensors that share no memory.
+        tensors = {names[name]: tensor.detach().clone().contiguous() for name, tensor in state.items()}
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        config = self.config.to_dict() | {"dtype": str(self.dtype).removeprefix("torch.")}
+        _write_json(folder / "config.json", config)
+        if self.generation_config is not None:
+            settings = asdict(self.generation_config)
+            settings["eos_token_id"] = list(settings["eos_token_id"])
+            _write_json(folder / "generation_config.json", settings)
+        return folder
 
     # ---- adapters and loading --------------------------------------------------------------------------
     def load_adapter(self, path: str | Path, merge: bool = True) -> LoraSettings:
@@ -304,11 +367,48 @@ def read_weights(
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of predicting token t + 1 from position t, over labels != -100."""
-    targets = F.pad(labels, (0, 1), value=-100)[:, 1:]  # shift left; the last position predicts nothing
+    """Mean cross-entropy of predicting token t + 1 from position t, over labels != -100: the definition.
+
+    logits (B, T, V), labels (B, T). `lm_loss` computes the same from the hidden states without the logits.
+    """
+    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # shifted: the last position predicts nothing
     return F.cross_entropy(
-        logits.float().flatten(0, 1), targets.flatten().to(logits.device), ignore_index=-100
+        logits.float().flatten(0, 1), targets.flatten().to(logits.device), ignore_index=IGNORE_INDEX
     )
+
+
+def lm_loss(
+    hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor, chunk_elements: int = LOSS_CHUNK_ELEMENTS
+) -> torch.Tensor:
+    """causal_lm_loss(lm_head(hidden), labels) without the logits of positions that are not labelled.
+
+    hidden (B, T, D), labels (B, T) -> the mean cross-entropy, a float32 scalar (NaN with no label at all,
+    as the definition). Only the N positions whose next label is not -100 go through lm_head, a chunk of
+    rows at a time whose float32 logits hold at most `chunk_elements` numbers; under autograd each chunk's
+    logits are recomputed in the backward pass rather than kept, so training holds (N, D) hidden rows, never
+    (N, V) logits. At AF3's vocabulary a batch's logits over every position are gigabytes.
+    """
+    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].to(hidden.device)  # (B, T), shifted left
+    labelled = targets != IGNORE_INDEX
+    rows, wanted = hidden[labelled], targets[labelled]  # (N, D), (N,)
+    step = max(1, chunk_elements // lm_head.out_features)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, len(rows), step):
+        part = (lm_head, rows[start : start + step], wanted[start : start + step])
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_summed_cross_entropy, *part, use_reentrant=False)
+        else:
+            total = total + _summed_cross_entropy(*part)
+    return total / len(rows)
+
+
+def _summed_cross_entropy(lm_head: nn.Module, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """rows (n, D), targets (n,) -> the sum of the n cross-entropies, computed in float32."""
+    return F.cross_entropy(lm_head(rows).float(), targets, reduction="sum")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def resolve_device(device_map: str | torch.device | None) -> torch.device:

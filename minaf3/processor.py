@@ -5,7 +5,10 @@
 
 Outputs use the reference's names: input_ids and attention_mask (B, T) int64, left-padded by default;
 input_features (W, 128, 3000) float32 and input_features_mask (W, 3000) int32 for the W windows of every
-audio of the batch in placeholder order; labels (B, T) int64 with audio and padding positions at -100.
+audio of the batch in placeholder order; labels (B, T) int64, the ids where a token is learned and -100
+elsewhere. output_labels=True learns every text token (the reference: audio and padding at -100);
+output_labels="assistant" learns only the assistant turns' content and their closing <|im_end|>, what
+training on answers (and fine-tuning) needs: system prompt, questions and the turns' headers are -100 too.
 
 `__call__(text, audio)` accepts three prompt forms per sample: no `<sound>` (the audio tokens go first),
 one `<sound>` per audio (expanded in place, as transformers does), or one `<sound>` per 30 s window (each
@@ -25,10 +28,18 @@ import torch
 
 from minaf3 import windows
 from minaf3.audio import load_audio
-from minaf3.chat_template import AUDIO_TOKEN, audio_parts, check_text, parse, render, split_batch
+from minaf3.chat_template import (
+    AUDIO_TOKEN,
+    assistant_spans,
+    audio_parts,
+    check_text,
+    parse,
+    render,
+    split_batch,
+)
 from minaf3.errors import AudioError, AudioFileError, ConfigError, InputError
 from minaf3.features import SampleError, log_mel_windows
-from minaf3.processor_files import BatchFeature, read_processor_files
+from minaf3.processor_files import BatchFeature, read_processor_files, write_processor_files
 from minaf3.weights.hub import model_folder
 
 MAX_PROMPT_TOKENS = 16_000  # the model card's input limit, in tokens after audio expansion
@@ -97,6 +108,19 @@ class AudioFlamingo3Processor:
         """
         return cls(**read_processor_files(model_folder(path, revision)), max_prompt_tokens=max_prompt_tokens)
 
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write the tokenizer, its settings, the processor config and the chat template into folder `path`
+        (the files from_pretrained reads; see processor_files.write_processor_files)."""
+        write_processor_files(
+            path,
+            self.tokenizer,
+            pad_token=None if self.pad_token_id is None else self.tokenizer.id_to_token(self.pad_token_id),
+            eos_token=None if self.eos_token_id is None else self.tokenizer.id_to_token(self.eos_token_id),
+            audio_token=self.audio_token,
+            default_transcription_prompt=self.default_transcription_prompt,
+            max_audio_len=self.max_audio_len,
+        )
+
     # --- text + audio -> tensors ------------------------------------------------------------------------
 
     def __call__(
@@ -110,7 +134,7 @@ class AudioFlamingo3Processor:
 
         text: one prompt or a list. audio: for one prompt, a clip (array at 16 kHz, tensor, path, URL, bytes)
         or a list of clips; for a list of prompts, a list with one entry per prompt: a clip, a list of clips,
-        or None for a text-only prompt.
+        or None for a text-only prompt. output_labels: False, True or "assistant" (module docstring).
         """
         texts, clips = _pair_text_and_audio(text, audio)
         clip_names = [
@@ -128,11 +152,15 @@ class AudioFlamingo3Processor:
         tokenize: bool = True,
         add_generation_prompt: bool = True,
         return_dict: bool = True,
-        output_labels: bool = False,
+        output_labels: bool | str = False,
         padding_side: str = "left",
     ) -> BatchFeature | torch.Tensor | str | list[str]:
         """Render one conversation (a list of messages) or a batch of them; tokenize=False returns the
-        prompt string(s), return_dict=False only input_ids (B, T)."""
+        prompt string(s), return_dict=False only input_ids (B, T).
+
+        For training, give conversations that end with the assistant's answer, add_generation_prompt=False
+        and output_labels="assistant": labels then hold the answers' ids (and each closing <|im_end|>) only.
+        """
         batch, is_batch = split_batch(conversations)
         parsed = [parse(conversation, i) for i, conversation in enumerate(batch)]
         texts = [render(messages, add_generation_prompt, self.audio_token) for messages in parsed]
@@ -218,9 +246,9 @@ class AudioFlamingo3Processor:
         # Past max_audio_len: the reference's warning, naming the clip, and its first whole windows only.
         return waveform[: windows.kept_samples(len(waveform), name, max_seconds=self.max_audio_len)]
 
-    def _expand(self, ids: list[int], waveforms: list[np.ndarray], name: str, from_text: bool) -> np.ndarray:
-        """Replace each placeholder id of one sample by its run of audio-token ids."""
-        ids = np.asarray(ids, dtype=np.int64)
+    def _repeats(self, ids: np.ndarray, waveforms: list[np.ndarray], name: str, from_text: bool):
+        """How many times each id of one sample appears once every placeholder is replaced by its run of
+        audio-token ids: 1 for text, the run's length for a placeholder. ids (T,) -> repeats (T,)."""
         at = np.flatnonzero(ids == self.audio_token_id)
         per_window = [windows.window_token_counts(len(w)) for w in waveforms]
         num_windows = sum(len(counts) for counts in per_window)
@@ -249,7 +277,7 @@ class AudioFlamingo3Processor:
             )
         repeats = np.ones(len(ids), dtype=np.int64)
         repeats[at] = runs
-        return np.repeat(ids, repeats)  # (T,) -> (T - placeholders + audio tokens,)
+        return repeats
 
     def _encode(
         self,
@@ -266,6 +294,8 @@ class AudioFlamingo3Processor:
         names: one per sample; clip_names: one per clip, as waveforms, for errors found in the features."""
         if padding_side not in ("left", "right"):
             raise InputError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if not (isinstance(output_labels, bool) or output_labels == "assistant"):
+            raise InputError(f"output_labels must be False, True or 'assistant', got {output_labels!r:.40}")
         if placeholders_from_text:
             # A prompt without placeholders gets one per audio in front: "audio tokens first" form.
             texts = [
@@ -273,10 +303,13 @@ class AudioFlamingo3Processor:
                 for text, clips in zip(texts, waveforms, strict=True)
             ]
         encodings = self.tokenizer.encode_batch(texts, add_special_tokens=True)
-        rows = [
-            self._expand(e.ids, clips, name, placeholders_from_text)
-            for e, clips, name in zip(encodings, waveforms, names, strict=True)
-        ]
+        rows, learned = [], []  # per sample: ids (T,) with audio runs in place; which of them are learned
+        for text, e, clips, name in zip(texts, encodings, waveforms, names, strict=True):
+            ids = np.asarray(e.ids, dtype=np.int64)
+            repeats = self._repeats(ids, clips, name, placeholders_from_text)
+            rows.append(np.repeat(ids, repeats))  # (T,) -> (T - placeholders + audio tokens,)
+            if output_labels == "assistant":
+                learned.append(np.repeat(_in_spans(e.offsets, assistant_spans(text)), repeats))
         for row, name in zip(rows, names, strict=True):
             if self.max_prompt_tokens is not None and len(row) > self.max_prompt_tokens:
                 audio = int((row == self.audio_token_id).sum())
@@ -297,6 +330,8 @@ class AudioFlamingo3Processor:
             # The reference also ignores every pad-token id in the text itself (<|endoftext|> for AF3).
             if self.pad_token_id is not None:
                 labels[input_ids == self.pad_token_id] = IGNORE_INDEX
+            if output_labels == "assistant":
+                labels[~_padded(learned, labels.shape[1], padding_side, fill=False)] = IGNORE_INDEX
             out["labels"] = labels
         return out
 
@@ -307,13 +342,29 @@ class AudioFlamingo3Processor:
             raise InputError(
                 "cannot pad prompts of different lengths: tokenizer_config.json has no pad_token"
             )
-        input_ids = torch.full((len(rows), longest), self.pad_token_id or 0, dtype=torch.int64)
-        attention_mask = torch.zeros((len(rows), longest), dtype=torch.int64)
-        for b, row in enumerate(rows):
-            span = slice(longest - len(row), longest) if padding_side == "left" else slice(0, len(row))
-            input_ids[b, span] = torch.from_numpy(row)
-            attention_mask[b, span] = 1
+        input_ids = _padded(rows, longest, padding_side, fill=self.pad_token_id or 0)
+        attention_mask = _padded([np.ones(len(row), np.int64) for row in rows], longest, padding_side, fill=0)
         return input_ids, attention_mask
+
+
+def _padded(rows: list[np.ndarray], length: int, padding_side: str, fill: int | bool) -> torch.Tensor:
+    """Rows (T_b,) of one dtype -> (B, length), each row placed on the right (padding left) or the left."""
+    out = torch.full((len(rows), length), fill, dtype=torch.from_numpy(rows[0][:0]).dtype)
+    for b, row in enumerate(rows):
+        span = slice(length - len(row), length) if padding_side == "left" else slice(0, len(row))
+        out[b, span] = torch.from_numpy(row)
+    return out
+
+
+def _in_spans(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> np.ndarray:
+    """(T,) bool: which tokens start inside one of the character spans [start, end) of their text.
+
+    offsets: each token's (start, end) characters, as `tokenizers` reports them."""
+    starts = np.array([start for start, _ in offsets], dtype=np.int64)
+    inside = np.zeros(len(starts), dtype=bool)
+    for start, end in spans:
+        inside |= (starts >= start) & (starts < end)
+    return inside
 
 
 def _features(clips: list[np.ndarray], names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

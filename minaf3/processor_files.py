@@ -1,5 +1,7 @@
 """The processor's files in a checkpoint folder (tokenizer, settings, chat template), and BatchFeature.
 
+`read_processor_files` reads them; `write_processor_files` writes them as transformers' save_pretrained does.
+
 Files read (hub layout, what transformers' `save_pretrained` writes):
 
     tokenizer.json             the tokenizers model (required)
@@ -23,7 +25,7 @@ import torch
 from tokenizers import AddedToken, Tokenizer
 
 from minaf3 import windows
-from minaf3.chat_template import is_reference_template
+from minaf3.chat_template import REFERENCE_TEMPLATE, is_reference_template
 from minaf3.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -179,3 +181,56 @@ def read_processor_files(path: str | os.PathLike) -> dict[str, Any]:
         "eos_token": _token_text(tokenizer_config.get("eos_token")),
         **kwargs,
     }
+
+
+def write_processor_files(
+    path: str | os.PathLike,
+    tokenizer: Tokenizer,
+    *,
+    pad_token: str | None,
+    eos_token: str | None,
+    audio_token: str,
+    default_transcription_prompt: str,
+    max_audio_len: int,
+) -> None:
+    """Write tokenizer.json, tokenizer_config.json, processor_config.json and chat_template.jinja into the
+    folder `path` with the fields and spellings transformers 5 writes for AF3 (its AutoProcessor reads them
+    back and re-saves them unchanged). Every special token but the pad token is listed as an extra one."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    added = sorted(tokenizer.get_added_tokens_decoder().items())
+    extra = [token.content for _, token in added if token.special and token.content != pad_token]
+    _write_json(
+        folder / "tokenizer_config.json",
+        {
+            "backend": "tokenizers",
+            "bos_token": None,
+            "eos_token": eos_token,
+            "extra_special_tokens": extra,
+            "pad_token": pad_token,
+            "processor_class": "AudioFlamingo3Processor",
+            "tokenizer_class": "TokenizersBackend",
+            "unk_token": None,
+        },
+    )
+    _write_json(
+        folder / "processor_config.json",
+        {
+            "audio_token": audio_token,
+            "default_transcription_prompt": default_transcription_prompt,
+            "feature_extractor": {
+                **EXPECTED_FEATURES,
+                "feature_extractor_type": "WhisperFeatureExtractor",
+                "padding_side": "right",
+                "return_attention_mask": True,
+            },
+            "max_audio_len": max_audio_len,
+            "processor_class": "AudioFlamingo3Processor",
+        },
+    )
+    (folder / "chat_template.jinja").write_text(REFERENCE_TEMPLATE, encoding="utf-8")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")

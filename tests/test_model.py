@@ -33,7 +33,7 @@ def reference_inputs(processor, clips: list[str]) -> dict:
 
 def assert_parity(ours, ref, inputs):
     with torch.no_grad():
-        out, expected = ours(**inputs), ref(**inputs)
+        out, expected = ours(**inputs, return_logits=True), ref(**inputs)
     valid = inputs["attention_mask"].bool()
     assert (out.logits - expected.logits)[valid].abs().max() < 1e-4
     assert (out.logits - expected.logits).abs().max() < 1e-4  # padding rows too: they feed the loss
@@ -65,9 +65,9 @@ def test_attention_backends_agree(tiny_checkpoint, reference_processor):
     inputs = reference_inputs(reference_processor, ["short", "mid"])
     with torch.no_grad():
         with use_backend("eager"):
-            eager = model(**inputs).logits
+            eager = model(**inputs, return_logits=True).logits
         with use_backend("sdpa"):
-            sdpa = model(**inputs).logits
+            sdpa = model(**inputs, return_logits=True).logits
     assert (eager - sdpa).abs().max() < 1e-4
 
 
@@ -156,9 +156,9 @@ def test_triton_backend_matches_sdpa(tmp_path, reference_processor):
     inputs = reference_inputs(reference_processor, ["short", "short"])
     with torch.no_grad():
         with use_backend("triton"):
-            triton_logits = model(**inputs).logits
+            triton_logits = model(**inputs, return_logits=True).logits
         with use_backend("sdpa"):
-            sdpa_logits = model(**inputs).logits
+            sdpa_logits = model(**inputs, return_logits=True).logits
     assert (triton_logits - sdpa_logits).abs().max() < 1e-4
 
 

@@ -1,0 +1,426 @@
+"""`minaf3 train`: a tiny Audio Flamingo 3 learns the synthetic listening tasks (tasks.py) on the CPU.
+
+    minaf3 train --out minaf3/tiny         the shipped model's recipe (the defaults below)
+    minaf3 train --out runs/x --steps 300  a short run; the same command again after a kill resumes it
+
+The model is minaf3's own AF3 (model.py) at small sizes, with a byte-level BPE tokenizer learned from the
+tasks' text, trained from `init_weights` as the 7B would be fine-tuned. Every step, top to bottom:
+
+    clips     batch_size fresh clips, never seen before: task drawn by task_weights, clip from its seed
+    batch     the processor: chat template with the answer, log-mel, labels on the answer only
+    loss      model(**batch).loss: next-token cross-entropy over the answers' tokens and closing <|im_end|>
+    update    backward, gradient norm clipped to grad_clip, AdamW at the step's learning rate
+              (linear warmup over warmup_steps, then cosine decay to min_lr at `steps`)
+
+Clips are drawn for pool_batches steps at a time, sorted by length and cut into batches: the decoder then
+pads each row to a similar length rather than to the longest clip of a random batch. A step's batch depends
+on (seed, step) alone, and the CPU computes it the same way every time, so a run is reproducible and a
+resumed run ends with the weights of an uninterrupted one.
+
+Files in --out: the model in the hub layout (config.json, model.safetensors, tokenizer.json,
+tokenizer_config.json, processor_config.json, chat_template.jinja, generation_config.json), which minaf3 and
+transformers load, rewritten at every checkpoint; train/state.pt (weights, optimizer, step: what a resume
+reads) and train/log.jsonl (a line every log_every steps: loss, learning rate, gradient norm, tokens/s,
+and the accuracy of each periodic evaluation).
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from minaf3.chat_template import AUDIO_TOKEN, render
+from minaf3.config import AudioFlamingo3Config
+from minaf3.demo import ENDOFTEXT, IM_END, SPECIAL_TOKENS, model_config, train_tokenizer
+from minaf3.dtypes import cpu_has_native_bf16
+from minaf3.errors import ConfigError
+from minaf3.model import AudioFlamingo3ForConditionalGeneration
+from minaf3.processor import AudioFlamingo3Processor
+from minaf3.sampling import GenerationConfig
+from minaf3.tasks import (
+    ALL_TASKS,
+    FIRST_TRAIN_SEED,
+    KINDS,
+    MORSE_CODE,
+    PHRASINGS,
+    TASKS,
+    Example,
+    conversation,
+    example_at,
+    examples,
+    score_answer,
+)
+from minaf3.windows import MAX_AUDIO_SECONDS
+
+STATE, LOG = "train/state.pt", "train/log.jsonl"
+EVAL_SEED = 1  # the clips of the evaluations during training (an evaluation seed: never a training clip)
+MAX_ANSWER_TOKENS = 24  # the longest answer, morse's 'The spoken content of the audio is "XYZ".', is 13
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. The defaults are the recipe of the model minaf3 ships (minaf3/tiny)."""
+
+    # the model: encoder (audio_*) and decoder (text_*) sizes, and the BPE vocabulary's upper bound
+    audio_layers: int = 2
+    audio_hidden: int = 128
+    audio_heads: int = 4
+    audio_intermediate: int = 512
+    text_layers: int = 4
+    text_hidden: int = 256
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_intermediate: int = 688
+    vocab_size: int = 512
+    # the data: which tasks, how often each is drawn, clips per step, steps whose clips are sorted together
+    tasks: tuple[str, ...] = TASKS
+    task_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
+    batch_size: int = 16
+    pool_batches: int = 8
+    # the optimisation
+    steps: int = 4000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    bf16: bool = True  # matrix products in bf16 (autocast) on CPUs with bf16 instructions (dtypes.py)
+    # bookkeeping: none of it changes the weights
+    log_every: int = 10
+    save_every: int = 500
+    eval_every: int = 0  # steps between evaluations on eval_clips clips per task; 0: none
+    eval_clips: int = 8
+    threads: int = 2
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type is int and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"train: {field.name} must be an integer, got {value!r}")
+            if field.type is bool and not isinstance(value, bool):
+                raise ConfigError(f"train: {field.name} must be True or False, got {value!r}")
+            if field.type is float and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise ConfigError(f"train: {field.name} must be a number, got {value!r}")
+        at_least = {"steps": 1, "batch_size": 1, "pool_batches": 1, "log_every": 1, "save_every": 1}
+        at_least |= {"threads": 1, "eval_clips": 1, "vocab_size": len(SPECIAL_TOKENS) + 256}
+        for name, low in (at_least | {"warmup_steps": 0, "eval_every": 0, "seed": 0}).items():
+            if getattr(self, name) < low:
+                raise ConfigError(f"train: {name} must be >= {low}, got {getattr(self, name)}")
+        if not 0 <= self.min_lr <= self.lr or not self.lr > 0:
+            raise ConfigError(
+                f"train: need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}"
+            )
+        if self.weight_decay < 0 or self.grad_clip <= 0:
+            raise ConfigError("train: weight_decay must be >= 0 and grad_clip > 0")
+        unknown = [t for t in self.tasks if t not in ALL_TASKS]
+        if not self.tasks or unknown:
+            raise ConfigError(
+                f"train: tasks must name some of {', '.join(ALL_TASKS)}; got {list(self.tasks)}"
+            )
+        weights = self.task_weights
+        if len(weights) != len(self.tasks) or min(weights) < 0 or not sum(weights) > 0:
+            raise ConfigError(
+                f"train: task_weights needs one weight >= 0 per task ({len(self.tasks)}), not all 0; "
+                f"got {list(weights)}"
+            )
+        if self.text_hidden % self.text_heads or self.text_hidden // self.text_heads % 2:
+            raise ConfigError(
+                f"train: text_hidden ({self.text_hidden}) must be text_heads ({self.text_heads}) times an even "
+                "head width (RoPE rotates pairs of channels)"
+            )
+        AudioFlamingo3Config.from_dict(model_config(self.vocab_size, **self.sizes()))  # sizes that fit
+
+    def sizes(self) -> dict[str, int]:
+        """The model's sizes, as demo.model_config takes them."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name[:5] in ("audio", "text_")
+        }
+
+
+BOOKKEEPING = ("log_every", "save_every", "eval_every", "eval_clips", "threads")  # a resume may change these
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Linear warmup from lr / warmup_steps to lr, then a cosine from lr down to min_lr at the last step."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - 1 - config.warmup_steps)
+    return config.min_lr + (config.lr - config.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ---- the model and its tokenizer ------------------------------------------------------------------------
+
+
+def task_corpus() -> list[str]:
+    """What the tokenizer learns its merges from: every task's questions and answers as the chat template
+    renders them. Morse's letters come one at a time, so no merge joins two capitals: a letter is a token."""
+    answers = {
+        "count": [f"{n} beep{'s' * (n > 1)}" for n in range(1, 7)],
+        "pitch": ["high", "low"],
+        "kind": list(KINDS),
+        "duration": [f"{n} second{'s' * (n > 1)}" for n in range(1, 9)],
+        "loudness": ["louder", "quieter"],
+        "morse": [f'The spoken content of the audio is "{letter}".' for letter in MORSE_CODE],
+        "order": ["higher", "lower"],
+    }
+    return [
+        render(
+            [{"role": "user", "content": AUDIO_TOKEN + question}, {"role": "assistant", "content": answer}]
+        )
+        for task in ALL_TASKS
+        for question in PHRASINGS[task]
+        for answer in answers[task]
+    ]
+
+
+def new_model(config: TrainConfig) -> tuple[AudioFlamingo3ForConditionalGeneration, AudioFlamingo3Processor]:
+    """A freshly initialised model (seed `config.seed`) and its processor with a newly learned tokenizer."""
+    tokenizer = train_tokenizer(task_corpus(), config.vocab_size)
+    processor = AudioFlamingo3Processor(
+        tokenizer, pad_token=ENDOFTEXT, eos_token=IM_END, max_audio_len=MAX_AUDIO_SECONDS
+    )
+    model_settings = AudioFlamingo3Config.from_dict(
+        model_config(tokenizer.get_vocab_size(), **config.sizes())
+    )
+    model = AudioFlamingo3ForConditionalGeneration(model_settings).init_weights(config.seed)
+    ids = {name: tokenizer.token_to_id(name) for name in (ENDOFTEXT, IM_END)}
+    # Greedy, no repetition penalty: an exact answer such as "SOS" repeats letters on purpose.
+    model.generation_config = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=MAX_ANSWER_TOKENS,
+        eos_token_id=(ids[IM_END], ids[ENDOFTEXT]),
+        pad_token_id=ids[ENDOFTEXT],
+        bos_token_id=ids[ENDOFTEXT],
+    )
+    return model, processor
+
+
+def save(model, processor, folder: Path) -> None:
+    """The model and processor in the hub layout (module docstring), loadable by minaf3 and transformers."""
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+# ---- the data: fresh clips every step, sorted by length in pools of pool_batches steps --------------------
+
+
+def pool_examples(config: TrainConfig, pool: int) -> list[Example]:
+    """The clips of steps pool * pool_batches ... (pool + 1) * pool_batches - 1, in drawing order."""
+    rng = np.random.default_rng((config.seed, pool))
+    n = config.pool_batches * config.batch_size
+    weights = np.asarray(config.task_weights, dtype=np.float64)
+    drawn = rng.choice(len(config.tasks), size=n, p=weights / weights.sum())
+    seed = FIRST_TRAIN_SEED + config.seed  # a training seed: no clip of it is ever an evaluation clip
+    return [example_at(config.tasks[t], seed, pool * n + i) for i, t in enumerate(drawn)]
+
+
+def pool_batches(config: TrainConfig, pool: int) -> list[list[Example]]:
+    """The pool's clips sorted by length, cut into pool_batches batches, in a random order of batches."""
+    clips = sorted(pool_examples(config, pool), key=lambda e: len(e.waveform))
+    batches = [clips[i : i + config.batch_size] for i in range(0, len(clips), config.batch_size)]
+    order = np.random.default_rng((config.seed, pool, 1)).permutation(len(batches))
+    return [batches[i] for i in order]
+
+
+def training_batch(processor: AudioFlamingo3Processor, clips: list[Example]) -> dict:
+    """Model inputs with labels on the answers: input_ids, attention_mask, labels (B, T), right-padded (each
+    row then starts at position 0, as it does alone), and input_features, input_features_mask."""
+    conversations = [conversation(e)[0] + [{"role": "assistant", "content": e.answer}] for e in clips]
+    return processor.apply_chat_template(
+        conversations, add_generation_prompt=False, output_labels="assistant", padding_side="right"
+    )
+
+
+# ---- evaluation -----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def answer(model, processor, clips: list[Example], batch_size: int = 32) -> list[str]:
+    """Greedy answers to each clip's question, batch_size clips per generate call."""
+    answers = []
+    for start in range(0, len(clips), batch_size):
+        part = clips[start : start + batch_size]
+        inputs = processor.apply_chat_template([conversation(e)[0] for e in part], add_generation_prompt=True)
+        out = model.generate(
+            **inputs, do_sample=False, max_new_tokens=MAX_ANSWER_TOKENS, repetition_penalty=1.0
+        )
+        answers += [text.strip() for text in processor.decode(out[:, inputs["input_ids"].shape[1] :])]
+    return answers
+
+
+def evaluate(model, processor, tasks: tuple[str, ...], clips: int, seed: int = EVAL_SEED) -> dict[str, dict]:
+    """{task: {"exact": fraction of exact answers, and for morse "letters": letters right}} over the first
+    `clips` clips of each task under `seed`."""
+    scores = {}
+    for task in tasks:
+        chosen = list(examples(task, seed, clips))
+        said = answer(model, processor, chosen)
+        each = [score_answer(task, s, e.answer) for s, e in zip(said, chosen, strict=True)]
+        scores[task] = {key: sum(s[key] for s in each) / len(each) for key in each[0]}
+    return scores
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------------
+
+
+def save_state(folder: Path, model, optimizer, step: int, config: TrainConfig) -> None:
+    """Write train/state.pt atomically (a kill while writing keeps the previous one), then the hub files."""
+    path = folder / STATE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"step": step, "config": dataclasses.asdict(config), "model": model.state_dict()}
+    torch.save(state | {"optimizer": optimizer.state_dict()}, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+    model.save_pretrained(folder)
+
+
+def resume(folder: Path, model, optimizer, config: TrainConfig) -> int:
+    """Load train/state.pt into model and optimizer if there is one; the step to start from (0 if none)."""
+    path = folder / STATE
+    if not path.is_file():
+        return 0
+    state = torch.load(path, weights_only=True)
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items()}
+    changed = [k for k, v in dataclasses.asdict(config).items() if k not in BOOKKEEPING and saved.get(k) != v]
+    if changed:
+        settings = ", ".join(f"{k}={saved.get(k)!r}" for k in changed)
+        raise ConfigError(
+            f"{path}: this run was started with other settings ({settings}); "
+            "resume with the same ones or train into another --out folder"
+        )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"]
+
+
+def log_line(folder: Path, record: dict) -> None:
+    with open(folder / LOG, "a", encoding="utf-8") as log:
+        log.write(json.dumps(record) + "\n")
+
+
+def truncate_log(folder: Path, step: int) -> None:
+    """Drop the log lines of steps after `step`: a resumed run logs them again."""
+    path = folder / LOG
+    if path.is_file():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+# ---- the loop -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    folder: Path  # the trained model, in the hub layout
+    losses: list[float]  # the loss of every step this call ran, in order
+    step: int  # steps done in all (with those of earlier calls on the same folder)
+    seconds: float  # the wall time of this call's steps
+
+
+def train(
+    config: TrainConfig, out: str | os.PathLike, progress: bool = True, until: int | None = None
+) -> TrainResult:
+    """Train (or resume training) into folder `out`; see the module docstring. until: stop before step
+    `until` without a checkpoint, as a kill would (tests resume from there)."""
+    folder = Path(out)
+    torch.set_num_threads(config.threads)
+    model, processor = new_model(config)
+    if (folder / STATE).is_file():  # the tokenizer of a resumed run is the one it started with
+        processor = AudioFlamingo3Processor.from_pretrained(folder)
+    model.audio_tower.embed_positions.requires_grad_(False)  # Whisper's sinusoids stay as they are
+    trained = [p for p in model.parameters() if p.requires_grad]
+    groups = [  # no weight decay on norms and biases (vectors), as in GPT-2 and nanoGPT
+        {"params": [p for p in trained if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in trained if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
+    start = resume(folder, model, optimizer, config)
+    if start == 0:
+        (folder / LOG).parent.mkdir(parents=True, exist_ok=True)
+        save(model, processor, folder)
+    truncate_log(folder, start)
+    model.train()
+    losses, began, window = [], time.perf_counter(), {"tokens": 0, "seconds": 0.0, "loss": 0.0}
+    pool, batches = None, []
+    bar = tqdm(
+        total=config.steps, initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True
+    )
+    for step in range(start, config.steps if until is None else min(until, config.steps)):
+        tick = time.perf_counter()
+        if step // config.pool_batches != pool:
+            pool = step // config.pool_batches
+            batches = pool_batches(config, pool)
+        batch = training_batch(processor, batches[step % config.pool_batches])
+        lr = learning_rate(config, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16 and cpu_has_native_bf16()):
+            loss = model(**batch).loss
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(trained, config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        window["tokens"] += int(batch["attention_mask"].sum())
+        window["seconds"] += time.perf_counter() - tick
+        window["loss"] += losses[-1]
+        done = step + 1
+        if done % config.log_every == 0 or done == config.steps:
+            n = config.log_every if done % config.log_every == 0 else done % config.log_every
+            rate = window["tokens"] / window["seconds"]
+            record = {"step": done, "loss": window["loss"] / n, "lr": lr, "grad_norm": float(norm)}
+            log_line(folder, record | {"tokens_per_s": rate, "elapsed_s": time.perf_counter() - began})
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{rate:,.0f}")
+            window = {"tokens": 0, "seconds": 0.0, "loss": 0.0}
+        if config.eval_every and done % config.eval_every == 0:
+            scores = evaluate(model, processor, config.tasks, config.eval_clips)
+            log_line(folder, {"step": done, "eval": scores})
+            bar.write(f"step {done}: " + ", ".join(f"{t} {s['exact']:.0%}" for t, s in scores.items()))
+        if done % config.save_every == 0 or done == config.steps:
+            save_state(folder, model, optimizer, done, config)
+        bar.update(1)
+    bar.close()
+    step = start + len(losses)
+    return TrainResult(folder, losses, step, time.perf_counter() - began)
+
+
+# ---- the command line -----------------------------------------------------------------------------------
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `train` on the `minaf3` command's subparsers: --out, and one option per TrainConfig field."""
+    p = subparsers.add_parser("train", help="train a tiny AF3 on synthetic listening tasks (resumable)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the model folder (and train/ for resuming)")
+    for field in dataclasses.fields(TrainConfig):
+        option = "--" + field.name.replace("_", "-")
+        if field.name in ("tasks", "task_weights"):
+            kind = str if field.name == "tasks" else float
+            p.add_argument(option, nargs="+", type=kind, default=field.default, metavar="X")
+        elif field.type is bool:
+            p.add_argument(option, action=argparse.BooleanOptionalAction, default=field.default)
+        else:
+            p.add_argument(option, type=field.type, default=field.default, metavar="N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(run=main_train)
+    return p
+
+
+def main_train(args: argparse.Namespace) -> int:
+    """Run `minaf3 train` with parsed arguments; prints where the model is and the last loss."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    result = train(config, args.out, progress=not args.no_progress)
+    last = f", last loss {result.losses[-1]:.4f}" if result.losses else " (already done)"
+    print(f"minaf3 train: {result.step} steps{last}; model in {result.folder}")
+    return 0
