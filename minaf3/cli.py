@@ -1,4 +1,4 @@
-"""The `minaf3` command (also `python -m minaf3`): chat, transcribe, demo, estimate, batch, eval, serve, train.
+"""The `minaf3` command (`python -m minaf3`): chat, transcribe, demo, estimate, batch, eval, serve, train.
 
     minaf3 chat --model DIR --audio FILE "What is in this audio?"   one answer, streamed as it is generated
     minaf3 chat --model DIR --audio FILE                            at a terminal: a multi-turn conversation

@@ -239,8 +239,10 @@ class AudioFlamingo3ForConditionalGeneration(nn.Module):
 
         The processor's files are `AudioFlamingo3Processor.save_pretrained`'s. Returns the folder.
         """
-        if any(isinstance(m, Int8Linear) for m in self.modules()):
-            raise ConfigError("save_pretrained: an int8 model has no hub layout; save it before quantizing")
+        if any(isinstance(m, QUANTIZED_LAYERS) for m in self.modules()):
+            raise ConfigError(
+                "save_pretrained: a quantized model has no hub layout; save it before quantizing"
+            )
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         state = self.state_dict()  # the checkpoint's names: fused layers speak their parts' names

@@ -1,12 +1,14 @@
 """`minaf3 train`: a tiny Audio Flamingo 3 learns the synthetic listening tasks (tasks.py) on the CPU.
 
-    minaf3 train --out minaf3/tiny         the shipped model's recipe (the defaults below)
-    minaf3 train --out runs/x --steps 300  a short run; the same command again after a kill resumes it
+    torchrun --standalone --nproc-per-node 2 -m minaf3 train --out minaf3/tiny
+                                           the shipped model: its recipe is the defaults below
+    minaf3 train --out runs/x --steps 300  one process; the same command again after a kill resumes
 
 The model is minaf3's own AF3 (model.py) at small sizes, with a byte-level BPE tokenizer learned from the
 tasks' text, trained from `init_weights` as the 7B would be fine-tuned. Every step, top to bottom:
 
-    clips     batch_size fresh clips, never seen before: task drawn by task_weights, clip from its seed
+    clips     batch_size fresh clips, never seen before: task drawn by task_weights (the first listen_steps
+              steps only listen_tasks'), clip from its seed
     batch     the processor: chat template with the answer, log-mel, labels on the answer only
     loss      model(**batch).loss: next-token cross-entropy over the answers' tokens and closing <|im_end|>
     update    backward, gradient norm clipped to grad_clip, AdamW at the step's learning rate
@@ -16,6 +18,10 @@ Clips are drawn for pool_batches steps at a time, sorted by length and cut into 
 pads each row to a similar length rather than to the longest clip of a random batch. A step's batch depends
 on (seed, step) alone, and the CPU computes it the same way every time, so a run is reproducible and a
 resumed run ends with the weights of an uninterrupted one.
+
+Under torchrun, each process (one thread each: ranks x threads = cores) takes its share of every batch and
+the gradients are averaged before each update, as in nanoGPT: on a shared machine two single-threaded
+processes keep both cores busy where one process's two threads wait on each other.
 
 Files in --out: the model in the hub layout (config.json, model.safetensors, tokenizer.json,
 tokenizer_config.json, processor_config.json, chat_template.jinja, generation_config.json), which minaf3 and
@@ -27,7 +33,6 @@ and the accuracy of each periodic evaluation).
 import argparse
 import dataclasses
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -35,11 +40,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
+from minaf3.batch import default_threads, distributed
 from minaf3.chat_template import AUDIO_TOKEN, render
 from minaf3.config import AudioFlamingo3Config
-from minaf3.demo import ENDOFTEXT, IM_END, SPECIAL_TOKENS, model_config, train_tokenizer
+from minaf3.demo import ENDOFTEXT, IM_END, model_config, train_tokenizer
 from minaf3.dtypes import cpu_has_native_bf16
 from minaf3.errors import ConfigError
 from minaf3.model import AudioFlamingo3ForConditionalGeneration
@@ -51,112 +58,18 @@ from minaf3.tasks import (
     KINDS,
     MORSE_CODE,
     PHRASINGS,
-    TASKS,
     Example,
     conversation,
     example_at,
     examples,
     score_answer,
 )
+from minaf3.train_config import BOOKKEEPING, TrainConfig, learning_rate
 from minaf3.windows import MAX_AUDIO_SECONDS
 
 STATE, LOG = "train/state.pt", "train/log.jsonl"
 EVAL_SEED = 1  # the clips of the evaluations during training (an evaluation seed: never a training clip)
 MAX_ANSWER_TOKENS = 24  # the longest answer, morse's 'The spoken content of the audio is "XYZ".', is 13
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """One training run. The defaults are the recipe of the model minaf3 ships (minaf3/tiny)."""
-
-    # the model: encoder (audio_*) and decoder (text_*) sizes, and the BPE vocabulary's upper bound
-    audio_layers: int = 2
-    audio_hidden: int = 128
-    audio_heads: int = 4
-    audio_intermediate: int = 512
-    text_layers: int = 4
-    text_hidden: int = 256
-    text_heads: int = 4
-    text_kv_heads: int = 2
-    text_intermediate: int = 688
-    vocab_size: int = 512
-    # the data: which tasks, how often each is drawn, clips per step, steps whose clips are sorted together
-    tasks: tuple[str, ...] = TASKS
-    task_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
-    batch_size: int = 16
-    pool_batches: int = 8
-    # the optimisation
-    steps: int = 4000
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    seed: int = 0
-    bf16: bool = True  # matrix products in bf16 (autocast) on CPUs with bf16 instructions (dtypes.py)
-    # bookkeeping: none of it changes the weights
-    log_every: int = 10
-    save_every: int = 500
-    eval_every: int = 0  # steps between evaluations on eval_clips clips per task; 0: none
-    eval_clips: int = 8
-    threads: int = 2
-
-    def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.type is int and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ConfigError(f"train: {field.name} must be an integer, got {value!r}")
-            if field.type is bool and not isinstance(value, bool):
-                raise ConfigError(f"train: {field.name} must be True or False, got {value!r}")
-            if field.type is float and (isinstance(value, bool) or not isinstance(value, int | float)):
-                raise ConfigError(f"train: {field.name} must be a number, got {value!r}")
-        at_least = {"steps": 1, "batch_size": 1, "pool_batches": 1, "log_every": 1, "save_every": 1}
-        at_least |= {"threads": 1, "eval_clips": 1, "vocab_size": len(SPECIAL_TOKENS) + 256}
-        for name, low in (at_least | {"warmup_steps": 0, "eval_every": 0, "seed": 0}).items():
-            if getattr(self, name) < low:
-                raise ConfigError(f"train: {name} must be >= {low}, got {getattr(self, name)}")
-        if not 0 <= self.min_lr <= self.lr or not self.lr > 0:
-            raise ConfigError(
-                f"train: need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}"
-            )
-        if self.weight_decay < 0 or self.grad_clip <= 0:
-            raise ConfigError("train: weight_decay must be >= 0 and grad_clip > 0")
-        unknown = [t for t in self.tasks if t not in ALL_TASKS]
-        if not self.tasks or unknown:
-            raise ConfigError(
-                f"train: tasks must name some of {', '.join(ALL_TASKS)}; got {list(self.tasks)}"
-            )
-        weights = self.task_weights
-        if len(weights) != len(self.tasks) or min(weights) < 0 or not sum(weights) > 0:
-            raise ConfigError(
-                f"train: task_weights needs one weight >= 0 per task ({len(self.tasks)}), not all 0; "
-                f"got {list(weights)}"
-            )
-        if self.text_hidden % self.text_heads or self.text_hidden // self.text_heads % 2:
-            raise ConfigError(
-                f"train: text_hidden ({self.text_hidden}) must be text_heads ({self.text_heads}) times an even "
-                "head width (RoPE rotates pairs of channels)"
-            )
-        AudioFlamingo3Config.from_dict(model_config(self.vocab_size, **self.sizes()))  # sizes that fit
-
-    def sizes(self) -> dict[str, int]:
-        """The model's sizes, as demo.model_config takes them."""
-        return {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(self)
-            if f.name[:5] in ("audio", "text_")
-        }
-
-
-BOOKKEEPING = ("log_every", "save_every", "eval_every", "eval_clips", "threads")  # a resume may change these
-
-
-def learning_rate(config: TrainConfig, step: int) -> float:
-    """Linear warmup from lr / warmup_steps to lr, then a cosine from lr down to min_lr at the last step."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - 1 - config.warmup_steps)
-    return config.min_lr + (config.lr - config.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 # ---- the model and its tokenizer ------------------------------------------------------------------------
@@ -220,6 +133,8 @@ def pool_examples(config: TrainConfig, pool: int) -> list[Example]:
     rng = np.random.default_rng((config.seed, pool))
     n = config.pool_batches * config.batch_size
     weights = np.asarray(config.task_weights, dtype=np.float64)
+    if pool * config.pool_batches < config.listen_steps:
+        weights = weights * [task in config.listen_tasks for task in config.tasks]
     drawn = rng.choice(len(config.tasks), size=n, p=weights / weights.sum())
     seed = FIRST_TRAIN_SEED + config.seed  # a training seed: no clip of it is ever an evaluation clip
     return [example_at(config.tasks[t], seed, pool * n + i) for i, t in enumerate(drawn)]
@@ -274,24 +189,27 @@ def evaluate(model, processor, tasks: tuple[str, ...], clips: int, seed: int = E
 # ---- checkpoints ----------------------------------------------------------------------------------------
 
 
-def save_state(folder: Path, model, optimizer, step: int, config: TrainConfig) -> None:
+def save_state(folder: Path, model, optimizer, step: int, config: TrainConfig, world: int = 1) -> None:
     """Write train/state.pt atomically (a kill while writing keeps the previous one), then the hub files."""
     path = folder / STATE
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"step": step, "config": dataclasses.asdict(config), "model": model.state_dict()}
+    settings = dataclasses.asdict(config) | {"processes": world}
+    state = {"step": step, "config": settings, "model": model.state_dict()}
     torch.save(state | {"optimizer": optimizer.state_dict()}, path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
     model.save_pretrained(folder)
 
 
-def resume(folder: Path, model, optimizer, config: TrainConfig) -> int:
-    """Load train/state.pt into model and optimizer if there is one; the step to start from (0 if none)."""
+def resume(folder: Path, model, optimizer, config: TrainConfig, world: int = 1) -> int:
+    """Load train/state.pt into model and optimizer if there is one; the step to start from (0 if none).
+    The run must go on with the settings it started with (bookkeeping aside) and as many processes."""
     path = folder / STATE
     if not path.is_file():
         return 0
     state = torch.load(path, weights_only=True)
     saved = {k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items()}
-    changed = [k for k, v in dataclasses.asdict(config).items() if k not in BOOKKEEPING and saved.get(k) != v]
+    settings = dataclasses.asdict(config) | {"processes": world}
+    changed = [k for k, v in settings.items() if k not in BOOKKEEPING and saved.get(k) != v]
     if changed:
         settings = ", ".join(f"{k}={saved.get(k)!r}" for k in changed)
         raise ConfigError(
@@ -320,6 +238,47 @@ def truncate_log(folder: Path, step: int) -> None:
 # ---- the loop -------------------------------------------------------------------------------------------
 
 
+def train_step(
+    model, optimizer, batch: dict, lr: float, config: TrainConfig, world: int = 1
+) -> tuple[float, float]:
+    """One update: the loss of `batch`, its gradients (averaged over the `world` processes of a torchrun
+    run, each holding its share of the batch), their norm clipped to grad_clip, AdamW at `lr`. Returns
+    (loss averaged over the processes, gradient norm before clipping). Any model whose forward takes the
+    processor's outputs and returns `.loss` trains here (tools/bench_train.py runs transformers' AF3)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16 and cpu_has_native_bf16()):
+        loss = model(**batch).loss
+    loss.backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    loss = loss.detach()
+    if world > 1:  # one all-reduce of every gradient and the loss: each process then takes the same step
+        flat = torch.cat([p.grad.flatten() for p in params] + [loss[None]])
+        dist.all_reduce(flat)
+        flat /= world
+        for p, part in zip(params, flat[:-1].split([p.numel() for p in params]), strict=True):
+            p.grad.copy_(part.view_as(p.grad))
+        loss = flat[-1]
+    norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item(), float(norm)
+
+
+def new_optimizer(model, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the parameters that train, weight decay on matrices only (not on norms and biases, as
+    GPT-2 and nanoGPT): the encoder's positions stay Whisper's sinusoids, as in Whisper."""
+    for name, parameter in model.named_parameters():
+        if name.endswith("audio_tower.embed_positions.weight"):
+            parameter.requires_grad_(False)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trained if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in trained if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
 @dataclass
 class TrainResult:
     folder: Path  # the trained model, in the hub layout
@@ -331,68 +290,65 @@ class TrainResult:
 def train(
     config: TrainConfig, out: str | os.PathLike, progress: bool = True, until: int | None = None
 ) -> TrainResult:
-    """Train (or resume training) into folder `out`; see the module docstring. until: stop before step
-    `until` without a checkpoint, as a kill would (tests resume from there)."""
-    folder = Path(out)
-    torch.set_num_threads(config.threads)
+    """Train (or resume training) into folder `out`; see the module docstring. Under torchrun each process
+    takes its share of every batch (data parallel); process 0 logs, evaluates and saves. until: stop
+    before step `until` without a checkpoint, as a kill would (tests resume from there)."""
+    with distributed(torch.device("cpu")) as (rank, world):
+        if config.batch_size % world:
+            raise ConfigError(f"train: batch_size {config.batch_size} does not split over {world} processes")
+        torch.set_num_threads(
+            config.threads or default_threads(torch.device("cpu")) or torch.get_num_threads()
+        )
+        return _train(config, Path(out), progress and rank == 0, until, rank, world)
+
+
+def _train(config: TrainConfig, folder: Path, progress: bool, until: int | None, rank: int, world: int):
     model, processor = new_model(config)
     if (folder / STATE).is_file():  # the tokenizer of a resumed run is the one it started with
         processor = AudioFlamingo3Processor.from_pretrained(folder)
-    model.audio_tower.embed_positions.requires_grad_(False)  # Whisper's sinusoids stay as they are
-    trained = [p for p in model.parameters() if p.requires_grad]
-    groups = [  # no weight decay on norms and biases (vectors), as in GPT-2 and nanoGPT
-        {"params": [p for p in trained if p.dim() >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in trained if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
-    start = resume(folder, model, optimizer, config)
-    if start == 0:
+    optimizer = new_optimizer(model, config)
+    start = resume(folder, model, optimizer, config, world)
+    if start == 0 and rank == 0:
         (folder / LOG).parent.mkdir(parents=True, exist_ok=True)
         save(model, processor, folder)
-    truncate_log(folder, start)
+    if rank == 0:
+        truncate_log(folder, start)
     model.train()
-    losses, began, window = [], time.perf_counter(), {"tokens": 0, "seconds": 0.0, "loss": 0.0}
+    losses, window = [], {"tokens": 0, "seconds": 0.0, "loss": 0.0}
+    began, cpu_began = time.perf_counter(), time.process_time()  # wall and this process's CPU seconds
     pool, batches = None, []
-    bar = tqdm(
-        total=config.steps, initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True
-    )
+    bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", disable=not progress)
     for step in range(start, config.steps if until is None else min(until, config.steps)):
         tick = time.perf_counter()
         if step // config.pool_batches != pool:
             pool = step // config.pool_batches
             batches = pool_batches(config, pool)
-        batch = training_batch(processor, batches[step % config.pool_batches])
+        batch = training_batch(processor, batches[step % config.pool_batches][rank::world])
         lr = learning_rate(config, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16 and cpu_has_native_bf16()):
-            loss = model(**batch).loss
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(trained, config.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        window["tokens"] += int(batch["attention_mask"].sum())
+        loss, norm = train_step(model, optimizer, batch, lr, config, world)
+        losses.append(loss)
+        window["tokens"] += int(batch["attention_mask"].sum()) * world  # about: the other shares are alike
         window["seconds"] += time.perf_counter() - tick
         window["loss"] += losses[-1]
         done = step + 1
-        if done % config.log_every == 0 or done == config.steps:
+        if rank == 0 and (done % config.log_every == 0 or done == config.steps):
             n = config.log_every if done % config.log_every == 0 else done % config.log_every
             rate = window["tokens"] / window["seconds"]
-            record = {"step": done, "loss": window["loss"] / n, "lr": lr, "grad_norm": float(norm)}
-            log_line(folder, record | {"tokens_per_s": rate, "elapsed_s": time.perf_counter() - began})
+            record = {"step": done, "loss": window["loss"] / n, "lr": lr, "grad_norm": norm}
+            clock = {"elapsed_s": time.perf_counter() - began, "cpu_s": time.process_time() - cpu_began}
+            log_line(folder, record | {"tokens_per_s": rate} | clock)
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{rate:,.0f}")
+        if done % config.log_every == 0:
             window = {"tokens": 0, "seconds": 0.0, "loss": 0.0}
-        if config.eval_every and done % config.eval_every == 0:
+        if rank == 0 and config.eval_every and done % config.eval_every == 0:
             scores = evaluate(model, processor, config.tasks, config.eval_clips)
             log_line(folder, {"step": done, "eval": scores})
             bar.write(f"step {done}: " + ", ".join(f"{t} {s['exact']:.0%}" for t, s in scores.items()))
-        if done % config.save_every == 0 or done == config.steps:
-            save_state(folder, model, optimizer, done, config)
+        if rank == 0 and (done % config.save_every == 0 or done == config.steps):
+            save_state(folder, model, optimizer, done, config, world)
         bar.update(1)
     bar.close()
-    step = start + len(losses)
-    return TrainResult(folder, losses, step, time.perf_counter() - began)
+    return TrainResult(folder, losses, start + len(losses), time.perf_counter() - began)
 
 
 # ---- the command line -----------------------------------------------------------------------------------
@@ -404,8 +360,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="the model folder (and train/ for resuming)")
     for field in dataclasses.fields(TrainConfig):
         option = "--" + field.name.replace("_", "-")
-        if field.name in ("tasks", "task_weights"):
-            kind = str if field.name == "tasks" else float
+        if field.name in ("tasks", "task_weights", "listen_tasks"):
+            kind = float if field.name == "task_weights" else str
             p.add_argument(option, nargs="+", type=kind, default=field.default, metavar="X")
         elif field.type is bool:
             p.add_argument(option, action=argparse.BooleanOptionalAction, default=field.default)
@@ -421,6 +377,7 @@ def main_train(args: argparse.Namespace) -> int:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
     result = train(config, args.out, progress=not args.no_progress)
-    last = f", last loss {result.losses[-1]:.4f}" if result.losses else " (already done)"
-    print(f"minaf3 train: {result.step} steps{last}; model in {result.folder}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, process 0 speaks for all
+        last = f", last loss {result.losses[-1]:.4f}" if result.losses else " (already done)"
+        print(f"minaf3 train: {result.step} steps{last}; model in {result.folder}")
     return 0

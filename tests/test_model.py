@@ -178,3 +178,98 @@ def test_bf16_convolutions_run_in_float32_on_cpus_without_bf16_instructions(monk
     got = layer(x)
     assert seen == [torch.bfloat16 if native_bf16 else torch.float32]  # the dtype the product ran in
     assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
+
+
+# ---- training: initialisation, the loss over labelled positions, saving ---------------------------------
+
+
+def test_init_weights_is_the_architectures_and_depends_on_the_seed_only(tiny_checkpoint):
+    from transformers.models.whisper.modeling_whisper import sinusoids
+
+    from minaf3.config import AudioFlamingo3Config
+
+    config = AudioFlamingo3Config.from_file(tiny_checkpoint)
+    a, b, c = (AudioFlamingo3ForConditionalGeneration(config).init_weights(seed) for seed in (0, 0, 1))
+    assert all(
+        torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
+    assert not torch.equal(a.lm_head.weight, c.lm_head.weight)
+    torch.testing.assert_close(a.audio_tower.embed_positions.weight, sinusoids(1500, 32), atol=1e-6, rtol=0)
+    for name, tensor in a.state_dict().items():
+        if "embed_positions" in name:
+            continue
+        if "norm" in name:
+            assert (tensor == (1.0 if name.endswith("weight") else 0.0)).all(), name
+        elif name.endswith("bias"):
+            assert (tensor == 0).all(), name
+        else:  # linear, convolution and embedding weights: normal, std 0.02
+            assert abs(tensor.std().item() - 0.02) < 0.1 * 0.02 + 2 / tensor.numel() ** 0.5, name
+            assert abs(tensor.mean().item()) < 0.02 * 4 / tensor.numel() ** 0.5, name
+
+
+def test_from_pretrained_never_initialises(tiny_checkpoint, monkeypatch):
+    """Loading builds on the meta device and assigns the checkpoint's tensors: no init runs."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("from_pretrained initialised weights")
+
+    monkeypatch.setattr(AudioFlamingo3ForConditionalGeneration, "init_weights", refuse)
+    monkeypatch.setattr(torch.nn.init, "normal_", refuse)
+    model = AudioFlamingo3ForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 26, 1000])  # one chunk, and chunks of 2 rows of 400 logits
+def test_loss_over_labelled_positions_equals_the_definition(
+    tiny_checkpoint, reference_processor, chunk_elements
+):
+    """lm_loss (labelled positions only, in chunks) against causal_lm_loss on every position's logits: the
+    same loss and the same gradients, within float32 rounding."""
+    from minaf3.model import causal_lm_loss, lm_loss
+
+    model = AudioFlamingo3ForConditionalGeneration.from_pretrained(tiny_checkpoint).train()
+    inputs = reference_inputs(reference_processor, ["short", "mid"])
+    labels = inputs["labels"].clone()
+    labels[:, : labels.shape[1] // 2] = -100  # only some positions learn, as with answer-only labels
+    hidden = model.language_model(
+        model.embed_inputs(inputs["input_ids"], inputs["input_features"], inputs["input_features_mask"]),
+        torch.arange(labels.shape[1]).expand_as(labels),
+        inputs["attention_mask"].bool(),
+    )
+    expected = causal_lm_loss(model.lm_head(hidden), labels)
+    (expected_grad,) = torch.autograd.grad(expected, model.lm_head.weight, retain_graph=True)
+    loss = lm_loss(hidden, model.lm_head, labels, chunk_elements=chunk_elements)
+    (grad,) = torch.autograd.grad(loss, model.lm_head.weight)
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-7, rtol=1e-5)
+    out = model(**{**inputs, "labels": labels})
+    assert out.logits is None and torch.allclose(out.loss, expected, atol=1e-6, rtol=1e-6)
+    assert (
+        model(**{**inputs, "labels": labels}, return_logits=True).logits.shape[-1]
+        == model.config.decoder.vocab_size
+    )
+    nothing = torch.full_like(labels, -100)
+    assert torch.isnan(lm_loss(hidden, model.lm_head, nothing)) and torch.isnan(
+        causal_lm_loss(model.lm_head(hidden), nothing)
+    )
+
+
+def test_save_pretrained_writes_the_hub_layout_back(tiny_checkpoint, tmp_path):
+    """Loading a transformers-written checkpoint and saving it gives the same tensors under the same names."""
+    from safetensors.torch import load_file
+
+    model = AudioFlamingo3ForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    model.save_pretrained(tmp_path)
+    ours, theirs = load_file(tmp_path / "model.safetensors"), load_file(tiny_checkpoint / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    original = json.loads((tiny_checkpoint / "config.json").read_text())
+    for section in ("audio_config", "text_config"):
+        for key, value in saved[section].items():
+            assert original[section].get(key, value) == value, (section, key)
+    again = AudioFlamingo3ForConditionalGeneration.from_pretrained(tmp_path)
+    assert again.generation_config == model.generation_config
+    quantized = AudioFlamingo3ForConditionalGeneration.from_pretrained(tiny_checkpoint, quantize="int8")
+    with pytest.raises(ConfigError, match="save it before quantizing"):
+        quantized.save_pretrained(tmp_path / "int8")

@@ -342,3 +342,59 @@ def test_strip_prefix_matches_reference(pieces):
 
 def test_auto_processor_alias():
     assert AutoProcessor is AudioFlamingo3Processor
+
+
+# --- labels on the assistant's answers only (training) --------------------------------------------------
+
+
+def answer_ids(processor, *answers: str) -> list[int]:
+    """The definition: each answer tokenized alone, followed by its turn's closing <|im_end|>."""
+    im_end = processor.tokenizer.token_to_id("<|im_end|>")
+    return [i for a in answers for i in [*processor.tokenizer.encode(a).ids, im_end]]
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_assistant_labels_hold_the_answers_and_nothing_else(processor, padding_side):
+    two_turns = [
+        user("Compare ", clip(SHORT), " with ", clip(TAIL), "."),
+        {"role": "assistant", "content": "They differ."},
+        user("And now?"),
+        {"role": "assistant", "content": [{"type": "text", "text": "Still a dog."}]},
+    ]
+    one_turn = [
+        {"role": "system", "content": "Be brief."},
+        user(clip(SHORT), "Hi"),
+        {"role": "assistant", "content": "Hello"},
+    ]
+    out = processor.apply_chat_template(
+        [two_turns, one_turn],
+        add_generation_prompt=False,
+        output_labels="assistant",
+        padding_side=padding_side,
+    )
+    expected = [answer_ids(processor, "They differ.", "Still a dog."), answer_ids(processor, "Hello")]
+    for ids, labels, answers in zip(out["input_ids"], out["labels"], expected, strict=True):
+        learned = labels != -100
+        assert labels[learned].tolist() == answers
+        assert torch.equal(labels[learned], ids[learned])
+    # The reference's labels (True) learn the system prompt and the questions too: a strict superset.
+    everything = processor.apply_chat_template(
+        [two_turns, one_turn], add_generation_prompt=False, output_labels=True, padding_side=padding_side
+    )["labels"]
+    answers_only = out["labels"] != -100
+    assert (everything[answers_only] != -100).all() and (everything != -100).sum() > answers_only.sum()
+
+
+def test_assistant_labels_from_a_raw_prompt_and_without_an_answer(processor):
+    prompt = render(
+        [user("Hi"), {"role": "assistant", "content": "Hello there"}], add_generation_prompt=False
+    )
+    out = processor(prompt, output_labels="assistant")
+    assert out["labels"][0][out["labels"][0] != -100].tolist() == answer_ids(processor, "Hello there")
+    asked = processor.apply_chat_template([user(clip(SHORT), "Hi")], output_labels="assistant")
+    assert (asked["labels"] == -100).all()  # a generation prompt's open turn teaches nothing
+
+
+def test_output_labels_must_be_a_known_mode(processor):
+    with pytest.raises(InputError, match="output_labels must be False, True or 'assistant'"):
+        processor.apply_chat_template([user("Hi")], output_labels="answers")

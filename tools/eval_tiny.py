@@ -12,12 +12,11 @@ and whether it stays within 1 point of it. The CPU's vector flags and the thread
 """
 
 import argparse
-import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
+from racing import cpu_flags, describe_cpu
 
 import minaf3
 from minaf3.tasks import EVAL_SEEDS, TASKS, examples, score_answer
@@ -26,24 +25,6 @@ from minaf3.train import answer
 # The issue's targets, exact answers per task (fractions)
 TARGETS = {"count": 0.90, "pitch": 0.95, "kind": 0.95, "duration": 0.95, "loudness": 0.95, "morse": 0.60}
 INT8_TOLERANCE = 0.01  # int8 accuracy within 1 point of float32's
-VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-
-
-def cpu_summary() -> str:
-    """The CPU's model name and the vector instruction flags that decide minaf3's kernels and dtypes."""
-    name, flags = platform.processor() or "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    except OSError:
-        pass
-    present = [flag for flag in VECTOR_FLAGS if flag in flags]
-    return f"{name}; flags: {' '.join(present) or 'none of ' + ' '.join(VECTOR_FLAGS)}"
 
 
 def score(model, processor, clips_by_task: dict) -> dict[str, dict[str, float]]:
@@ -68,7 +49,7 @@ def main() -> int:
     if args.seed not in EVAL_SEEDS:
         parser.error(f"--seed must be an evaluation seed ({EVAL_SEEDS.start}..{EVAL_SEEDS.stop - 1})")
     torch.set_num_threads(args.threads)
-    print(f"CPU: {cpu_summary()}")
+    print(describe_cpu(*cpu_flags()))
     print(f"torch {torch.__version__}, {args.threads} threads; model {args.model}")
     clips = {task: list(examples(task, args.seed, args.clips)) for task in args.tasks}
     modes = [None] + ([args.quantize] if args.quantize else [])
@@ -94,7 +75,10 @@ def main() -> int:
             q = results[args.quantize][task]
             close = abs(q["exact"] - fp["exact"]) <= INT8_TOLERANCE + 1e-9
             met &= close
-            cells += [f"{q['exact']:.1%}", f"{(q['exact'] - fp['exact']) * 100:+.1f} points {'✓' if close else '✗'}"]
+            cells += [
+                f"{q['exact']:.1%}",
+                f"{(q['exact'] - fp['exact']) * 100:+.1f} points {'✓' if close else '✗'}",
+            ]
         print("| " + " | ".join(cells) + " |")
         if "letters" in fp:
             cells = [f"{task} letters", "", f"{fp['letters']:.1%}"]
