@@ -18,7 +18,12 @@ setup(
     packages=["minaf3", "minaf3.kernels", "minaf3.weights", "minaf3.serve"],
     package_dir={"minaf3": "minaf3", "minaf3.kernels": "kernels", "minaf3.weights": "weights"},
     # The CPU kernels are C++ compiled on first use (ninja via torch.utils.cpp_extension).
-    package_data={"minaf3.kernels": ["*.cpp"], "minaf3.serve": ["page.html"]},
+    # The tiny trained model (minaf3.TINY_MODEL): its hub-layout files, not the training state.
+    package_data={
+        "minaf3.kernels": ["*.cpp"],
+        "minaf3.serve": ["page.html"],
+        "minaf3": ["tiny/*.json", "tiny/*.safetensors", "tiny/*.jinja", "tiny/train/log.jsonl"],
+    },
     install_requires=[
         "torch>=2.5",
         "numpy",

@@ -3,7 +3,7 @@
     minaf3 chat --model DIR --audio FILE "What is in this audio?"   one answer, streamed as it is generated
     minaf3 chat --model DIR --audio FILE                            at a terminal: a multi-turn conversation
     minaf3 transcribe --model DIR FILE... [--format text|json|srt]  any length; JSON: one object per file
-    minaf3 demo                                                     tiny random weights, no download
+    minaf3 demo                                                     a tiny trained model hears clips
     minaf3 estimate --model DIR --seconds 600 --batch 4             memory needed, before loading anything
     minaf3 batch --model DIR --manifest in.jsonl --out out.jsonl    a corpus, resumable; under torchrun too
     minaf3 eval --model DIR --data set.json --out report.json       answers scored, a table per task
@@ -110,9 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_options(transcribe, DEFAULT_MAX_NEW_TOKENS, samples=False)
     transcribe.set_defaults(run=run_transcribe)
 
-    demo = commands.add_parser("demo", help="run everything on a tiny random-weight checkpoint (no download)")
+    demo = commands.add_parser("demo", help="the shipped tiny model answers questions about fresh clips")
     demo.add_argument("--device", default=None, help="cpu (default), cuda or auto")
-    demo.add_argument("--max-new-tokens", type=int, default=32, metavar="N")
+    demo.add_argument("--seed", type=int, default=0, help="evaluation seed of the clips (0..999)")
     demo.set_defaults(run=run_demo)
 
     estimate = commands.add_parser("estimate", help="memory a run needs and whether it fits (loads nothing)")
@@ -265,7 +265,7 @@ def run_transcribe(args: argparse.Namespace) -> int:
 def run_demo(args: argparse.Namespace) -> int:
     from minaf3.demo import run_demo as demo
 
-    demo(max_new_tokens=args.max_new_tokens, device=args.device)
+    demo(seed=args.seed, device=args.device)
     return 0
 
 

@@ -1,7 +1,11 @@
-"""`minaf3 demo`: the whole pipeline on a tiny random-weight checkpoint and a generated clip, no download.
+"""`minaf3 demo`: the tiny AF3 minaf3 ships answers questions about clips it has never heard, no download.
+
+`run_demo()` loads minaf3.TINY_MODEL (trained by `minaf3 train`, see train.py), makes one fresh clip of each
+task of tasks.py from an evaluation seed, asks each clip's question and prints every answer beside the truth,
+with the time each stage took.
 
 `write_demo_checkpoint(path)` writes a complete Audio Flamingo 3 checkpoint folder in the official hub layout
-(nvidia/audio-flamingo-3-hf), only smaller and with random weights, without transformers:
+(nvidia/audio-flamingo-3-hf), only smaller and with random weights, without transformers: the tests' fixture.
 
     config.json               the fields transformers' save_pretrained writes, at tiny sizes
     model.safetensors         hub tensor names (weights/layouts.py HUB table), float32
@@ -12,15 +16,12 @@
 
 transformers loads this folder as it loads its own saves (tests/test_demo.py checks the logits agree), so it
 is also a small fixture for anyone who wants to try minaf3 or the reference without 16 GB of weights.
-`run_demo()` builds it once under ~/.cache/minaf3, runs `minaf3.load(...).chat(...)` on the clip and prints
-the (meaningless) answer with the time each stage took.
+`train_tokenizer` and `model_config` are also what `minaf3 train` builds its model from.
 """
 
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -41,6 +42,7 @@ from minaf3.windows import HOP_LENGTH, MAX_AUDIO_SECONDS, N_MELS, SAMPLING_RATE,
 
 if TYPE_CHECKING:
     from minaf3.pipeline import Pipeline, Timings
+    from minaf3.tasks import Example
 
 ENDOFTEXT, IM_START, IM_END, AUDIO_TOKEN = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<sound>"
 SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, AUDIO_TOKEN]  # ids 0..3, in Qwen2's order
@@ -70,11 +72,12 @@ DEMO_SIZES = {
 MATRIX_STD, VECTOR_STD = 0.08, 0.05  # wider than the usual 0.02 so greedy decoding is not flat noise
 CLIP_SECONDS = 4.0
 CLIP_NAME = "clip.wav"
-CACHE_VERSION = "v1"  # bump when the checkpoint format written here changes, so caches are rebuilt
-DEMO_QUESTION = "What is in this audio? Describe the sound in detail."
-# Printed after the answer: the step from this demo to the real model.
+DEMO_SEED = 0  # the evaluation seed (tasks.EVAL_SEEDS) of the demo's clips: never heard in training
+# Printed after the answers: the step from this demo to one's own clips and to the real model.
 NEXT_STEP = (
-    "\nFor real answers, download the official weights (about 16.5 GB) and point --model at them:\n"
+    "\nYour own clip:\n"
+    "  minaf3 chat --model {folder} --audio beeps.wav --greedy 'How many beeps are there?'\n"
+    "The 7B model (16.5 GB), same code:\n"
     "  huggingface-cli download nvidia/audio-flamingo-3-hf --local-dir audio-flamingo-3-hf\n"
     '  minaf3 chat --model audio-flamingo-3-hf --audio clip.wav "What is in this audio?"'
 )
@@ -234,44 +237,6 @@ def write_demo_checkpoint(path: str | os.PathLike, seed: int = 0, **sizes: int) 
     return folder
 
 
-def cache_root() -> Path:
-    """$XDG_CACHE_HOME/minaf3 (default ~/.cache/minaf3)."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "minaf3"
-
-
-def demo_folder(cache_dir: str | os.PathLike | None = None) -> Path:
-    return Path(cache_dir) if cache_dir is not None else cache_root() / f"demo-{CACHE_VERSION}"
-
-
-def is_complete(folder: Path) -> bool:
-    """Whether `folder` holds a finished demo checkpoint (the clip is written last)."""
-    return (folder / "model.safetensors").is_file() and (folder / CLIP_NAME).is_file()
-
-
-def demo_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The demo checkpoint folder, written on first use under `cache_dir` (default cache_root()/demo-v1).
-
-    It is written to a temporary sibling and renamed into place, so an interrupted run never leaves a
-    half-written folder that later runs would trust.
-    """
-    folder = demo_folder(cache_dir)
-    if is_complete(folder):
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=folder.parent))
-    try:
-        write_demo_checkpoint(staging)
-        if is_complete(folder):  # another process finished first: use its folder
-            return folder
-        if folder.exists():  # an incomplete folder from an older or interrupted run
-            shutil.rmtree(folder)
-        staging.rename(folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
-
-
 def _timed(step, *args, **kwargs) -> tuple:
     """(step(*args, **kwargs), the seconds it took)."""
     started = time.perf_counter()
@@ -279,77 +244,81 @@ def _timed(step, *args, **kwargs) -> tuple:
     return result, time.perf_counter() - started
 
 
-def print_setup(pipe: "Pipeline", folder: Path, out: TextIO) -> None:
-    """What the demo runs: the checkpoint, its size and device, the clip and the question."""
+def print_setup(pipe: "Pipeline", folder: Path, seed: int, out: TextIO) -> None:
+    """What the demo runs: the model folder, its size and device, where the clips come from."""
     params = sum(p.numel() for p in pipe.model.parameters())
     config = pipe.model.config
-    clip = folder / CLIP_NAME
     print(
-        "minaf3 demo: Audio Flamingo 3 end to end on a tiny RANDOM-WEIGHT checkpoint (no download)", file=out
-    )
-    print(f"  checkpoint  {folder}", file=out)
-    print(
-        f"              {config.encoder.num_layers} encoder + {config.decoder.num_layers} decoder layers, "
-        f"{params / 1e6:.2f} M parameters, on {pipe.model.device.type}",
+        "minaf3 demo: a tiny Audio Flamingo 3, trained by `minaf3 train` on synthetic sounds, answers",
         file=out,
     )
-    print(f"  audio       {clip} ({CLIP_SECONDS:.0f} s generated: a voice-like buzz, then a chime)", file=out)
-    print(f"  question    {DEMO_QUESTION}", file=out)
-
-
-def stream_answer(pipe: "Pipeline", clip: Path, max_new_tokens: int, out: TextIO) -> str:
-    """Answer DEMO_QUESTION about `clip` greedily, printing each piece as it comes; the whole answer."""
+    print(f"questions about clips it has never heard (tasks.py, evaluation seed {seed}).", file=out)
+    print(f"  model   {folder}", file=out)
     print(
-        "\nanswer (RANDOM WEIGHTS: meaningless text; it shows that every stage runs):\n  ", end="", file=out
+        f"          {config.encoder.num_layers} encoder + {config.decoder.num_layers} decoder layers, "
+        f"{params / 1e6:.2f} M parameters, on {pipe.model.device.type}\n",
+        file=out,
     )
-    pieces = []
-    for piece in pipe.chat(
-        DEMO_QUESTION, audio=clip, stream=True, max_new_tokens=max_new_tokens, do_sample=False
-    ):
-        pieces.append(piece)
-        print(piece, end="", file=out, flush=True)
-    return "".join(pieces)
 
 
-def print_timings(setup: dict[str, float], cached: bool, t: "Timings", out: TextIO) -> None:
-    """One line per stage: the demo's own (`setup`: build, load and kernels seconds), then the chat's (`t`).
+def ask(pipe: "Pipeline", clips: list["Example"], out: TextIO) -> tuple[list[str], "Timings"]:
+    """Each clip's question, answered greedily and printed beside the truth; (answers, summed timings)."""
+    from minaf3.pipeline import Timings
+    from minaf3.tasks import score_answer
 
-    cached: whether the checkpoint was already built before this run.
-    """
+    answers, totals, right = [], Timings(), 0
+    for clip in clips:
+        said = pipe.chat(clip.question, audio=clip.waveform, do_sample=False, max_new_tokens=32)
+        totals += pipe.last_timings
+        ok = score_answer(clip.task, said, clip.answer)["exact"] == 1.0
+        right += ok
+        answers.append(said)
+        seconds = len(clip.waveform) / SAMPLING_RATE
+        print(f"  {clip.task:<9} {seconds:4.1f} s   {clip.question}", file=out)
+        print(f"            answer  {said}", file=out)
+        print(f"            truth   {clip.answer}   {'right' if ok else 'WRONG'}", file=out)
+    print(f"\n{right} of {len(clips)} answers right.", file=out)
+    return answers, totals
+
+
+def print_timings(setup: dict[str, float], t: "Timings", clips: int, out: TextIO) -> None:
+    """One line per stage: the demo's own (`setup`: load, kernels and clips seconds), then the chats' (`t`,
+    summed over `clips` clips)."""
     rows = [
-        ("build", setup["build"], "cached checkpoint" if cached else "checkpoint written once, then cached"),
         ("load", setup["load"], "config, tokenizer and weights"),
         ("kernels", setup["kernels"], "C++ CPU kernels: built on a machine's first run, loaded after"),
-        ("features", t.features, "audio decoding, log-mel, tokenization"),
-        ("encoder", t.encoder, f"Whisper encoder over {CLIP_SECONDS:.0f} s of audio"),
+        ("clips", setup["clips"], "the synthetic clips generated (tasks.py)"),
+        ("features", t.features, "log-mel and tokenization"),
+        ("encoder", t.encoder, "Whisper encoder"),
         ("prefill", t.prefill, f"{t.prompt_tokens} prompt tokens"),
         ("decode", t.decode, f"{t.new_tokens} new tokens, {t.decode_tokens_per_second:.0f} tokens/s"),
     ]
-    print("\n\ntimings:", file=out)
+    print(f"Timings, all {clips} clips:", file=out)
     for name, seconds, note in rows:
         print(f"  {name:<9} {seconds * 1000:8.1f} ms   {note}", file=out)
 
 
 def run_demo(
-    cache_dir: str | os.PathLike | None = None,
-    max_new_tokens: int = 32,
+    model: str | os.PathLike | None = None,
+    seed: int = DEMO_SEED,
     device: str | None = None,
     out: TextIO | None = None,
-) -> tuple[str, "Timings"]:
-    """Build (or reuse) the demo checkpoint, answer DEMO_QUESTION about its clip and print the answer,
-    labelled as coming from random weights, with each stage's time. Returns (answer, timings).
-
-    Decoding is greedy, so the printed answer is the same on every run and machine (up to float rounding).
+) -> tuple[list[str], "Timings"]:
+    """Load the tiny model (`model`, default minaf3.TINY_MODEL), ask the question of one fresh clip of each
+    task (clip index = the task's position in TASKS, from evaluation seed `seed`), and print each greedy
+    answer beside the truth, then the time each stage took over all the clips. Returns (answers, timings).
     """
+    import minaf3
     from minaf3.pipeline import load
+    from minaf3.tasks import TASKS, example_at
 
     out = out or sys.stdout
-    cached = is_complete(demo_folder(cache_dir))
-    folder, built = _timed(demo_checkpoint, cache_dir)
+    folder = Path(model) if model is not None else minaf3.TINY_MODEL
     pipe, loaded = _timed(load, folder, device=device)
     _, kernels = _timed(available) if pipe.model.device.type == "cpu" else (None, 0.0)
-    print_setup(pipe, folder, out)
-    answer = stream_answer(pipe, folder / CLIP_NAME, max_new_tokens, out)
-    print_timings({"build": built, "load": loaded, "kernels": kernels}, cached, pipe.last_timings, out)
-    print(NEXT_STEP, file=out)
-    return answer, pipe.last_timings
+    clips, made = _timed(lambda: [example_at(task, seed, i) for i, task in enumerate(TASKS)])
+    print_setup(pipe, folder, seed, out)
+    answers, totals = ask(pipe, clips, out)
+    print_timings({"load": loaded, "kernels": kernels, "clips": made}, totals, len(clips), out)
+    print(NEXT_STEP.format(folder=folder), file=out)
+    return answers, totals

@@ -7,8 +7,8 @@
 The model is minaf3's own AF3 (model.py) at small sizes, with a byte-level BPE tokenizer learned from the
 tasks' text, trained from `init_weights` as the 7B would be fine-tuned. Every step, top to bottom:
 
-    clips     batch_size fresh clips, never seen before: task drawn by task_weights (the first listen_steps
-              steps only listen_tasks'), clip from its seed
+    clips     batch_size fresh clips, never seen before: the task drawn by task_weights (in the first
+              listen_steps steps, among listen_tasks only), the clip from its training seed
     batch     the processor: chat template with the answer, log-mel, labels on the answer only
     loss      model(**batch).loss: next-token cross-entropy over the answers' tokens and closing <|im_end|>
     update    backward, gradient norm clipped to grad_clip, AdamW at the step's learning rate
@@ -26,8 +26,8 @@ processes keep both cores busy where one process's two threads wait on each othe
 Files in --out: the model in the hub layout (config.json, model.safetensors, tokenizer.json,
 tokenizer_config.json, processor_config.json, chat_template.jinja, generation_config.json), which minaf3 and
 transformers load, rewritten at every checkpoint; train/state.pt (weights, optimizer, step: what a resume
-reads) and train/log.jsonl (a line every log_every steps: loss, learning rate, gradient norm, tokens/s,
-and the accuracy of each periodic evaluation).
+reads) and train/log.jsonl (a line every log_every steps: loss, learning rate, gradient norm, tokens/s, wall
+and CPU seconds, and the accuracy of each periodic evaluation).
 """
 
 import argparse
@@ -50,7 +50,7 @@ from minaf3.demo import ENDOFTEXT, IM_END, model_config, train_tokenizer
 from minaf3.dtypes import cpu_has_native_bf16
 from minaf3.errors import ConfigError
 from minaf3.model import AudioFlamingo3ForConditionalGeneration
-from minaf3.processor import AudioFlamingo3Processor
+from minaf3.processor import TRANSCRIPTION_PREFIXES, AudioFlamingo3Processor
 from minaf3.sampling import GenerationConfig
 from minaf3.tasks import (
     ALL_TASKS,
@@ -84,7 +84,7 @@ def task_corpus() -> list[str]:
         "kind": list(KINDS),
         "duration": [f"{n} second{'s' * (n > 1)}" for n in range(1, 9)],
         "loudness": ["louder", "quieter"],
-        "morse": [f'The spoken content of the audio is "{letter}".' for letter in MORSE_CODE],
+        "morse": [f'{TRANSCRIPTION_PREFIXES[0]} "{letter}".' for letter in MORSE_CODE],  # tasks' framing
         "order": ["higher", "lower"],
     }
     return [
@@ -211,9 +211,9 @@ def resume(folder: Path, model, optimizer, config: TrainConfig, world: int = 1) 
     settings = dataclasses.asdict(config) | {"processes": world}
     changed = [k for k, v in settings.items() if k not in BOOKKEEPING and saved.get(k) != v]
     if changed:
-        settings = ", ".join(f"{k}={saved.get(k)!r}" for k in changed)
+        listing = ", ".join(f"{k}={saved.get(k)!r}" for k in changed)
         raise ConfigError(
-            f"{path}: this run was started with other settings ({settings}); "
+            f"{path}: this run was started with other settings ({listing}); "
             "resume with the same ones or train into another --out folder"
         )
     model.load_state_dict(state["model"])

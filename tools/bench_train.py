@@ -48,7 +48,8 @@ def race(models: dict, batches: list[dict], config: TrainConfig) -> dict[str, di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=12, help="steps each (the first is a warm-up)")
-    parser.add_argument("--threads", type=int, default=TrainConfig().threads)
+    # One thread: what each of `minaf3 train`'s two torchrun processes runs with on a 2-core machine.
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     from transformers import AudioFlamingo3ForConditionalGeneration as Reference
 
