@@ -60,8 +60,6 @@ def readme_folder(tmp_path, monkeypatch, demo_checkpoint) -> Path:
     for seed, name in enumerate(named):
         sf.write(tmp_path / name, speech_like(3 * SR, seed=seed), SR)
     monkeypatch.chdir(tmp_path)
-    # `minaf3 demo` caches its checkpoint here rather than in the user's ~/.cache/minaf3.
-    monkeypatch.setattr("minaf3.demo.cache_root", lambda: tmp_path / "cache")
     torch.manual_seed(0)  # the checkpoint samples by default: the same answers on every run
     return tmp_path
 
