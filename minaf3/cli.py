@@ -1,4 +1,5 @@
-"""The `minaf3` command (`python -m minaf3`): chat, transcribe, demo, estimate, batch, eval, serve, train.
+"""The `minaf3` command (`python -m minaf3`): chat, transcribe, demo, estimate, batch, eval, finetune, serve,
+train.
 
     minaf3 chat --model DIR --audio FILE "What is in this audio?"   one answer, streamed as it is generated
     minaf3 chat --model DIR --audio FILE                            at a terminal: a multi-turn conversation
@@ -7,6 +8,7 @@
     minaf3 estimate --model DIR --seconds 600 --batch 4             memory needed, before loading anything
     minaf3 batch --model DIR --manifest in.jsonl --out out.jsonl    a corpus, resumable; under torchrun too
     minaf3 eval --model DIR --data set.json --out report.json       answers scored, a table per task
+    minaf3 finetune --model DIR --data set.json --out ADAPTER       a LoRA adapter (PEFT format), resumable
     minaf3 serve --model DIR [--port 8000]                          an OpenAI-compatible HTTP API
     minaf3 train --out DIR                                          a tiny AF3 from scratch, resumable
 
@@ -127,11 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from minaf3.batch import add_parser as add_batch_parser
     from minaf3.evaluate import add_parser as add_eval_parser
+    from minaf3.finetune import add_parser as add_finetune_parser
     from minaf3.serve.server import add_parser as add_serve_parser
     from minaf3.train import add_parser as add_train_parser
 
     add_batch_parser(commands)
     add_eval_parser(commands)
+    add_finetune_parser(commands)
     add_serve_parser(commands)
     add_train_parser(commands)
     return parser

@@ -41,16 +41,36 @@ class LoRAUpdate(nn.Module):
     """
 
     def __init__(
-        self, target: str, rows: slice, A: torch.Tensor, B: torch.Tensor, scaling: float, like: torch.Tensor
+        self,
+        target: str,
+        rows: slice,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        scaling: float,
+        like: torch.Tensor,
+        trainable: bool = False,
     ):
         super().__init__()
         self.target, self.rows, self.scaling = target, rows, scaling
-        self.register_buffer("lora_A", A.to(dtype=like.dtype, device=like.device), persistent=False)
-        self.register_buffer("lora_B", B.to(dtype=like.dtype, device=like.device), persistent=False)
+        if trainable:  # fine-tuning (finetune.py): float32 factors for the optimizer, whatever W's dtype
+            self.lora_A = nn.Parameter(A.to(dtype=torch.float32, device=like.device))
+            self.lora_B = nn.Parameter(B.to(dtype=torch.float32, device=like.device))
+        else:  # a loaded adapter: factors in the layer's dtype
+            self.register_buffer("lora_A", A.to(dtype=like.dtype, device=like.device), persistent=False)
+            self.register_buffer("lora_B", B.to(dtype=like.dtype, device=like.device), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., in) -> (..., len(rows)): two thin products rather than materialising B @ A."""
-        return self.scaling * F.linear(F.linear(x, self.lora_A), self.lora_B)
+        """x (..., in) -> (..., len(rows)) in x's dtype: two thin products rather than materialising B @ A."""
+        y = self.scaling * F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
+        return y.to(x.dtype)
+
+    # A and B never enter the model's state_dict, which stays the base model's (checkpoint names, fused rows
+    # split back into parts): an adapter is saved on its own (finetune.save_adapter).
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        pass
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        pass
 
     def delta(self, dtype: torch.dtype) -> torch.Tensor:
         """scaling * B @ A, (len(rows), in_features), in float32 or `dtype` if wider."""
