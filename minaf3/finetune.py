@@ -54,6 +54,10 @@ from minaf3.windows import SAMPLING_RATE
 STATE, LOG = "train/state.pt", "train/log.jsonl"
 PEFT_PREFIX = "base_model.model."  # PEFT's PeftModel -> LoraModel wrapper around transformers' module names
 DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# lm_head too, on request: answers in words the base model never said need their output rows moved (a tiny
+# model's rows for tokens it never produced decay to about zero in training, and no update to the decoder's
+# layers lifts a logit whose row is zero).
+TARGETS = (*DECODER_LINEARS, "lm_head")
 PROJECTOR = "multi_modal_projector"
 
 
@@ -63,7 +67,7 @@ class FinetuneConfig:
 
     lora_rank: int = 16
     lora_alpha: float = 32.0
-    targets: tuple[str, ...] = DECODER_LINEARS  # decoder layers, by their checkpoint names' last part
+    targets: tuple[str, ...] = DECODER_LINEARS  # decoder layers by their names' last part, and/or lm_head
     projector: bool = False  # also train the projector in full (saved as PEFT's modules_to_save)
     epochs: int = 1
     steps: int = 0  # 0: epochs x the batches of an epoch
@@ -92,10 +96,10 @@ class FinetuneConfig:
             raise ConfigError("finetune: need lr > 0, 0 <= min_lr <= lr and lora_alpha > 0")
         if self.weight_decay < 0 or not self.grad_clip > 0:
             raise ConfigError("finetune: weight_decay must be >= 0 and grad_clip > 0")
-        unknown = [t for t in self.targets if t not in DECODER_LINEARS]
+        unknown = [t for t in self.targets if t not in TARGETS]
         if not self.targets or unknown:
             raise ConfigError(
-                f"finetune: targets must be some of {', '.join(DECODER_LINEARS)}; got {list(self.targets)}"
+                f"finetune: targets must be some of {', '.join(TARGETS)}; got {list(self.targets)}"
             )
         check_metric(self.metric)
 
@@ -113,7 +117,8 @@ def add_lora(model, config: FinetuneConfig) -> list[torch.nn.Parameter]:
     generator = torch.Generator().manual_seed(config.seed)
     updates: dict[str, list[LoRAUpdate]] = {}
     for target, (module, rows, (out_features, in_features)) in checkpoint_linears(model).items():
-        if not target.startswith("language_model.layers.") or target.rpartition(".")[2] not in config.targets:
+        in_decoder = target.startswith("language_model.layers.") or target == "lm_head"
+        if not in_decoder or target.rpartition(".")[2] not in config.targets:
             continue
         A = torch.empty(config.lora_rank, in_features)
         bound = 1 / math.sqrt(in_features)  # kaiming_uniform_(a=sqrt(5)), PEFT's and nn.Linear's init
@@ -150,6 +155,14 @@ def adapter_tensors(model, config: FinetuneConfig) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def target_pattern(targets: tuple[str, ...]) -> str:
+    """PEFT's target_modules as a regex over transformers' module names: the decoder layers' `targets`, and
+    lm_head when named, so that PEFT puts LoRA where minaf3 did (never on the encoder)."""
+    layers = [t for t in targets if t != "lm_head"]
+    pattern = rf".*language_model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(layers)})" if layers else ""
+    return "|".join(filter(None, [pattern, "lm_head" if "lm_head" in targets else ""]))
+
+
 def adapter_config(config: FinetuneConfig, base: str) -> dict:
     """adapter_config.json: PEFT's LoraConfig for these targets (a regex over transformers' module names, so
     that PEFT puts LoRA on the decoder's layers only, as minaf3 did)."""
@@ -160,7 +173,7 @@ def adapter_config(config: FinetuneConfig, base: str) -> dict:
         "r": config.lora_rank,
         "lora_alpha": config.lora_alpha,
         "lora_dropout": 0.0,
-        "target_modules": rf".*language_model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(config.targets)})",
+        "target_modules": target_pattern(config.targets),
         "modules_to_save": [PROJECTOR] if config.projector else None,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -389,7 +402,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     for field in dataclasses.fields(FinetuneConfig):
         option = "--" + field.name.replace("_", "-")
         if field.name == "targets":
-            p.add_argument(option, nargs="+", default=field.default, choices=DECODER_LINEARS, metavar="NAME")
+            p.add_argument(option, nargs="+", default=field.default, choices=TARGETS, metavar="NAME")
         elif field.type is bool:
             p.add_argument(option, action=argparse.BooleanOptionalAction, default=field.default)
         else:

@@ -29,9 +29,11 @@ def order_data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_checkpoint, order_data):
-    """(adapter folder, result) of 6 steps with the projector trained too, float32."""
+    """(adapter folder, result) of 6 steps on some decoder layers and lm_head, the projector trained too."""
     out = tmp_path_factory.mktemp("adapter") / "ad"
-    config = FinetuneConfig(steps=6, projector=True, **QUICK)
+    config = FinetuneConfig(
+        steps=6, projector=True, targets=("q_proj", "v_proj", "down_proj", "lm_head"), **QUICK
+    )
     result = finetune(tiny_checkpoint, order_data[0], out, config, order_data[1], "float32", progress=False)
     return out, result
 
@@ -79,6 +81,8 @@ def test_adapter_files_are_peft_s(trained):
     names = load_file(folder / "adapter_model.safetensors")
     assert "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight" in names
     assert "base_model.model.model.multi_modal_projector.linear_1.weight" in names
+    assert "base_model.model.lm_head.lora_B.weight" in names
+    assert not any("k_proj" in name for name in names)
     assert not any("audio_tower" in name for name in names)  # the decoder's layers only
     log = [json.loads(line) for line in (folder / "train" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == list(range(1, 7))

@@ -1,18 +1,22 @@
 """Load test of `minaf3 serve` on loopback: concurrent clients, dynamic batching against one at a time.
 
-    python tools/load_serve.py [--model DIR] [--clients 32] [--requests 4] [--min-tokens 32] [--max-tokens 64]
+    python tools/load_serve.py [--clients 32] [--requests 4]      the tiny trained model, task clips
+    python tools/load_serve.py --model DIR --workload speech [--min-tokens 32] [--max-tokens 64]
 
-Starts two `minaf3 serve` subprocesses on 127.0.0.1 (free ports), on the demo checkpoint unless --model is
+Starts two `minaf3 serve` subprocesses on 127.0.0.1 (free ports), on minaf3.TINY_MODEL unless --model is
 given: one with --max-batch-size 1 (one request per generate call: serving one request at a time), one with
 dynamic batching (--max-batch-size 32, the default 10 ms window). In each of --rounds rounds, the two take
-turns (an idle server costs nothing, and turns spread the machine's other load over both); each time the
-same clients x requests chat requests (8 clips of 1-6 s, four questions, greedy, answers of --min-tokens to
---max-tokens tokens, every fourth one streamed) are sent by `clients` threads at once, each client sending its
-requests one after another. It checks that every request is answered (nothing lost) and that every answer
-equals the one-at-a-time server's first-round answer, and prints the CPU it ran on (/proc/cpuinfo: model and
-flags), then a table: answered, equal, median wall time and requests per second over the rounds, median and
-95th percentile latency (all rounds), mean rows and milliseconds per generate call, the share of the time
-spent in generate, and the speed-up in throughput (ratio of the median rates; each round's is listed too).
+turns (an idle server costs nothing, and turns spread the machine's other load over both); each time the same
+clients x requests chat requests are sent by `clients` threads at once, each client sending its requests one
+after another, every fourth one streamed, greedy. The "tasks" workload: 8 clips of the listening tasks
+(tasks.py, evaluation seed 0) with their own questions, answered to their end (at most --max-tokens). The
+"speech" workload, for random-weight checkpoints: 8 speech-like clips of 1-6 s, four questions, answers of
+--min-tokens to --max-tokens tokens. It checks that every request is answered (nothing lost) and that every
+answer equals the one-at-a-time server's first-round answer, and prints the CPU it ran on (/proc/cpuinfo:
+model and flags), then a table: answered, equal, median wall time and requests per second over the rounds,
+median and 95th percentile latency (all rounds), mean rows and milliseconds per generate call, the share of
+the time spent in generate, and the speed-up in throughput (ratio of the median rates; each round's is listed
+too).
 
 Bounded: loopback only, each request times out after REQUEST_SECONDS, each run after RUN_SECONDS, and the
 servers are stopped (SIGTERM, then SIGKILL) whatever happens.
@@ -30,7 +34,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -73,6 +76,31 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def wav_base64(waveform: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    sf.write(buffer, waveform, 16000, format="WAV", subtype="PCM_16")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def body(clip: str, question: str, n: int, **options) -> dict:
+    """A chat request about a base64 wav clip; every fourth one (by n) streamed."""
+    audio = {"type": "input_audio", "input_audio": {"data": clip, "format": "wav"}}
+    messages = [{"role": "user", "content": [audio, {"type": "text", "text": question}]}]
+    return {"model": "load", "messages": messages, "temperature": 0, "stream": n % 4 == 3, **options}
+
+
+def task_workload(clients: int, requests: int, max_tokens: int) -> list[dict]:
+    """clients x requests chat bodies over 8 clips of the listening tasks, each with its own question."""
+    from minaf3.tasks import TASKS, examples
+
+    clips = list(examples(TASKS, seed=0, n=8))
+    encoded = [wav_base64(clip.waveform) for clip in clips]
+    return [
+        body(encoded[n % 8], clips[n % 8].question, n, max_tokens=max_tokens)
+        for n in range(clients * requests)
+    ]
+
+
 def workload(clients: int, requests: int, min_tokens: int, max_tokens: int) -> list[dict]:
     """clients x requests chat bodies over 8 clips of 1-6 s (the demo's speech-like signal).
 
@@ -81,26 +109,17 @@ def workload(clients: int, requests: int, min_tokens: int, max_tokens: int) -> l
     """
     from minaf3.demo import demo_clip
 
-    clips = []
-    for i in range(8):
-        buffer = io.BytesIO()
-        sf.write(buffer, demo_clip(1.0 + 5.0 * i / 7, seed=i), 16000, format="WAV", subtype="PCM_16")
-        clips.append(base64.b64encode(buffer.getvalue()).decode())
-    bodies = []
-    for n in range(clients * requests):
-        audio = {"type": "input_audio", "input_audio": {"data": clips[n % 8], "format": "wav"}}
-        question = {"type": "text", "text": QUESTIONS[n % len(QUESTIONS)]}
-        bodies.append(
-            {
-                "model": "load",
-                "messages": [{"role": "user", "content": [audio, question]}],
-                "temperature": 0,
-                "max_tokens": min_tokens + (n * 7) % (max_tokens - min_tokens + 1),
-                "min_tokens": min_tokens,
-                "stream": n % 4 == 3,
-            }
+    clips = [wav_base64(demo_clip(1.0 + 5.0 * i / 7, seed=i)) for i in range(8)]
+    return [
+        body(
+            clips[n % 8],
+            QUESTIONS[n % len(QUESTIONS)],
+            n,
+            max_tokens=min_tokens + (n * 7) % (max_tokens - min_tokens + 1),
+            min_tokens=min_tokens,
         )
-    return bodies
+        for n in range(clients * requests)
+    ]
 
 
 def send(port: int, body: dict) -> str:
@@ -257,7 +276,8 @@ def report(rounds: dict[str, list[dict]]) -> bool:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the demo's)")
+    parser.add_argument("--model", type=Path, default=None, help="model folder (default: minaf3.TINY_MODEL)")
+    parser.add_argument("--workload", choices=["tasks", "speech"], default="tasks")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--requests", type=int, default=4, help="requests per client")
     parser.add_argument("--min-tokens", type=int, default=32)
@@ -268,34 +288,37 @@ def main() -> int:
     args = parser.parse_args()
     import torch
 
-    from minaf3.demo import write_demo_checkpoint
+    import minaf3
 
     print(cpu_description())
     print(f"torch {torch.__version__}, python {platform.python_version()}; load average {load_average()}")
-    bodies = workload(args.clients, args.requests, args.min_tokens, args.max_tokens)
+    if args.workload == "tasks":
+        bodies = task_workload(args.clients, args.requests, args.max_tokens)
+        answers = f"the tasks' own questions, answered to their end (at most {args.max_tokens} tokens)"
+    else:
+        bodies = workload(args.clients, args.requests, args.min_tokens, args.max_tokens)
+        answers = f"answers of {args.min_tokens} to {args.max_tokens} tokens"
     options = ["--max-new-tokens", str(args.max_tokens)] + (
         ["--threads", str(args.threads)] if args.threads else []
     )
-    with tempfile.TemporaryDirectory() as scratch:
-        model = args.model or write_demo_checkpoint(Path(scratch) / "demo")
-        print(
-            f"model: {'the demo checkpoint (random weights)' if args.model is None else model}; "
-            f"{args.clients} clients x {args.requests} requests, greedy, answers of {args.min_tokens} to "
-            f"{args.max_tokens} tokens; {args.rounds} rounds, the servers taking turns; torch threads: "
-            f"{args.threads or 'the server default'}\n"
-        )
-        modes = {"one at a time": 1, "dynamic batching": args.max_batch_size}
-        rounds: dict[str, list[dict]] = {name: [] for name in modes}
-        with contextlib.ExitStack() as stack:
-            servers = {
-                name: stack.enter_context(Server(model, "--max-batch-size", str(size), *options))
-                for name, size in modes.items()
-            }
-            for server in servers.values():
-                send(server.port, bodies[0])  # warm up: kernels loaded, first-call costs paid
-            for _ in range(args.rounds):
-                for name, server in servers.items():
-                    rounds[name].append(measure(server, bodies, args.clients))
+    model = args.model or minaf3.TINY_MODEL
+    print(
+        f"model: {model}; {args.workload} workload: {args.clients} clients x {args.requests} requests, "
+        f"greedy, {answers}; {args.rounds} rounds, the servers taking turns; torch threads: "
+        f"{args.threads or 'the server default'}\n"
+    )
+    modes = {"one at a time": 1, "dynamic batching": args.max_batch_size}
+    rounds: dict[str, list[dict]] = {name: [] for name in modes}
+    with contextlib.ExitStack() as stack:
+        servers = {
+            name: stack.enter_context(Server(model, "--max-batch-size", str(size), *options))
+            for name, size in modes.items()
+        }
+        for server in servers.values():
+            send(server.port, bodies[0])  # warm up: kernels loaded, first-call costs paid
+        for _ in range(args.rounds):
+            for name, server in servers.items():
+                rounds[name].append(measure(server, bodies, args.clients))
     ok = report(rounds)
     print(f"load average at the end {load_average()} (other jobs on this machine slow both servers)")
     print("nothing lost, every answer equal to its one-at-a-time answer: " + ("yes" if ok else "NO"))
