@@ -46,7 +46,7 @@ from minaf3.manifest import AUDIO_URL_PREFIXES, audio_samples, build_conversatio
 from minaf3.metrics import check_metric, score_item, summarize
 from minaf3.processor import TRANSCRIPTION_PREFIXES, strip_transcription_prefix
 from minaf3.train import log_line, train_step, truncate_log
-from minaf3.train_config import learning_rate
+from minaf3.train_config import add_options, from_options, learning_rate
 from minaf3.weights.adapter import CONFIG_FILE, WEIGHT_FILES
 from minaf3.weights.layouts import TRANSFORMERS5, checkpoint_names
 from minaf3.windows import SAMPLING_RATE
@@ -399,14 +399,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="the adapter folder (and train/ for resuming)")
     p.add_argument("--eval-data", metavar="FILE", help="scored during training (--eval-every) and at the end")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    for field in dataclasses.fields(FinetuneConfig):
-        option = "--" + field.name.replace("_", "-")
-        if field.name == "targets":
-            p.add_argument(option, nargs="+", default=field.default, choices=TARGETS, metavar="NAME")
-        elif field.type is bool:
-            p.add_argument(option, action=argparse.BooleanOptionalAction, default=field.default)
-        else:
-            p.add_argument(option, type=field.type, default=field.default, metavar="N")
+    add_options(p, FinetuneConfig, {"targets": {"choices": TARGETS}})
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(run=main_finetune)
     return p
@@ -414,9 +407,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def main_finetune(args: argparse.Namespace) -> int:
     """Run `minaf3 finetune` with parsed arguments; prints where the adapter is and the last scores."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)}
-    values["targets"] = tuple(values["targets"])
-    config = FinetuneConfig(**values)
+    config = from_options(FinetuneConfig, args)
     result = finetune(
         args.model, args.data, args.out, config, args.eval_data, args.dtype, progress=not args.no_progress
     )

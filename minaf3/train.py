@@ -64,7 +64,7 @@ from minaf3.tasks import (
     examples,
     score_answer,
 )
-from minaf3.train_config import BOOKKEEPING, TrainConfig, learning_rate
+from minaf3.train_config import BOOKKEEPING, TrainConfig, add_options, from_options, learning_rate
 from minaf3.windows import MAX_AUDIO_SECONDS
 
 STATE, LOG = "train/state.pt", "train/log.jsonl"
@@ -358,15 +358,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `train` on the `minaf3` command's subparsers: --out, and one option per TrainConfig field."""
     p = subparsers.add_parser("train", help="train a tiny AF3 on synthetic listening tasks (resumable)")
     p.add_argument("--out", required=True, metavar="DIR", help="the model folder (and train/ for resuming)")
-    for field in dataclasses.fields(TrainConfig):
-        option = "--" + field.name.replace("_", "-")
-        if field.name in ("tasks", "task_weights", "listen_tasks"):
-            kind = float if field.name == "task_weights" else str
-            p.add_argument(option, nargs="+", type=kind, default=field.default, metavar="X")
-        elif field.type is bool:
-            p.add_argument(option, action=argparse.BooleanOptionalAction, default=field.default)
-        else:
-            p.add_argument(option, type=field.type, default=field.default, metavar="N")
+    add_options(p, TrainConfig, {"tasks": {}, "task_weights": {"type": float}, "listen_tasks": {}})
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(run=main_train)
     return p
@@ -374,9 +366,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def main_train(args: argparse.Namespace) -> int:
     """Run `minaf3 train` with parsed arguments; prints where the model is and the last loss."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-    result = train(config, args.out, progress=not args.no_progress)
+    result = train(from_options(TrainConfig, args), args.out, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, process 0 speaks for all
         last = f", last loss {result.losses[-1]:.4f}" if result.losses else " (already done)"
         print(f"minaf3 train: {result.step} steps{last}; model in {result.folder}")

@@ -3,6 +3,7 @@ checked when it is made, and `learning_rate`, its schedule. The defaults are the
 (minaf3/tiny); train.py runs it and the README says why each choice was made.
 """
 
+import argparse
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ class TrainConfig:
     vocab_size: int = 512
     # the data: which tasks, how often each is drawn, clips per step, steps whose clips are sorted together
     tasks: tuple[str, ...] = TASKS
-    task_weights: tuple[float, ...] = (1.5, 0.75, 1.0, 1.25, 1.0, 2.0)
+    task_weights: tuple[float, ...] = (2.0, 0.5, 1.0, 0.75, 0.75, 2.5)
     # a curriculum: the first listen_steps steps draw only these tasks, whose answers a clip's length
     # cannot give away, so the encoder learns to hear before count and duration reward reading lengths
     listen_tasks: tuple[str, ...] = ("pitch", "kind", "loudness")
@@ -109,6 +110,25 @@ class TrainConfig:
 
 
 BOOKKEEPING = ("log_every", "save_every", "eval_every", "eval_clips", "threads")  # a resume may change these
+
+
+def add_options(parser, config_class, tuples: dict[str, dict]) -> None:
+    """One command-line option per field of the dataclass `config_class` (--field-name, the field's default);
+    a tuple field takes several values, with the add_argument keywords `tuples[name]` (type, choices)."""
+    for field in dataclasses.fields(config_class):
+        option = "--" + field.name.replace("_", "-")
+        if field.name in tuples:
+            parser.add_argument(option, nargs="+", default=field.default, metavar="X", **tuples[field.name])
+        elif field.type is bool:
+            parser.add_argument(option, action=argparse.BooleanOptionalAction, default=field.default)
+        else:
+            parser.add_argument(option, type=field.type, default=field.default, metavar="N")
+
+
+def from_options(config_class, args: argparse.Namespace):
+    """The `config_class` that parsed options (add_options) describe; lists become tuples."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)}
+    return config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
