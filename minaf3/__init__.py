@@ -10,7 +10,8 @@ The pipeline, one module per stage:
     encoder.py        Whisper encoder, average pool and LayerNorm
     decoder.py        Qwen2 decoder with a static KV cache
     attention.py      one attention signature, four backends (triton, cpp, sdpa, eager)
-    model.py          encoder + projector + decoder, `from_pretrained`, `forward`, `generate`
+    model.py          encoder + projector + decoder, `from_pretrained`, `forward`, `generate`; loss.py:
+                      the next-token loss over labelled positions
     dtypes.py         the dtype a model computes in
     quantize.py       int8 weight-only layers, swapped in
     chat_template.py  AF3's chat template in Python; conversation parsing and validation
@@ -65,9 +66,9 @@ _EXPORTS = {
 # Every submodule, reachable as an attribute (minaf3.attention) without an import statement of its own.
 _SUBMODULES = set(
     """attention audio batch chat_template cli config conversation datasets decoder decoding demo dtypes
-    encoder errors estimate evaluate features finetune generate kernels linear lora manifest mel metrics model
-    pipeline processor processor_files quantize records sampling segments streamer tasks train train_config
-    weights windows""".split()
+    encoder errors estimate evaluate features finetune generate kernels linear lora loss manifest mel metrics
+    model pipeline processor processor_files quantize records sampling segments streamer tasks train
+    train_config weights windows""".split()
 )
 
 __all__ = sorted([*_EXPORTS, "TINY_MODEL"])

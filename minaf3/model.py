@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .config import AudioFlamingo3Config
 from .decoder import Qwen2Decoder, RMSNorm
@@ -29,6 +28,7 @@ from .errors import CheckpointError, ConfigError, InputError
 from .estimate import weights_dtype
 from .linear import Linear, fused_groups, join_parts
 from .lora import load_adapter
+from .loss import lm_loss
 from .quantize import (
     QUANTIZED_LAYERS,
     check_mode,
@@ -50,10 +50,6 @@ from .windows import audio_token_lengths, frames_needed
 GROUP_SLACK = 0.25
 THINK_FOLDER = "think"  # the AF-Think LoRA adapter's subfolder in the hub checkpoint
 INIT_STD = 0.02  # the std of linear, convolution and embedding weights at init: AF3's initializer_range
-IGNORE_INDEX = -100  # label of positions the loss skips (torch cross_entropy's default ignore_index)
-# Labelled positions whose logits the loss computes at once: a chunk's float32 logits are at most
-# LOSS_CHUNK_ELEMENTS (256 MiB), so AF3's 151,672-token vocabulary takes 442 positions a chunk.
-LOSS_CHUNK_ELEMENTS = 1 << 26
 
 
 @dataclass
@@ -366,47 +362,6 @@ def read_weights(
         quantize_layers(model, quantized, quantize)
     join_parts(tensors, groups)
     return tensors
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of predicting token t + 1 from position t, over labels != -100: the definition.
-
-    logits (B, T, V), labels (B, T). `lm_loss` computes the same from the hidden states without the logits.
-    """
-    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # shifted: the last position predicts nothing
-    return F.cross_entropy(
-        logits.float().flatten(0, 1), targets.flatten().to(logits.device), ignore_index=IGNORE_INDEX
-    )
-
-
-def lm_loss(
-    hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor, chunk_elements: int = LOSS_CHUNK_ELEMENTS
-) -> torch.Tensor:
-    """causal_lm_loss(lm_head(hidden), labels) without the logits of positions that are not labelled.
-
-    hidden (B, T, D), labels (B, T) -> the mean cross-entropy, a float32 scalar (NaN with no label at all,
-    as the definition). Only the N positions whose next label is not -100 go through lm_head, a chunk of
-    rows at a time whose float32 logits hold at most `chunk_elements` numbers; under autograd each chunk's
-    logits are recomputed in the backward pass rather than kept, so training holds (N, D) hidden rows, never
-    (N, V) logits. At AF3's vocabulary a batch's logits over every position are gigabytes.
-    """
-    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].to(hidden.device)  # (B, T), shifted left
-    labelled = targets != IGNORE_INDEX
-    rows, wanted = hidden[labelled], targets[labelled]  # (N, D), (N,)
-    step = max(1, chunk_elements // lm_head.out_features)
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    for start in range(0, len(rows), step):
-        part = (lm_head, rows[start : start + step], wanted[start : start + step])
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_summed_cross_entropy, *part, use_reentrant=False)
-        else:
-            total = total + _summed_cross_entropy(*part)
-    return total / len(rows)
-
-
-def _summed_cross_entropy(lm_head: nn.Module, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """rows (n, D), targets (n,) -> the sum of the n cross-entropies, computed in float32."""
-    return F.cross_entropy(lm_head(rows).float(), targets, reduction="sum")
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -39,11 +39,11 @@ from minaf3.chat_template import (
 )
 from minaf3.errors import AudioError, AudioFileError, ConfigError, InputError
 from minaf3.features import SampleError, log_mel_windows
+from minaf3.loss import IGNORE_INDEX
 from minaf3.processor_files import BatchFeature, read_processor_files, write_processor_files
 from minaf3.weights.hub import model_folder
 
 MAX_PROMPT_TOKENS = 16_000  # the model card's input limit, in tokens after audio expansion
-IGNORE_INDEX = -100  # torch cross_entropy's default ignore_index: label positions the loss skips
 DEFAULT_TRANSCRIPTION_PROMPT = "Transcribe the input speech."
 # The framings AF3 puts around a transcription; strip_prefix removes one (transformers' list and order).
 TRANSCRIPTION_PREFIXES = (

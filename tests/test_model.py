@@ -225,7 +225,7 @@ def test_loss_over_labelled_positions_equals_the_definition(
 ):
     """lm_loss (labelled positions only, in chunks) against causal_lm_loss on every position's logits: the
     same loss and the same gradients, within float32 rounding."""
-    from minaf3.model import causal_lm_loss, lm_loss
+    from minaf3.loss import causal_lm_loss, lm_loss
 
     model = AudioFlamingo3ForConditionalGeneration.from_pretrained(tiny_checkpoint).train()
     inputs = reference_inputs(reference_processor, ["short", "mid"])
