@@ -366,7 +366,8 @@ def conversation(example: Example) -> tuple[list[dict], str]:
 
 def write_dataset(folder: str | os.PathLike, items: Iterable[Example], name: str = "dataset.json") -> Path:
     """Write `items` in the NVIDIA repository's JSON format: folder/name holds a list of {"id", "sound",
-    "conversations"}, each "sound" a 16 kHz PCM_16 wav beside it. Returns the JSON's path."""
+    "conversations", "task"}, each "sound" a 16 kHz PCM_16 wav beside it ("task" groups `minaf3 eval`'s
+    report). Returns the JSON's path."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     records = []
@@ -377,7 +378,9 @@ def write_dataset(folder: str | os.PathLike, items: Iterable[Example], name: str
         sf.write(folder / f"{ident}.wav", example.waveform, SAMPLING_RATE, subtype="PCM_16")
         human = {"from": "human", "value": f"{AUDIO_TOKEN}\n{example.question}"}
         gpt = {"from": "gpt", "value": example.answer}
-        records.append({"id": ident, "sound": f"{ident}.wav", "conversations": [human, gpt]})
+        records.append(
+            {"id": ident, "sound": f"{ident}.wav", "conversations": [human, gpt], "task": example.task}
+        )
     path = folder / name
     path.write_text(json.dumps(records, indent=1) + "\n")
     return path

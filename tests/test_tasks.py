@@ -360,7 +360,7 @@ def test_write_dataset_round_trips(tmp_path):
     records = json.loads(path.read_text())
     assert len(records) == len(clips) and len({r["id"] for r in records}) == len(clips)
     for record, ex in zip(records, clips, strict=True):
-        assert set(record) == {"id", "sound", "conversations"}
+        assert set(record) == {"id", "sound", "conversations", "task"} and record["task"] == ex.task
         human, gpt = record["conversations"]
         assert human == {"from": "human", "value": "<sound>\n" + ex.question}
         assert gpt == {"from": "gpt", "value": ex.answer}
