@@ -31,7 +31,7 @@ class TrainConfig:
     vocab_size: int = 512
     # the data: which tasks, how often each is drawn, clips per step, steps whose clips are sorted together
     tasks: tuple[str, ...] = TASKS
-    task_weights: tuple[float, ...] = (2.0, 0.5, 1.0, 0.75, 0.75, 2.5)
+    task_weights: tuple[float, ...] = (1.5, 0.75, 1.0, 1.25, 1.0, 2.0)
     # a curriculum: the first listen_steps steps draw only these tasks, whose answers a clip's length
     # cannot give away, so the encoder learns to hear before count and duration reward reading lengths
     listen_tasks: tuple[str, ...] = ("pitch", "kind", "loudness")

@@ -7,10 +7,10 @@ The checkpoint has AF3's official widths (encoder 1280, decoder 3584, vocabulary
 bf16 as the official one is stored (tools/bench_load.py writes it, with transformers' save_pretrained). Each
 contender runs in a fresh process: load the model in bf16, put LoRA (rank 16, alpha 32) on every linear
 layer of the decoder, and take `--steps` AdamW steps on one batch of two 5 s clips with a question and an
-answer (labels on the answer only, built by minaf3's processor for both). The parent reads each child's peak
-resident memory from wait4; the child reports its weights' bytes, the bytes autograd saved for the backward
-pass during one forward (the activations), its resident memory before loading (the Python and torch
-runtime), and its step times (the first is a warm-up).
+answer (labels on the answer only, built by minaf3's processor for both). Each child reports its peak
+resident memory (VmHWM), its weights' bytes, the bytes autograd saved for the backward pass during one
+forward other than the model's own tensors (the activations), its resident memory before loading (Python,
+torch and the library: the runtime), and its step times (the first is a warm-up).
 
 Target: minaf3's peak resident memory at most its runtime + weights x 1.15 + activations: the base model
 is trained in place, frozen, with no float32 copy, no gradients and no optimizer state of its own.
@@ -37,6 +37,17 @@ def resident_bytes() -> int:
     """This process's resident memory now, from /proc/self/statm."""
     pages = int(Path("/proc/self/statm").read_text().split()[1])
     return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_resident_bytes() -> int:
+    """This process's peak resident memory since it started its program: VmHWM in /proc/self/status.
+
+    Not wait4's ru_maxrss, which a child inherits from the parent it was forked from (here a parent that
+    may have just written the checkpoint)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def batch_for(path: Path, torch) -> dict:
@@ -90,10 +101,13 @@ def child(package: str, path: Path, steps: int, rank: int) -> None:
     optimizer = torch.optim.AdamW(trained, lr=1e-4)
     batch = batch_for(path, torch)
     saved: dict[int, int] = {}
+    # Autograd also saves the frozen weights (the backward pass multiplies by them): not activations.
+    held = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
 
     def pack(tensor):  # one count per storage: views of a saved tensor share it
         storage = tensor.untyped_storage()
-        saved[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in held:
+            saved[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     times, losses = [], []
@@ -110,20 +124,18 @@ def child(package: str, path: Path, steps: int, rank: int) -> None:
         times.append(time.perf_counter() - started)
         losses.append(loss.item())
     result = {"runtime": runtime, "loaded": loaded, "weights": weights, "activations": sum(saved.values())}
+    result["peak"] = peak_resident_bytes()
     result |= {"trained": sum(p.numel() for p in trained), "times": times, "losses": losses}
     result["tokens"] = int(batch["attention_mask"].sum())
     print(json.dumps(result))
 
 
 def run_child(arguments: list[str]) -> dict:
-    """This script with `arguments` in a fresh interpreter: its JSON line and its peak RSS (wait4)."""
-    process = subprocess.Popen([sys.executable, __file__, *arguments], stdout=subprocess.PIPE, cwd=ROOT)
-    out = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise SystemExit(f"{' '.join(arguments)}: failed with exit code {process.returncode}")
-    return json.loads(out.decode().strip().splitlines()[-1]) | {"peak": usage.ru_maxrss * 1024}
+    """This script with `arguments` in a fresh interpreter: the JSON line it prints."""
+    result = subprocess.run([sys.executable, __file__, *arguments], stdout=subprocess.PIPE, cwd=ROOT)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(arguments)}: failed with exit code {result.returncode}")
+    return json.loads(result.stdout.decode().strip().splitlines()[-1])
 
 
 def main() -> None:
