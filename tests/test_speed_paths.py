@@ -34,8 +34,8 @@ def load(path, **options) -> AudioFlamingo3ForConditionalGeneration:
 
 
 def logits(model, inputs) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs).logits
+    with torch.no_grad():  # the inputs hold labels: the logits are asked for beside the loss
+        return model(**inputs, return_logits=True).logits
 
 
 @pytest.fixture(scope="module")
