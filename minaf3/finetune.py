@@ -13,8 +13,10 @@ bottom:
     update    backward through the frozen model into the LoRA factors (and the projector with
               --projector), gradient norm clipped, AdamW at the step's learning rate (warmup, then cosine)
 
-The base weights stay as loaded (bf16 stays bf16, float32 float32), frozen: no gradients, no optimizer
-state, no float32 copy. Each targeted layer becomes a LoRALinear whose updates hold float32 factors A (r, in,
+The base weights stay as loaded (bf16 stays bf16, float32 float32, and with --quantize int8 the decoder and
+lm_head int8, quantized from the stored tensors), frozen: no gradients, no optimizer state, no float32 copy
+(over int8 the backward pass widens a chunk of a layer's rows at a time: quantize.Int8Product). Each
+targeted layer becomes a LoRALinear (LoRAInt8Linear over int8) whose updates hold float32 factors A (r, in,
 PEFT's Kaiming-uniform init) and B (out, r, zeros), so training starts from the base model's answers.
 
 Files in --out: adapter_config.json and adapter_model.safetensors as PEFT saves them for transformers'
@@ -30,7 +32,6 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,10 +42,12 @@ from tqdm import tqdm
 from minaf3.audio import load_audio
 from minaf3.datasets import EvalItem, read_dataset
 from minaf3.errors import ConfigError, InputError
+from minaf3.finetune_config import BOOKKEEPING, PROJECTOR, TARGETS, FinetuneConfig
 from minaf3.lora import LoRALinear, LoRAUpdate, checkpoint_linears, lora_updates
 from minaf3.manifest import AUDIO_URL_PREFIXES, audio_samples, build_conversation
-from minaf3.metrics import check_metric, score_item, summarize
+from minaf3.metrics import score_item, summarize
 from minaf3.processor import TRANSCRIPTION_PREFIXES, strip_transcription_prefix
+from minaf3.quantize import Int8Linear, LoRAInt8Linear
 from minaf3.train import log_line, train_step, truncate_log
 from minaf3.train_config import add_options, from_options, learning_rate
 from minaf3.weights.adapter import CONFIG_FILE, WEIGHT_FILES
@@ -53,60 +56,6 @@ from minaf3.windows import SAMPLING_RATE
 
 STATE, LOG = "train/state.pt", "train/log.jsonl"
 PEFT_PREFIX = "base_model.model."  # PEFT's PeftModel -> LoraModel wrapper around transformers' module names
-DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# lm_head too, on request: answers in words the base model never said need their output rows moved (a tiny
-# model's rows for tokens it never produced decay to about zero in training, and no update to the decoder's
-# layers lifts a logit whose row is zero).
-TARGETS = (*DECODER_LINEARS, "lm_head")
-PROJECTOR = "multi_modal_projector"
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """One fine-tuning run: the adapter, the optimisation, and bookkeeping (which a resume may change)."""
-
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    targets: tuple[str, ...] = DECODER_LINEARS  # decoder layers by their names' last part, and/or lm_head
-    projector: bool = False  # also train the projector in full (saved as PEFT's modules_to_save)
-    epochs: int = 1
-    steps: int = 0  # 0: epochs x the batches of an epoch
-    lr: float = 2e-4
-    min_lr: float = 0.0
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    batch_size: int = 8
-    seed: int = 0
-    bf16: bool = True  # matrix products in bf16 (autocast) on CPUs with bf16 instructions, as train.py
-    # bookkeeping
-    log_every: int = 10
-    save_every: int = 100
-    eval_every: int = 0  # steps between evaluations on --eval-data; 0: at the end only
-    metric: str = "exact"
-
-    def __post_init__(self):
-        for name in ("lora_rank", "epochs", "batch_size", "log_every", "save_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(f"finetune: {name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("steps", "warmup_steps", "eval_every", "seed"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ConfigError(f"finetune: {name} must be an integer >= 0, got {getattr(self, name)!r}")
-        if not self.lr > 0 or not 0 <= self.min_lr <= self.lr or not self.lora_alpha > 0:
-            raise ConfigError("finetune: need lr > 0, 0 <= min_lr <= lr and lora_alpha > 0")
-        if self.weight_decay < 0 or not self.grad_clip > 0:
-            raise ConfigError("finetune: weight_decay must be >= 0 and grad_clip > 0")
-        unknown = [t for t in self.targets if t not in TARGETS]
-        if not self.targets or unknown:
-            raise ConfigError(
-                f"finetune: targets must be some of {', '.join(TARGETS)}; got {list(self.targets)}"
-            )
-        check_metric(self.metric)
-
-
-BOOKKEEPING = ("log_every", "save_every", "eval_every", "metric")  # what a resume may change
-
-
 # ---- the adapter ------------------------------------------------------------------------------------------
 
 
@@ -116,7 +65,8 @@ def add_lora(model, config: FinetuneConfig) -> list[torch.nn.Parameter]:
     model.requires_grad_(False)
     generator = torch.Generator().manual_seed(config.seed)
     updates: dict[str, list[LoRAUpdate]] = {}
-    for target, (module, rows, (out_features, in_features)) in checkpoint_linears(model).items():
+    linears = checkpoint_linears(model, kinds=(torch.nn.Linear, Int8Linear))
+    for target, (module, rows, (out_features, in_features)) in linears.items():
         in_decoder = target.startswith("language_model.layers.") or target == "lm_head"
         if not in_decoder or target.rpartition(".")[2] not in config.targets:
             continue
@@ -129,7 +79,9 @@ def add_lora(model, config: FinetuneConfig) -> list[torch.nn.Parameter]:
         updates.setdefault(module, []).append(LoRAUpdate(target, rows, A, B, scaling, like, trainable=True))
     for module, its_updates in updates.items():
         parent, _, child = module.rpartition(".")
-        setattr(model.get_submodule(parent), child, LoRALinear(model.get_submodule(module), its_updates))
+        base = model.get_submodule(module)
+        wrapper = LoRAInt8Linear if isinstance(base, Int8Linear) else LoRALinear
+        setattr(model.get_submodule(parent) if parent else model, child, wrapper(base, its_updates))
     trained = [p for update in lora_updates(model).values() for p in (update.lora_A, update.lora_B)]
     if config.projector:
         projector = getattr(model, PROJECTOR)
@@ -264,10 +216,10 @@ def evaluate(
 # ---- checkpoints ------------------------------------------------------------------------------------------
 
 
-def settings_of(config: FinetuneConfig, model_dir: str, data: str) -> dict:
+def settings_of(config: FinetuneConfig, model_dir: str, data: str, quantize: str | None) -> dict:
     """What a resumed run must share with the run it continues."""
     fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in BOOKKEEPING}
-    return fields | {"targets": list(config.targets), "model": str(model_dir), "data": str(data)}
+    return fields | {"targets": list(config.targets), "model": model_dir, "data": data, "quantize": quantize}
 
 
 def save_state(folder: Path, trained: list[torch.nn.Parameter], optimizer, step: int, settings: dict) -> None:
@@ -308,27 +260,34 @@ def finetune(
     model_dir: str | os.PathLike,
     data: str | os.PathLike,
     out: str | os.PathLike,
-    config: FinetuneConfig = FinetuneConfig(),
+    config: FinetuneConfig | None = None,
     eval_data: str | os.PathLike | None = None,
     dtype: str | None = None,
+    quantize: str | None = None,
     progress: bool = True,
     until: int | None = None,
 ) -> dict:
     """Fine-tune the model in `model_dir` on `data` into the adapter folder `out` (module docstring).
 
     Everything that can be checked without training (settings, datasets, audio headers, the model) is
-    checked first. until: stop before step `until` without a checkpoint, as a kill would (tests resume from
-    there). Returns {"steps", "losses" (this call's), "seconds", "eval" (the last scores, if any)}.
+    checked first. quantize: None or "int8" (int4 has no backward pass). until: stop before step `until`
+    without a checkpoint, as a kill would (tests resume from there). Returns {"steps", "losses" (this
+    call's), "seconds", "eval" (the last scores, if any)}.
     """
     from minaf3.pipeline import Pipeline, load
 
+    config = config or FinetuneConfig()
+    if quantize not in (None, "int8"):
+        raise ConfigError(
+            f"finetune: quantize must be None or 'int8' (int4 has no backward pass), got {quantize!r}"
+        )
     items = read_dataset(data)
     check_audio(items, data)
     held = read_dataset(eval_data) if eval_data is not None else []
     folder = Path(out)
     if folder.is_file():
         raise InputError(f"--out {folder}: expected an adapter folder, found a file")
-    loaded = load(model_dir, dtype=dtype)
+    loaded = load(model_dir, dtype=dtype, quantize=quantize)
     model, processor = loaded.model, loaded.processor
     steps = config.steps or config.epochs * math.ceil(len(items) / config.batch_size)
     config = dataclasses.replace(config, steps=steps)
@@ -338,7 +297,7 @@ def finetune(
         {"params": [p for p in trained if p.dim() < 2], "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
-    settings = settings_of(config, str(Path(model_dir)), str(Path(data).resolve()))
+    settings = settings_of(config, str(Path(model_dir)), str(Path(data).resolve()), quantize)
     start = resume(folder, trained, optimizer, settings)
     (folder / LOG).parent.mkdir(parents=True, exist_ok=True)
     truncate_log(folder, start)
@@ -399,6 +358,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="the adapter folder (and train/ for resuming)")
     p.add_argument("--eval-data", metavar="FILE", help="scored during training (--eval-every) and at the end")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quantize", default=None, choices=["int8"], help="train over int8 decoder weights")
     add_options(p, FinetuneConfig, {"targets": {"choices": TARGETS}})
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(run=main_finetune)
@@ -409,7 +369,14 @@ def main_finetune(args: argparse.Namespace) -> int:
     """Run `minaf3 finetune` with parsed arguments; prints where the adapter is and the last scores."""
     config = from_options(FinetuneConfig, args)
     result = finetune(
-        args.model, args.data, args.out, config, args.eval_data, args.dtype, progress=not args.no_progress
+        args.model,
+        args.data,
+        args.out,
+        config,
+        args.eval_data,
+        args.dtype,
+        args.quantize,
+        progress=not args.no_progress,
     )
     last = f", last loss {result['losses'][-1]:.4f}" if result["losses"] else " (already done)"
     print(f"minaf3 finetune: {result['steps']} steps{last}; adapter in {args.out}")

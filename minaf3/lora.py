@@ -82,7 +82,12 @@ class LoRAUpdate(nn.Module):
         return f"{self.target.rpartition('.')[2]}, rows={rows}, r={r}, scaling={self.scaling:g}"
 
 
-class LoRALinear(Linear):
+class LoRALayer:
+    """A layer with LoRA updates (`updates`, a ModuleList of LoRAUpdate) on ranges of its output rows:
+    LoRALinear here, quantize.LoRAInt8Linear for fine-tuning over int8 weights."""
+
+
+class LoRALinear(Linear, LoRALayer):
     """A Linear with LoRA updates on ranges of its output rows: y = x W^T + b + sum of the updates.
 
     It shares `weight` and `bias` with the layer it wraps, so the model's state_dict keeps its names; the
@@ -137,8 +142,8 @@ class LoRALinear(Linear):
         return f"{super().extra_repr()}, merged={self.merged}"
 
 
-def _lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+def _lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALayer)}
 
 
 def lora_updates(model: nn.Module) -> dict[str, LoRAUpdate]:
@@ -151,13 +156,16 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def checkpoint_linears(model: nn.Module) -> dict[str, tuple[str, slice, tuple[int, int]]]:
-    """The model's linear layers under the checkpoint's names: name -> (the module holding it, its rows
-    there, its (out_features, in_features)). A fused layer's parts each get their rows."""
+def checkpoint_linears(
+    model: nn.Module, kinds: tuple[type, ...] = (nn.Linear,)
+) -> dict[str, tuple[str, slice, tuple[int, int]]]:
+    """The model's linear layers (modules of `kinds`) under the checkpoint's names: name -> (the module
+    holding it, its rows there, its (out_features, in_features)). A fused layer's parts each get their
+    rows."""
     fused = fused_groups(model)
     layers = {}
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, kinds):
             continue
         parts = fused.get(name, {name: module.out_features})
         for part, rows in row_ranges(parts).items():

@@ -53,7 +53,7 @@ from .kernels.int4_linear import (
 from .kernels.int8_linear import run_int8_linear
 from .kernels.registry import available
 from .linear import product_sum
-from .lora import LoRALinear
+from .lora import LoRALayer, LoRALinear, LoRAUpdate
 from .weights.buffers import release_file_pages, streamed_empty
 
 QUANTIZE_MODES = ("int8", "int4")
@@ -95,6 +95,9 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in_features) -> (..., out_features) in x.dtype."""
+        if x.requires_grad and torch.is_grad_enabled():  # fine-tuning over frozen int8 weights
+            y = Int8Product.apply(x, self.weight, self.scales)
+            return y if self.bias is None else y + self.bias
         if torch.compiler.is_compiling() and x.numel() == x.shape[-1] and not available().gemv:
             # A compiled one-row step without the C++ kernel: a multiply-and-sum inductor streams.
             return product_sum(x, self.weight, self.scales, self.bias)
@@ -104,6 +107,63 @@ class Int8Linear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
         )
+
+
+class Int8Product(torch.autograd.Function):
+    """x @ (weight * scales[:, None]).T with a backward pass to x alone: the int8 weight is frozen, and its
+    widened rows exist only a chunk at a time, in the backward pass (never a float copy of the layer)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight, scales)
+        # A copy: the kernel may return a view, which autograd forbids updating in place (LoRA adds its rows)
+        return run_int8_linear(x, weight, scales, None).clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, scales = ctx.saved_tensors
+        rows = max(1, QUANT_CHUNK_BYTES // (4 * weight.shape[1]))
+        grad_x = None
+        for start in range(0, weight.shape[0], rows):  # grad_x = grad @ W, summed over chunks of W's rows
+            chunk = slice(start, start + rows)
+            part = weight[chunk].to(grad.dtype) * scales[chunk, None].to(grad.dtype)
+            term = grad[..., chunk] @ part
+            grad_x = term if grad_x is None else grad_x + term
+        return grad_x, None, None
+
+
+class LoRAInt8Linear(Int8Linear, LoRALayer):
+    """An Int8Linear with LoRA updates on ranges of its output rows, for fine-tuning over int8 weights
+    (QLoRA's idea at int8): y = x (W * scales)^T + b + sum of the updates. It shares the wrapped layer's
+    buffers and bias; the updates stay unmerged (an int8 weight cannot hold them)."""
+
+    def __init__(self, base: Int8Linear, updates: list[LoRAUpdate]):
+        nn.Module.__init__(self)  # not Int8Linear.__init__: it would allocate a second weight
+        self.in_features, self.out_features, self.backend = base.in_features, base.out_features, base.backend
+        self.register_buffer("weight", base.weight)
+        self.register_buffer("scales", base.scales)
+        self.register_parameter("bias", base.bias)
+        self.updates = nn.ModuleList(updates)
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        for update in self.updates:
+            y[..., update.rows] += update(x)
+        return y
+
+    def merge(self) -> None:
+        raise ConfigError("an int8 layer cannot hold LoRA updates merged: load the adapter before quantizing")
+
+    def unmerge(self) -> None:
+        pass  # never merged
+
+    def plain(self) -> Int8Linear:
+        """An Int8Linear holding this layer's buffers and bias, without the updates."""
+        layer = Int8Linear(self.in_features, self.out_features, bias=False, device="meta")
+        layer.weight, layer.scales, layer.backend = self.weight, self.scales, self.backend
+        layer.register_parameter("bias", self.bias)
+        return layer
 
 
 class Int4Linear(nn.Module):

@@ -77,7 +77,8 @@ def child(package: str, path: Path, steps: int, rank: int) -> None:
     """One contender in a fresh process; prints its figures as JSON."""
     import torch
 
-    from minaf3.finetune import DECODER_LINEARS, FinetuneConfig, add_lora, target_pattern
+    from minaf3.finetune import add_lora, target_pattern
+    from minaf3.finetune_config import DECODER_LINEARS, FinetuneConfig
 
     torch.manual_seed(0)
     if package == "minaf3":
