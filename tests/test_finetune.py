@@ -199,6 +199,13 @@ def test_finetune_over_int8_weights(tmp_path, tiny_checkpoint, order_data):
     tensors = load_file(out / "adapter_model.safetensors")
     first = "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_B.weight"
     assert tensors[first].abs().max() > 0  # trained: the gradient went through every int8 layer after it
+    adapted = AudioFlamingo3ForConditionalGeneration.from_pretrained(
+        tiny_checkpoint, dtype=torch.float32, adapter=out
+    )
+    base = AudioFlamingo3ForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32)
+    with torch.no_grad():  # the adapter trained over int8 applies to the float32 model
+        moved = adapted(**inputs_for(tiny_checkpoint)).logits - base(**inputs_for(tiny_checkpoint)).logits
+    assert moved.abs().max() > 1e-3
     model = AudioFlamingo3ForConditionalGeneration.from_pretrained(tiny_checkpoint, quantize="int8")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     add_lora(model, config)
