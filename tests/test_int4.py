@@ -299,14 +299,16 @@ def test_every_cli_quantize_option_offers_every_mode():
     from minaf3.cli import build_parser
     from minaf3.quantize import QUANTIZE_MODES
 
-    def options(parser):
+    def options(parser, command=None):
         for action in parser._actions:
             if isinstance(action, argparse._SubParsersAction):
-                for sub in action.choices.values():
-                    yield from options(sub)
+                for name, sub in action.choices.items():
+                    yield from options(sub, name)
             elif "--quantize" in action.option_strings:
-                yield action
+                yield command, action
 
-    found = list(options(build_parser()))
-    assert len(found) >= 4  # chat, transcribe, estimate, batch
-    assert all(list(action.choices) == list(QUANTIZE_MODES) for action in found)
+    found = dict(options(build_parser()))
+    assert len(found) >= 4  # chat, transcribe, estimate, batch, ...
+    # finetune trains through the weights: int8 has a backward pass (quantize.Int8Product), int4 none
+    assert list(found.pop("finetune").choices) == ["int8"]
+    assert all(list(action.choices) == list(QUANTIZE_MODES) for action in found.values())
