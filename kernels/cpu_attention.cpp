@@ -44,6 +44,11 @@ constexpr int64_t kMinParallelWork = 1 << 20;
 // Multiply-adds per range when a long cache is split: small enough for two threads to share the ranges
 // evenly when one of them is slowed, large enough that merging the partial results costs nothing.
 constexpr int64_t kRangeWork = 1 << 18;
+// Slots ahead of the one being read whose key and value rows are prefetched with the non-temporal hint. A
+// long cache is read once per step and is larger than the caches: read through the cache hierarchy, it would
+// evict the layer weights the rest of the step reads next (a decode step's time then grows with the prompt by
+// more than the attention arithmetic). Non-temporal lines are kept out of the outer cache levels.
+constexpr int64_t kPrefetchSlots = 32;
 // Query heads whose value accumulators are held in registers at once (x 2 vectors of 8 columns: 12 of the
 // 16 ymm registers, the rest for the value row and the broadcast weight).
 constexpr int kHeadBlock = 6;
@@ -128,6 +133,10 @@ void score_range(const float* q, const T* keys, int64_t G, int64_t len, int64_t 
   const int64_t D8 = D / 8 * 8, len8 = D8 == D ? len / 8 * 8 : 0;
   for (int64_t j = 0; j < len8; j += 8) {  // eight slots at once, head_dim a multiple of 8
     const T* block = keys + j * D;
+    if (j + kPrefetchSlots + 8 <= len) {
+      const char* ahead = reinterpret_cast<const char*>(block + kPrefetchSlots * D);
+      for (int64_t l = 0; l < 8 * D * static_cast<int64_t>(sizeof(T)); l += 64) _mm_prefetch(ahead + l, _MM_HINT_NTA);
+    }
     for (int64_t g = 0; g < G; ++g) {
       __m256 dot[8];
       for (int i = 0; i < 8; ++i) dot[i] = _mm256_setzero_ps();
@@ -159,6 +168,10 @@ void weigh_values(const float* p, int64_t len, const T* values, int64_t D, int64
   for (int g = 0; g < GB; ++g)
     for (int w = 0; w < W; ++w) a[g][w] = _mm256_setzero_ps();
   for (int64_t j = 0; j < len; ++j) {
+    // Non-temporal only where this pass reads whole rows (head_dim 16): a wider row is read in several passes
+    // over the slots (8 W columns each), which need its lines to stay in cache between them.
+    if (D == 8 * W && j + kPrefetchSlots < len)
+      _mm_prefetch(reinterpret_cast<const char*>(values + (j + kPrefetchSlots) * D), _MM_HINT_NTA);
     __m256 row[W];
     for (int w = 0; w < W; ++w) row[w] = load8(values + j * D + d + 8 * w);
     for (int g = 0; g < GB; ++g) {
@@ -343,7 +356,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
     TORCH_CHECK(query_slot->device().is_cpu() && query_slot->numel() == 1 && !query_slot->is_floating_point(),
                 "decode_attention: query_slot must be one integer, got ", query_slot->scalar_type(), " ",
                 query_slot->sizes());
-    const int64_t slot = query_slot->item<int64_t>();
+    // Read in place: item() is a dispatched operator call, a microsecond per layer of every decoded token.
+    const int64_t slot = query_slot->scalar_type() == at::kLong ? *query_slot->data_ptr<int64_t>()
+                                                                : query_slot->item<int64_t>();
     TORCH_CHECK(slot >= 0 && slot < S, "decode_attention: query_slot ", slot, " is outside the ", S,
                 " cache slots");
     n = slot + 1;

@@ -40,6 +40,7 @@ from .quantize import (
 )
 from .sampling import GenerationConfig
 from .weights.adapter import LoraSettings, check_adapter_folder
+from .weights.buffers import read_ahead
 from .weights.hub import model_folder
 from .weights.layouts import HUB, checkpoint_names
 from .weights.loader import DOWNLOAD_HINT, read_checkpoint
@@ -312,6 +313,9 @@ class AudioFlamingo3ForConditionalGeneration(nn.Module):
         model.load_state_dict(tensors, strict=True, assign=True)
         del tensors  # the model holds the only references now
         model.language_model.reset_buffers(device)
+        # Decoding reads one row of the embedding per token. Where the table is a view of the file, each
+        # row would be a page fault, a disk read once the file has left the page cache: read it ahead now.
+        read_ahead(model.language_model.embed_tokens.weight)
         model.generation_config = generation_config
         if adapter is not None:
             model.load_adapter(adapter, merge=merge_adapter)

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 from conftest import write_reference_checkpoint
-from minaf3.weights.buffers import HUGE_PAGE, MADV_HUGEPAGE, release_file_pages, streamed_empty
+from minaf3.weights import buffers
+from minaf3.weights.buffers import HUGE_PAGE, MADV_HUGEPAGE, read_ahead, release_file_pages, streamed_empty
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -57,6 +58,29 @@ def test_released_file_pages_leave_the_process_and_keep_the_data(tmp_path):
         assert release_file_pages(a)
         assert resident_kib(path) < 64
         assert torch.equal(a, expected)  # read again from the file when touched
+
+
+def test_read_ahead_asks_only_for_file_pages_and_keeps_the_data(tmp_path, monkeypatch):
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.randn(256, 1024)}, path)
+    asked = []
+    real = buffers._madvise()
+    monkeypatch.setattr(buffers, "_madvise", lambda: lambda start, length, advice: asked.append(
+        (start, length, advice)) or real(start, length, advice))  # fmt: skip
+    with safe_open(path, framework="pt") as handle:
+        a = handle.get_tensor("a")
+        expected = a.clone()
+        release_file_pages(a)
+        asked.clear()
+        assert read_ahead(a)
+        ((start, length, advice),) = asked
+        assert (
+            advice == buffers.MADV_WILLNEED
+            and start <= a.data_ptr() < a.data_ptr() + a.nbytes <= start + length
+        )
+        assert torch.equal(a, expected)
+    x = torch.randn(256, 1024)
+    assert not read_ahead(x) and len(asked) == 1  # anonymous memory: nothing asked
 
 
 def test_anonymous_memory_is_never_released():

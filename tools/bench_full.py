@@ -12,8 +12,12 @@ it is kept in the repository. Each mode runs in a fresh process, so that its mem
   file mapped   resident pages of the checkpoint's files still mapped after loading (RssFile): weights
                 used in place as views of the file, which the OS can drop and read again
   TTFT 5 s / 60 s   time to the first token for a 5 s and a 60 s clip (features, encoder, prefill)
-  decode        ms per token after the 5 s clip's prompt: (t(n) - t(2)) / (n - 2), greedy
-  limit         bytes the decoder and lm_head read per token / the read bandwidth measured in this run
+  decode        ms per token after the 5 s clip's prompt, timed between streamed tokens (the prefill, which
+                varies by more than a few steps take, is not in it), greedy; best of DECODE_ROUNDS
+  read GB/s     the memory's read rate (a sum over READ_PROBE_BYTES), measured in the same process in turns
+                with the decode rounds, best of DECODE_ROUNDS: this machine's read speed moves in phases of
+                seconds, so a rate taken minutes apart would set the wrong limit
+  limit         bytes the decoder and lm_head read per token / that read rate
   peak RSS      the kernel's peak resident memory of the process (VmHWM): anonymous and file pages
   estimate      `minaf3 estimate` for one 60 s clip in that mode, against the measured peak RSS
 transformers runs in a process of its own under a time cap; what it has not reached by then is left empty.
@@ -28,12 +32,18 @@ import threading
 import time
 from pathlib import Path
 
+from racing import Clock
+
 ROOT = Path(__file__).resolve().parent.parent
 SR = 16_000
 GB = 1e9
 SHARD_BYTES = 4 * 10**9  # the hub checkpoint's shards hold up to 4 GB each (5 shards at full size)
 DONE = "bench-full-complete"  # written last: a folder without it is rewritten
 MODES = {"bf16": (None, "bfloat16"), "int8": ("int8", None), "int4": ("int4", None)}
+DECODE_ROUNDS = 3
+# The read probe: far larger than any cache. It is allocated after the peak memory has been reported, so it
+# is not counted in it.
+READ_PROBE_BYTES = 256 * 2**20
 
 
 def cpu_flags() -> str:
@@ -111,10 +121,13 @@ class PeakAnon:
         while not self._stop.wait(0.02):
             self.peak = max(self.peak, self.status("RssAnon"))
 
+    def stop(self) -> None:
+        self._stop.set()
+
 
 def say(report: dict, peak: PeakAnon) -> None:
     """Print the report so far, with the peak anonymous memory up to now, as one JSON line."""
-    report["peak_anon"] = max(peak.peak, PeakAnon.status("RssAnon"))
+    report["peak_anon"] = max(report.get("peak_anon", 0), peak.peak, PeakAnon.status("RssAnon"))
     report["peak_rss"] = PeakAnon.status("VmHWM")  # the kernel's own peak: anonymous and file pages
     print(json.dumps(report), flush=True)
 
@@ -142,7 +155,8 @@ def child(library: str, folder: Path, mode: str, tokens: int) -> None:
     report = {"load": loaded, "file": PeakAnon.status("RssFile")}
     say(report, peak)
 
-    def run(seconds: float, new_tokens: int) -> float:
+    def run(seconds: float, new_tokens: int, clock: Clock | None = None):
+        """Seconds for one call on a `seconds` clip, or `clock` (a streamer) timing its tokens."""
         clip = (np.random.default_rng(0).standard_normal(int(seconds * SR)) * 0.1).astype(np.float32)
         content = [{"type": "text", "text": "What is in this audio?"}, {"type": "audio", "audio": clip}]
         conversation = [{"role": "user", "content": content}]
@@ -154,15 +168,25 @@ def child(library: str, folder: Path, mode: str, tokens: int) -> None:
         )
         inputs["input_features"] = inputs["input_features"].to(model.dtype)  # transformers wants its dtype
         with torch.inference_mode():
-            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        return time.perf_counter() - begin
+            n = new_tokens
+            model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=clock)
+        return clock if clock is not None else time.perf_counter() - begin
 
     run(5, 1)  # warm: kernels loaded, caches allocated
     for seconds in (5, 60):
         report[f"ttft_{seconds}"] = min(run(seconds, 1) for _ in range(2))
         say(report, peak)
-    two, many = (min(run(5, n) for _ in range(2)) for n in (2, tokens))
-    report["decode"] = (many - two) / (tokens - 2)
+    step = run(5, tokens, Clock()).per_step()
+    say(report, peak)  # the last peak: the read probe below is the benchmark's, not the model's
+    peak.stop()
+    probe = torch.ones(READ_PROBE_BYTES // 4)
+    read_rate = 0.0
+    for _ in range(DECODE_ROUNDS):
+        begin = time.perf_counter()
+        probe.sum()
+        read_rate = max(read_rate, probe.nbytes / (time.perf_counter() - begin))
+        step = min(step, run(5, tokens, Clock()).per_step())
+    report["decode"], report["read_rate"] = step, read_rate
     # What one token reads: every decoder layer's tensors and the lm_head (embed_tokens is only indexed).
     read = [
         t
@@ -170,7 +194,7 @@ def child(library: str, folder: Path, mode: str, tokens: int) -> None:
         if ("language_model" in n and ".layers." in n) or "lm_head" in n
     ]
     report["read_per_token"] = sum(t.nbytes for t in read)
-    say(report, peak)
+    print(json.dumps(report), flush=True)
 
 
 def run_child(library: str, folder: Path, mode: str, tokens: int, cap: float | None) -> dict:
@@ -197,27 +221,20 @@ def estimate_peak(folder: Path, mode: str) -> int:
     return estimate_memory(folder, seconds=60, quantize=quantize, dtype=dtype or "bfloat16").total
 
 
-def read_bandwidth() -> float:
-    """Bytes per second of torch's sum over 1 GiB, best of 5 (racing.rate_probes' read probe)."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    from racing import race, rate_probes, rates
-
-    return rates(race(rate_probes(), repeats=5))[1]
-
-
-def table(results: dict[str, dict], bandwidth: float, estimates: dict[str, int]) -> str:
+def table(results: dict[str, dict], estimates: dict[str, int]) -> str:
     rows = [
         "| run | load s | peak anon GB | peak RSS GB | estimate GB (vs RSS) | file mapped GB | TTFT 5 s "
         "| TTFT 60 s "
-        "| decode ms/token | limit ms/token | of limit |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| decode ms/token | read GB/s | limit ms/token | of limit |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def cell(value, fmt):
         return "" if value is None else fmt.format(value)
 
     for run, r in results.items():
-        limit = r.get("read_per_token", 0) / bandwidth * 1e3 if r.get("read_per_token") else None
+        rate = r.get("read_rate")
+        limit = r["read_per_token"] / rate * 1e3 if rate and r.get("read_per_token") else None
         decode = r["decode"] * 1e3 if "decode" in r else None
         estimate = estimates.get(run)
         peak, rss = r.get("peak_anon"), r.get("peak_rss")
@@ -228,7 +245,8 @@ def table(results: dict[str, dict], bandwidth: float, estimates: dict[str, int])
             f"| {cell(peak and peak / GB, '{:.2f}')} | {cell(rss and rss / GB, '{:.2f}')} "
             f"| {cell(estimate and estimate / GB, '{:.2f}')}{versus} "
             f"| {cell(r.get('file') and r['file'] / GB, '{:.2f}')} | {cell(r.get('ttft_5'), '{:.2f}')} "
-            f"| {cell(r.get('ttft_60'), '{:.2f}')} | {cell(decode, '{:.0f}')} | {cell(limit, '{:.0f}')} "
+            f"| {cell(r.get('ttft_60'), '{:.2f}')} | {cell(decode, '{:.0f}')} "
+            f"| {cell(rate and rate / GB, '{:.1f}')} | {cell(limit, '{:.0f}')} "
             f"| {cell(limit and decode and limit / decode, '{:.0%}')} |"
         )
     return "\n".join(rows)
@@ -265,10 +283,8 @@ def main() -> None:
             "transformers", folder, "bf16", args.tokens, args.transformers_cap
         )
         print(f"  transformers bf16: {results['transformers bf16']}", flush=True)
-    bandwidth = read_bandwidth()
-    seconds = time.perf_counter() - started
-    print(f"read bandwidth {bandwidth / GB:.1f} GB/s (sum over 1 GiB, best of 5); {seconds:.0f} s in all")
-    print(table(results, bandwidth, estimates))
+    print(f"{time.perf_counter() - started:.0f} s in all")
+    print(table(results, estimates))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     streamed_empty(shape, dtype)   torch.empty in 2 MiB pages where Linux allows, for weights decoding streams
     release_file_pages(tensor)     a mapped checkpoint tensor's pages out of this process once it is copied
+    read_ahead(tensor)             a mapped checkpoint tensor's pages read into memory in the background
 
 A decode step reads every weight once. From 4 KiB pages, the page-table walks slow that stream measurably
 (the README's int8 rows come from weights in 2 MiB pages); a huge page covers 512 times as much memory per
@@ -52,6 +53,7 @@ def streamed_empty(shape: tuple[int, ...], dtype: torch.dtype, device=None) -> t
     return tensor
 
 
+MADV_WILLNEED = 3
 MADV_DONTNEED = 4
 
 
@@ -85,3 +87,17 @@ def release_file_pages(tensor: torch.Tensor) -> bool:
     if end <= start or not _file_mapping(start):
         return False
     return madvise(start, end - start, MADV_DONTNEED) == 0
+
+
+def read_ahead(tensor: torch.Tensor) -> bool:
+    """Ask the OS to read a memory-mapped checkpoint tensor's pages now, in the background, rather than one
+    page fault at a time when they are first touched (each a disk read once the file has left the page
+    cache). They stay pages of the file: they count in the resident memory only once touched, and the OS may
+    drop them again. Returns whether it asked; anything that is not a file mapping is left alone."""
+    madvise = _madvise()
+    if madvise is None or tensor.device.type != "cpu" or tensor.nbytes < PAGE:
+        return False
+    start = tensor.data_ptr() // PAGE * PAGE
+    if not _file_mapping(start):
+        return False
+    return madvise(start, tensor.data_ptr() + tensor.nbytes - start, MADV_WILLNEED) == 0
