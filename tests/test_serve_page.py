@@ -80,9 +80,12 @@ def wait_status(browser, *prefixes: str) -> str:
 
 
 def ask(browser) -> tuple[str, int]:
-    """Click Ask and wait for the end; (the answer, how many times its text changed on the way)."""
+    """Click Ask and wait for the end; (the answer, how many times its text changed on the way).
+
+    Mutation records, not observer callbacks: the browser delivers every change made within one task to one
+    callback, so chunks that arrive together (a fast server) would count once."""
     browser.execute_script(
-        "window.changes = 0; new MutationObserver(() => window.changes++)"
+        "window.changes = 0; new MutationObserver((records) => window.changes += records.length)"
         ".observe(document.getElementById('answer'), {childList: true, characterData: true, subtree: true});"
     )
     browser.find_element(By.ID, "ask").click()
