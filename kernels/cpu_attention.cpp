@@ -47,7 +47,7 @@ constexpr int64_t kRangeWork = 1 << 18;
 // Slots ahead of the one being read whose key and value rows are prefetched with the non-temporal hint. A
 // long cache is read once per step and is larger than the caches: read through the cache hierarchy, it would
 // evict the layer weights the rest of the step reads next (a decode step's time then grows with the prompt by
-// more than the attention arithmetic). Non-temporal lines are kept out of the outer cache levels.
+// more than the attention arithmetic). The hint asks the CPU to keep these lines out of the outer cache levels.
 constexpr int64_t kPrefetchSlots = 32;
 // Query heads whose value accumulators are held in registers at once (x 2 vectors of 8 columns: 12 of the
 // 16 ymm registers, the rest for the value row and the broadcast weight).
@@ -135,7 +135,8 @@ void score_range(const float* q, const T* keys, int64_t G, int64_t len, int64_t 
     const T* block = keys + j * D;
     if (j + kPrefetchSlots + 8 <= len) {
       const char* ahead = reinterpret_cast<const char*>(block + kPrefetchSlots * D);
-      for (int64_t l = 0; l < 8 * D * static_cast<int64_t>(sizeof(T)); l += 64) _mm_prefetch(ahead + l, _MM_HINT_NTA);
+      for (int64_t l = 0; l < 8 * D * static_cast<int64_t>(sizeof(T)); l += 64)
+        _mm_prefetch(ahead + l, _MM_HINT_NTA);
     }
     for (int64_t g = 0; g < G; ++g) {
       __m256 dot[8];

@@ -13,7 +13,8 @@ it is kept in the repository. Each mode runs in a fresh process, so that its mem
                 used in place as views of the file, which the OS can drop and read again
   TTFT 5 s / 60 s   time to the first token for a 5 s and a 60 s clip (features, encoder, prefill)
   decode        ms per token after the 5 s clip's prompt, timed between streamed tokens (the prefill, which
-                varies by more than a few steps take, is not in it), greedy; best of DECODE_ROUNDS
+                varies by more than a few steps take, is not in it), greedy; best of DECODE_ROUNDS + 1 (one
+                before the read probe is allocated, one after each probe)
   read GB/s     the memory's read rate (a sum over READ_PROBE_BYTES), measured in the same process in turns
                 with the decode rounds, best of DECODE_ROUNDS: this machine's read speed moves in phases of
                 seconds, so a rate taken minutes apart would set the wrong limit
