@@ -240,16 +240,19 @@ def _morse(rng: np.random.Generator) -> tuple[np.ndarray, str, dict]:
     unit = _samples(MORSE_UNIT_SECONDS / wpm)  # every element is a whole number of these samples
     t = np.arange(DASH * unit) / SAMPLING_RATE
     carrier = np.sin(2 * np.pi * hz * t + rng.uniform(0, 2 * np.pi))
-    parts = []
+    parts, spans = [], []  # spans: each letter's first and last sample + 1, from the sound's start
     for i, letter in enumerate(letters):
+        start = sum(map(len, parts))
         for j, symbol in enumerate(MORSE_CODE[letter]):
             if j:
                 parts.append(np.zeros(ELEMENT_GAP * unit))
             parts.append(_faded(carrier[: (DOT if symbol == "." else DASH) * unit]))
+        spans.append((start, sum(map(len, parts))))
         if i < len(letters) - 1:
             parts.append(np.zeros(LETTER_GAP * unit))
     answer = f'{TRANSCRIPTION_PREFIXES[0]} "{letters}".'  # AF3's framing: transcribe strips it again
-    return np.concatenate(parts), answer, {"letters": letters, "frequency_hz": hz, "wpm": wpm}
+    facts = {"letters": letters, "frequency_hz": hz, "wpm": wpm, "letter_samples": spans}
+    return np.concatenate(parts), answer, facts
 
 
 def _order(rng: np.random.Generator) -> tuple[np.ndarray, str, dict]:
@@ -323,6 +326,19 @@ def make_example(task: str, rng: np.random.Generator, phrasing: int | None = Non
     waveform, mixing = _mix(rng, task, sound)
     question = phrasings[drawn if phrasing is None else phrasing]
     return Example(task, question, answer, waveform, {**facts, **mixing})
+
+
+def letter_spans(example: Example) -> list[tuple[str, float, float]]:
+    """A morse clip's letters in order, each with the seconds (from the clip's first sample) where its first
+    element starts and its last one ends."""
+    if example.task != "morse":
+        raise ConfigError(f"letter_spans needs a morse example, got a {example.task} one")
+    lead = _samples(example.facts["lead_seconds"])  # the samples of silence _mix put before the sound
+    letters, spans = example.facts["letters"], example.facts["letter_samples"]
+    return [
+        (letter, (lead + start) / SAMPLING_RATE, (lead + end) / SAMPLING_RATE)
+        for letter, (start, end) in zip(letters, spans, strict=True)
+    ]
 
 
 def example_rng(task: str, seed: int, index: int) -> np.random.Generator:

@@ -31,11 +31,13 @@ class TrainConfig:
     vocab_size: int = 512
     # the data: which tasks, how often each is drawn, clips per step, steps whose clips are sorted together
     tasks: tuple[str, ...] = TASKS
-    task_weights: tuple[float, ...] = (1.5, 0.75, 1.0, 1.25, 1.0, 2.0)
+    task_weights: tuple[float, ...] = (1.5, 0.75, 1.0, 1.25, 1.0, 3.5)
     # a curriculum: the first listen_steps steps draw only these tasks, whose answers a clip's length
     # cannot give away, so the encoder learns to hear before count and duration reward reading lengths
     listen_tasks: tuple[str, ...] = ("pitch", "kind", "loudness")
     listen_steps: int = 300
+    # an aid to reading Morse: the weight of letter_head.py's loss (each audio token's letter), 0: none
+    letter_loss: float = 1.0
     batch_size: int = 16
     pool_batches: int = 8
     # the optimisation
@@ -73,8 +75,11 @@ class TrainConfig:
             raise ConfigError(
                 f"train: need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}"
             )
-        if self.weight_decay < 0 or self.grad_clip <= 0:
-            raise ConfigError("train: weight_decay must be >= 0 and grad_clip > 0")
+        for name in ("weight_decay", "letter_loss"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train: {name} must be >= 0, got {getattr(self, name)}")
+        if self.grad_clip <= 0:
+            raise ConfigError(f"train: grad_clip must be > 0, got {self.grad_clip}")
         unknown = [t for t in (*self.tasks, *self.listen_tasks) if t not in ALL_TASKS]
         if not self.tasks or unknown:
             raise ConfigError(

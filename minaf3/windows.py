@@ -35,6 +35,7 @@ MAX_AUDIO_SECONDS = 600  # the processor's max_audio_len
 MAX_WINDOWS = MAX_AUDIO_SECONDS // WINDOW_SECONDS  # 20 windows
 MAX_AUDIO_SAMPLES = MAX_WINDOWS * WINDOW_SAMPLES  # 9,600,000 samples
 TOKENS_PER_WINDOW = FRAMES_PER_WINDOW // 4  # 750: conv2 halves the frames, the average pool halves them again
+TOKEN_SECONDS = WINDOW_SECONDS / TOKENS_PER_WINDOW  # 0.04: the audio one token stands for
 
 
 def _check_count(num_samples: int, what: str = "num_samples") -> int:

@@ -405,3 +405,27 @@ def test_bad_arguments_raise_config_errors_naming_them(call, argument):
 def test_write_dataset_refuses_what_is_not_an_example(tmp_path):
     with pytest.raises(ConfigError, match=re.escape("items[1]")):
         tasks.write_dataset(tmp_path, [example_at("count", 0, 0), "clip.wav"])
+
+
+@PROPERTY
+@given(seed=SEEDS)
+def test_letter_spans_are_where_the_waveform_keys_each_letter(seed):
+    """tasks.letter_spans (what letter_head.py trains on) against the on/off pattern: a letter runs from the
+    start of its first burst to the end of its last, and the letters are those the answer names."""
+    ex = example_at("morse", seed, 0)
+    found = bursts(ex.waveform)
+    groups = [[found[0]]]
+    for before, burst in zip(found, found[1:], strict=False):
+        if (burst[0] - before[1]) / SR > 0.13:  # a gap between letters (3 units), not inside one (1 unit)
+            groups.append([])
+        groups[-1].append(burst)
+    spans = tasks.letter_spans(ex)
+    assert "".join(letter for letter, _, _ in spans) == strip_transcription_prefix(ex.answer)
+    assert len(spans) == len(groups)
+    for (_, start, end), group in zip(spans, groups, strict=True):
+        assert abs(start - group[0][0] / SR) < EDGE and abs(end - group[-1][1] / SR) < EDGE
+
+
+def test_letter_spans_are_for_morse_clips_only():
+    with pytest.raises(ConfigError, match="morse example"):
+        tasks.letter_spans(example_at("count", 0, 0))
