@@ -2,7 +2,7 @@
 
     build_once(build)              a thread-safe `load_extension`: calls build() once per process
     compile_library(name, ...)     torch.utils.cpp_extension.load with ninja, saying so when it compiles
-    keyed_name(name, source, ...)  the build's folder: one per source, flags and torch build
+    keyed_name(name, source, ...)  the build's folder: one per source, flags and build environment
     build_openmp_library(...)      the same for an AVX2 operator library, with OpenMP when the compiler has it
     load_together(*loaders)        several kernels' load_extension at once: first builds run side by side
     exclusive_build(build_dir)     one process builds a library at a time; clears a killed build's lock
@@ -10,10 +10,10 @@
     resolve_backend(...)           "auto" | "cpp" | "torch" from an argument or an environment variable
 
 A kernel is compiled on first use, into torch's extension cache ($TORCH_EXTENSIONS_DIR, default
-~/.cache/torch_extensions), in a folder of its own for each source, flags and torch build (keyed_name), and
-loaded from there afterwards: two checkouts or environments on one machine share a build when it is the same
-and never replace each other's. Compiling takes about 10 s on two cores, so a process that compiles logs a
-line saying so rather than stall in silence.
+~/.cache/torch_extensions), in a folder of its own for each source, flags and build environment (the torch
+installation and Python: keyed_name), and loaded from there afterwards: two checkouts with one environment
+share a build, and two environments never replace each other's. Compiling takes about 10 s on two cores,
+so a process that compiles logs a line saying so rather than stall in silence.
 A failed build is never fatal: each kernel keeps a torch path and logs one warning naming the cause.
 """
 
@@ -26,6 +26,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -107,11 +108,11 @@ def compile_library(name: str, source: Path, cflags: list[str], ldflags: list[st
     notice = threading.Timer(
         NOTICE_SECONDS,
         logger.warning,
-        ("%s: compiling %s (once per source, flags and torch build; about 10 s)", what, source.name),
+        ("%s: compiling %s (once per source, flags and environment; about 10 s)", what, source.name),
     )
     notice.daemon = True
     notice.start()
-    # A build of its own for each combination of what it depends on (build_key): two checkouts or two
+    # A build of its own for each combination of what it depends on (keyed_name): two checkouts or two
     # environments on one machine then never rebuild each other's kernels, as they would sharing one folder.
     # The folder is where torch itself would put such a build ($TORCH_EXTENSIONS_DIR/name, or its
     # per-Python default), so that the lock below sits beside the build it guards.
@@ -140,14 +141,24 @@ def compile_library(name: str, source: Path, cflags: list[str], ldflags: list[st
 
 
 def keyed_name(name: str, source: Path, cflags: list[str], ldflags: list[str]) -> str:
-    """`name` and 16 hex digits naming what its build depends on: the source's bytes, the flags, the torch
-    build (its version and the C++ ABI of its headers) and the Python version."""
-    import torch
-
+    """`name` and 16 hex digits naming what its build depends on: the source's bytes, the flags and the
+    build environment (build_environment)."""
     digest = hashlib.sha256(source.read_bytes())
-    for part in (cflags, ldflags, [torch.__version__, str(torch._C._GLIBCXX_USE_CXX11_ABI), sys.version]):
+    for part in (cflags, ldflags, build_environment()):
         digest.update(repr(part).encode())
     return f"{name}_{digest.hexdigest()[:16]}"
+
+
+def build_environment() -> list[str]:
+    """What a build command takes from the environment: torch's version, the C++ ABI of its headers and the
+    folder they are installed in, and Python's version and include folder. The folders are part of the
+    command (-isystem ...), and ninja rebuilds when a command changes: two virtual environments with the
+    same torch sharing one build would rebuild it each time they alternate."""
+    import torch
+
+    torch_folder = os.path.dirname(os.path.abspath(torch.__file__))  # as cpp_extension finds it
+    abi = str(torch._C._GLIBCXX_USE_CXX11_ABI)
+    return [torch.__version__, abi, torch_folder, sys.version, sysconfig.get_paths()["include"]]
 
 
 @contextlib.contextmanager

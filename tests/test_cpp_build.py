@@ -3,6 +3,7 @@ compiler, a compiler without OpenMP) are tested with each kernel: test_log_mel.p
 test_cpu_attention.py."""
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -11,6 +12,7 @@ import pytest
 from minaf3.kernels.cpp_build import (
     AVX2_FLAGS,
     OPENMP_FLAGS,
+    build_environment,
     build_once,
     compile_library,
     exclusive_build,
@@ -178,3 +180,23 @@ def test_builds_are_keyed_by_source_and_flags_not_by_path(tmp_path, monkeypatch,
     compile_library("minaf3_probe_key", here / "probe.cpp", ["-O2"], [], "probe")
     folders = sorted(p.name for p in (tmp_path / "cache").iterdir() if p.is_dir())
     assert len(folders) == 3 and built[0] in folders and library.stat().st_mtime_ns == stamp
+
+
+def test_every_folder_a_build_command_names_is_in_its_key(tmp_path, monkeypatch):
+    """ninja rebuilds when a build's command changes, and the command names the torch and Python include
+    folders of the environment that ran it: each such folder is part of the key (build_environment), so
+    another virtual environment with the same torch builds into a folder of its own instead."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    (tmp_path / "probe.cpp").write_text("int minaf3_probe_env() { return 1; }\n")
+    compile_library("minaf3_probe_env", tmp_path / "probe.cpp", ["-O1"], [], "probe")
+    folder = tmp_path / "cache" / keyed_name("minaf3_probe_env", tmp_path / "probe.cpp", ["-O1"], [])
+    command = (folder / "build.ninja").read_text()
+    included = re.findall(r"-isystem (\S+)", command)
+    assert included
+    folders = [part for part in build_environment() if part.startswith("/")]
+    assert all(any(path.startswith(folder) for folder in folders) for path in included)
+    import torch
+
+    key = keyed_name("x", tmp_path / "probe.cpp", [], [])
+    monkeypatch.setattr(torch, "__file__", str(tmp_path / "other-venv" / "torch" / "__init__.py"))
+    assert keyed_name("x", tmp_path / "probe.cpp", [], []) != key  # another torch installation, another build

@@ -148,4 +148,4 @@ def test_narrower_vector_builds_match_the_torch_path(tmp_path, capability, libra
     loaded, error = done.stdout.split()
     assert loaded == "True" and float(error) <= TOLERANCE, done.stdout + done.stderr
     assert list(tmp_path.rglob(f"{library}_*.so")), f"{library} was not built"
-    assert "log-mel kernel: compiling log_mel.cpp (once per source, flags and torch build" in done.stderr
+    assert "log-mel kernel: compiling log_mel.cpp (once per source, flags and environment" in done.stderr
