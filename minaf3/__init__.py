@@ -27,7 +27,7 @@ The pipeline, one module per stage:
                       batch (batch.py, manifest.py, records.py), eval (evaluate.py, datasets.py,
                       metrics.py), finetune (finetune.py: LoRA adapters in PEFT's format), serve
                       (serve/), train (train.py: a tiny AF3 learns the synthetic listening tasks of tasks.py;
-                      letter_head.py: the aid that teaches it to read Morse)
+                      sound_heads.py: the aids that teach it to count and to read Morse)
 
 Checkpoint layouts live in `minaf3.weights` (weights/), Triton and C++ kernels in `minaf3.kernels` (kernels/).
 `import minaf3` imports nothing else: the names below and the submodules (`minaf3.attention.use_backend(...)`)
@@ -67,9 +67,9 @@ _EXPORTS = {
 # Every submodule, reachable as an attribute (minaf3.attention) without an import statement of its own.
 _SUBMODULES = set(
     """attention audio batch chat_template cli config conversation datasets decoder decoding demo dtypes
-    encoder errors estimate evaluate features finetune finetune_config generate kernels letter_head linear
-    lora loss manifest mel metrics model pipeline processor processor_files quantize records sampling segments
-    streamer tasks train train_config weights windows""".split()
+    encoder errors estimate evaluate features finetune finetune_config generate kernels linear lora loss
+    manifest mel metrics model pipeline processor processor_files quantize records sampling segments
+    sound_heads streamer tasks train train_config weights windows""".split()
 )
 
 __all__ = sorted([*_EXPORTS, "TINY_MODEL"])

@@ -158,10 +158,13 @@ def _count(rng: np.random.Generator) -> tuple[np.ndarray, str, dict]:
     hz = _log_uniform(rng, BEEP_HZ)
     beeps = [rng.uniform(*BEEP_SECONDS) for _ in range(count)]
     gaps = [rng.uniform(*GAP_SECONDS) for _ in range(count - 1)]
-    parts = [_faded(_tone(rng, hz, beeps[0]))]
+    parts, spans = [_faded(_tone(rng, hz, beeps[0]))], [(0, _samples(beeps[0]))]
     for gap, beep in zip(gaps, beeps[1:], strict=True):
         parts += [_silence(gap), _faded(_tone(rng, hz, beep))]
+        end = sum(map(len, parts))
+        spans.append((end - len(parts[-1]), end))  # each beep's first and last sample + 1
     facts = {"count": count, "frequency_hz": hz, "beep_seconds": beeps, "gap_seconds": gaps}
+    facts["beep_samples"] = spans
     return np.concatenate(parts), _plural(count, "beep"), facts
 
 
@@ -328,16 +331,23 @@ def make_example(task: str, rng: np.random.Generator, phrasing: int | None = Non
     return Example(task, question, answer, waveform, {**facts, **mixing})
 
 
-def letter_spans(example: Example) -> list[tuple[str, float, float]]:
-    """A morse clip's letters in order, each with the seconds (from the clip's first sample) where its first
-    element starts and its last one ends."""
-    if example.task != "morse":
-        raise ConfigError(f"letter_spans needs a morse example, got a {example.task} one")
+LABELLED = ("count", "morse")  # the tasks whose sounds labelled_spans names
+
+
+def labelled_spans(example: Example) -> list[tuple[str, float, float]]:
+    """The sounds of a count or morse clip in order, each a (label, start, end) with the seconds from the
+    clip's first sample where it starts and ends: for count each beep, labelled by its number ("1".."6");
+    for morse each letter, from its first element's start to its last one's end."""
+    if example.task not in LABELLED:
+        raise ConfigError(f"labelled_spans needs a count or morse example, got a {example.task} one")
     lead = _samples(example.facts["lead_seconds"])  # the samples of silence _mix put before the sound
-    letters, spans = example.facts["letters"], example.facts["letter_samples"]
+    if example.task == "count":
+        labels, spans = [str(i + 1) for i in range(example.facts["count"])], example.facts["beep_samples"]
+    else:
+        labels, spans = example.facts["letters"], example.facts["letter_samples"]
     return [
-        (letter, (lead + start) / SAMPLING_RATE, (lead + end) / SAMPLING_RATE)
-        for letter, (start, end) in zip(letters, spans, strict=True)
+        (label, (lead + start) / SAMPLING_RATE, (lead + end) / SAMPLING_RATE)
+        for label, (start, end) in zip(labels, spans, strict=True)
     ]
 
 

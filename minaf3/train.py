@@ -11,7 +11,8 @@ tasks' text, trained from `init_weights` as the 7B would be fine-tuned. Every st
               listen_steps steps, among listen_tasks only), the clip from its training seed
     batch     the processor: chat template with the answer, log-mel, labels on the answer only
     loss      model(**batch).loss: next-token cross-entropy over the answers' tokens and closing <|im_end|>,
-              plus, on morse clips, letter_loss x the letter head's loss on the audio rows (letter_head.py)
+              plus, on count and morse clips, beep_loss and letter_loss x the span heads' losses on the
+              audio rows (sound_heads.py: which beep, which letter sounds at each audio token)
     update    backward, gradient norm clipped to grad_clip, AdamW at the step's learning rate
               (linear warmup over warmup_steps, then cosine decay to min_lr at `steps`)
 
@@ -50,10 +51,10 @@ from minaf3.config import AudioFlamingo3Config
 from minaf3.demo import ENDOFTEXT, IM_END, model_config, train_tokenizer
 from minaf3.dtypes import cpu_has_native_bf16
 from minaf3.errors import ConfigError
-from minaf3.letter_head import LetterHead, letter_targets, loss_with_letters
 from minaf3.model import AudioFlamingo3ForConditionalGeneration
 from minaf3.processor import TRANSCRIPTION_PREFIXES, AudioFlamingo3Processor
 from minaf3.sampling import GenerationConfig
+from minaf3.sound_heads import SpanHead, loss_with_heads, span_targets
 from minaf3.tasks import (
     ALL_TASKS,
     FIRST_TRAIN_SEED,
@@ -66,7 +67,14 @@ from minaf3.tasks import (
     examples,
     score_answer,
 )
-from minaf3.train_config import BOOKKEEPING, TrainConfig, add_options, from_options, learning_rate
+from minaf3.train_config import (
+    BOOKKEEPING,
+    TrainConfig,
+    add_options,
+    aid_weights,
+    from_options,
+    learning_rate,
+)
 from minaf3.windows import MAX_AUDIO_SECONDS
 
 STATE, LOG = "train/state.pt", "train/log.jsonl"
@@ -192,23 +200,23 @@ def evaluate(model, processor, tasks: tuple[str, ...], clips: int, seed: int = E
 
 
 def save_state(
-    folder: Path, model, optimizer, step: int, config: TrainConfig, world: int = 1, head=None
+    folder: Path, model, optimizer, step: int, config: TrainConfig, world: int = 1, heads=()
 ) -> None:
     """Write train/state.pt atomically (a kill while writing keeps the previous one), then the hub files.
-    head: the LetterHead training beside the model, kept in the state only."""
+    heads: the SpanHeads training beside the model, kept in the state only."""
     path = folder / STATE
     path.parent.mkdir(parents=True, exist_ok=True)
     settings = dataclasses.asdict(config) | {"processes": world}
     state = {"step": step, "config": settings, "model": model.state_dict()}
-    if head is not None:
-        state["letter_head"] = head.state_dict()
+    if heads:
+        state["heads"] = {head.task: head.state_dict() for head in heads}
     torch.save(state | {"optimizer": optimizer.state_dict()}, path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
     model.save_pretrained(folder)
 
 
-def resume(folder: Path, model, optimizer, config: TrainConfig, world: int = 1, head=None) -> int:
-    """Load train/state.pt into model, optimizer (and head) if there is one; the step to start from (0 if
+def resume(folder: Path, model, optimizer, config: TrainConfig, world: int = 1, heads=()) -> int:
+    """Load train/state.pt into model, optimizer (and heads) if there is one; the step to start from (0 if
     none). The run must go on with the settings it started with (bookkeeping aside) and as many processes."""
     path = folder / STATE
     if not path.is_file():
@@ -224,8 +232,8 @@ def resume(folder: Path, model, optimizer, config: TrainConfig, world: int = 1, 
             "resume with the same ones or train into another --out folder"
         )
     model.load_state_dict(state["model"])
-    if head is not None:
-        head.load_state_dict(state["letter_head"])
+    for head in heads:
+        head.load_state_dict(state["heads"][head.task])
     optimizer.load_state_dict(state["optimizer"])
     return state["step"]
 
@@ -248,20 +256,20 @@ def truncate_log(folder: Path, step: int) -> None:
 
 
 def train_step(
-    model, optimizer, batch: dict, lr: float, config: TrainConfig, world: int = 1, letters=None
+    model, optimizer, batch: dict, lr: float, config: TrainConfig, world: int = 1, aids=()
 ) -> tuple[float, float]:
-    """One update: the loss of `batch` (with letters = (head, targets), plus the letter head's, as in
-    letter_head.py), its gradients (averaged over the `world` processes of a torchrun run, each holding its
-    share of the batch), their norm clipped to grad_clip, AdamW at `lr`. Returns (the model's own loss
-    averaged over the processes, gradient norm before clipping). Any model whose forward takes the
+    """One update: the loss of `batch` (with aids = [(head, targets, weight), ...], plus the span heads',
+    as in sound_heads.py), its gradients (averaged over the `world` processes of a torchrun run, each
+    holding its share of the batch), their norm clipped to grad_clip, AdamW at `lr`. Returns (the model's
+    own loss averaged over the processes, gradient norm before clipping). Any model whose forward takes the
     processor's outputs and returns `.loss` trains here (tools/bench_train.py runs transformers' AF3)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16 and cpu_has_native_bf16()):
-        if letters is None:
-            minimised = loss = model(**batch).loss
+        if aids:
+            minimised, loss = loss_with_heads(model, batch, aids)
         else:
-            minimised, loss = loss_with_letters(model, batch, *letters, config.letter_loss)
+            minimised = loss = model(**batch).loss
     minimised.backward()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     loss = loss.detach()
@@ -278,14 +286,14 @@ def train_step(
     return loss.item(), float(norm)
 
 
-def new_optimizer(model, config: TrainConfig, head=None) -> torch.optim.AdamW:
-    """AdamW over the parameters that train (the model's, and the LetterHead's if one trains beside it),
+def new_optimizer(model, config: TrainConfig, heads=()) -> torch.optim.AdamW:
+    """AdamW over the parameters that train (the model's, and those of the SpanHeads beside it),
     weight decay on matrices only (not on norms and biases, as GPT-2 and nanoGPT): the encoder's positions
     stay Whisper's sinusoids, as in Whisper."""
     for name, parameter in model.named_parameters():
         if name.endswith("audio_tower.embed_positions.weight"):
             parameter.requires_grad_(False)
-    modules = (model,) if head is None else (model, head)
+    modules = (model, *heads)
     trained = [p for module in modules for p in module.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in trained if p.dim() >= 2], "weight_decay": config.weight_decay},
@@ -321,12 +329,11 @@ def _train(config: TrainConfig, folder: Path, progress: bool, until: int | None,
     model, processor = new_model(config)
     if (folder / STATE).is_file():  # the tokenizer of a resumed run is the one it started with
         processor = AudioFlamingo3Processor.from_pretrained(folder)
-    # The letter head trains beside the model while morse is one of the tasks (letter_head.py).
-    head = None
-    if config.letter_loss and "morse" in config.tasks:
-        head = LetterHead(model.config.decoder.hidden_size, config.seed)
-    optimizer = new_optimizer(model, config, head)
-    start = resume(folder, model, optimizer, config, world, head)
+    # The span heads train beside the model for the tasks that have them (sound_heads.py).
+    weights = aid_weights(config)
+    heads = [SpanHead(task, model.config.decoder.hidden_size, config.seed) for task in weights]
+    optimizer = new_optimizer(model, config, heads)
+    start = resume(folder, model, optimizer, config, world, heads)
     if start == 0 and rank == 0:
         (folder / LOG).parent.mkdir(parents=True, exist_ok=True)
         save(model, processor, folder)
@@ -344,12 +351,10 @@ def _train(config: TrainConfig, folder: Path, progress: bool, until: int | None,
             batches = pool_batches(config, pool)
         clips = batches[step % config.pool_batches][rank::world]
         batch = training_batch(processor, clips)
-        letters = None
-        if head is not None:
-            tokens = (batch["input_ids"] == model.config.audio_token_id).sum(-1).tolist()
-            letters = (head, letter_targets(clips, tokens))
+        tokens = (batch["input_ids"] == model.config.audio_token_id).sum(-1).tolist()
+        aids = [(head, span_targets(head.task, clips, tokens), weights[head.task]) for head in heads]
         lr = learning_rate(config, step)
-        loss, norm = train_step(model, optimizer, batch, lr, config, world, letters)
+        loss, norm = train_step(model, optimizer, batch, lr, config, world, aids)
         losses.append(loss)
         window["tokens"] += int(batch["attention_mask"].sum()) * world  # about: the other shares are alike
         window["seconds"] += time.perf_counter() - tick
@@ -369,7 +374,7 @@ def _train(config: TrainConfig, folder: Path, progress: bool, until: int | None,
             log_line(folder, {"step": done, "eval": scores})
             bar.write(f"step {done}: " + ", ".join(f"{t} {s['exact']:.0%}" for t, s in scores.items()))
         if rank == 0 and (done % config.save_every == 0 or done == config.steps):
-            save_state(folder, model, optimizer, done, config, world, head)
+            save_state(folder, model, optimizer, done, config, world, heads)
         bar.update(1)
     bar.close()
     return TrainResult(folder, losses, start + len(losses), time.perf_counter() - began)

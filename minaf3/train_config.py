@@ -36,7 +36,9 @@ class TrainConfig:
     # cannot give away, so the encoder learns to hear before count and duration reward reading lengths
     listen_tasks: tuple[str, ...] = ("pitch", "kind", "loudness")
     listen_steps: int = 300
-    # an aid to reading Morse: the weight of letter_head.py's loss (each audio token's letter), 0: none
+    # aids to counting and reading Morse: the weights of sound_heads.py's losses (each audio token's beep
+    # number, each audio token's letter), 0: none
+    beep_loss: float = 0.0
     letter_loss: float = 1.0
     batch_size: int = 16
     pool_batches: int = 8
@@ -75,7 +77,7 @@ class TrainConfig:
             raise ConfigError(
                 f"train: need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}"
             )
-        for name in ("weight_decay", "letter_loss"):
+        for name in ("weight_decay", "beep_loss", "letter_loss"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train: {name} must be >= 0, got {getattr(self, name)}")
         if self.grad_clip <= 0:
@@ -142,3 +144,10 @@ def learning_rate(config: TrainConfig, step: int) -> float:
         return config.lr * (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, config.steps - 1 - config.warmup_steps)
     return config.min_lr + (config.lr - config.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def aid_weights(config: TrainConfig) -> dict[str, float]:
+    """{task: weight} of the span heads (sound_heads.py) that train beside the model: count's and morse's,
+    when the task is trained and its weight is not 0."""
+    weights = {"count": config.beep_loss, "morse": config.letter_loss}
+    return {task: w for task, w in weights.items() if w and task in config.tasks}

@@ -409,9 +409,10 @@ def test_write_dataset_refuses_what_is_not_an_example(tmp_path):
 
 @PROPERTY
 @given(seed=SEEDS)
-def test_letter_spans_are_where_the_waveform_keys_each_letter(seed):
-    """tasks.letter_spans (what letter_head.py trains on) against the on/off pattern: a letter runs from the
-    start of its first burst to the end of its last, and the letters are those the answer names."""
+def test_labelled_spans_are_where_the_waveform_keys_each_letter(seed):
+    """tasks.labelled_spans of a morse clip (what sound_heads.py trains on) against the on/off pattern: a
+    letter runs from the start of its first burst to the end of its last, and the letters are those the
+    answer names."""
     ex = example_at("morse", seed, 0)
     found = bursts(ex.waveform)
     groups = [[found[0]]]
@@ -419,13 +420,28 @@ def test_letter_spans_are_where_the_waveform_keys_each_letter(seed):
         if (burst[0] - before[1]) / SR > 0.13:  # a gap between letters (3 units), not inside one (1 unit)
             groups.append([])
         groups[-1].append(burst)
-    spans = tasks.letter_spans(ex)
+    spans = tasks.labelled_spans(ex)
     assert "".join(letter for letter, _, _ in spans) == strip_transcription_prefix(ex.answer)
     assert len(spans) == len(groups)
     for (_, start, end), group in zip(spans, groups, strict=True):
         assert abs(start - group[0][0] / SR) < EDGE and abs(end - group[-1][1] / SR) < EDGE
 
 
-def test_letter_spans_are_for_morse_clips_only():
-    with pytest.raises(ConfigError, match="morse example"):
-        tasks.letter_spans(example_at("count", 0, 0))
+@PROPERTY
+@given(seed=SEEDS)
+def test_labelled_spans_are_where_the_waveform_beeps(seed):
+    """tasks.labelled_spans of a count clip against the bursts the detector finds: one span per beep,
+    numbered 1, 2, ... in time order up to the answer's count, each where its burst is."""
+    ex = example_at("count", seed, 0)
+    found = bursts(ex.waveform)
+    spans = tasks.labelled_spans(ex)
+    assert [label for label, _, _ in spans] == [str(i + 1) for i in range(int(ex.answer.split()[0]))]
+    assert len(spans) == len(found)
+    for (_, start, end), (a, b) in zip(spans, found, strict=True):
+        assert abs(start - a / SR) < EDGE and abs(end - b / SR) < EDGE
+
+
+@pytest.mark.parametrize("task", ["pitch", "kind", "duration", "loudness", "order"])
+def test_labelled_spans_are_for_count_and_morse_clips_only(task):
+    with pytest.raises(ConfigError, match="count or morse example"):
+        tasks.labelled_spans(example_at(task, 0, 0))

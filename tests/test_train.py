@@ -135,6 +135,7 @@ def test_learning_rate_warms_up_then_decays_to_min_lr():
         (dict(text_kv_heads=3), "not a multiple"),
         (dict(bf16="yes"), "bf16 must be True or False"),
         (dict(letter_loss=-0.5), "letter_loss must be >= 0"),
+        (dict(beep_loss=-1.0), "beep_loss must be >= 0"),
         (dict(weight_decay=-1.0), "weight_decay must be >= 0, got -1.0"),
         (dict(grad_clip=0.0), "grad_clip must be > 0"),
     ],
