@@ -31,19 +31,19 @@ class TrainConfig:
     vocab_size: int = 512
     # the data: which tasks, how often each is drawn, clips per step, steps whose clips are sorted together
     tasks: tuple[str, ...] = TASKS
-    task_weights: tuple[float, ...] = (1.5, 0.75, 1.0, 1.25, 1.0, 3.5)
+    task_weights: tuple[float, ...] = (2.5, 0.75, 1.0, 1.25, 1.0, 3.0)
     # a curriculum: the first listen_steps steps draw only these tasks, whose answers a clip's length
     # cannot give away, so the encoder learns to hear before count and duration reward reading lengths
     listen_tasks: tuple[str, ...] = ("pitch", "kind", "loudness")
     listen_steps: int = 300
     # aids to counting and reading Morse: the weights of sound_heads.py's losses (each audio token's beep
     # number, each audio token's letter), 0: none
-    beep_loss: float = 0.0
+    beep_loss: float = 1.0
     letter_loss: float = 1.0
     batch_size: int = 16
     pool_batches: int = 8
     # the optimisation
-    steps: int = 8000
+    steps: int = 7000
     lr: float = 1e-3
     min_lr: float = 5e-5
     warmup_steps: int = 200
