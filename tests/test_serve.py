@@ -63,8 +63,10 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def batching(demo_checkpoint):
-    """Batches of 2, a 30 s window (a batch forms when full), a queue of 2 rows, an API key."""
+    """Batches of 2, a 30 s window (a batch forms when full), a queue of 2 rows, an API key; any padding, so
+    clips of any length batch together (how rows are grouped by length: test_serve_batcher.py)."""
     argv = ["--model", demo_checkpoint, "--max-batch-size", 2, "--batch-window-ms", 30_000, "--max-queue", 2]
+    argv += ["--max-padding", 100]
     with ThreadServer(*argv, "--max-new-tokens", 4000, "--api-key", KEY) as running:
         yield running.wait_ready()
 

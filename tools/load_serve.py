@@ -5,8 +5,9 @@
 
 Starts two `minaf3 serve` subprocesses on 127.0.0.1 (free ports), on minaf3.TINY_MODEL unless --model is
 given: one with --max-batch-size 1 (one request per generate call: serving one request at a time), one with
-dynamic batching (--max-batch-size 32, the default 10 ms window). In each of --rounds rounds, the two take
-turns (an idle server costs nothing, and turns spread the machine's other load over both); each time the same
+dynamic batching (--max-batch-size 32, the default 10 ms window, the default --max-padding or the one
+given). In each of --rounds rounds, the two take turns (an idle server costs nothing, and turns spread the
+machine's other load over both); each time the same
 clients x requests chat requests are sent by `clients` threads at once, each client sending its requests one
 after another, every fourth one streamed, greedy. The "tasks" workload: 8 clips of the listening tasks
 (tasks.py, evaluation seed 0) with their own questions, answered to their end (at most --max-tokens). The
@@ -283,6 +284,9 @@ def main() -> int:
     parser.add_argument("--min-tokens", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-batch-size", type=int, default=32, help="of the batched server")
+    parser.add_argument(
+        "--max-padding", type=float, default=None, help="of the batched server (default: the server's)"
+    )
     parser.add_argument("--rounds", type=int, default=5, help="rounds, the two servers taking turns")
     parser.add_argument("--threads", type=int, default=None, help="the servers' torch threads")
     args = parser.parse_args()
@@ -307,13 +311,12 @@ def main() -> int:
         f"greedy, {answers}; {args.rounds} rounds, the servers taking turns; torch threads: "
         f"{args.threads or 'the server default'}\n"
     )
-    modes = {"one at a time": 1, "dynamic batching": args.max_batch_size}
+    padding = ["--max-padding", str(args.max_padding)] if args.max_padding is not None else []
+    modes = {"one at a time": ["--max-batch-size", "1"]}
+    modes["dynamic batching"] = ["--max-batch-size", str(args.max_batch_size), *padding]
     rounds: dict[str, list[dict]] = {name: [] for name in modes}
     with contextlib.ExitStack() as stack:
-        servers = {
-            name: stack.enter_context(Server(model, "--max-batch-size", str(size), *options))
-            for name, size in modes.items()
-        }
+        servers = {name: stack.enter_context(Server(model, *mode, *options)) for name, mode in modes.items()}
         for server in servers.values():
             send(server.port, bodies[0])  # warm up: kernels loaded, first-call costs paid
         for _ in range(args.rounds):

@@ -30,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, UploadFile
 
 from minaf3.serve import responses
-from minaf3.serve.batcher import Batcher, Closed, QueueFull
+from minaf3.serve.batcher import DEFAULT_MAX_PADDING, Batcher, Closed, QueueFull
 from minaf3.serve.openai_format import Limits, parse_chat_request, parse_transcription_form
 from minaf3.serve.responses import APIError
 from minaf3.serve.service import Channel, Service
@@ -55,6 +55,7 @@ class ServeOptions:
     max_body_bytes: int = 25 * 2**20  # request bodies: uploads, JSON with base64 audio
     allow_audio_urls: bool = False
     compile: bool = False
+    max_padding: float = DEFAULT_MAX_PADDING  # left padding a call may add, a fraction of its prompt tokens
 
 
 class ServerState:
@@ -125,6 +126,7 @@ def create_app(options: ServeOptions, load: Callable, on_load_error: Callable | 
                 window=options.batch_window,
                 max_queue=options.max_queue,
                 compile=options.compile,
+                max_padding=options.max_padding,
             )
             state.service = Service(pipe, batcher, limits, options.model_id)
             logger.info("minaf3 serve: model %s loaded, ready", options.model_id)

@@ -7,10 +7,11 @@ per segment of up to 600 s). One worker thread owns the model and loops:
     collect: until `max_batch_size` jobs compatible with the oldest are queued, or `window` seconds have
              passed since the oldest arrived (no wait at all when it has already waited that long, e.g.
              behind a running batch)
-    take:    the oldest job's group, oldest first: jobs with the same key (greedy, or the same sampling
+    take:    the oldest job and, from its group (jobs with the same key: greedy, or the same sampling
              settings; a seeded sampled job is a group of its own, so its draws depend on its seed alone),
-             up to max_batch_size rows while rows x (longest prompt + most new tokens) <= token_budget and
-             within the model's context
+             the jobs nearest it in prompt length, up to max_batch_size rows while rows x (longest prompt +
+             most new tokens) <= token_budget, within the model's context, and while left padding adds at
+             most max_padding of the rows' real prompt tokens (prefill pays for every padded position)
     run:     left-pad the rows into one batch, generate once (max_new_tokens: the largest the rows ask for),
              each row's tokens to its RowSink (rows.py)
 
@@ -42,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_WINDOW_SECONDS = 0.01
 DEFAULT_MAX_QUEUE = 256
+DEFAULT_MAX_PADDING = 0.25  # padded prompt positions a call may add, as a fraction of its real ones
 
 
 class QueueFull(Exception):
@@ -131,10 +133,11 @@ class Batcher:
         max_queue: int = DEFAULT_MAX_QUEUE,
         token_budget: int = 65_536,
         compile: bool = False,
+        max_padding: float = DEFAULT_MAX_PADDING,
     ):
         self.model, self.pad_id, self.context = model, pad_id, context
         self.max_batch_size, self.window, self.max_queue = max_batch_size, window, max_queue
-        self.token_budget, self.compile = token_budget, compile
+        self.token_budget, self.compile, self.max_padding = token_budget, compile, max_padding
         self.stats = Stats()
         self.running = 0  # rows in the generate call under way
         self._queue: deque[Job] = deque()
@@ -224,23 +227,46 @@ class Batcher:
         self._queue = deque(kept)
 
     def _take(self) -> list[Job]:
-        """The oldest job's group, oldest first, within max_batch_size, the token budget and the context."""
-        key = self._queue[0].key
-        batch: list[Job] = []
-        for job in self._queue:
-            if job.key != key:
-                continue
-            rows = batch + [job]
-            longest = max(j.length for j in rows) + max(j.sink.max_tokens for j in rows)
-            fits = len(rows) <= self.max_batch_size and longest <= self.context
-            if batch and (not fits or len(rows) * longest > self.token_budget or job.seed is not None):
-                break
-            batch.append(job)
-            if job.seed is not None:  # a seeded sampled job runs alone
-                break
+        """The oldest job and the jobs of its group closest to it in length, within max_batch_size, the
+        token budget, the context and max_padding (see _grouped); the rest wait for the next call."""
+        oldest = self._queue[0]
+        mates = [job for job in self._queue if job.key == oldest.key]
+        batch = [oldest] if oldest.seed is not None else self._grouped(mates)  # a seeded job runs alone
         taken = {id(job) for job in batch}
         self._queue = deque(job for job in self._queue if id(job) not in taken)
         return batch
+
+    def _grouped(self, mates: list[Job]) -> list[Job]:
+        """mates[0] (the oldest) and its neighbours in prompt length: with the rows sorted by length, a run
+        of them grows around the oldest, each time by the neighbour (shorter or longer) that leaves fewer
+        padded positions, while the padding stays within max_padding of the real prompt tokens
+        (rows x longest - their sum <= max_padding x their sum) and the call fits. A call's prefill costs
+        its rows times its longest prompt, so rows of like length waste the least."""
+        order = sorted(range(len(mates)), key=lambda i: (mates[i].length, i))
+        at = order.index(0)
+        low, high = at, at + 1  # the run is order[low:high]
+
+        def waste(first: int, end: int) -> int:  # padded positions of the run order[first:end]
+            rows = [mates[i].length for i in order[first:end]]
+            return len(rows) * max(rows) - sum(rows)
+
+        def fits(first: int, end: int) -> bool:
+            rows = [mates[i] for i in order[first:end]]
+            total = max(j.length for j in rows) + max(j.sink.max_tokens for j in rows)
+            return (
+                len(rows) <= self.max_batch_size
+                and total <= self.context
+                and len(rows) * total <= self.token_budget
+                and waste(first, end) <= self.max_padding * sum(j.length for j in rows)
+            )
+
+        while True:
+            grown = [(low - 1, high)] if low > 0 else []
+            grown += [(low, high + 1)] if high < len(order) else []
+            grown = [(waste(*g), g) for g in grown if fits(*g)]
+            if not grown:
+                return [mates[i] for i in order[low:high]]
+            low, high = min(grown)[1]
 
     def _run(self, jobs: list[Job]) -> None:
         """One generate call for `jobs`; rows of a call that failed before its first token run again alone."""

@@ -62,6 +62,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="how long an idle server waits for more requests to batch with the first (default 10)",
     )
     p.add_argument(
+        "--max-padding",
+        type=float,
+        default=0.25,
+        metavar="F",
+        help="left padding a generate call may add, as a fraction of its rows' prompt tokens: requests of "
+        "like prompt length share a call (default 0.25)",
+    )
+    p.add_argument(
         "--max-queue", type=int, default=256, metavar="N", help="queued rows before 503 (default 256)"
     )
     p.add_argument(
@@ -113,8 +121,8 @@ def options_from(args: argparse.Namespace):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "port" else 1):
             raise ConfigError(f"--{name.replace('_', '-')} {value}: expected a positive integer")
-    if args.batch_window_ms < 0 or args.max_upload_mb <= 0:
-        raise ConfigError("--batch-window-ms must be >= 0 and --max-upload-mb > 0")
+    if args.batch_window_ms < 0 or args.max_upload_mb <= 0 or args.max_padding < 0:
+        raise ConfigError("--batch-window-ms and --max-padding must be >= 0 and --max-upload-mb > 0")
     return ServeOptions(
         model_id=args.served_model_name or Path(args.model).resolve().name,
         api_key=args.api_key or None,
@@ -125,6 +133,7 @@ def options_from(args: argparse.Namespace):
         max_body_bytes=int(args.max_upload_mb * 2**20),
         allow_audio_urls=args.allow_audio_urls,
         compile=args.compile,
+        max_padding=args.max_padding,
     )
 
 
