@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minaf3.errors import ConfigError
 from minaf3.loss import IGNORE_INDEX
 from minaf3.tasks import BEEPS, LABELLED, MORSE_CODE, Example, labelled_spans
 from minaf3.windows import TOKEN_SECONDS
@@ -37,11 +38,18 @@ LABELS = {
 assert set(LABELS) == set(LABELLED)
 
 
+def labels_of(task: str) -> tuple[str, ...]:
+    """LABELS[task]; ConfigError for a task without spans."""
+    if task not in LABELS:
+        raise ConfigError(f"span heads are for {' and '.join(LABELS)} clips, not {task!r}")
+    return LABELS[task]
+
+
 def span_targets(task: str, clips: list[Example], tokens: list[int]) -> torch.Tensor:
     """clips and the number of audio tokens of each -> (sum(tokens),) int64 targets, clip after clip: for a
     clip of `task`, per token, 1 + the index in LABELS[task] of the span that holds the token's middle
     (token t covers seconds [t, t + 1) * TOKEN_SECONDS), else 0; IGNORE_INDEX for other tasks' tokens."""
-    labels = LABELS[task]
+    labels = labels_of(task)
     parts = []
     for clip, n in zip(clips, tokens, strict=True):
         if clip.task != task:
@@ -62,7 +70,7 @@ class SpanHead(nn.Module):
     def __init__(self, task: str, hidden: int, seed: int = 0):
         super().__init__()
         self.task = task
-        self.proj = nn.Linear(hidden, 1 + len(LABELS[task]))
+        self.proj = nn.Linear(hidden, 1 + len(labels_of(task)))
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():  # the model's own initialisation (model.init_weights): normal(0.02), zero bias
             self.proj.weight.copy_(torch.randn(self.proj.weight.shape, generator=generator) * 0.02)

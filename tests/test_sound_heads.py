@@ -68,8 +68,10 @@ def test_other_tasks_tokens_are_ignored_and_clips_stay_in_order(task):
 
 
 def test_targets_are_for_the_labelled_tasks_only():
-    with pytest.raises(KeyError):
+    with pytest.raises(ConfigError, match="span heads are for count and morse clips, not 'pitch'"):
         span_targets("pitch", [example_at("pitch", 0, 0)], [10])
+    with pytest.raises(ConfigError, match="not 'hum'"):
+        SpanHead("hum", 8)
     with pytest.raises(ConfigError, match="count or morse example"):
         labelled_spans(example_at("pitch", 0, 0))
 
