@@ -28,11 +28,11 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <immintrin.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -318,26 +318,61 @@ std::string choose(const std::string& isa) {
   return isa;
 }
 
+// Isa::source as a table, checked once: position j of a step holds a column of lane(j)'s C adjacent ones.
+template <class Isa>
+std::array<int, Isa::kStep> permutation() {
+  constexpr int C = Isa::kStep / Isa::kLanes;
+  std::array<int, Isa::kStep> table{};
+  for (int j = 0; j < Isa::kStep; ++j) {
+    table[j] = static_cast<int>(Isa::source(j));
+    const int64_t lane = Isa::lane(j), first = C * lane;
+    TORCH_CHECK(table[j] / C == lane, "int4_linear: lane ", lane, " multiplies column ", table[j],
+                " of a step, not one of ", first, " .. ", first + C - 1);
+  }
+  return table;
+}
+
 // x (M, K) float32 -> the activations in Isa's order (Isa::X), and the accumulators' starts: for each unit
 // of U columns and each lane, -(8 + kBias) times the sum of the activations that lane multiplies there (as
-// multiplied: bf16-rounded where they are).
+// multiplied: bf16-rounded where they are). Every call pays this before its first weight, so each pass is a
+// plain loop over a row: the rounding, the permutation (a table made once), and per lane one sum over the
+// C = kStep / kLanes adjacent columns it multiplies in each step.
 template <class Isa>
 std::pair<at::Tensor, at::Tensor> prepare(const at::Tensor& x, int64_t G) {
   using X = typename Isa::X;
-  constexpr int S = Isa::kStep, L = Isa::kLanes;
+  constexpr int S = Isa::kStep, L = Isa::kLanes, C = S / L;
+  static const std::array<int, S> source = permutation<Isa>();
   const int64_t M = x.size(0), K = x.size(1), U = std::max<int64_t>(G, S), starts = K / U * L;
   at::Tensor xp = at::empty({M, K * static_cast<int64_t>(sizeof(X))}, x.options().dtype(at::kByte));
-  at::Tensor start = at::zeros({M, starts}, x.options());
+  at::Tensor start = at::empty({M, starts}, x.options());
+  std::vector<float> rounded(K);
   const float* src = x.data_ptr<float>();
   X* dst = reinterpret_cast<X*>(xp.data_ptr());
+  float* lanes = start.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) {
+    const float* row = src + m * K;
+    for (int64_t k = 0; k < K; ++k)
+      rounded[k] = sizeof(X) == 2 ? bf16_to_float(float_to_bf16(row[k])) : row[k];
+    X* out = dst + m * K;
     for (int64_t k0 = 0; k0 < K; k0 += S) {
-      float* lanes = start.data_ptr<float>() + m * starts + k0 / U * L;
-      for (int64_t j = 0; j < S; ++j) {
-        const float v = src[m * K + k0 + Isa::source(j)];
-        if constexpr (sizeof(X) == 2) dst[m * K + k0 + j] = float_to_bf16(v);
-        if constexpr (sizeof(X) == 4) dst[m * K + k0 + j] = v;
-        lanes[Isa::lane(j)] -= (8.0f + Isa::kBias) * (sizeof(X) == 2 ? bf16_to_float(float_to_bf16(v)) : v);
+      for (int j = 0; j < S; ++j) {
+        const float v = rounded[k0 + source[j]];
+        if constexpr (sizeof(X) == 2) {
+          uint32_t bits;  // v is a bf16 value: its top half is exactly its bf16 bits
+          std::memcpy(&bits, &v, sizeof bits);
+          out[k0 + j] = static_cast<uint16_t>(bits >> 16);
+        } else {
+          out[k0 + j] = v;
+        }
+      }
+    }
+    for (int64_t u0 = 0; u0 < K; u0 += U) {
+      float* unit = lanes + m * starts + u0 / U * L;
+      for (int l = 0; l < L; ++l) {
+        float sum = 0.0f;
+        for (int64_t k0 = u0; k0 < u0 + U; k0 += S)
+          for (int c = 0; c < C; ++c) sum += rounded[k0 + C * l + c];
+        unit[l] = -(8.0f + Isa::kBias) * sum;
       }
     }
   }
