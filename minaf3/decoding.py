@@ -14,10 +14,12 @@ hidden by causality (query slot i sees key slots <= i).
 
 Nothing grows in the loop: the cache, the key mask, the output ids and the repetition table are allocated
 once. The only host synchronisation per step is the stop check (and the streamer, which needs the tokens).
-The step may run as a torch.compile'd graph (`decode_step`); generate.py chooses, and sizes the cache.
+The step may run as a torch.compile'd graph (`decode_step`); generate.py chooses, and sizes the cache. On
+the CPU, steps after the first call that graph directly (`DirectStep`).
 """
 
 import contextlib
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,6 +36,8 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 # which at batch 1 costs little next to reading the weights.
 MIN_COMPILED_SLOTS = 256
 _compiled: dict[tuple[str, str], Callable] = {}
+# The graph a compiled CPU step ran last in this thread and the inputs it got (see DirectStep).
+_last_graph = threading.local()
 
 
 def prefill(
@@ -100,8 +104,61 @@ def decode_step(mode: str | None, device: torch.device) -> Callable:
             options.update(
                 {"cpp_wrapper": True, "realize_opcount_threshold": 0, "cpp.min_chunk_size": 1 << 16}
             )
-        _compiled[key] = torch.compile(decode_one_token, dynamic=False, fullgraph=True, options=options)
+            # inductor as torch.compile runs it, its graph noted for DirectStep
+            compiled = dict(backend=noting_inductor(options))
+        else:  # CUDA: "reduce-overhead" replays CUDA graphs, which torch.compile's own backend manages
+            compiled = dict(options=options)
+        _compiled[key] = torch.compile(decode_one_token, dynamic=False, fullgraph=True, **compiled)
     return _compiled[key]
+
+
+def noting_inductor(options: dict) -> Callable:
+    """torch.compile's backend: inductor with `options` (what torch.compile(options=...) runs), its compiled
+    graph noting each call and its inputs in this thread's _last_graph, for DirectStep."""
+    from torch._inductor.compile_fx import compile_fx
+
+    def backend(graph_module, example_inputs):
+        graph = compile_fx(graph_module, example_inputs, config_patches=options)
+
+        def run(*inputs):
+            _last_graph.call = graph, inputs
+            return graph(*inputs)
+
+        return run
+
+    return backend
+
+
+class DirectStep:
+    """A compiled decode step called without torch.compile's work around each call.
+
+    Around a small model's step (about a millisecond) that work is a sixth of it: checking the graph's
+    guards, gathering its inputs (~10 tensors a layer, read through the model's modules) and its runtime
+    wrapper. The first step of a loop runs through torch.compile, whose guards are checked in full and
+    choose the graph; `after_first` takes that graph and its inputs, and each later step swaps in its own
+    tokens, positions and cache slot. Valid for the loop it was made in: the model is locked and every step
+    has the first step's shapes (the tensors the graph reads, the weights and the cache, stay the same).
+    """
+
+    def __init__(self, graph: Callable, inputs: list, at: tuple[int, int, int]):
+        self.graph, self.inputs, self.at = graph, inputs, at
+
+    @classmethod
+    def after_first(cls, tokens, positions, input_pos) -> "DirectStep | None":
+        """From the step just run with these step inputs; None when no noting graph ran it (a CUDA step,
+        or torch.compile ran the step some other way)."""
+        graph, inputs = getattr(_last_graph, "call", None) or (None, ())
+        _last_graph.call = None  # the inputs hold the cache: nothing keeps them after the loop
+        where = {id(tensor): i for i, tensor in enumerate(inputs)}
+        at = tuple(where.get(id(tensor)) for tensor in (tokens, positions, input_pos))
+        return None if graph is None or None in at else cls(graph, list(inputs), at)
+
+    def __call__(self, tokens, positions, input_pos) -> torch.Tensor:
+        """tokens (B, 1), positions (B, 1), input_pos (1,) as decode_one_token's -> logits (B, V) f32."""
+        inputs, (t, p, i) = self.inputs, self.at
+        inputs[t], inputs[p], inputs[i] = tokens, positions, input_pos
+        (logits,) = self.graph(*inputs)
+        return logits
 
 
 @dataclass
@@ -178,6 +235,7 @@ def decode_loop(
     chosen: list[torch.Tensor] = []  # each step's (B,) tokens, stacked once at the end
     kept: list[torch.Tensor] = []
     logits = prefill(model, embeds, plan.prompt_positions, plan.key_mask, plan.prompt_slots)
+    direct = None  # the compiled step, called directly from the second step on (DirectStep)
     with contextlib.ExitStack() as guards:
         for step in range(N):
             if keep_logits:  # a CUDA graph overwrites its output at the next step: keep a copy
@@ -192,15 +250,20 @@ def decode_loop(
                 streamer.put(tokens.cpu())
             if not should_continue(logits, stopping, step, N):
                 break
-            logits = step_fn(
-                model, tokens[:, None], plan.step_positions[step], plan.key_mask, plan.step_slots[step]
-            )
+            inputs = tokens[:, None], plan.step_positions[step], plan.step_slots[step]
+            if direct is not None:
+                logits = direct(*inputs)
+                continue
+            logits = step_fn(model, inputs[0], inputs[1], plan.key_mask, inputs[2])
             if step == 0 and step_fn is not decode_one_token:
-                # torch.compile re-checks every model parameter before each call (~0.3 ms for 28 layers).
-                # Nothing those guards check changes within this loop (the model is locked, every step has
-                # the first step's shapes), so the first call's check covers the rest. The stance is
-                # process-wide, so it is held for this loop only; entering it costs ~60 us, so only once.
-                guards.enter_context(torch.compiler.set_stance("default", skip_guard_eval_unsafe=True))
+                direct = DirectStep.after_first(*inputs)
+                if direct is None:
+                    # torch.compile re-checks every model parameter before each call (~0.3 ms for 28
+                    # layers). Nothing those guards check changes within this loop (see DirectStep), so the
+                    # first call's check covers the rest. The stance is process-wide, so it is held for this
+                    # loop only; entering it costs ~60 us, so only once.
+                    guards.enter_context(torch.compiler.set_stance("default", skip_guard_eval_unsafe=True))
+    _last_graph.call = None  # (a loop that never made a DirectStep)
     return torch.stack(chosen, dim=1), kept  # (B, n)
 
 

@@ -184,6 +184,32 @@ def test_compiled_decoding_gives_the_eager_tokens_and_logits(one_layer):
     assert model.language_model.cache_shape[2] == 256  # bucketed, and kept for the next compiled call
 
 
+def test_compiled_steps_after_the_first_call_the_graph_directly(one_layer, monkeypatch):
+    """Step 0 runs through torch.compile (its guards checked), steps 1.. call that graph (DirectStep); a
+    weight replaced between calls is read by the next call, as eager reads it."""
+    from minaf3 import decoding
+
+    model = load(one_layer)
+    ids = torch.randint(0, 400, (1, 9), generator=torch.Generator().manual_seed(4))
+    args = dict(max_new_tokens=6, return_dict_in_generate=True, output_logits=True, **GREEDY)
+    direct_calls, call = [], decoding.DirectStep.__call__
+
+    def counted(self, *inputs):
+        direct_calls.append(1)
+        return call(self, *inputs)
+
+    monkeypatch.setattr(decoding.DirectStep, "__call__", counted)
+    for flip in (False, True):
+        if flip:  # a new tensor object in place of the lm_head's weight: the next loop must read it
+            model.lm_head.weight = torch.nn.Parameter(-model.lm_head.weight.detach(), requires_grad=False)
+        direct_calls.clear()
+        eager, compiled = (model.generate(ids, compile=mode, **args) for mode in (False, True))
+        assert torch.equal(compiled.sequences, eager.sequences), flip
+        assert max((a - b).abs().max() for a, b in zip(compiled.logits, eager.logits, strict=True)) < 1e-5
+        assert len(direct_calls) == 4  # 6 tokens: the prefill's, step 0's (compiled call), steps 1-4 direct
+    assert decoding._last_graph.call is None  # nothing keeps the cache alive between calls
+
+
 def test_compiled_int8_decoding_gives_the_eager_tokens(one_layer):
     """The compiled step calls the int8 kernel as a graph node (Int8Linear.forward), like eager."""
     model = load(one_layer, quantize="int8")
