@@ -16,8 +16,14 @@
 //     bits are 0x4300 | q), and _mm512_dpbf16_ps multiplies 32 of them by bf16 activations at once; the 128
 //     joins the 8. Products of bf16 values are exact in float32 and the sums are float32: only the
 //     activations are rounded, to bf16 (a relative 2^-8 at most, far below int4's own error).
-// Without AVX-512 BF16 the nibbles are widened to int32 and converted to float32 (AVX-512 or AVX2 code),
-// with float32 activations.
+// On CPUs with AVX-512 VNNI (the default there; every CPU with AVX-512 BF16 has it) the activations are
+// rounded to int8 once per call, per group of G columns with a scale of their own (x ~ xs * xq), and
+// _mm512_dpbusd_epi32 multiplies 64 nibbles, masked to bytes, by 64 of them at once, summing exactly in
+// int32: half the vector instructions per weight of the bf16 code, whose decode stops at the CPU rather than
+// at the memory on fast memory. Each group's activations are then off by at most half their scale, about
+// the bf16 rounding's size for a group without outliers, still far below int4's own error.
+// Without AVX-512 the nibbles are widened to int32 and converted to float32 (AVX-512 or AVX2 code), with
+// float32 activations.
 //
 // One source for the instruction sets, as int8_gemv.cpp: built with -mavx2 -mfma; the AVX-512 entry points
 // alone are compiled for their targets (`flatten` inlines the generic code into them), chosen at run time.
@@ -34,9 +40,11 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #pragma GCC diagnostic ignored "-Wpsabi"  // __m512 in generic code: always inlined (see int8_gemv.cpp)
@@ -69,6 +77,11 @@ struct Avx2 {
   static constexpr float kBias = 0.0f;
   using X = float;
   using Vec = __m256;
+  using Acc = Vec;  // what dot accumulates into; begin gives its start, finish adds it, scaled, to a total
+  static inline Acc begin(const float* start) { return _mm256_loadu_ps(start); }
+  static inline Vec finish(Acc acc, Vec scale, const float*, Vec total) {
+    return _mm256_fmadd_ps(acc, scale, total);
+  }
   static inline Vec zero() { return _mm256_setzero_ps(); }
   static inline Vec load(const float* p) { return _mm256_loadu_ps(p); }
   static inline Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
@@ -101,6 +114,11 @@ struct Avx512 {
   static constexpr float kBias = 0.0f;
   using X = float;
   using Vec = __m512;
+  using Acc = Vec;
+  static inline Acc begin(const float* start) { return _mm512_loadu_ps(start); }
+  static inline Vec finish(Acc acc, Vec scale, const float*, Vec total) {
+    return _mm512_fmadd_ps(acc, scale, total);
+  }
   static inline Vec zero() { return _mm512_setzero_ps(); }
   static inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
   static inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
@@ -118,6 +136,23 @@ struct Avx512 {
   static inline Vec scales(const uint16_t* s, int64_t k) { return _mm512_set1_ps(bf16_to_float(s[k / G])); }
   static constexpr int rows_per_block(int64_t) { return 4; }
   static constexpr int max_bt(int64_t) { return 2; }
+  // For the codes whose lane l covers columns k + 8l .. k + 8l + 7 of a 128-column step (Avx512Bf16,
+  // Avx512Vnni): the scale of group (k + 8l) / G, for 128 / G groups.
+  template <int G>
+  static inline Vec eight_column_scales(const uint16_t* s, int64_t k) {
+    if constexpr (G == 128) {
+      return _mm512_set1_ps(bf16_to_float(s[k / G]));
+    } else {
+      // The step's 4 (G = 32) or 2 (G = 64) scales, read without passing the row's end; word 2l + 1 of the
+      // result takes scale 8l / G and word 2l is zero: lane l is that scale as a float32.
+      const __m128i bits = G == 32 ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + k / G))
+                                   : _mm_cvtsi32_si128(*reinterpret_cast<const int32_t*>(s + k / G));
+      const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+      const __m512i idx = _mm512_slli_epi32(_mm512_srli_epi32(lane, G == 32 ? 2 : 3), 16);
+      const __m512i wide = _mm512_maskz_permutexvar_epi16(0xAAAAAAAA, idx, _mm512_castsi128_si512(bits));
+      return _mm512_castsi512_ps(wide);
+    }
+  }
 };
 #pragma GCC pop_options
 
@@ -146,22 +181,41 @@ struct Avx512Bf16 : Avx512 {  // Avx512's float32 vectors and blocking, bf16 pro
       for (int j = 0; j < 4; ++j)
         acc[b] = _mm512_dpbf16_ps(acc[b], (__m512bh)_mm512_loadu_si512(x + b * xs + 32 * j), (__m512bh)q[j]);
   }
-  // Lane l covers columns k + 8l .. k + 8l + 7: the scale of group (k + 8l) / G, for 128 / G groups.
   template <int G>
-  static inline Vec scales(const uint16_t* s, int64_t k) {
-    if constexpr (G == 128) {
-      return _mm512_set1_ps(bf16_to_float(s[k / G]));
-    } else {
-      // The step's 4 (G = 32) or 2 (G = 64) scales, read without passing the row's end; word 2l + 1 of the
-      // result takes scale 8l / G and word 2l is zero: lane l is that scale as a float32.
-      const __m128i bits = G == 32 ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + k / G))
-                                   : _mm_cvtsi32_si128(*reinterpret_cast<const int32_t*>(s + k / G));
-      const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-      const __m512i idx = _mm512_slli_epi32(_mm512_srli_epi32(lane, G == 32 ? 2 : 3), 16);
-      const __m512i wide = _mm512_maskz_permutexvar_epi16(0xAAAAAAAA, idx, _mm512_castsi128_si512(bits));
-      return _mm512_castsi512_ps(wide);
+  static inline Vec scales(const uint16_t* s, int64_t k) { return eight_column_scales<G>(s, k); }
+};
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+struct Avx512Vnni : Avx512 {  // int8 activations: 64 byte products an instruction, summed exactly in int32
+  // 64 bytes = 128 columns: the low nibbles (columns 2i) and the high ones (2i + 1) as two vectors of bytes;
+  // _mm512_dpbusd_epi32 sums 4 adjacent bytes into each int32 lane, so lane l takes columns 8l .. 8l + 7,
+  // the lanes of Avx512Bf16 (and so its scales). Activations: per group of G columns, x ~ xs * xq with xq
+  // int8 (xs = the group's largest magnitude / 127, xq rounded to nearest), so a lane's sum is
+  // xs * (sum xq q - 8 sum xq): its start is the exact integer -8 sum xq, stored as int32 bits; finish
+  // converts the sum to float32 and multiplies by the weight's and the activations' scales.
+  static constexpr int kStep = 128;
+  using X = int8_t;
+  using Acc = __m512i;
+  // Position p of a step's activations: the low-nibble bytes' columns, then the high ones'.
+  static inline int64_t source(int64_t p) { return p < 64 ? 2 * p : 2 * (p - 64) + 1; }
+  static inline int64_t lane(int64_t p) { return (p % 64) / 4; }
+  static inline Acc begin(const float* start) { return _mm512_loadu_si512(start); }
+  static inline Vec finish(Acc acc, Vec scale, const float* xscale, Vec total) {
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(scale, _mm512_loadu_ps(xscale)), total);
+  }
+  template <int BT>
+  static inline void dot(const uint8_t* w, const X* x, int64_t xs, Acc* acc) {
+    const __m512i v = _mm512_loadu_si512(w), mask = _mm512_set1_epi8(0x0F);
+    const __m512i lo = _mm512_and_si512(v, mask), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+    for (int b = 0; b < BT; ++b) {
+      acc[b] = _mm512_dpbusd_epi32(acc[b], lo, _mm512_loadu_si512(x + b * xs));
+      acc[b] = _mm512_dpbusd_epi32(acc[b], hi, _mm512_loadu_si512(x + b * xs + 64));
     }
   }
+  template <int G>
+  static inline Vec scales(const uint16_t* s, int64_t k) { return eight_column_scales<G>(s, k); }
 };
 #pragma GCC pop_options
 
@@ -170,6 +224,7 @@ struct Problem {
   const uint8_t* w;    // (N, K / 2) packed
   const uint16_t* s;   // (N, K / G) bf16 scales
   const float* start;  // (M, K / U * L): each accumulator's start, -(8 + Isa::kBias) * its share of X
+  const float* xscale;  // (M, K / U * L): each lane's activation scale (int8 activations), else nullptr
   const float* bias;   // (N,) or nullptr
   float* y;            // (M, N)
   int64_t M, N, K;
@@ -188,6 +243,7 @@ inline void dot_block(const Problem& p, int64_t n0, int64_t gap, int64_t step, i
   const uint16_t* s = p.s + n0 * groups;
   const X* x = static_cast<const X*>(p.x) + b0 * K;
   const float* start = p.start + b0 * starts;
+  const float* xscale = p.xscale ? p.xscale + b0 * starts : nullptr;
   const int64_t stride = gap * row, next = step * row;
   Vec total[R * BT];
 #pragma GCC unroll 16
@@ -203,14 +259,17 @@ inline void dot_block(const Problem& p, int64_t n0, int64_t gap, int64_t step, i
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      Vec acc[BT];
+      typename Isa::Acc acc[BT];
 #pragma GCC unroll 4
-      for (int b = 0; b < BT; ++b) acc[b] = Isa::load(start + b * starts + u);
+      for (int b = 0; b < BT; ++b) acc[b] = Isa::begin(start + b * starts + u);
 #pragma GCC unroll 4
       for (int64_t k = k0; k < k0 + U; k += S) Isa::template dot<BT>(w + r * stride + k / 2, x + k, K, acc);
       const Vec scale = Isa::template scales<G>(s + r * gap * groups, k0);
 #pragma GCC unroll 4
-      for (int b = 0; b < BT; ++b) total[r * BT + b] = Isa::fma(acc[b], scale, total[r * BT + b]);
+      for (int b = 0; b < BT; ++b) {
+        const float* lanes = xscale ? xscale + b * starts + u : nullptr;
+        total[r * BT + b] = Isa::finish(acc[b], scale, lanes, total[r * BT + b]);
+      }
     }
   }
 #pragma GCC unroll 16
@@ -271,6 +330,12 @@ void rows_avx512_bf16(const Problem& p, int64_t begin, int64_t end) {
   rows_for_isa<Avx512Bf16, G>(p, begin, end);
 }
 
+template <int G>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"), flatten))
+void rows_avx512_vnni(const Problem& p, int64_t begin, int64_t end) {
+  rows_for_isa<Avx512Vnni, G>(p, begin, end);
+}
+
 using RowsFn = void (*)(const Problem&, int64_t, int64_t);
 
 struct alignas(64) Run {
@@ -311,10 +376,12 @@ std::string choose(const std::string& isa) {
   static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   static const bool bf16 = avx512 && __builtin_cpu_supports("avx512bf16");
-  if (isa == "auto") return bf16 ? "avx512_bf16" : avx512 ? "avx512" : "avx2";
-  TORCH_CHECK(isa == "avx2" || isa == "avx512" || isa == "avx512_bf16",
-              "int4_linear: isa must be auto, avx2, avx512 or avx512_bf16; got ", isa);
-  TORCH_CHECK(isa == "avx2" || (isa == "avx512" ? avx512 : bf16), "int4_linear: this CPU has no ", isa);
+  static const bool vnni = avx512 && __builtin_cpu_supports("avx512vnni");
+  if (isa == "auto") return vnni ? "avx512_vnni" : bf16 ? "avx512_bf16" : avx512 ? "avx512" : "avx2";
+  TORCH_CHECK(isa == "avx2" || isa == "avx512" || isa == "avx512_bf16" || isa == "avx512_vnni",
+              "int4_linear: isa must be auto, avx2, avx512, avx512_bf16 or avx512_vnni; got ", isa);
+  const bool has = isa == "avx2" || (isa == "avx512" ? avx512 : isa == "avx512_bf16" ? bf16 : vnni);
+  TORCH_CHECK(has, "int4_linear: this CPU has no ", isa);
   return isa;
 }
 
@@ -379,9 +446,65 @@ std::pair<at::Tensor, at::Tensor> prepare(const at::Tensor& x, int64_t G) {
   return {xp, start};
 }
 
+// x (M, K) float32 -> Avx512Vnni's int8 activations in its order (per group of G columns, the scale is the
+// group's largest magnitude / 127 and each value is rounded to the nearest multiple of it; a group holding a
+// NaN or an infinity gets scale NaN, so that it poisons its outputs as it would in float32), each lane's
+// start (-8 times the sum of its int8 activations, exact, as int32 bits) and each lane's activation scale.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prepare_int8(const at::Tensor& x, int64_t G) {
+  using Isa = Avx512Vnni;
+  constexpr int S = Isa::kStep, L = Isa::kLanes, C = S / L;
+  static const std::array<int, S> source = permutation<Isa>();
+  const int64_t M = x.size(0), K = x.size(1), starts = K / S * L;  // G <= S: a step is a unit
+  at::Tensor xp = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor start = at::empty({M, starts}, x.options());
+  at::Tensor xscale = at::empty({M, starts}, x.options());
+  std::vector<int8_t> q(K);
+  std::vector<float> group_scale(K / G);
+  const float* src = x.data_ptr<float>();
+  int8_t* dst = xp.data_ptr<int8_t>();
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = src + m * K;
+    for (int64_t g = 0; g < K / G; ++g) {
+      float largest = 0.0f;
+      bool finite = true;
+      for (int64_t k = g * G; k < (g + 1) * G; ++k) {
+        finite = finite && std::isfinite(row[k]);
+        largest = std::max(largest, std::fabs(row[k]));
+      }
+      const float scale = finite ? largest / 127.0f : NAN;
+      const float inverse = finite && largest > 0 ? 127.0f / largest : 0.0f;
+      group_scale[g] = scale;
+      for (int64_t k = g * G; k < (g + 1) * G; ++k)
+        q[k] = static_cast<int8_t>(std::clamp(std::nearbyint(row[k] * inverse), -127.0f, 127.0f));
+    }
+    int8_t* out = dst + m * K;
+    float* lanes = start.data_ptr<float>() + m * starts;
+    float* lane_scale = xscale.data_ptr<float>() + m * starts;
+    for (int64_t k0 = 0; k0 < K; k0 += S) {
+      for (int j = 0; j < S; ++j) out[k0 + j] = q[k0 + source[j]];
+      for (int l = 0; l < L; ++l) {
+        int32_t sum = 0;
+        for (int c = 0; c < C; ++c) sum += q[k0 + C * l + c];
+        const int32_t first = -8 * sum;
+        std::memcpy(lanes + k0 / S * L + l, &first, sizeof first);
+        lane_scale[k0 / S * L + l] = group_scale[(k0 + C * l) / G];
+      }
+    }
+  }
+  return {xp, start, xscale};
+}
+
 // y = the product of p for x (M, K): its activations prepared for `code`, then the rows of that code.
 template <int G>
 void run_for_group(const std::string& code, const at::Tensor& x, Problem& p) {
+  if (code == "avx512_vnni") {
+    const auto [xp, start, xscale] = prepare_int8(x, G);
+    p.x = xp.data_ptr();
+    p.start = start.data_ptr<float>();
+    p.xscale = xscale.data_ptr<float>();
+    run(p, rows_avx512_vnni<G>);
+    return;
+  }
   const auto [xp, start] = code == "avx512_bf16" ? prepare<Avx512Bf16>(x, G)
                            : code == "avx512"    ? prepare<Avx512>(x, G)
                                                  : prepare<Avx2>(x, G);
@@ -394,7 +517,8 @@ void run_for_group(const std::string& code, const at::Tensor& x, Problem& p) {
 
 // y (..., N) float32 = x (..., K) float32 @ W.T + bias (N,) float32, W (N, K) the int4 weight above, given
 // as w (N, K / 2) uint8 and scales (N, K / G) bfloat16 with G in {32, 64, 128} and K a multiple of 128.
-// isa: "auto" (the best code this CPU runs), or "avx512_bf16", "avx512", "avx2" (tests run each).
+// isa: "auto" (the best code this CPU runs), or "avx512_vnni", "avx512_bf16", "avx512", "avx2" (tests run
+// each; avx512_vnni rounds the activations to int8 per group, the others multiply them as float32 or bf16).
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                        const std::optional<at::Tensor>& bias, const std::string& isa) {
   const char* name = "int4_linear";
@@ -421,7 +545,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const at::Tensor xc = x.contiguous().view({M, K}), wc = w.contiguous(), sc = scales.contiguous();
   const at::Tensor bc = bias ? bias->contiguous() : at::Tensor();
   Problem p{nullptr, wc.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(sc.data_ptr()), nullptr,
-            bias ? bc.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K};
+            nullptr, bias ? bc.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K};
   if (G == 32) run_for_group<32>(code, xc, p);
   if (G == 64) run_for_group<64>(code, xc, p);
   if (G == 128) run_for_group<128>(code, xc, p);

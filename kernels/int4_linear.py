@@ -17,11 +17,12 @@ The layout, read by every kernel, by the quantizer (minaf3/quantize.py) and by t
 
 Backends: the `backend=` argument, else $MINAF3_INT4_BACKEND, else "auto".
   "cpp"    the C++ kernels (CPU): below PREFILL_MIN_ROWS rows int4_gemv.cpp's streaming loop (its AVX-512
-           BF16 code where the CPU has those instructions, else AVX-512 or AVX2 code); from PREFILL_MIN_ROWS
-           rows, on CPUs whose best vector unit is AVX2, gemm.cpp's blocked product with the int4 rows
-           widened to float32 and scaled as they are packed, and on CPUs with AVX-512 BF16, tiles of weight
-           rows dequantized to bf16 and multiplied by torch's bf16 product (bf16_tiles.py); elsewhere the
-           loop at every row count. ConfigError when the kernels cannot be built or run here.
+           VNNI code, int8 activations, where the CPU has those instructions, else AVX-512 BF16, AVX-512 or
+           AVX2 code); from PREFILL_MIN_ROWS rows, on CPUs whose best vector unit is AVX2, gemm.cpp's
+           blocked product with the int4 rows widened to float32 and scaled as they are packed, and on CPUs
+           with AVX-512 BF16, tiles of weight rows dequantized to bf16 and multiplied by torch's bf16 product
+           (bf16_tiles.py); elsewhere the loop at every row count. ConfigError when the kernels cannot be
+           built or run here.
   "torch"  torch ops only: tiles of weight rows dequantized in x's dtype, multiplied with F.linear.
   "auto"   "cpp" for CPU tensors where the library builds, otherwise "torch".
 
@@ -32,8 +33,8 @@ points does (symmetric at 32 beats asymmetric at 64, both 4.5 bits per weight), 
 group is small (one multiply-add per group and activation row); groups of 32 cost 6% more bytes than 64.
 Why the symmetric scale maps each group's largest-magnitude weight to q = 0 (that is, -8) rather than to
 +-7: all 16 levels are used, which lowers the error by about a tenth.
-Why ALIGN = 128: the AVX-512 BF16 loop reads 64 bytes (128 columns) of a row per step, so every row is a
-whole number of steps; AF3's widths (3584, 18944) are multiples of it, so only other models pad.
+Why ALIGN = 128: the AVX-512 VNNI and BF16 loops read 64 bytes (128 columns) of a row per step, so every
+row is a whole number of steps; AF3's widths (3584, 18944) are multiples of it, so only other models pad.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """The int4 matrix product (kernels/int4_linear.py) against its float64 reference, on every path.
 
-Paths: the streaming loop in each of its instruction sets this CPU has (AVX-512 BF16, AVX-512, AVX2), the
-prefill products (gemm.cpp's on AVX2, forced here where it is not the default; bf16 tiles on AVX-512 BF16
-CPUs), torch's ops, a torch.compile'd call, and the unpack-multiply-sum of a compiled step without the
-library; over hypothesis-chosen shapes, odd widths and widths that are not a multiple of the group or of the
-128-column alignment among them. The tolerances come from float32 rounding or from the bf16 rounding of the
-activations a path multiplies, never from a typed number.
+Paths: the streaming loop in each of its instruction sets this CPU has (AVX-512 VNNI, AVX-512 BF16, AVX-512,
+AVX2), the prefill products (gemm.cpp's on AVX2, forced here where it is not the default; bf16 tiles on
+AVX-512 BF16 CPUs), torch's ops, a torch.compile'd call, and the unpack-multiply-sum of a compiled step
+without the library; over hypothesis-chosen shapes, odd widths and widths that are not a multiple of the
+group or of the 128-column alignment among them. The tolerances come from float32 rounding or from the bf16
+or int8 rounding of the activations a path multiplies, never from a typed number.
 """
 
 import pytest
@@ -30,15 +30,15 @@ from minaf3 import ConfigError
 
 FLOAT32_EPS = torch.finfo(torch.float32).eps
 BF16_UNIT = torch.finfo(torch.bfloat16).eps / 2  # the relative rounding error of a float rounded to bf16
-ISAS = ["avx512_bf16", "avx512", "avx2"]
-# The loop's instruction sets this CPU has, each forced; "auto" is what a call without `isa` runs.
-LOOP_PATHS = [
-    isa
-    for isa in ISAS
-    if {"avx512_bf16": torch.cpu._is_avx512_bf16_supported(), "avx512": torch.cpu._is_avx512_supported()}.get(
-        isa, torch.cpu._is_avx2_supported()
-    )
-]
+ISAS = ["avx512_vnni", "avx512_bf16", "avx512", "avx2"]  # best first
+HAS = {
+    "avx512_vnni": torch.cpu._is_avx512_supported() and torch.cpu._is_vnni_supported(),
+    "avx512_bf16": torch.cpu._is_avx512_bf16_supported(),
+    "avx512": torch.cpu._is_avx512_supported(),
+    "avx2": torch.cpu._is_avx2_supported(),
+}
+# The loop's instruction sets this CPU has, each forced; "auto" (a call without `isa`) runs the first.
+LOOP_PATHS = [isa for isa in ISAS if HAS[isa]]
 PATHS = [f"loop-{isa}" for isa in LOOP_PATHS] + ["gemm", "bf16-tiles", "torch", "product-sum"]
 KERNEL_SETTINGS = settings(max_examples=30, deadline=None)
 
@@ -55,11 +55,27 @@ def random_layer(out_features: int, in_features: int, bias: bool, seed: int, gro
     return pack_int4(q), scales, b
 
 
-def error_bound(x, w, scales, bias, rel: float) -> torch.Tensor:
-    """|y - y_ref| allowed per element: rel * sum_k |x_k W_nk| (+ |bias|), the scale of rounding errors."""
-    W = int4_dequantize_reference(w, scales)[:, : x.shape[-1]].float()
-    size = x.float().abs() @ W.abs().T
-    return rel * (size + (0 if bias is None else bias.abs())) + 1e-6
+def error_bound(x, w, scales, bias, rel: float, int8_group: int | None = None) -> torch.Tensor:
+    """|y - y_ref| allowed per element: rel * sum_k |x_k W_nk| (+ |bias|), the scale of rounding errors.
+
+    int8_group: the path rounds the activations to int8 per group of that many columns, each group with the
+    scale max |x| / 127 over it: add half of that scale times the group's sum_k |W_nk|."""
+    W = int4_dequantize_reference(w, scales).float()
+    size = x.float().abs() @ W[:, : x.shape[-1]].abs().T
+    bound = rel * (size + (0 if bias is None else bias.abs())) + 1e-6
+    if int8_group is None:
+        return bound
+    N, Kp = W.shape
+    xp = torch.nn.functional.pad(x.float(), (0, Kp - x.shape[-1]))
+    half_step = xp.abs().unflatten(-1, (Kp // int8_group, int8_group)).amax(-1) / 254  # (..., groups)
+    group_weight = W.abs().view(N, Kp // int8_group, int8_group).sum(-1)  # (N, groups)
+    return bound + 1.01 * half_step @ group_weight.T
+
+
+def int8_group(path: str, group: int) -> int | None:
+    """The group its activations are rounded to int8 by on `path` (the AVX-512 VNNI loop), else None."""
+    vnni = path == "loop-avx512_vnni" or (path == "loop-auto" and LOOP_PATHS[0] == "avx512_vnni")
+    return group if vnni else None
 
 
 def run_path(path: str, x, w, scales, bias):
@@ -83,8 +99,9 @@ def run_path(path: str, x, w, scales, bias):
 
 def path_tolerance(path: str, in_features: int) -> float:
     """Relative to sum |x W|: float32 sums in another order; bf16-rounded activations (the AVX-512 BF16
-    loop); bf16-rounded activations, weights and outputs (bf16 tiles)."""
-    if path == "loop-avx512_bf16" or (path == "loop-auto" and "avx512_bf16" in LOOP_PATHS):
+    loop); bf16-rounded activations, weights and outputs (bf16 tiles). (The AVX-512 VNNI loop's int8
+    activations: int8_group.)"""
+    if path == "loop-avx512_bf16" or (path == "loop-auto" and LOOP_PATHS[0] == "avx512_bf16"):
         return BF16_UNIT + in_features * FLOAT32_EPS
     if path == "bf16-tiles":
         return 3 * BF16_UNIT + in_features * FLOAT32_EPS
@@ -107,7 +124,8 @@ def test_int4_linear_matches_the_float64_reference(path, rows, out_features, in_
     out = run_path(path, x, w, scales, b)
     expected = int4_linear_reference(x, w, scales, b)
     assert out.shape == (rows, out_features) and out.dtype == x.dtype
-    bound = error_bound(x, w, scales, b, path_tolerance(path, padded_width(in_features)))
+    tolerance = path_tolerance(path, padded_width(in_features))
+    bound = error_bound(x, w, scales, b, tolerance, int8_group(path, group))
     assert ((out - expected).abs() <= bound).all()
 
 
@@ -120,7 +138,7 @@ def test_batch_rows_each_equal_that_row_alone(path, rows):
     x = torch.randn(rows, 3584)
     out = run_path(path, x, w, scales, b)
     alone = torch.cat([run_path(path, x[i : i + 1], w, scales, b) for i in range(rows)])
-    bound = error_bound(x, w, scales, b, path_tolerance(path, 3584))
+    bound = error_bound(x, w, scales, b, path_tolerance(path, 3584), int8_group(path, 32))
     assert ((out - int4_linear_reference(x, w, scales, b)).abs() <= bound).all()
     assert ((out - alone).abs() <= 2 * bound).all()
 
@@ -163,7 +181,9 @@ def test_leading_dims_and_dtype_are_kept(dtype, rows):
     assert out.shape == (2, rows, 24) and out.dtype == dtype
     expected = int4_linear_reference(x, w, scales, b).float()
     tolerance = 4 * BF16_UNIT + 256 * FLOAT32_EPS + (2 * BF16_UNIT if dtype == torch.bfloat16 else 0)
-    assert ((out.float() - expected).abs() <= error_bound(x, w, scales, b, tolerance)).all()
+    loop = "loop-auto" if rows < kernel.PREFILL_MIN_ROWS else "prefill"
+    bound = error_bound(x, w, scales, b, tolerance, int8_group(loop, 32))
+    assert ((out.float() - expected).abs() <= bound).all()
 
 
 @pytest.mark.parametrize("rows", [1, 3, kernel.PREFILL_MIN_ROWS])  # the loop, a prefill path
@@ -254,7 +274,7 @@ def test_the_loop_refuses_what_it_cannot_multiply():
         op(x[:, :255], w, scales, None)
     with pytest.raises(RuntimeError, match="the group size must be 32, 64 or 128"):
         op(x, w, scales[:, :1].contiguous(), None)
-    with pytest.raises(RuntimeError, match="isa must be auto, avx2, avx512 or avx512_bf16"):
+    with pytest.raises(RuntimeError, match="isa must be auto, avx2, avx512, avx512_bf16 or avx512_vnni"):
         op(x, w, scales, None, "sse")
 
 
