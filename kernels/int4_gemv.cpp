@@ -22,7 +22,7 @@
 // int32: half the vector instructions per weight of the bf16 code, whose decode stops at the CPU rather than
 // at the memory on fast memory. Each group's activations are then off by at most half their scale, about
 // the bf16 rounding's size for a group without outliers, still far below int4's own error.
-// Without AVX-512 the nibbles are widened to int32 and converted to float32 (AVX-512 or AVX2 code), with
+// Without either the nibbles are widened to int32 and converted to float32 (AVX-512 or AVX2 code), with
 // float32 activations.
 //
 // One source for the instruction sets, as int8_gemv.cpp: built with -mavx2 -mfma; the AVX-512 entry points
@@ -474,8 +474,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prepare_int8(const at::Tensor& x,
       const float scale = finite ? largest / 127.0f : NAN;
       const float inverse = finite && largest > 0 ? 127.0f / largest : 0.0f;
       group_scale[g] = scale;
-      for (int64_t k = g * G; k < (g + 1) * G; ++k)
-        q[k] = static_cast<int8_t>(std::clamp(std::nearbyint(row[k] * inverse), -127.0f, 127.0f));
+      for (int64_t k = g * G; k < (g + 1) * G; ++k) {  // a group that is not finite: zeros, its scale NaN
+        const float v = finite ? std::clamp(std::nearbyint(row[k] * inverse), -127.0f, 127.0f) : 0.0f;
+        q[k] = static_cast<int8_t>(v);
+      }
     }
     int8_t* out = dst + m * K;
     float* lanes = start.data_ptr<float>() + m * starts;

@@ -161,6 +161,19 @@ def test_thread_count_does_not_change_any_bit(isa, shape):
     assert torch.equal(alone, shared)
 
 
+@pytest.mark.parametrize("isa", LOOP_PATHS)
+def test_a_non_finite_activation_poisons_its_outputs(isa):
+    """A NaN or an infinity in x gives NaN or infinite outputs on every loop, never a finite number (the
+    VNNI loop's int8 rounding would otherwise have no value to give it)."""
+    assert runs("int4")
+    w, scales, _ = random_layer(6, 256, False, seed=12)
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(2, 256)
+        x[1, 77] = bad
+        out = torch.ops.minaf3_int4.int4_linear(x, w, scales, None, isa)
+        assert torch.isfinite(out[0]).all() and not torch.isfinite(out[1]).any(), (isa, bad)
+
+
 def test_pack_and_unpack_are_inverse_and_follow_the_layout():
     q = torch.arange(256).remainder(16).view(2, 128)
     packed = pack_int4(q)
