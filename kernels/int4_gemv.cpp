@@ -34,6 +34,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
 #include <immintrin.h>
 #include <torch/library.h>
 
@@ -226,7 +227,8 @@ struct Problem {
   const float* start;  // (M, K / U * L): each accumulator's start, -(8 + Isa::kBias) * its share of X
   const float* xscale;  // (M, K / U * L): each lane's activation scale (int8 activations), else nullptr
   const float* bias;   // (N,) or nullptr
-  float* y;            // (M, N)
+  float* y;            // (M, N) float32 output, or nullptr when the output is y_bf16
+  c10::BFloat16* y_bf16;  // (M, N) bfloat16 output (x's dtype), or nullptr
   int64_t M, N, K;
 };
 
@@ -283,7 +285,11 @@ inline void block(const Problem& p, int64_t bt, int64_t n0, int64_t gap, int64_t
   if (bt == 2) dot_block<Isa, R, 2, G>(p, n0, gap, step, b0, out);
   for (int r = 0; r < R; ++r) {
     const int64_t n = n0 + r * gap;
-    for (int64_t b = 0; b < bt; ++b) p.y[(b0 + b) * p.N + n] = out[r * bt + b] + (p.bias ? p.bias[n] : 0.f);
+    for (int64_t b = 0; b < bt; ++b) {
+      const float v = out[r * bt + b] + (p.bias ? p.bias[n] : 0.f);
+      if (p.y) p.y[(b0 + b) * p.N + n] = v;
+      else p.y_bf16[(b0 + b) * p.N + n] = c10::BFloat16(v);
+    }
   }
 }
 
@@ -399,7 +405,17 @@ std::array<int, Isa::kStep> permutation() {
   return table;
 }
 
-// x (M, K) float32 -> the activations in Isa's order (Isa::X), and the accumulators' starts: for each unit
+// Row m of x (M, K), float32 or bfloat16, as float32: in place, or widened into `buffer`.
+const float* float_row(const at::Tensor& x, int64_t m, std::vector<float>& buffer) {
+  const int64_t K = x.size(1);
+  if (x.scalar_type() == at::kFloat) return x.data_ptr<float>() + m * K;
+  const c10::BFloat16* row = x.data_ptr<c10::BFloat16>() + m * K;
+  buffer.resize(K);
+  for (int64_t k = 0; k < K; ++k) buffer[k] = static_cast<float>(row[k]);
+  return buffer.data();
+}
+
+// x (M, K) float32 or bfloat16 -> the activations in Isa's order (Isa::X), and the accumulators' starts: for each unit
 // of U columns and each lane, -(8 + kBias) times the sum of the activations that lane multiplies there (as
 // multiplied: bf16-rounded where they are). Every call pays this before its first weight, so each pass is a
 // plain loop over a row: the rounding, the permutation (a table made once), and per lane one sum over the
@@ -411,13 +427,12 @@ std::pair<at::Tensor, at::Tensor> prepare(const at::Tensor& x, int64_t G) {
   static const std::array<int, S> source = permutation<Isa>();
   const int64_t M = x.size(0), K = x.size(1), U = std::max<int64_t>(G, S), starts = K / U * L;
   at::Tensor xp = at::empty({M, K * static_cast<int64_t>(sizeof(X))}, x.options().dtype(at::kByte));
-  at::Tensor start = at::empty({M, starts}, x.options());
-  std::vector<float> rounded(K);
-  const float* src = x.data_ptr<float>();
+  at::Tensor start = at::empty({M, starts}, x.options().dtype(at::kFloat));
+  std::vector<float> rounded(K), widened;
   X* dst = reinterpret_cast<X*>(xp.data_ptr());
   float* lanes = start.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) {
-    const float* row = src + m * K;
+    const float* row = float_row(x, m, widened);
     for (int64_t k = 0; k < K; ++k)
       rounded[k] = sizeof(X) == 2 ? bf16_to_float(float_to_bf16(row[k])) : row[k];
     X* out = dst + m * K;
@@ -446,7 +461,7 @@ std::pair<at::Tensor, at::Tensor> prepare(const at::Tensor& x, int64_t G) {
   return {xp, start};
 }
 
-// x (M, K) float32 -> Avx512Vnni's int8 activations in its order (per group of G columns, the scale is the
+// x (M, K) float32 or bfloat16 -> Avx512Vnni's int8 activations in its order (per group of G columns, the scale is the
 // group's largest magnitude / 127 and each value is rounded to the nearest multiple of it; a group holding a
 // NaN or an infinity gets scale NaN, so that it poisons its outputs as it would in float32), each lane's
 // start (-8 times the sum of its int8 activations, exact, as int32 bits) and each lane's activation scale.
@@ -456,14 +471,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prepare_int8(const at::Tensor& x,
   static const std::array<int, S> source = permutation<Isa>();
   const int64_t M = x.size(0), K = x.size(1), starts = K / S * L;  // G <= S: a step is a unit
   at::Tensor xp = at::empty({M, K}, x.options().dtype(at::kChar));
-  at::Tensor start = at::empty({M, starts}, x.options());
-  at::Tensor xscale = at::empty({M, starts}, x.options());
+  at::Tensor start = at::empty({M, starts}, x.options().dtype(at::kFloat));
+  at::Tensor xscale = at::empty({M, starts}, x.options().dtype(at::kFloat));
   std::vector<int8_t> q(K);
-  std::vector<float> group_scale(K / G);
-  const float* src = x.data_ptr<float>();
+  std::vector<float> group_scale(K / G), widened;
   int8_t* dst = xp.data_ptr<int8_t>();
   for (int64_t m = 0; m < M; ++m) {
-    const float* row = src + m * K;
+    const float* row = float_row(x, m, widened);
     for (int64_t g = 0; g < K / G; ++g) {
       float largest = 0.0f;
       bool finite = true;
@@ -517,8 +531,10 @@ void run_for_group(const std::string& code, const at::Tensor& x, Problem& p) {
 
 }  // namespace
 
-// y (..., N) float32 = x (..., K) float32 @ W.T + bias (N,) float32, W (N, K) the int4 weight above, given
-// as w (N, K / 2) uint8 and scales (N, K / G) bfloat16 with G in {32, 64, 128} and K a multiple of 128.
+// y (..., N) = x (..., K) @ W.T + bias (N,), W (N, K) the int4 weight above, given as w (N, K / 2) uint8 and
+// scales (N, K / G) bfloat16 with G in {32, 64, 128} and K a multiple of 128. x is float32 or bfloat16 and
+// y has its dtype (a bf16 model's activations go in and out without a conversion of their own, a dispatched
+// call each); bias is float32 or bfloat16; the sums are float32 either way.
 // isa: "auto" (the best code this CPU runs), or "avx512_vnni", "avx512_bf16", "avx512", "avx2" (tests run
 // each; avx512_vnni rounds the activations to int8 per group, the others multiply them as float32 or bf16).
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
@@ -526,7 +542,10 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const char* name = "int4_linear";
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && scales.device().is_cpu(), name,
               ": CPU tensors expected");
-  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat, name, ": x must be float32 (..., K)");
+  const auto floats = [](const at::Tensor& t) {
+    return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16;
+  };
+  TORCH_CHECK(x.dim() >= 1 && floats(x), name, ": x must be float32 or bfloat16 (..., K)");
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte, name, ": w must be (N, K / 2) uint8");
   const int64_t K = x.size(-1), N = w.size(0);
   TORCH_CHECK(w.size(1) * 2 == K, name, ": x has ", K, " columns but w packs ", w.size(1) * 2);
@@ -536,8 +555,8 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const int64_t groups = scales.size(1), G = groups ? K / groups : 0;
   TORCH_CHECK(groups > 0 && G * groups == K && (G == 32 || G == 64 || G == 128), name, ": ", K,
               " columns in ", groups, " groups: the group size must be 32, 64 or 128");
-  TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->numel() == N), name,
-              ": bias must be float32 with ", N, " entries");
+  TORCH_CHECK(!bias || (floats(*bias) && bias->numel() == N), name, ": bias must be float32 or bfloat16 with ",
+              N, " entries");
   const std::string code = choose(isa);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
   out_shape.push_back(N);
@@ -545,9 +564,11 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const int64_t M = x.numel() / K;
   if (M == 0 || N == 0) return y;
   const at::Tensor xc = x.contiguous().view({M, K}), wc = w.contiguous(), sc = scales.contiguous();
-  const at::Tensor bc = bias ? bias->contiguous() : at::Tensor();
+  const at::Tensor bc = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const bool wide = y.scalar_type() == at::kFloat;
   Problem p{nullptr, wc.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(sc.data_ptr()), nullptr,
-            nullptr, bias ? bc.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K};
+            nullptr, bias ? bc.data_ptr<float>() : nullptr, wide ? y.data_ptr<float>() : nullptr,
+            wide ? nullptr : y.data_ptr<c10::BFloat16>(), M, N, K};
   if (G == 32) run_for_group<32>(code, xc, p);
   if (G == 64) run_for_group<64>(code, xc, p);
   if (G == 128) run_for_group<128>(code, xc, p);

@@ -58,6 +58,7 @@ PREFILL_MIN_ROWS = 40
 # The torch backend dequantizes this many weight bytes (in the activation dtype) at a time (as int8's).
 DEQUANT_TILE_BYTES = 8 * 2**20
 GEMM_X_DTYPES = (torch.float32, torch.bfloat16)  # gemm.cpp's activation dtypes
+GEMV_DTYPES = (torch.float32, torch.bfloat16)  # int4_gemv.cpp's activation (and output) and bias dtypes
 
 
 def padded_width(in_features: int) -> int:
@@ -137,10 +138,10 @@ def run_int4_linear(
             )
         elif rows >= PREFILL_MIN_ROWS and kernels.bf16_prefill:
             return bf16_tiles.tiled_linear(x, bf16_tiles.int4_tiles(weight, scales), weight.shape[0], bias)
+        elif x.dtype in GEMV_DTYPES and (bias is None or bias.dtype in GEMV_DTYPES):
+            return torch.ops.minaf3_int4.int4_linear(x, weight, scales, bias)  # (..., N) in x.dtype
         else:
-            out = torch.ops.minaf3_int4.int4_linear(
-                x if x.dtype == f32 else x.float(), weight, scales, bias32
-            )
+            out = torch.ops.minaf3_int4.int4_linear(x.float(), weight, scales, bias32)
         return out if x.dtype == f32 else out.to(x.dtype)
     if chosen == "cpp":
         why = (

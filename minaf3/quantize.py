@@ -261,7 +261,7 @@ def quantize_weight_int4(weight: torch.Tensor, name: str = "weight") -> tuple[to
     N, K = weight.shape
     Kp, G = padded_width(K), GROUP_SIZE
     packed = streamed_empty((N, Kp // 2), torch.uint8, weight.device)
-    scales = torch.empty(N, Kp // G, dtype=torch.bfloat16, device=weight.device)
+    scales = streamed_empty((N, Kp // G), torch.bfloat16, weight.device)  # read beside the weights
     rows = max(1, QUANT_CHUNK_BYTES // (4 * Kp))
     for n0 in range(0, N, rows):
         # (rows, Kp), a copy even for float32 input: the in-place ops below must not touch the weight.

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .config import AudioFlamingo3Config
 from .errors import ConfigError, GenerationError
@@ -180,9 +181,12 @@ def repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float)
 
 
 def suppress_tokens(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """logits (B, V) with the columns `token_ids` (n,) set to -inf (ids beyond V are ignored)."""
-    banned = torch.isin(torch.arange(logits.shape[-1], device=logits.device), token_ids)  # (V,)
-    return logits.masked_fill(banned, NEG_INF)
+    """logits (B, V) with the columns `token_ids` (n,) set to -inf (ids outside 0..V-1 are ignored)."""
+    V = logits.shape[-1]
+    # Ids outside the vocabulary mark an extra last column, cut off again: no host synchronisation to filter
+    # them, and work in n rather than a search over the whole vocabulary (torch.isin on every id).
+    ids = torch.where((token_ids >= 0) & (token_ids < V), token_ids, V)
+    return F.pad(logits, (0, 1)).index_fill_(-1, ids, NEG_INF)[..., :V]
 
 
 def temperature(logits: torch.Tensor, t: float) -> torch.Tensor:

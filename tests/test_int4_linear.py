@@ -174,6 +174,20 @@ def test_a_non_finite_activation_poisons_its_outputs(isa):
         assert torch.isfinite(out[0]).all() and not torch.isfinite(out[1]).any(), (isa, bad)
 
 
+@pytest.mark.parametrize("isa", LOOP_PATHS)
+def test_bf16_activations_go_in_and_out_as_the_float32_call_rounded(isa):
+    """A bf16 model's activations and bias enter the loop as they are and its output comes out in bf16: the
+    float32 call on the same (bf16-valued) numbers, rounded once to bf16, whatever the loop."""
+    assert runs("int4")
+    w, scales, b = random_layer(37, 384, True, seed=13)
+    x, b16 = torch.randn(3, 384).bfloat16(), b.bfloat16()
+    op = torch.ops.minaf3_int4.int4_linear
+    out = op(x, w, scales, b16, isa)
+    assert out.dtype == torch.bfloat16 and out.shape == (3, 37)
+    assert torch.equal(out, op(x.float(), w, scales, b16.float(), isa).bfloat16())
+    assert torch.equal(op(x.float(), w, scales, b16, isa), op(x.float(), w, scales, b16.float(), isa))
+
+
 def test_pack_and_unpack_are_inverse_and_follow_the_layout():
     q = torch.arange(256).remainder(16).view(2, 128)
     packed = pack_int4(q)
@@ -289,6 +303,10 @@ def test_the_loop_refuses_what_it_cannot_multiply():
         op(x, w, scales[:, :1].contiguous(), None)
     with pytest.raises(RuntimeError, match="isa must be auto, avx2, avx512, avx512_bf16 or avx512_vnni"):
         op(x, w, scales, None, "sse")
+    with pytest.raises(RuntimeError, match="int4_linear: x must be float32 or bfloat16"):
+        op(x.half(), w, scales, None)
+    with pytest.raises(RuntimeError, match="bias must be float32 or bfloat16 with 4 entries"):
+        op(x, w, scales, torch.zeros(4, dtype=torch.float64))
 
 
 def test_cpp_backend_refuses_tensors_it_cannot_run():

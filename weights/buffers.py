@@ -6,13 +6,15 @@
 
 A decode step reads every weight once. From 4 KiB pages, the page-table walks slow that stream measurably
 (the README's int8 rows come from weights in 2 MiB pages); a huge page covers 512 times as much memory per
-translation. Only weights built for decoding use it (fused projections, int8 weights), never the dtype
-conversions of loading: faulting in 2 MiB pages, which the kernel may first have to compact, makes a load
-slower.
+translation. Only weights built for decoding use it (fused projections, int8 and int4 weights and their
+scales), never the dtype conversions of loading: faulting in 2 MiB pages, which the kernel may first have to
+compact, makes a load slower.
 """
 
 import ctypes
 import functools
+import math
+import mmap
 import sys
 
 import torch
@@ -20,7 +22,6 @@ import torch
 # Linux's transparent huge pages: 2 MiB, requested per range with madvise(MADV_HUGEPAGE) (<sys/mman.h>),
 # which is what a system set to THP "madvise" (the common default) needs before it uses them for a range.
 HUGE_PAGE = 2 * 2**20
-MADV_HUGEPAGE = 14
 PAGE = 4096
 
 
@@ -40,17 +41,24 @@ def _madvise():
 def streamed_empty(shape: tuple[int, ...], dtype: torch.dtype, device=None) -> torch.Tensor:
     """torch.empty for a weight that decoding will stream, its pages 2 MiB where the OS allows.
 
-    Only a hint: where the kernel refuses it or the memory was touched already, the pages stay 4 KiB. The
-    tensor must not have been written yet (pages are chosen when first touched).
+    On a Linux CPU, from HUGE_PAGE bytes: memory of its own, a private anonymous mapping aligned to 2 MiB and
+    marked MADV_HUGEPAGE before anything touches it (unmapped when the tensor is freed). torch.empty's memory
+    would often not take the hint: the C allocator serves blocks below its mapping threshold (which grows to
+    32 MiB as large blocks are freed, as quantizing a checkpoint does) from memory used before, whose pages
+    are 4 KiB already. Only a hint still: where the kernel has no huge page to give, pages stay 4 KiB.
     """
-    tensor = torch.empty(shape, dtype=dtype, device=device)
-    madvise = _madvise()
-    if tensor.device.type == "cpu" and madvise is not None and tensor.nbytes >= 2 * HUGE_PAGE:
-        # the whole 2 MiB pages inside the allocation
-        start = -(-tensor.data_ptr() // HUGE_PAGE) * HUGE_PAGE
-        end = (tensor.data_ptr() + tensor.nbytes) // HUGE_PAGE * HUGE_PAGE
-        madvise(start, end - start, MADV_HUGEPAGE)
-    return tensor
+    nbytes = math.prod(shape) * dtype.itemsize
+    on_cpu = torch.device("cpu" if device is None else device).type == "cpu"
+    if not on_cpu or nbytes < HUGE_PAGE or sys.platform != "linux":
+        return torch.empty(shape, dtype=dtype, device=device)
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    handle = ctypes.c_char.from_buffer(region)
+    offset = -ctypes.addressof(handle) % HUGE_PAGE
+    del handle  # a live export would keep the mapping from ever being closed
+    region.madvise(mmap.MADV_HUGEPAGE, offset, nbytes)
+    # The tensor holds `region` (a buffer export) until its storage is freed: then the mapping goes too.
+    flat = torch.frombuffer(region, dtype=torch.uint8, count=nbytes, offset=offset)
+    return flat.view(dtype).view(shape)
 
 
 MADV_WILLNEED = 3
