@@ -48,7 +48,7 @@ def streamed_empty(shape: tuple[int, ...], dtype: torch.dtype, device=None) -> t
     are 4 KiB already. Only a hint still: where the kernel has no huge page to give, pages stay 4 KiB.
     """
     nbytes = math.prod(shape) * dtype.itemsize
-    on_cpu = torch.device("cpu" if device is None else device).type == "cpu"
+    on_cpu = torch.device(torch.get_default_device() if device is None else device).type == "cpu"
     if not on_cpu or nbytes < HUGE_PAGE or sys.platform != "linux":
         return torch.empty(shape, dtype=dtype, device=device)
     region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
