@@ -188,6 +188,22 @@ def test_bf16_activations_go_in_and_out_as_the_float32_call_rounded(isa):
     assert torch.equal(op(x.float(), w, scales, b16, isa), op(x.float(), w, scales, b16.float(), isa))
 
 
+@pytest.mark.parametrize("isa", LOOP_PATHS)
+def test_groups_of_denormal_activations_stay_within_the_bound(isa):
+    """Groups whose largest magnitude is so small that 127 / it overflows float32 (where the VNNI loop's
+    int8 rounding takes the group as zeros), alone or beside zeros: finite outputs within the bound."""
+    assert runs("int4")
+    w, scales, _ = random_layer(9, 384, False, seed=14)
+    x = torch.randn(2, 384)
+    x[0, 32:64] = 1e-40  # one group of denormals
+    x[1, 128:256] = 0.0
+    x[1, 130] = -3e-39
+    out = torch.ops.minaf3_int4.int4_linear(x, w, scales, None, isa)
+    assert torch.isfinite(out).all()
+    bound = error_bound(x, w, scales, None, path_tolerance(f"loop-{isa}", 384), int8_group(f"loop-{isa}", 32))
+    assert ((out - int4_linear_reference(x, w, scales, None)).abs() <= bound).all()
+
+
 def test_pack_and_unpack_are_inverse_and_follow_the_layout():
     q = torch.arange(256).remainder(16).view(2, 128)
     packed = pack_int4(q)
