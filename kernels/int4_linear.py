@@ -57,8 +57,8 @@ BACKEND_ENV = "MINAF3_INT4_BACKEND"
 PREFILL_MIN_ROWS = 40
 # The torch backend dequantizes this many weight bytes (in the activation dtype) at a time (as int8's).
 DEQUANT_TILE_BYTES = 8 * 2**20
-GEMM_X_DTYPES = (torch.float32, torch.bfloat16)  # gemm.cpp's activation dtypes
-GEMV_DTYPES = (torch.float32, torch.bfloat16)  # int4_gemv.cpp's activation (and output) and bias dtypes
+# The activation dtypes the C++ kernels take as they are (int4_gemv.cpp also for its bias and output)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def padded_width(in_features: int) -> int:
@@ -134,11 +134,11 @@ def run_int4_linear(
         bias32 = bias if bias is None or bias.dtype == f32 else bias.float()
         if rows >= PREFILL_MIN_ROWS and kernels.gemm:
             out = torch.ops.minaf3_gemm.int4_gemm(
-                x if x.dtype in GEMM_X_DTYPES else x.float(), weight, scales, bias32
+                x if x.dtype in KERNEL_DTYPES else x.float(), weight, scales, bias32
             )
         elif rows >= PREFILL_MIN_ROWS and kernels.bf16_prefill:
             return bf16_tiles.tiled_linear(x, bf16_tiles.int4_tiles(weight, scales), weight.shape[0], bias)
-        elif x.dtype in GEMV_DTYPES and (bias is None or bias.dtype in GEMV_DTYPES):
+        elif x.dtype in KERNEL_DTYPES and (bias is None or bias.dtype in KERNEL_DTYPES):
             return torch.ops.minaf3_int4.int4_linear(x, weight, scales, bias)  # (..., N) in x.dtype
         else:
             out = torch.ops.minaf3_int4.int4_linear(x.float(), weight, scales, bias32)

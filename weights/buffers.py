@@ -4,11 +4,10 @@
     release_file_pages(tensor)     a mapped checkpoint tensor's pages out of this process once it is copied
     read_ahead(tensor)             a mapped checkpoint tensor's pages read into memory in the background
 
-A decode step reads every weight once. From 4 KiB pages, the page-table walks slow that stream measurably
-(the README's int8 rows come from weights in 2 MiB pages); a huge page covers 512 times as much memory per
-translation. Only weights built for decoding use it (fused projections, int8 and int4 weights and their
-scales), never the dtype conversions of loading: faulting in 2 MiB pages, which the kernel may first have to
-compact, makes a load slower.
+A decode step reads every weight once. From 4 KiB pages, the page-table walks slow that stream measurably; a
+huge page covers 512 times as much memory per translation. Only weights built for decoding use it (fused
+projections, int8 and int4 weights and their scales), never the dtype conversions of loading: faulting
+in 2 MiB pages, which the kernel may first have to compact, makes a load slower.
 """
 
 import ctypes
