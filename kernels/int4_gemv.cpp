@@ -466,10 +466,41 @@ __attribute__((target("avx512f,avx512bw"))) inline void store_low_bytes(int8_t* 
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(to), _mm512_cvtepi16_epi8(words));
 }
 
-// x (M, K) float32 or bfloat16 -> Avx512Vnni's int8 activations in its order (per group of G columns, the
-// scale is the group's largest magnitude / 127 and each value is rounded to the nearest multiple of it; a
-// group holding a NaN or an infinity gets scale NaN, so that it poisons its outputs as it would in float32),
-// each lane's start (-8 times the sum of its int8 activations, exact, as int32 bits) and each lane's
+// One row of activations, float32, as int8 per group of G columns: the scale is the group's largest
+// magnitude / 127 and each value is rounded to the nearest multiple of it (ties to even); a group holding a
+// NaN or an infinity gets scale NaN, so that it poisons its outputs as it would in float32. q (K) int8 in
+// column order, group_scale (K / G). The rounding of every int8-activation product (this loop's and
+// int4_gemm.cpp's, through quantize_int8).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+void quantize_row(const float* row, int64_t K, int64_t G, int8_t* q, float* group_scale) {
+  const __m512 top = _mm512_set1_ps(127.0f), bottom = _mm512_set1_ps(-127.0f);
+  for (int64_t g = 0; g < K / G; ++g) {
+    __m512 largest = _mm512_setzero_ps();
+    __mmask16 bad = 0;
+    for (int64_t k = g * G; k < (g + 1) * G; k += 16) {
+      const __m512 v = _mm512_loadu_ps(row + k);
+      bad |= _mm512_fpclass_ps_mask(v, 0x99);  // quiet or signalling NaN, + or - infinity
+      largest = _mm512_max_ps(largest, _mm512_abs_ps(v));
+    }
+    const bool finite = bad == 0;
+    const float big = _mm512_reduce_max_ps(largest);
+    group_scale[g] = finite ? big / 127.0f : NAN;
+    // Zeros for a group that is not finite (its scale NaN), for an all-zero group, and for one so small
+    // (below 127 / FLT_MAX) that 127 / big overflows: its values are then below 1e-36 each.
+    const float reciprocal = 127.0f / big;
+    const bool usable = finite && big > 0 && std::isfinite(reciprocal);
+    const __m512 inverse = _mm512_set1_ps(usable ? reciprocal : 0.0f);
+    for (int64_t k = g * G; k < (g + 1) * G; k += 16) {
+      const __m512 v = finite ? _mm512_mul_ps(_mm512_loadu_ps(row + k), inverse) : _mm512_setzero_ps();
+      const __m512 r = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);  // ties even
+      const __m512i i = _mm512_cvtps_epi32(_mm512_min_ps(top, _mm512_max_ps(bottom, r)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtsepi32_epi8(i));
+    }
+  }
+}
+
+// x (M, K) float32 or bfloat16 -> Avx512Vnni's int8 activations in its order (quantize_row's), each
+// lane's start (-8 times the sum of its int8 activations, exact, as int32 bits) and each lane's
 // activation scale. Every call pays this before its first weight, so it is vector code: 16 values per
 // instruction, the order by two byte narrowings, the lane sums by sums of absolute differences.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
@@ -491,36 +522,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prepare_int8(const at::Tensor& x,
   std::vector<int8_t> q(K);                      // one row's int8 values, in column order
   std::vector<float> group_scale(K / G + L), widened;  // + L: a step's 16-wide read past the last group
   int8_t* dst = xp.data_ptr<int8_t>();
-  const __m512 top = _mm512_set1_ps(127.0f), bottom = _mm512_set1_ps(-127.0f);
   const __m512i word_low = _mm512_set1_epi16(0x00FF), bias = _mm512_set1_epi8(static_cast<char>(0x80));
   // lane l of a step takes group (8 l) / G: for G = 32, 64, 128, index l / 4, l / 8, 0 of the step's groups
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   const __m512i group_of_lane = _mm512_srlv_epi32(lane, _mm512_set1_epi32(G == 32 ? 2 : G == 64 ? 3 : 4));
   for (int64_t m = 0; m < M; ++m) {
     const float* row = float_row(x, m, widened);
-    for (int64_t g = 0; g < K / G; ++g) {
-      __m512 largest = _mm512_setzero_ps();
-      __mmask16 bad = 0;
-      for (int64_t k = g * G; k < (g + 1) * G; k += 16) {
-        const __m512 v = _mm512_loadu_ps(row + k);
-        bad |= _mm512_fpclass_ps_mask(v, 0x99);  // quiet or signalling NaN, + or - infinity
-        largest = _mm512_max_ps(largest, _mm512_abs_ps(v));
-      }
-      const bool finite = bad == 0;
-      const float big = _mm512_reduce_max_ps(largest);
-      group_scale[g] = finite ? big / 127.0f : NAN;
-      // Zeros for a group that is not finite (its scale NaN), for an all-zero group, and for one so small
-      // (below 127 / FLT_MAX) that 127 / big overflows: its values are then below 1e-36 each.
-      const float reciprocal = 127.0f / big;
-      const bool usable = finite && big > 0 && std::isfinite(reciprocal);
-      const __m512 inverse = _mm512_set1_ps(usable ? reciprocal : 0.0f);
-      for (int64_t k = g * G; k < (g + 1) * G; k += 16) {
-        const __m512 v = finite ? _mm512_mul_ps(_mm512_loadu_ps(row + k), inverse) : _mm512_setzero_ps();
-        const __m512 r = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);  // ties even
-        const __m512i i = _mm512_cvtps_epi32(_mm512_min_ps(top, _mm512_max_ps(bottom, r)));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(q.data() + k), _mm512_cvtsepi32_epi8(i));
-      }
-    }
+    quantize_row(row, K, G, q.data(), group_scale.data());
     int8_t* out = dst + m * K;
     float* lanes = start.data_ptr<float>() + m * starts;
     float* lane_scale = xscale.data_ptr<float>() + m * starts;
@@ -610,8 +618,38 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return y;
 }
 
-TORCH_LIBRARY(minaf3_int4, m) {
-  m.def("int4_linear(Tensor x, Tensor w, Tensor scales, Tensor? bias, str isa='auto') -> Tensor");
+// x (..., K) float32 or bfloat16 -> (xq (..., K) int8, xs (..., K / G) float32) with x ~ xs * xq per group
+// of G columns (quantize_row), K a multiple of 128: the activations of int4_gemm.cpp's product.
+std::tuple<at::Tensor, at::Tensor> quantize_int8(const at::Tensor& x, int64_t G) {
+  const char* name = "quantize_int8";
+  TORCH_CHECK(x.device().is_cpu() && x.dim() >= 1 &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              name, ": x must be a float32 or bfloat16 CPU tensor (..., K)");
+  const int64_t K = x.size(-1);
+  TORCH_CHECK(K % kAlign == 0 && (G == 32 || G == 64 || G == 128), name, ": K = ", K,
+              " must be a multiple of ", kAlign, " and G one of 32, 64, 128; got G = ", G);
+  TORCH_CHECK(choose("auto") == "avx512_vnni", name, ": this CPU has no AVX-512 VNNI");
+  const int64_t M = x.numel() / K;
+  std::vector<int64_t> scale_shape(x.sizes().begin(), x.sizes().end() - 1);
+  scale_shape.push_back(K / G);
+  at::Tensor xq = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  at::Tensor xs = at::empty(scale_shape, x.options().dtype(at::kFloat));
+  const at::Tensor xc = x.contiguous().view({M, K});
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> widened;
+    for (int64_t m = begin; m < end; ++m)
+      quantize_row(float_row(xc, m, widened), K, G, xq.data_ptr<int8_t>() + m * K,
+                   xs.data_ptr<float>() + m * (K / G));
+  });
+  return {xq, xs};
 }
 
-TORCH_LIBRARY_IMPL(minaf3_int4, CPU, m) { m.impl("int4_linear", &int4_linear); }
+TORCH_LIBRARY(minaf3_int4, m) {
+  m.def("int4_linear(Tensor x, Tensor w, Tensor scales, Tensor? bias, str isa='auto') -> Tensor");
+  m.def("quantize_int8(Tensor x, int G) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(minaf3_int4, CPU, m) {
+  m.impl("int4_linear", &int4_linear);
+  m.impl("quantize_int8", &quantize_int8);
+}

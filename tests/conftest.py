@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from minaf3.kernels.int4_linear import ZERO_POINT, int4_dequantize_reference, pack_int4, padded_width
 
 from minaf3.chat_template import REFERENCE_TEMPLATE
 
@@ -321,3 +322,36 @@ def write_demo_adapter(folder: Path, checkpoint: Path, seed: int = 0, r: int = 4
 def demo_adapter(tmp_path_factory, demo_checkpoint) -> Path:
     """write_demo_adapter's adapter for the demo checkpoint (seed 0)."""
     return write_demo_adapter(tmp_path_factory.mktemp("demo_adapter"), demo_checkpoint)
+
+
+# The int4 product's tests (test_int4_linear.py, test_int4_gemm.py): a random layer and the error allowed.
+FLOAT32_EPS = torch.finfo(torch.float32).eps
+
+
+def random_int4_layer(out_features: int, in_features: int, bias: bool, seed: int, group: int = 32):
+    """An int4 weight of random 4-bit values and bf16 scales of both signs, for in_features columns (the
+    padding columns zero, as the quantizer makes them)."""
+    g = torch.Generator().manual_seed(seed)
+    Kp = padded_width(in_features)
+    q = torch.randint(0, 16, (out_features, Kp), generator=g)
+    q[:, in_features:] = ZERO_POINT
+    scales = ((torch.rand(out_features, Kp // group, generator=g) - 0.5) * 0.02).bfloat16()
+    b = torch.randn(out_features, generator=g) if bias else None
+    return pack_int4(q), scales, b
+
+
+def int4_error_bound(x, w, scales, bias, rel: float, int8_group: int | None = None) -> torch.Tensor:
+    """|y - y_ref| allowed per element: rel * sum_k |x_k W_nk| (+ |bias|), the scale of rounding errors.
+
+    int8_group: the path rounds the activations to int8 per group of that many columns, each group with the
+    scale max |x| / 127 over it: add half of that scale times the group's sum_k |W_nk|."""
+    W = int4_dequantize_reference(w, scales).float()
+    size = x.float().abs() @ W[:, : x.shape[-1]].abs().T
+    bound = rel * (size + (0 if bias is None else bias.abs())) + 1e-6
+    if int8_group is None:
+        return bound
+    N, Kp = W.shape
+    xp = torch.nn.functional.pad(x.float(), (0, Kp - x.shape[-1]))
+    half_step = xp.abs().unflatten(-1, (Kp // int8_group, int8_group)).amax(-1) / 254  # (..., groups)
+    group_weight = W.abs().view(N, Kp // int8_group, int8_group).sum(-1)  # (N, groups)
+    return bound + 1.01 * half_step @ group_weight.T

@@ -1,15 +1,19 @@
 """The int4 matrix product (kernels/int4_linear.py) against its float64 reference, on every path.
 
 Paths: the streaming loop in each of its instruction sets this CPU has (AVX-512 VNNI, AVX-512 BF16, AVX-512,
-AVX2), the prefill products (gemm.cpp's on AVX2, forced here where it is not the default; bf16 tiles on
-AVX-512 BF16 CPUs), torch's ops, a torch.compile'd call, and the unpack-multiply-sum of a compiled step
-without the library; over hypothesis-chosen shapes, odd widths and widths that are not a multiple of the
-group or of the 128-column alignment among them. The tolerances come from float32 rounding or from the bf16
-or int8 rounding of the activations a path multiplies, never from a typed number.
+AVX2), the prefill products (gemm.cpp's on AVX2, forced here where it is not the default; int4_gemm.cpp's
+on AVX-512 VNNI CPUs; bf16 tiles on AVX-512 BF16 CPUs), torch's ops, a torch.compile'd call, and the
+unpack-multiply-sum of a compiled step without the library; over hypothesis-chosen shapes, odd widths and
+widths that are not a multiple of the group or of the 128-column alignment among them. The tolerances come
+from float32 rounding or from the bf16 or int8 rounding of the activations a path multiplies, never from a
+typed number.
 """
 
 import pytest
 import torch
+from conftest import FLOAT32_EPS
+from conftest import int4_error_bound as error_bound
+from conftest import random_int4_layer as random_layer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from minaf3.kernels import int4_linear as kernel
@@ -24,11 +28,10 @@ from minaf3.kernels.int4_linear import (
     padded_width,
     unpack_int4,
 )
-from minaf3.kernels.registry import override, runs
+from minaf3.kernels.registry import available, override, runs
 
 from minaf3 import ConfigError
 
-FLOAT32_EPS = torch.finfo(torch.float32).eps
 BF16_UNIT = torch.finfo(torch.bfloat16).eps / 2  # the relative rounding error of a float rounded to bf16
 ISAS = ["avx512_vnni", "avx512_bf16", "avx512", "avx2"]  # best first
 HAS = {
@@ -39,42 +42,21 @@ HAS = {
 }
 # The loop's instruction sets this CPU has, each forced; "auto" (a call without `isa`) runs the first.
 LOOP_PATHS = [isa for isa in ISAS if HAS[isa]]
-PATHS = [f"loop-{isa}" for isa in LOOP_PATHS] + ["gemm", "bf16-tiles", "torch", "product-sum"]
+PREFILL_PATHS = ["gemm", "int4-gemm", "bf16-tiles"]
+PREFILL_FLAGS = {"gemm": "gemm", "int4_prefill": "int4-gemm", "bf16_prefill": "bf16-tiles"}  # kernel: path
+PATHS = [f"loop-{isa}" for isa in LOOP_PATHS] + PREFILL_PATHS + ["torch", "product-sum"]
 KERNEL_SETTINGS = settings(max_examples=30, deadline=None)
 
 
-def random_layer(out_features: int, in_features: int, bias: bool, seed: int, group: int = 32):
-    """An int4 weight of random 4-bit values and bf16 scales of both signs, for in_features columns (the
-    padding columns zero, as the quantizer makes them)."""
-    g = torch.Generator().manual_seed(seed)
-    Kp = padded_width(in_features)
-    q = torch.randint(0, 16, (out_features, Kp), generator=g)
-    q[:, in_features:] = kernel.ZERO_POINT
-    scales = ((torch.rand(out_features, Kp // group, generator=g) - 0.5) * 0.02).bfloat16()
-    b = torch.randn(out_features, generator=g) if bias else None
-    return pack_int4(q), scales, b
-
-
-def error_bound(x, w, scales, bias, rel: float, int8_group: int | None = None) -> torch.Tensor:
-    """|y - y_ref| allowed per element: rel * sum_k |x_k W_nk| (+ |bias|), the scale of rounding errors.
-
-    int8_group: the path rounds the activations to int8 per group of that many columns, each group with the
-    scale max |x| / 127 over it: add half of that scale times the group's sum_k |W_nk|."""
-    W = int4_dequantize_reference(w, scales).float()
-    size = x.float().abs() @ W[:, : x.shape[-1]].abs().T
-    bound = rel * (size + (0 if bias is None else bias.abs())) + 1e-6
-    if int8_group is None:
-        return bound
-    N, Kp = W.shape
-    xp = torch.nn.functional.pad(x.float(), (0, Kp - x.shape[-1]))
-    half_step = xp.abs().unflatten(-1, (Kp // int8_group, int8_group)).amax(-1) / 254  # (..., groups)
-    group_weight = W.abs().view(N, Kp // int8_group, int8_group).sum(-1)  # (N, groups)
-    return bound + 1.01 * half_step @ group_weight.T
-
-
 def int8_group(path: str, group: int) -> int | None:
-    """The group its activations are rounded to int8 by on `path` (the AVX-512 VNNI loop), else None."""
-    vnni = path == "loop-avx512_vnni" or (path == "loop-auto" and LOOP_PATHS[0] == "avx512_vnni")
+    """The group its activations are rounded to int8 by on `path` (the AVX-512 VNNI loop and product;
+    "prefill" is the default for many rows here), else None."""
+    kernels = available()
+    vnni = (
+        path in ("loop-avx512_vnni", "int4-gemm")
+        or (path == "loop-auto" and LOOP_PATHS[0] == "avx512_vnni")
+        or (path == "prefill" and kernels.int4_prefill and not kernels.gemm)
+    )
     return group if vnni else None
 
 
@@ -87,10 +69,12 @@ def run_path(path: str, x, w, scales, bias):
         return torch.ops.minaf3_int4.int4_linear(xp, w, scales, bias, path.removeprefix("loop-"))
     if path == "product-sum":
         return int4_product_sum(x.unsqueeze(-2), w, scales, bias).squeeze(-2)
-    if path in ("gemm", "bf16-tiles"):
+    if path in PREFILL_PATHS:
         if path == "bf16-tiles" and not torch.cpu._is_avx512_bf16_supported():
             pytest.skip("this CPU has no AVX-512 BF16")  # where it has, the path must build and run
-        flags = {"gemm": path == "gemm", "bf16_prefill": path == "bf16-tiles"}
+        if path == "int4-gemm" and not HAS["avx512_vnni"]:
+            pytest.skip("this CPU has no AVX-512 VNNI")  # where it has, the path must build and run
+        flags = {name: path == alias for name, alias in PREFILL_FLAGS.items()}
         with override(**flags), pytest.MonkeyPatch.context() as patch:
             patch.setattr(kernel, "PREFILL_MIN_ROWS", 1)
             return int4_linear(x, w, scales, bias, backend="cpp")
@@ -129,7 +113,7 @@ def test_int4_linear_matches_the_float64_reference(path, rows, out_features, in_
     assert ((out - expected).abs() <= bound).all()
 
 
-@pytest.mark.parametrize("path", [f"loop-{isa}" for isa in LOOP_PATHS] + ["gemm", "bf16-tiles"])
+@pytest.mark.parametrize("path", [f"loop-{isa}" for isa in LOOP_PATHS] + PREFILL_PATHS)
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 9, kernel.PREFILL_MIN_ROWS + 3])
 def test_batch_rows_each_equal_that_row_alone(path, rows):
     """Row blocking (1-2 activation rows per pass, tiles of weight rows, panels of gemm.cpp) must not mix
@@ -250,8 +234,9 @@ def test_compiled_product_sum_is_one_row_of_the_reference():
 
 
 def test_many_rows_take_the_path_meant_for_this_cpu():
-    """From PREFILL_MIN_ROWS rows: gemm.cpp's operator where it is wanted (AVX2 CPUs), else bf16 tiles where
-    the CPU has AVX-512 BF16, else the loop; below it, the loop."""
+    """From PREFILL_MIN_ROWS rows: gemm.cpp's operator where it is wanted (AVX2 CPUs), else int4_gemm.cpp's
+    where the CPU has AVX-512 VNNI, else bf16 tiles where it has AVX-512 BF16, else the loop; below it, the
+    loop."""
     from torch.profiler import profile
 
     many = kernel.PREFILL_MIN_ROWS
@@ -260,15 +245,20 @@ def test_many_rows_take_the_path_meant_for_this_cpu():
     cases = [
         ({"gemm": True}, many, "minaf3_gemm::int4_gemm"),
         ({"gemm": True}, many - 1, "minaf3_int4::int4_linear"),
-        ({"gemm": False, "bf16_prefill": False}, many, "minaf3_int4::int4_linear"),
+        ({"gemm": False, "int4_prefill": False, "bf16_prefill": False}, many, "minaf3_int4::int4_linear"),
     ]
-    if torch.cpu._is_avx512_bf16_supported():  # the path must build and run there
-        cases.append(({"gemm": False, "bf16_prefill": True}, many, "minaf3_tiles::int4_dequantize"))
+    if HAS["avx512_vnni"]:  # the path must build and run there
+        ops = {"minaf3_int4::quantize_int8", "minaf3_int4_gemm::int4_gemm"}
+        cases.append(({"gemm": False, "int4_prefill": True}, many, ops))
+        cases.append(({"gemm": False, "int4_prefill": True}, many - 1, "minaf3_int4::int4_linear"))
+    if torch.cpu._is_avx512_bf16_supported():
+        tiles = {"gemm": False, "int4_prefill": False, "bf16_prefill": True}
+        cases.append((tiles, many, "minaf3_tiles::int4_dequantize"))
     for flags, rows, op in cases:
         with override(**flags), profile() as trace:
             int4_linear(x[:rows], w, scales, b)
         calls = {event.key for event in trace.key_averages() if event.key.startswith("minaf3")}
-        assert calls == {op}, (flags, rows, calls)
+        assert calls == (op if isinstance(op, set) else {op}), (flags, rows, calls)
 
 
 def test_backend_switch_by_argument_and_environment(monkeypatch):
