@@ -470,7 +470,7 @@ __attribute__((target("avx512f,avx512bw"))) inline void store_low_bytes(int8_t* 
 // magnitude / 127 and each value is rounded to the nearest multiple of it (ties to even); a group holding a
 // NaN or an infinity gets scale NaN, so that it poisons its outputs as it would in float32. q (K) int8 in
 // column order, group_scale (K / G). The rounding of every int8-activation product (this loop's and
-// int4_gemm.cpp's, through quantize_int8).
+// vnni_prefill.cpp's, through quantize_int8).
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 void quantize_row(const float* row, int64_t K, int64_t G, int8_t* q, float* group_scale) {
   const __m512 top = _mm512_set1_ps(127.0f), bottom = _mm512_set1_ps(-127.0f);
@@ -619,7 +619,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 }
 
 // x (..., K) float32 or bfloat16 -> (xq (..., K) int8, xs (..., K / G) float32) with x ~ xs * xq per group
-// of G columns (quantize_row), K a multiple of 128: the activations of int4_gemm.cpp's product.
+// of G columns (quantize_row), K a multiple of 128: the activations of vnni_prefill.cpp's product.
 std::tuple<at::Tensor, at::Tensor> quantize_int8(const at::Tensor& x, int64_t G) {
   const char* name = "quantize_int8";
   TORCH_CHECK(x.device().is_cpu() && x.dim() >= 1 &&

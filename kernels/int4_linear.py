@@ -19,9 +19,9 @@ Backends: the `backend=` argument, else $MINAF3_INT4_BACKEND, else "auto".
   "cpp"    the C++ kernels (CPU): below PREFILL_MIN_ROWS rows int4_gemv.cpp's streaming loop (its AVX-512
            VNNI code, int8 activations, where the CPU has those instructions, else AVX-512 BF16, AVX-512 or
            AVX2 code); from PREFILL_MIN_ROWS rows, on CPUs whose best vector unit is AVX2, gemm.cpp's
-           blocked product with the int4 rows widened to float32 and scaled as they are packed, on CPUs with
-           AVX-512 VNNI int4_gemm.cpp's product of int8 activations (the loop's rounding) and 4-bit weights,
-           on other CPUs with AVX-512 BF16 tiles of weight rows dequantized to bf16 and multiplied by
+           blocked product with the int4 rows widened to float32 and scaled as they are packed, on CPUs
+           with AVX-512 VNNI vnni_prefill.cpp's product of int8 activations (the loop's rounding) and 4-bit
+           weights, on other CPUs with AVX-512 BF16 tiles of weight rows dequantized to bf16 and multiplied by
            torch's bf16 product (bf16_tiles.py); elsewhere the loop at every row count. ConfigError when
            the kernels cannot be built or run here.
   "torch"  torch ops only: tiles of weight rows dequantized in x's dtype, multiplied with F.linear.
@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from minaf3.errors import ConfigError
 
-from . import bf16_tiles, cpp_build, int4_gemm
+from . import bf16_tiles, cpp_build, vnni_prefill
 from .registry import available, runs
 
 GROUP_SIZE = 32  # columns per scale (see the module docstring)
@@ -137,9 +137,9 @@ def run_int4_linear(
             out = torch.ops.minaf3_gemm.int4_gemm(
                 x if x.dtype in KERNEL_DTYPES else x.float(), weight, scales, bias32
             )
-        elif rows >= PREFILL_MIN_ROWS and kernels.int4_prefill:
+        elif rows >= PREFILL_MIN_ROWS and kernels.vnni_prefill:
             xk = x if x.dtype in KERNEL_DTYPES else x.float()
-            out = int4_gemm.int4_gemm_linear(xk, weight, scales, bias)
+            out = vnni_prefill.int4_gemm_linear(xk, weight, scales, bias)
         elif rows >= PREFILL_MIN_ROWS and kernels.bf16_prefill:
             return bf16_tiles.tiled_linear(x, bf16_tiles.int4_tiles(weight, scales), weight.shape[0], bias)
         elif x.dtype in KERNEL_DTYPES and (bias is None or bias.dtype in KERNEL_DTYPES):

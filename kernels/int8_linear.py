@@ -6,8 +6,10 @@
 Backends: the `backend=` argument, else the environment variable MINAF3_INT8_BACKEND, else "auto".
   "cpp"    the C++ kernels (CPU): int8_gemv.cpp's streaming loop (AVX-512 code where the CPU has it, else
            AVX2), or from GEMM_MIN_ROWS rows on CPUs whose best vector unit is AVX2, gemm.cpp's blocked
-           product with the int8 rows widened and scaled as they are packed, and on CPUs with AVX-512 BF16,
-           tiles of rows dequantized to bf16 and multiplied by torch's bf16 product (bf16_tiles.py);
+           product with the int8 rows widened and scaled as they are packed, on CPUs with AVX-512 VNNI
+           vnni_prefill.cpp's product of int8 activations (rounded per group of 32 columns, as the int4
+           layers' are) and the int8 weights (in_features a multiple of 128), else on CPUs with AVX-512
+           BF16 tiles of rows dequantized to bf16 and multiplied by torch's bf16 product (bf16_tiles.py);
            ConfigError when they cannot be built or run here.
   "torch"  torch ops only: up to SMALL_BATCH rows aten._weight_int8pack_mm with bf16 activations, more rows
            (and non-CPU devices) dequantize tiles of weight rows and multiply with F.linear.
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 
 from minaf3.errors import ConfigError
 
-from . import bf16_tiles, cpp_build
+from . import bf16_tiles, cpp_build, vnni_prefill
 from .registry import available, runs
 
 BACKEND_ENV = "MINAF3_INT8_BACKEND"
@@ -99,6 +101,9 @@ def run_int8_linear(
         many = x.shape[:-1].numel() >= GEMM_MIN_ROWS
         if many and runs("gemm"):
             op = torch.ops.minaf3_gemm.int8_gemm  # many rows (prefill): the blocked product
+        elif many and available().vnni_prefill and w_int8.shape[1] % vnni_prefill.ALIGN == 0:
+            xk = x if x.dtype in (torch.float32, torch.bfloat16) else x.float()  # int8 activations
+            return vnni_prefill.int8_gemm_linear(xk, w_int8, scales, bias).to(x.dtype)
         elif many and available().bf16_prefill:  # or bf16 tiles times torch's bf16 product
             return bf16_tiles.tiled_linear(x, bf16_tiles.int8_tiles(w_int8, scales), w_int8.shape[0], bias)
         elif runs("gemv"):

@@ -26,7 +26,7 @@ import torch
 
 from minaf3.errors import ConfigError
 
-from . import bf16_tiles, cpp_build, cpu_attention, decode_ops, gemm, gemv, int4_gemm, int4_gemv, log_mel
+from . import bf16_tiles, cpp_build, cpu_attention, decode_ops, gemm, gemv, int4_gemv, log_mel, vnni_prefill
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class Kernels:
     gemv: bool  # int8_gemv.cpp: streaming matrix-vector products over int8, bf16 or float32 weights
     gemm: bool  # gemm.cpp: blocked matrix products for many rows, on CPUs whose best vector unit is AVX2
     int4: bool  # int4_gemv.cpp: streaming products over int4 weights, for a few rows
-    int4_prefill: bool  # int4_gemm.cpp: int4 products for many rows, on CPUs with AVX-512 VNNI
+    vnni_prefill: bool  # vnni_prefill.cpp: int4 and int8 products for many rows, on CPUs with AVX-512 VNNI
     bf16_prefill: bool  # bf16_tiles.cpp: int8 and int4 prefill as bf16 tiles, on CPUs with AVX-512 BF16
     log_mel: bool  # log_mel.cpp: the fused log-mel front end
     triton: bool  # triton importable, and a CUDA device to run it on
@@ -62,9 +62,10 @@ def _bf16_prefill_runs() -> bool:
     return torch.cpu._is_avx512_bf16_supported() and bf16_tiles.load_library()
 
 
-def _int4_prefill_runs() -> bool:
-    # int8 activations times 4-bit weights by the VNNI byte dot product: on CPUs that have it only.
-    return int4_gemm.wanted() and int4_gemm.load_library()
+def _vnni_prefill_runs() -> bool:
+    # int8 activations (int4_gemv.cpp's quantize_int8) times int4 or int8 weights by the VNNI byte dot
+    # product: on CPUs that have it only.
+    return vnni_prefill.wanted() and int4_gemv.load_library() and vnni_prefill.load_library()
 
 
 def _gemm_runs() -> bool:
@@ -79,7 +80,7 @@ LOADERS = {
     "gemv": gemv.load_library,
     "gemm": _gemm_runs,
     "int4": int4_gemv.load_library,
-    "int4_prefill": _int4_prefill_runs,
+    "vnni_prefill": _vnni_prefill_runs,
     "bf16_prefill": _bf16_prefill_runs,
     "log_mel": log_mel.load_extension,
     "triton": _triton_runs,
@@ -116,7 +117,7 @@ def report() -> str:
     why = {
         "gemm": "see the build warning" if gemm.wanted() else "meant for CPUs whose best vector unit is AVX2",
         "triton": "needs triton and a CUDA device",
-        "int4_prefill": "needs AVX-512 VNNI" if not int4_gemm.wanted() else "see the build warning",
+        "vnni_prefill": "needs AVX-512 VNNI" if not vnni_prefill.wanted() else "see the build warning",
         "bf16_prefill": "needs AVX-512 BF16"
         if not torch.cpu._is_avx512_bf16_supported()
         else "see the build warning",

@@ -324,7 +324,8 @@ def demo_adapter(tmp_path_factory, demo_checkpoint) -> Path:
     return write_demo_adapter(tmp_path_factory.mktemp("demo_adapter"), demo_checkpoint)
 
 
-# The int4 product's tests (test_int4_linear.py, test_int4_gemm.py): a random layer and the error allowed.
+# The quantized products' tests (test_int4_linear.py, test_int8_linear.py, test_vnni_prefill.py): random
+# layers and the error allowed.
 FLOAT32_EPS = torch.finfo(torch.float32).eps
 
 
@@ -350,8 +351,14 @@ def int4_error_bound(x, w, scales, bias, rel: float, int8_group: int | None = No
     bound = rel * (size + (0 if bias is None else bias.abs())) + 1e-6
     if int8_group is None:
         return bound
-    N, Kp = W.shape
-    xp = torch.nn.functional.pad(x.float(), (0, Kp - x.shape[-1]))
-    half_step = xp.abs().unflatten(-1, (Kp // int8_group, int8_group)).amax(-1) / 254  # (..., groups)
-    group_weight = W.abs().view(N, Kp // int8_group, int8_group).sum(-1)  # (N, groups)
-    return bound + 1.01 * half_step @ group_weight.T
+    xp = torch.nn.functional.pad(x.float(), (0, W.shape[1] - x.shape[-1]))
+    return bound + int8_activation_bound(xp, W, int8_group)
+
+
+def int8_activation_bound(x: torch.Tensor, W: torch.Tensor, group: int) -> torch.Tensor:
+    """What rounding x (..., K) to int8 per group of `group` columns (scale max |x| / 127 over the group)
+    can change in x @ W.T, W (N, K) float: half that scale times the group's sum_k |W_nk|, summed."""
+    N, K = W.shape
+    half_step = x.float().abs().unflatten(-1, (K // group, group)).amax(-1) / 254  # (..., groups)
+    group_weight = W.float().abs().view(N, K // group, group).sum(-1)  # (N, groups)
+    return 1.01 * half_step @ group_weight.T

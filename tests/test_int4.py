@@ -183,7 +183,7 @@ def test_greedy_generation_matches_uncached_forward(int4_model, audio_inputs):
     """Decode (the streaming loop) and the prompt's product agree with a plain forward, step by step."""
     steps = 4
     # one product for prompt and steps: no near-ties
-    with torch.no_grad(), override(int4_prefill=False, bf16_prefill=False):
+    with torch.no_grad(), override(vnni_prefill=False, bf16_prefill=False):
         out = int4_model.generate(**audio_inputs, max_new_tokens=steps, min_new_tokens=steps, **GREEDY)
         T = audio_inputs["input_ids"].shape[1]
         mask = torch.cat([audio_inputs["attention_mask"], torch.ones(2, steps, dtype=torch.long)], 1)

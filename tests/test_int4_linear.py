@@ -1,7 +1,7 @@
 """The int4 matrix product (kernels/int4_linear.py) against its float64 reference, on every path.
 
 Paths: the streaming loop in each of its instruction sets this CPU has (AVX-512 VNNI, AVX-512 BF16, AVX-512,
-AVX2), the prefill products (gemm.cpp's on AVX2, forced here where it is not the default; int4_gemm.cpp's
+AVX2), the prefill products (gemm.cpp's on AVX2, forced here where it is not the default; vnni_prefill.cpp's
 on AVX-512 VNNI CPUs; bf16 tiles on AVX-512 BF16 CPUs), torch's ops, a torch.compile'd call, and the
 unpack-multiply-sum of a compiled step without the library; over hypothesis-chosen shapes, odd widths and
 widths that are not a multiple of the group or of the 128-column alignment among them. The tolerances come
@@ -43,7 +43,7 @@ HAS = {
 # The loop's instruction sets this CPU has, each forced; "auto" (a call without `isa`) runs the first.
 LOOP_PATHS = [isa for isa in ISAS if HAS[isa]]
 PREFILL_PATHS = ["gemm", "int4-gemm", "bf16-tiles"]
-PREFILL_FLAGS = {"gemm": "gemm", "int4_prefill": "int4-gemm", "bf16_prefill": "bf16-tiles"}  # kernel: path
+PREFILL_FLAGS = {"gemm": "gemm", "vnni_prefill": "int4-gemm", "bf16_prefill": "bf16-tiles"}  # kernel: path
 PATHS = [f"loop-{isa}" for isa in LOOP_PATHS] + PREFILL_PATHS + ["torch", "product-sum"]
 KERNEL_SETTINGS = settings(max_examples=30, deadline=None)
 
@@ -55,7 +55,7 @@ def int8_group(path: str, group: int) -> int | None:
     vnni = (
         path in ("loop-avx512_vnni", "int4-gemm")
         or (path == "loop-auto" and LOOP_PATHS[0] == "avx512_vnni")
-        or (path == "prefill" and kernels.int4_prefill and not kernels.gemm)
+        or (path == "prefill" and kernels.vnni_prefill and not kernels.gemm)
     )
     return group if vnni else None
 
@@ -234,7 +234,7 @@ def test_compiled_product_sum_is_one_row_of_the_reference():
 
 
 def test_many_rows_take_the_path_meant_for_this_cpu():
-    """From PREFILL_MIN_ROWS rows: gemm.cpp's operator where it is wanted (AVX2 CPUs), else int4_gemm.cpp's
+    """From PREFILL_MIN_ROWS rows: gemm.cpp's operator where it is wanted (AVX2 CPUs), else vnni_prefill.cpp's
     where the CPU has AVX-512 VNNI, else bf16 tiles where it has AVX-512 BF16, else the loop; below it, the
     loop."""
     from torch.profiler import profile
@@ -245,14 +245,14 @@ def test_many_rows_take_the_path_meant_for_this_cpu():
     cases = [
         ({"gemm": True}, many, "minaf3_gemm::int4_gemm"),
         ({"gemm": True}, many - 1, "minaf3_int4::int4_linear"),
-        ({"gemm": False, "int4_prefill": False, "bf16_prefill": False}, many, "minaf3_int4::int4_linear"),
+        ({"gemm": False, "vnni_prefill": False, "bf16_prefill": False}, many, "minaf3_int4::int4_linear"),
     ]
     if HAS["avx512_vnni"]:  # the path must build and run there
-        ops = {"minaf3_int4::quantize_int8", "minaf3_int4_gemm::int4_gemm"}
-        cases.append(({"gemm": False, "int4_prefill": True}, many, ops))
-        cases.append(({"gemm": False, "int4_prefill": True}, many - 1, "minaf3_int4::int4_linear"))
+        ops = {"minaf3_int4::quantize_int8", "minaf3_vnni::int4_gemm"}
+        cases.append(({"gemm": False, "vnni_prefill": True}, many, ops))
+        cases.append(({"gemm": False, "vnni_prefill": True}, many - 1, "minaf3_int4::int4_linear"))
     if torch.cpu._is_avx512_bf16_supported():
-        tiles = {"gemm": False, "int4_prefill": False, "bf16_prefill": True}
+        tiles = {"gemm": False, "vnni_prefill": False, "bf16_prefill": True}
         cases.append((tiles, many, "minaf3_tiles::int4_dequantize"))
     for flags, rows, op in cases:
         with override(**flags), profile() as trace:

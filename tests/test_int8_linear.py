@@ -11,10 +11,10 @@ import sys
 
 import pytest
 import torch
-from conftest import rel_l2, run_python
+from conftest import int8_activation_bound, rel_l2, run_python
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from minaf3.kernels import gemv
+from minaf3.kernels import gemv, vnni_prefill
 from minaf3.kernels import int8_linear as kernel
 from minaf3.kernels.int8_linear import int8_linear, int8_linear_reference
 from minaf3.kernels.registry import available, override, runs
@@ -50,11 +50,21 @@ def run_path(path: str, x, w, scales, bias):
     return int8_linear(x, w, scales, bias, backend=path)
 
 
+def vnni_bound(path: str, x, w, scales) -> torch.Tensor | float:
+    """What the VNNI prefill product's int8 activations add to the bound where `path` runs it, else 0."""
+    rows, width = x.shape[:-1].numel(), x.shape[-1]
+    kernels = available()
+    runs_vnni = kernels.vnni_prefill and not kernels.gemm and width % vnni_prefill.ALIGN == 0
+    if path != "cpp" or rows < kernel.GEMM_MIN_ROWS or not runs_vnni:
+        return 0.0
+    return int8_activation_bound(x, w.float() * scales[:, None], vnni_prefill.ACTIVATION_GROUP)
+
+
 def path_tolerance(path: str, in_features: int, rows: int = 1) -> float:
     # float32 sums in another order (cpp) or bf16-rounded activations (torch's small-batch op); from
     # GEMM_MIN_ROWS rows on an AVX-512 BF16 CPU, bf16 tiles (bf16 activations, weights and outputs)
     if path == "cpp" and rows >= kernel.GEMM_MIN_ROWS and available().bf16_prefill and not available().gemm:
-        return 2 * BF16_EPS
+        return 2 * BF16_EPS  # (or VNNI's int8 activations: vnni_bound)
     return 2 * BF16_EPS if path == "torch" else in_features * FLOAT32_EPS
 
 
@@ -86,7 +96,7 @@ def test_batch_rows_each_equal_that_row_alone(path, rows):
     out = run_path(path, x, w, scales, b)
     alone = torch.cat([run_path(path, x[i : i + 1], w, scales, b) for i in range(rows)])
     expected = int8_linear_reference(x, w, scales, b)
-    bound = error_bound(x, w, scales, b, path_tolerance(path, 3584, rows))
+    bound = error_bound(x, w, scales, b, path_tolerance(path, 3584, rows)) + vnni_bound(path, x, w, scales)
     assert ((out - expected).abs() <= bound).all()
     assert ((out - alone).abs() <= bound).all()
 
@@ -124,31 +134,45 @@ def test_leading_dims_and_dtype_are_kept(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_many_rows_take_the_blocked_product_where_it_is_wanted(dtype):
     """From GEMM_MIN_ROWS rows (a prompt) the "cpp" backend calls gemm.cpp's int8 operator on CPUs whose
-    best vector unit is AVX2, bf16 tiles on CPUs with AVX-512 BF16, and the streaming loop below that or on
-    other CPUs; every way, the product is the reference's within float32 rounding (bf16 rows, or tiles:
-    within bf16 rounding)."""
+    best vector unit is AVX2, vnni_prefill.cpp's on CPUs with AVX-512 VNNI (widths a multiple of 128), bf16
+    tiles on CPUs with AVX-512 BF16, and the streaming loop below that or on other CPUs; every way, the
+    product is the reference's within float32 rounding (bf16 rows, or tiles: within bf16 rounding; VNNI:
+    within the int8 rounding of the activations)."""
     from torch.profiler import profile
 
     many = kernel.GEMM_MIN_ROWS
-    w, scales, b = random_layer(70, 300, True, seed=9)
-    x = torch.randn(many, 300).to(dtype)
-    expected = int8_linear_reference(x, w, scales, b).float()
-    bound = error_bound(x, w, scales, b, 300 * FLOAT32_EPS if dtype == torch.float32 else 2 * BF16_EPS)
-    tiles_bound = error_bound(x, w, scales, b, 2 * BF16_EPS)
-    cases = [
-        ({"gemm": True}, many, "minaf3_gemm::int8_gemm"),
-        ({"gemm": True}, many - 1, "minaf3_int8::int8_linear"),
-        ({"gemm": False, "bf16_prefill": False}, many, "minaf3_int8::int8_linear"),  # the loop at any count
-    ]
-    if torch.cpu._is_avx512_bf16_supported():  # there the tiles must build and run
-        cases.append(({"gemm": False, "bf16_prefill": True}, many, "minaf3_tiles::int8_dequantize"))
-    for flags, rows, op in cases:
-        with override(**flags), profile() as trace:
-            out = int8_linear(x[:rows], w, scales, b)
-        calls = {event.key: event.count for event in trace.key_averages() if event.key.startswith("minaf3")}
-        assert set(calls) == {op}, (flags, rows, calls)
-        allowed = tiles_bound if op.startswith("minaf3_tiles") else bound
-        assert out.dtype == dtype and ((out.float() - expected[:rows]).abs() <= allowed[:rows]).all()
+    vnni = {"minaf3_int4::quantize_int8", "minaf3_vnni::int8_gemm"}
+    loop, tiles = {"minaf3_int8::int8_linear"}, {"minaf3_tiles::int8_dequantize"}
+    off = {"gemm": False, "vnni_prefill": False, "bf16_prefill": False}
+    for width in (300, 256):  # VNNI: only the second
+        w, scales, b = random_layer(70, width, True, seed=9)
+        x = torch.randn(many, width).to(dtype)
+        expected = int8_linear_reference(x, w, scales, b).float()
+        rel = width * FLOAT32_EPS if dtype == torch.float32 else 2 * BF16_EPS
+        bounds = {
+            "float32": error_bound(x, w, scales, b, rel),
+            "bf16": error_bound(x, w, scales, b, 2 * BF16_EPS),
+            "int8": error_bound(x, w, scales, b, rel) + vnni_bound("cpp", x, w, scales),
+        }
+        cases = [
+            ({"gemm": True}, many, {"minaf3_gemm::int8_gemm"}, "float32"),
+            ({"gemm": True}, many - 1, loop, "float32"),
+            (off, many, loop, "float32"),  # the loop at any count
+        ]
+        if vnni_prefill.wanted():  # there the VNNI product must build and run
+            cases.append((off | {"vnni_prefill": True}, many, vnni if width % 128 == 0 else loop, "int8"))
+            cases.append((off | {"vnni_prefill": True}, many - 1, loop, "float32"))
+        if torch.cpu._is_avx512_bf16_supported():  # there the tiles must build and run
+            cases.append((off | {"bf16_prefill": True}, many, tiles, "bf16"))
+            both = off | {"vnni_prefill": True, "bf16_prefill": True}
+            cases.append((both, many, vnni if width % 128 == 0 else tiles, "int8"))
+        for flags, rows, ops, error in cases:
+            with override(**flags), profile() as trace:
+                out = int8_linear(x[:rows], w, scales, b)
+            calls = {event.key for event in trace.key_averages() if event.key.startswith("minaf3")}
+            assert calls == ops, (width, flags, rows, calls)
+            allowed = bounds["bf16" if ops == tiles else error][:rows]
+            assert out.dtype == dtype and ((out.float() - expected[:rows]).abs() <= allowed).all()
 
 
 @pytest.mark.parametrize("rows", [3, kernel.GEMM_MIN_ROWS])  # the streaming loop, the blocked product

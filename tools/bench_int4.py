@@ -11,11 +11,12 @@ layer, through the layer classes themselves:
     int8          Int8Linear                       int4   Int4Linear (its default path here)
 and the int4 paths one by one: below PREFILL_MIN_ROWS rows the streaming loop's code for each instruction
 set this CPU has (int4 avx512_vnni / avx512_bf16 / avx512 / avx2; avx512_vnni rounds the activations to
-int8), from it the loop, gemm.cpp's product ("int4 gemm", forced on any AVX2 CPU), int4_gemm.cpp's ("int4
-vnni", AVX-512 VNNI CPUs) and bf16 tiles ("int4 tiles", AVX-512 BF16 CPUs). Alongside in every race, a sum over
-1 GiB (racing.rate_probes' "read"): each time's weight bytes over it give "GB/s" and "of bw", the fraction of
-the read bandwidth measured in the same turns. Layers small enough to sit in the L3 cache are read from
-copies in turn, so every call streams its weights from memory, as in a model's decode step.
+int8), from it the loop, gemm.cpp's product ("int4 gemm", forced on any AVX2 CPU), vnni_prefill.cpp's
+("int4 vnni", AVX-512 VNNI CPUs) and bf16 tiles ("int4 tiles", AVX-512 BF16 CPUs). Alongside in every
+race, a sum over 1 GiB (racing.rate_probes' "read"): each time's weight bytes over it give "GB/s" and "of
+bw", the fraction of the read bandwidth measured in the same turns. Layers small enough to sit in the L3
+cache are read from copies in turn, so every call streams its weights from memory, as in a model's decode
+step.
 
 --weight-error: relative L2 error of the dequantized weights of a Gaussian matrix and a Student-t one (5
 degrees of freedom: heavier tails, as trained weights have), for per-row int8 and for int4 at groups of 32,
@@ -124,10 +125,10 @@ def candidates(weight: torch.Tensor, x: torch.Tensor) -> dict:
                 calls = [lambda m=m, isa=isa: op(xp, m.weight, m.scales, None, isa) for m in int4_layers]
                 out[f"int4 {isa}"] = (in_turn(calls), nbytes)
     elif not streamed:
-        off = {"gemm": False, "int4_prefill": False, "bf16_prefill": False}
+        off = {"gemm": False, "vnni_prefill": False, "bf16_prefill": False}
         out["int4 loop"] = (in_turn(int4, lambda: override(**off)), nbytes)
-        if available().int4_prefill:
-            out["int4 vnni"] = (in_turn(int4, lambda: override(**off | {"int4_prefill": True})), nbytes)
+        if available().vnni_prefill:
+            out["int4 vnni"] = (in_turn(int4, lambda: override(**off | {"vnni_prefill": True})), nbytes)
         if available().bf16_prefill:
             out["int4 tiles"] = (in_turn(int4, lambda: override(**off | {"bf16_prefill": True})), nbytes)
         if gemm.load_library():  # on any AVX2 CPU, when asked for

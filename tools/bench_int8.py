@@ -5,11 +5,12 @@
 
 For each decoder layer shape (and the lm_head) and each row count it prints the milliseconds of
     fp32      F.linear on float32 weights (what an unquantized model runs)
-    cpp       what a quantized model runs on CPU: from GEMM_MIN_ROWS rows on AVX2 CPUs kernels/gemm.cpp's
-              blocked product, else the streaming loop of kernels/int8_gemv.cpp, AVX-512 where
-              the CPU has it
+    cpp       what a quantized model runs on CPU: from GEMM_MIN_ROWS rows the prefill product this CPU
+              takes (kernels/gemm.cpp's on AVX2 CPUs, vnni_prefill.cpp's on AVX-512 VNNI ones, bf16
+              tiles on other AVX-512 BF16 ones), else the streaming loop of kernels/int8_gemv.cpp,
+              AVX-512 where the CPU has it
     avx2      the loop forced to its AVX2 code (shown on AVX-512 CPUs only)
-    loop      the loop, where cpp took gemm.cpp
+    loop      the loop, where cpp took a prefill product
     torch     the torch backend: aten._weight_int8pack_mm with bf16 activations (<= 8 rows), else
               float32 dequantization of weight tiles + F.linear
     naive     dequantize the whole weight, then F.linear (--naive; slow, for comparison)
@@ -106,7 +107,8 @@ def candidates(x, weight, w_int8, scales, naive: bool) -> dict:
     out = {"fp32": (lambda: F.linear(x, weight), fp32_bytes)}
     if available().gemv:
         out["cpp"] = (lambda: int8_linear(x, w_int8, scales, backend="cpp"), int8_bytes)
-        if x.shape[0] >= GEMM_MIN_ROWS and available().gemm:
+        kernels = available()
+        if x.shape[0] >= GEMM_MIN_ROWS and (kernels.gemm or kernels.vnni_prefill or kernels.bf16_prefill):
             op = torch.ops.minaf3_int8.int8_linear
             out["loop"] = (lambda: op(x, w_int8, scales, None), int8_bytes)
         if torch.backends.cpu.get_cpu_capability() == "AVX512":

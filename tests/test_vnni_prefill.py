@@ -1,31 +1,34 @@
-"""int4_gemm.cpp, the int4 prefill product on CPUs with AVX-512 VNNI, and its activations (quantize_int8).
+"""vnni_prefill.cpp, the int4 and int8 prefill products on CPUs with AVX-512 VNNI, and their activations
+(int4_gemv.cpp's quantize_int8).
 
-The product multiplies the same int8 activations as the streaming loop's VNNI code, and both sum each group
-exactly in int32: the two differ only in the order of their float32 sums, so the loop is the reference here
-(the float64 reference, on every path: tests/test_int4_linear.py). The tolerances come from float32 rounding.
+The int4 product multiplies the same int8 activations as the int4 streaming loop's VNNI code, and both sum
+each group exactly in int32: the two differ only in the order of their float32 sums, so the loop is the
+reference here (the float64 reference, on every path: tests/test_int4_linear.py). The int8 product is held
+to the float64 product of the int8 weights within what rounding the activations to int8 can change. The
+tolerances come from float32 rounding and from that rounding, never from a typed number.
 """
 
 import pytest
 import torch
-from conftest import FLOAT32_EPS
+from conftest import FLOAT32_EPS, int8_activation_bound
 from conftest import int4_error_bound as error_bound
 from conftest import random_int4_layer as random_layer
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from minaf3.kernels import int4_gemm
+from minaf3.kernels import vnni_prefill
 from minaf3.kernels.int4_linear import GROUP_SIZES, int4_linear_reference
 from minaf3.kernels.registry import runs
 
-pytestmark = pytest.mark.skipif(not int4_gemm.wanted(), reason="this CPU has no AVX-512 VNNI")
+pytestmark = pytest.mark.skipif(not vnni_prefill.wanted(), reason="this CPU has no AVX-512 VNNI")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def library():
-    assert runs("int4") and runs("int4_prefill")  # where the CPU has VNNI, both must build and run
+    assert runs("int4") and runs("vnni_prefill")  # where the CPU has VNNI, both must build and run
 
 
 def gemm(x, w, scales, bias=None):
-    return int4_gemm.int4_gemm_linear(x, w, scales, bias)
+    return vnni_prefill.int4_gemm_linear(x, w, scales, bias)
 
 
 def loop(x, w, scales, bias=None):
@@ -128,15 +131,17 @@ def test_groups_of_denormal_activations_stay_within_the_bound():
 def test_the_operators_refuse_what_they_cannot_multiply():
     w, scales, b = random_layer(8, 256, True, seed=6)
     xq, xs = torch.ops.minaf3_int4.quantize_int8(torch.randn(2, 256), 32)
-    op = torch.ops.minaf3_int4_gemm.int4_gemm
+    op = torch.ops.minaf3_vnni.int4_gemm
     with pytest.raises(RuntimeError, match="xq must be int8"):
         op(xq.float(), xs, w, scales, b, torch.float32)
     with pytest.raises(RuntimeError, match="xq has 128 columns, w packs 256"):
         op(xq[:, :128], xs, w, scales, b, torch.float32)
     with pytest.raises(RuntimeError, match="xs must be float32"):
+        op(xq, xs.double(), w, scales, b, torch.float32)
+    with pytest.raises(RuntimeError, match="with the groups of xs"):
         op(xq, xs[:, :3], w, scales, b, torch.float32)
     with pytest.raises(RuntimeError, match="the group size must be 32, 64 or 128"):
-        op(xq, xs, w, scales[:, :1], b, torch.float32)
+        op(xq, xs[:, :1], w, scales[:, :1], b, torch.float32)
     with pytest.raises(RuntimeError, match="bias must be float32 with 8 entries"):
         op(xq, xs, w, scales, b[:3], torch.float32)
     with pytest.raises(RuntimeError, match="dtype must be float32 or bfloat16"):
@@ -145,3 +150,67 @@ def test_the_operators_refuse_what_they_cannot_multiply():
         torch.ops.minaf3_int4.quantize_int8(torch.randn(2, 200), 32)
     with pytest.raises(RuntimeError, match="must be a float32 or bfloat16 CPU tensor"):
         torch.ops.minaf3_int4.quantize_int8(torch.randn(2, 256).half(), 32)
+
+
+def int8_layer(out_features: int, in_features: int, bias: bool, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=g)
+    scales = torch.rand(out_features, generator=g) * 0.01 + 1e-4
+    return w, scales, torch.randn(out_features, generator=g) if bias else None
+
+
+def int8_bound(x, w, scales, b):
+    """float32 rounding of the sums, plus what the activations' int8 rounding can change."""
+    W = w.double() * scales.double()[:, None]
+    size = x.double().abs() @ W.abs().T + (0 if b is None else b.double().abs())
+    group = vnni_prefill.ACTIVATION_GROUP
+    return (2 * x.shape[-1] * FLOAT32_EPS * size + int8_activation_bound(x, W, group) + 1e-6).float()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 20),
+    out_features=st.integers(1, 100),
+    blocks=st.integers(1, 5),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_int8_product_within_the_activations_rounding(rows, out_features, blocks, bias, seed):
+    K = 128 * blocks
+    w, scales, b = int8_layer(out_features, K, bias, seed)
+    x = torch.randn(rows, K, generator=torch.Generator().manual_seed(seed + 1)) * 3
+    out = vnni_prefill.int8_gemm_linear(x, w, scales, b)
+    W = w.double() * scales.double()[:, None]
+    expected = (x.double() @ W.T + (0 if b is None else b.double())).float()
+    assert out.shape == (rows, out_features) and out.dtype == torch.float32
+    assert ((out - expected).abs() <= int8_bound(x, w, scales, b)).all()
+
+
+def test_int8_bf16_and_threads():
+    """bf16 activations: the float32 call rounded; threads: the same bits."""
+    w, scales, b = int8_layer(517, 1024, True, seed=21)
+    x = torch.randn(45, 1024).bfloat16()
+    out = vnni_prefill.int8_gemm_linear(x, w, scales, b)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, vnni_prefill.int8_gemm_linear(x.float(), w, scales, b).bfloat16())
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = vnni_prefill.int8_gemm_linear(x.float(), w, scales, b)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(alone, vnni_prefill.int8_gemm_linear(x.float(), w, scales, b))
+
+
+def test_the_int8_operator_refuses_what_it_cannot_multiply():
+    w, scales, b = int8_layer(8, 256, True, seed=6)
+    xq, xs = torch.ops.minaf3_int4.quantize_int8(torch.randn(2, 256), 32)
+    op = torch.ops.minaf3_vnni.int8_gemm
+    with pytest.raises(RuntimeError, match=r"w must be \(N, K\) int8"):
+        op(xq, xs, w.view(torch.uint8), scales, b, torch.float32)
+    with pytest.raises(RuntimeError, match="xq has 256 columns, w 128"):
+        op(xq, xs, w[:, :128], scales, b, torch.float32)
+    with pytest.raises(RuntimeError, match="scales must be float32 with 8 entries"):
+        op(xq, xs, w, scales.bfloat16(), b, torch.float32)
+    with pytest.raises(RuntimeError, match="the group size must be 32, 64 or 128"):
+        op(xq, xs[:, :1], w, scales, b, torch.float32)
