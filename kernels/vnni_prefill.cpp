@@ -106,36 +106,57 @@ void reorder_activations(const Problem& p, const int8_t* xq, int8_t* out, int32_
   });
 }
 
-// 32-bit word i of each lane's row, for the lanes' first words at row_words (in words from base).
-__attribute__((target("avx512f"), always_inline)) inline __m512i gather_word(const int* base, __m512i row_words,
-                                                                            int64_t i) {
-  return _mm512_i32gather_epi32(_mm512_add_epi32(row_words, _mm512_set1_epi32(static_cast<int>(i))), base, 4);
+// r[i] lane j -> r[j] lane i: a 16 x 16 transpose of 32-bit words (unpacks within 128-bit lanes, then
+// shuffles of whole 128-bit lanes).
+__attribute__((target("avx512f"), always_inline)) inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  // r[4 i + e]'s 128-bit lane c: rows 4 i .. 4 i + 3 at word 4 c + e
+  for (int e = 0; e < 4; ++e) {
+    const __m512i a0 = _mm512_shuffle_i32x4(r[e], r[4 + e], 0x88), a1 = _mm512_shuffle_i32x4(r[e], r[4 + e], 0xdd);
+    const __m512i b0 = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0x88);
+    const __m512i b1 = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0xdd);
+    t[e] = _mm512_shuffle_i32x4(a0, b0, 0x88);
+    t[8 + e] = _mm512_shuffle_i32x4(a0, b0, 0xdd);
+    t[4 + e] = _mm512_shuffle_i32x4(a1, b1, 0x88);
+    t[12 + e] = _mm512_shuffle_i32x4(a1, b1, 0xdd);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
 }
 
 // Repack weight rows [n0, n0 + kPanel) (rows from N on as zero weights) into `panel` (K / 8 units of four
 // vectors: rows 0-15's first 4 bytes of the unit, then their second 4, then the same for rows 16-31) and
-// their scales into `ws` (K / G groups of kPanel float32, zero for rows from N on).
+// their scales into `ws` (K / G groups of kPanel float32, zero for rows from N on). Sixteen rows' 64 bytes at
+// a time are loaded and transposed, so that every load is a whole cache line.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 void pack_panel(const Problem& p, int64_t n0, __m512i* panel, float* ws) {
-  const int64_t units = p.K / 8, groups = p.K / p.G, words = p.int4 ? units : 2 * units;  // words per row
+  const int64_t groups = p.K / p.G, row_bytes = p.int4 ? p.K / 2 : p.K;
   const __m512i nibbles = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int half = 0; half < 2; ++half) {
-    const int64_t first = n0 + 16 * half;
-    // each lane's row (the last row for lanes past N: its products are multiplied by a zero scale)
-    const __m512i rows = _mm512_min_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(first))),
-                                          _mm512_set1_epi32(static_cast<int>(p.N - 1)));
-    const __m512i row_words = _mm512_mullo_epi32(rows, _mm512_set1_epi32(static_cast<int>(words)));
-    const int* base = reinterpret_cast<const int*>(p.w);
-    for (int64_t u = 0; u < units; ++u) {
-      __m512i* to = panel + 4 * u + 2 * half;
-      if (p.int4) {
-        const __m512i v = gather_word(base, row_words, u);
-        _mm512_store_si512(to, _mm512_and_si512(v, nibbles));
-        _mm512_store_si512(to + 1, _mm512_and_si512(_mm512_srli_epi16(v, 4), nibbles));
-      } else {
-        _mm512_store_si512(to, _mm512_xor_si512(gather_word(base, row_words, 2 * u), flip));  // w + 128 as an unsigned byte
-        _mm512_store_si512(to + 1, _mm512_xor_si512(gather_word(base, row_words, 2 * u + 1), flip));
+    const uint8_t* rows[16];  // the last row for lanes past N: its products are multiplied by a zero scale
+    for (int j = 0; j < 16; ++j) rows[j] = p.w + std::min(n0 + 16 * half + j, p.N - 1) * row_bytes;
+    for (int64_t byte = 0; byte < row_bytes; byte += 64) {  // 16 words of each row
+      __m512i r[16];
+      for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_si512(rows[j] + byte);
+      transpose16(r);  // r[i]: word byte / 4 + i of the 16 rows
+      for (int i = 0; i < 16; ++i) {
+        if (p.int4) {  // word u is unit u: its low nibbles, then its high ones
+          __m512i* to = panel + 4 * (byte / 4 + i) + 2 * half;
+          _mm512_store_si512(to, _mm512_and_si512(r[i], nibbles));
+          _mm512_store_si512(to + 1, _mm512_and_si512(_mm512_srli_epi16(r[i], 4), nibbles));
+        } else {  // word w is half w % 2 of unit w / 2; w + 128 as unsigned bytes
+          const int64_t word = byte / 4 + i;
+          _mm512_store_si512(panel + 4 * (word / 2) + 2 * half + word % 2, _mm512_xor_si512(r[i], flip));
+        }
       }
     }
   }
