@@ -122,7 +122,8 @@ __attribute__((target("avx512f"), always_inline)) inline void transpose16(__m512
   }
   // r[4 i + e]'s 128-bit lane c: rows 4 i .. 4 i + 3 at word 4 c + e
   for (int e = 0; e < 4; ++e) {
-    const __m512i a0 = _mm512_shuffle_i32x4(r[e], r[4 + e], 0x88), a1 = _mm512_shuffle_i32x4(r[e], r[4 + e], 0xdd);
+    const __m512i a0 = _mm512_shuffle_i32x4(r[e], r[4 + e], 0x88);
+    const __m512i a1 = _mm512_shuffle_i32x4(r[e], r[4 + e], 0xdd);
     const __m512i b0 = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0x88);
     const __m512i b1 = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0xdd);
     t[e] = _mm512_shuffle_i32x4(a0, b0, 0x88);
@@ -257,7 +258,8 @@ void run(const Problem& p) {
     const int64_t m1 = std::min(p.M, m0 + chunk);
     at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
       std::vector<uint8_t> bytes(p.K / 8 * 4 * 64 + 64);  // the panel, 64-byte aligned
-      const auto panel = reinterpret_cast<const __m512i*>((reinterpret_cast<uintptr_t>(bytes.data()) + 63) & ~uintptr_t{63});
+      const uintptr_t aligned = (reinterpret_cast<uintptr_t>(bytes.data()) + 63) & ~uintptr_t{63};
+      const auto panel = reinterpret_cast<const __m512i*>(aligned);
       std::vector<float> ws(groups * kPanel);
       for (int64_t i = begin; i < end; ++i) {
         pack_panel(p, i * kPanel, const_cast<__m512i*>(panel), ws.data());
@@ -316,8 +318,8 @@ void check_activations(const char* name, const at::Tensor& xq, const at::Tensor&
 // float32 or bfloat16 (`dtype`). int4_gemm: W the int4 weight, w (N, K / 2) uint8 and scales (N, K / G')
 // bfloat16 (G' in {32, 64, 128}, the activations' G); int8_gemm: W = scales[:, None] * w, w (N, K) int8,
 // scales (N,) float32.
-at::Tensor int4_gemm(const at::Tensor& xq, const at::Tensor& xs, const at::Tensor& w, const at::Tensor& scales,
-                     const std::optional<at::Tensor>& bias, at::ScalarType dtype) {
+at::Tensor int4_gemm(const at::Tensor& xq, const at::Tensor& xs, const at::Tensor& w,
+                     const at::Tensor& scales, const std::optional<at::Tensor>& bias, at::ScalarType dtype) {
   const char* name = "int4_gemm";
   check_activations(name, xq, xs, w);
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte, name, ": w must be (N, K / 2) uint8");
@@ -336,8 +338,8 @@ at::Tensor int4_gemm(const at::Tensor& xq, const at::Tensor& xs, const at::Tenso
   return product(name, xq, xs, p, scales.size(1), bias, dtype);
 }
 
-at::Tensor int8_gemm(const at::Tensor& xq, const at::Tensor& xs, const at::Tensor& w, const at::Tensor& scales,
-                     const std::optional<at::Tensor>& bias, at::ScalarType dtype) {
+at::Tensor int8_gemm(const at::Tensor& xq, const at::Tensor& xs, const at::Tensor& w,
+                     const at::Tensor& scales, const std::optional<at::Tensor>& bias, at::ScalarType dtype) {
   const char* name = "int8_gemm";
   check_activations(name, xq, xs, w);
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar, name, ": w must be (N, K) int8");
