@@ -20,7 +20,7 @@ setup(
     # The CPU kernels are C++ compiled on first use (ninja via torch.utils.cpp_extension).
     # The tiny trained model (minaf3.TINY_MODEL): its hub-layout files, not the training state.
     package_data={
-        "minaf3.kernels": ["*.cpp"],
+        "minaf3.kernels": ["*.cpp", "*.h"],
         "minaf3.serve": ["page.html"],
         "minaf3": ["tiny/*.json", "tiny/*.safetensors", "tiny/*.jinja", "tiny/train/log.jsonl"],
     },

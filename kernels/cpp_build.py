@@ -3,6 +3,7 @@
     build_once(build)              a thread-safe `load_extension`: calls build() once per process
     compile_library(name, ...)     torch.utils.cpp_extension.load with ninja, saying so when it compiles
     keyed_name(name, source, ...)  the build's folder: one per source, flags and build environment
+    local_headers(source)          the headers beside a source that it includes (#include "name.h")
     build_openmp_library(...)      the same for an AVX2 operator library, with OpenMP when the compiler has it
     load_together(*loaders)        several kernels' load_extension at once: first builds run side by side
     exclusive_build(build_dir)     one process builds a library at a time; clears a killed build's lock
@@ -10,10 +11,11 @@
     resolve_backend(...)           "auto" | "cpp" | "torch" from an argument or an environment variable
 
 A kernel is compiled on first use, into torch's extension cache ($TORCH_EXTENSIONS_DIR, default
-~/.cache/torch_extensions), in a folder of its own for each source, flags and build environment (the torch
-installation and Python: keyed_name), and loaded from there afterwards: two checkouts with one environment
-share a build, and two environments never replace each other's. Compiling takes about 10 s on two cores,
-so a process that compiles logs a line saying so rather than stall in silence.
+~/.cache/torch_extensions), in a folder of its own for each source (with the headers beside it that it
+includes), flags and build environment (the torch installation and Python: keyed_name), and loaded from
+there afterwards: two checkouts with one environment share a build, and two environments never replace each
+other's. Compiling takes about 10 s on two cores, so a process that compiles logs a line saying so rather
+than stall in silence.
 A failed build is never fatal: each kernel keeps a torch path and logs one warning naming the cause.
 """
 
@@ -122,9 +124,11 @@ def compile_library(name: str, source: Path, cflags: list[str], ldflags: list[st
         with exclusive_build(build_dir):
             # Compiled from a copy inside the build folder: the compiler's command names the source's path,
             # and a command that differs (another checkout's path) makes ninja rebuild.
+            for original in (source, *local_headers(source)):
+                copy = build_dir / original.name
+                if not copy.exists() or copy.read_bytes() != original.read_bytes():
+                    shutil.copyfile(original, copy)
             copy = build_dir / source.name
-            if not copy.exists() or copy.read_bytes() != source.read_bytes():
-                shutil.copyfile(source, copy)
             cpp_extension.load(
                 name=keyed,
                 sources=[str(copy)],
@@ -141,12 +145,33 @@ def compile_library(name: str, source: Path, cflags: list[str], ldflags: list[st
 
 
 def keyed_name(name: str, source: Path, cflags: list[str], ldflags: list[str]) -> str:
-    """`name` and 16 hex digits naming what its build depends on: the source's bytes, the flags and the
-    build environment (build_environment)."""
+    """`name` and 16 hex digits naming what its build depends on: the bytes of the source and of the headers
+    it includes (local_headers), the flags and the build environment (build_environment)."""
     digest = hashlib.sha256(source.read_bytes())
+    for header in local_headers(source):
+        digest.update(header.name.encode() + b"\0" + header.read_bytes())
     for part in (cflags, ldflags, build_environment()):
         digest.update(repr(part).encode())
     return f"{name}_{digest.hexdigest()[:16]}"
+
+
+def local_headers(source: Path) -> list[Path]:
+    """The files beside `source` that it or they include by `#include "name"`, each once, in the order met.
+
+    They are copied with the source into its build folder and keyed with it. Only names without a folder
+    are taken: a kernel's headers sit beside it; ATen's and the system's come in with <...>.
+    """
+    found: list[Path] = []
+    pending = [source]
+    while pending:
+        for line in pending.pop(0).read_text().splitlines():
+            words = line.split()
+            if len(words) >= 2 and words[0] == "#include" and words[1].startswith('"'):
+                header = source.parent / words[1].strip('"')
+                if header not in found:
+                    found.append(header)
+                    pending.append(header)
+    return found
 
 
 def build_environment() -> list[str]:

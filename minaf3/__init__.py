@@ -66,9 +66,9 @@ _EXPORTS = {
 
 # Every submodule, reachable as an attribute (minaf3.attention) without an import statement of its own.
 _SUBMODULES = set(
-    """attention audio batch chat_template cli config conversation datasets decoder decoding demo dtypes
-    encoder errors estimate evaluate features finetune finetune_config generate kernels linear lora loss
-    manifest mel metrics model pipeline processor processor_files quantize records sampling segments
+    """attention audio batch chat_template cli command config conversation datasets decoder decoding demo
+    dtypes encoder errors estimate evaluate features finetune finetune_config generate kernels linear lora
+    loss manifest mel metrics model pipeline processor processor_files quantize records sampling segments
     sound_heads streamer tasks train train_config weights windows""".split()
 )
 

@@ -35,8 +35,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from minaf3 import command
 from minaf3.audio import load_audio
-from minaf3.errors import ConfigError, GenerationError, InputError, Minaf3Error
+from minaf3.errors import ConfigError, GenerationError, InputError
 from minaf3.manifest import Item, audio_samples, build_conversation, pack, read_manifest, shard
 from minaf3.pipeline import Pipeline, load
 from minaf3.processor import strip_transcription_prefix
@@ -375,13 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m minaf3.batch ...` (what torchrun runs with -m): the `minaf3 batch` command on its own."""
     parser = argparse.ArgumentParser(prog="minaf3")
     add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["batch", *(sys.argv[1:] if argv is None else argv)])
-    logging.basicConfig(format="minaf3: %(levelname)s: %(message)s", level=logging.WARNING)
-    try:
-        return args.run(args)
-    except Minaf3Error as error:
-        print(f"minaf3: error: {error}", file=sys.stderr)
-        return 2  # as cli.py: argparse's status for usage errors
+    return command.run(parser, ["batch", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -19,22 +19,13 @@ keeps its traceback. Answers and transcripts go to stdout; progress bars, warnin
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
+from minaf3 import command
 from minaf3.errors import InputError, Minaf3Error
 
-EXIT_ERROR = 2  # argparse's status for usage errors; minaf3 errors share it
 EXIT_DOES_NOT_FIT = 1  # `estimate`: the run would not fit the device
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
-
-
-class _StderrHandler(logging.Handler):
-    """Log records as `minaf3: warning: ...` on whatever sys.stderr is at the time (tests replace it)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        print(f"minaf3: {record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -143,22 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line with `argv` (default sys.argv[1:]); returns the exit status."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:  # --help, or a usage error argparse has already printed
-        return exit_.code if isinstance(exit_.code, int) else EXIT_ERROR
-    logger = logging.getLogger("minaf3")
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
-        logger.addHandler(_StderrHandler(logging.WARNING))
-    try:
-        return args.run(args)
-    except Minaf3Error as error:
-        print(f"minaf3: error: {error}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return EXIT_INTERRUPTED
+    return command.run(build_parser(), argv)
 
 
 def _generation_kwargs(args: argparse.Namespace, pipe) -> dict:

@@ -26,15 +26,15 @@ OUT (report.json):
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from minaf3 import command
 from minaf3.batch import add_run_options, answer_items, run_options
 from minaf3.datasets import EvalItem, read_dataset
-from minaf3.errors import InputError, Minaf3Error
+from minaf3.errors import InputError
 from minaf3.metrics import METRICS, check_metric, score_item, summarize
 from minaf3.records import check_settings, read_records
 from minaf3.weights.loader import check_model_folder
@@ -186,13 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m minaf3.evaluate ...` (what torchrun runs with -m): the `minaf3 eval` command on its own."""
     parser = argparse.ArgumentParser(prog="minaf3")
     add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
-    logging.basicConfig(format="minaf3: %(levelname)s: %(message)s", level=logging.WARNING)
-    try:
-        return args.run(args)
-    except Minaf3Error as error:
-        print(f"minaf3: error: {error}", file=sys.stderr)
-        return 2  # as cli.py: argparse's status for usage errors
+    return command.run(parser, ["eval", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

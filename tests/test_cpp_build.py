@@ -2,12 +2,16 @@
 compiler, a compiler without OpenMP) are tested with each kernel: test_log_mel.py, test_int8_linear.py,
 test_cpu_attention.py."""
 
+import ast
+import fnmatch
 import os
 import re
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
+import minaf3.kernels
 import pytest
 from minaf3.kernels.cpp_build import (
     AVX2_FLAGS,
@@ -19,6 +23,7 @@ from minaf3.kernels.cpp_build import (
     failure_reason,
     keyed_name,
     load_together,
+    local_headers,
     resolve_backend,
 )
 
@@ -180,6 +185,44 @@ def test_builds_are_keyed_by_source_and_flags_not_by_path(tmp_path, monkeypatch,
     compile_library("minaf3_probe_key", here / "probe.cpp", ["-O2"], [], "probe")
     folders = sorted(p.name for p in (tmp_path / "cache").iterdir() if p.is_dir())
     assert len(folders) == 3 and built[0] in folders and library.stat().st_mtime_ns == stamp
+
+
+def test_headers_beside_a_source_are_copied_with_it_and_keyed_with_it(tmp_path, monkeypatch):
+    """A source that includes headers beside it (int4_gemv.cpp) builds from copies of them all, and a changed
+    header, even one included by another header, builds into a folder of its own, as a changed source does."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    source, outer, inner = tmp_path / "probe.cpp", tmp_path / "outer.h", tmp_path / "inner.h"
+    source.write_text('#include <cstdint>\n#include "outer.h"\n#include "inner.h"\n'
+                      "int minaf3_probe_header() { return kValue; }\n")  # fmt: skip
+    outer.write_text('#pragma once\n#include "inner.h"\n')
+    inner.write_text("#pragma once\nconstexpr int kValue = 1;\n")
+    assert local_headers(source) == [outer, inner]
+    compile_library("minaf3_probe_header", source, ["-O1"], [], "probe")
+    first = tmp_path / "cache" / keyed_name("minaf3_probe_header", source, ["-O1"], [])
+    assert (first / "inner.h").read_text() == inner.read_text()
+    inner.write_text("#pragma once\nconstexpr int kValue = 2;\n")
+    second = tmp_path / "cache" / keyed_name("minaf3_probe_header", source, ["-O1"], [])
+    assert second != first
+    compile_library("minaf3_probe_header", source, ["-O1"], [], "probe")
+    assert "kValue = 2" in (second / "inner.h").read_text()
+    assert "kValue = 1" in (first / "inner.h").read_text()
+    assert list(second.glob("*.so"))
+
+
+def test_the_package_installs_the_kernels_headers():
+    """Every header a kernel includes is package data (setup.py), or an installed (non-editable) minaf3 could
+    not build that kernel."""
+    setup = ast.parse((Path(__file__).resolve().parent.parent / "setup.py").read_text())
+    data = next(
+        ast.literal_eval(node.value)
+        for node in ast.walk(setup)
+        if isinstance(node, ast.keyword) and node.arg == "package_data"
+    )
+    kernels = Path(minaf3.kernels.__file__).parent
+    headers = {h for source in kernels.glob("*.cpp") for h in local_headers(source)}
+    assert headers and all(h.exists() for h in headers)
+    for header in headers:
+        assert any(fnmatch.fnmatch(header.name, pattern) for pattern in data["minaf3.kernels"]), header.name
 
 
 def test_every_folder_a_build_command_names_is_in_its_key(tmp_path, monkeypatch):

@@ -26,14 +26,13 @@ transformers runs in a process of its own under a time cap; what it has not reac
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-from racing import Clock
+from racing import Clock, cpu_flags, describe_cpu
 
 ROOT = Path(__file__).resolve().parent.parent
 SR = 16_000
@@ -45,18 +44,6 @@ DECODE_ROUNDS = 3
 # The read probe: far larger than any cache. It is allocated after the peak memory has been reported, so it
 # is not counted in it.
 READ_PROBE_BYTES = 256 * 2**20
-
-
-def cpu_flags() -> str:
-    """The vector flags of /proc/cpuinfo that decide the kernels (AVX2, AVX-512, bf16)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    flags = next((line for line in text.splitlines() if line.startswith("flags")), "").split()
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if "model name" in line), "")
-    keep = [f for f in flags if f.startswith(("avx2", "avx512f", "avx512_bf16", "amx", "fma"))]
-    return f"{model}; {' '.join(sorted(keep))}; {os.cpu_count()} cores"
 
 
 # ---- the checkpoint ---------------------------------------------------------------------------------------
@@ -273,7 +260,8 @@ def main() -> None:
     started = time.perf_counter()
     write_checkpoint(folder, args.audio_layers, args.text_layers)
     layers = f"{args.audio_layers} encoder + {args.text_layers} decoder layers"
-    print(f"{cpu_flags()}\ncheckpoint {folder} ({layers}, ready in {time.perf_counter() - started:.0f} s)")
+    print(describe_cpu(*cpu_flags()))
+    print(f"checkpoint {folder} ({layers}, ready in {time.perf_counter() - started:.0f} s)")
     results, estimates = {}, {}
     for mode in args.modes:
         results[f"minaf3 {mode}"] = run_child("minaf3", folder, mode, args.tokens, None)

@@ -40,7 +40,7 @@ import torch
 from minaf3.kernels import gemm
 from minaf3.kernels.int4_linear import PREFILL_MIN_ROWS, int4_dequantize_reference, padded_width
 from minaf3.kernels.registry import available, override
-from racing import race, rate_probes
+from racing import cpu_flags, describe_cpu, race, rate_probes
 
 from minaf3.linear import Linear
 from minaf3.quantize import Int4Linear, Int8Linear, quantize_weight_int4, quantized_bytes
@@ -55,18 +55,6 @@ LAYERS = {
 }
 STREAMED_BYTES = 128 * 2**20  # copies of a small layer add up to this: four times a 32 MiB L3
 WEIGHT_ERROR_ROWS = 2048
-CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_bf16")
-
-
-def cpu_line() -> str:
-    """The CPU's model name and which of CPU_FLAGS it has, from /proc/cpuinfo."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "CPU unknown"
-    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if "model name" in line), "?")
-    flags = set(next((line for line in text.splitlines() if line.startswith("flags")), "").split())
-    return f"{name}; flags: {' '.join(f for f in CPU_FLAGS if f in flags)} (of {', '.join(CPU_FLAGS)})"
 
 
 def layer_of(cls, weight: torch.Tensor) -> torch.nn.Module:
@@ -259,7 +247,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.time()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {cpu_line()}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n{describe_cpu(*cpu_flags())}")
     print(f"kernels: {', '.join(k for k in available().names() if getattr(available(), k))}")
     print(f"load average at the start: {os.getloadavg()[0]:.1f}")
     if args.weight_error:
