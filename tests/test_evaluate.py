@@ -11,6 +11,7 @@ import pytest
 import soundfile as sf
 
 import minaf3.batch
+import minaf3.evaluate
 from minaf3 import tasks
 from minaf3.cli import main
 from minaf3.errors import ConfigError
@@ -226,3 +227,6 @@ def test_a_malformed_dataset_is_refused_before_the_model_is_looked_at(capsys, tm
     assert main([*argv, "--out", str(tmp_path / "bad.json")]) == 2
     assert "not the dataset or a folder" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists() and not predictions_path(tmp_path / "r.json").exists()
+    # `python -m minaf3.evaluate` (torchrun's form) is the same command with the same errors
+    assert minaf3.evaluate.main([*argv[1:], "--out", str(tmp_path / "bad.json")]) == 2
+    assert capsys.readouterr().err.startswith("minaf3: error: ") and not (tmp_path / "r.json").exists()
