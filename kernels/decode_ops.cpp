@@ -26,17 +26,16 @@
 #include <cstdint>
 #include <vector>
 
+#include "avx2_math.h"
+
+using namespace minaf3_avx2;  // NOLINT: load8, hsum, exp8
+
 namespace {
 
 using bf16 = c10::BFloat16;
 
-// Eight values as float32, and back: bfloat16 is the top half of a float32 (widening is a shift; narrowing
-// rounds to nearest even, as c10::BFloat16 does).
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const bf16* p) {
-  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
-}
+// Eight float32 values back to T (load8, avx2_math.h, widens them): bfloat16 rounded to nearest even, as
+// c10::BFloat16 does.
 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
 inline void store8(bf16* p, __m256 v) {
   alignas(32) float lanes[8];
@@ -59,30 +58,6 @@ inline __m256 round_to<bf16>(__m256 v) {  // to nearest even on the 16 dropped b
   return _mm256_blendv_ps(kept, v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
 }
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-// exp(x) for x <= 0: Cephes' polynomial, as in cpu_attention.cpp (each library is built from one source).
-inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(_mm256_set1_ps(-87.33654f), x);
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
-  const __m256i biased = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
-  const __m256i pow2n = _mm256_slli_epi32(_mm256_max_epi32(biased, _mm256_setzero_si256()), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n));
-}
 
 // ---- RMSNorm ------------------------------------------------------------------------------------------------
 

@@ -122,6 +122,7 @@ def test_nan_and_infinity_reach_the_outputs_as_in_torch():
     assert not decode_ops.rms_norm(x, torch.ones(24), 1e-6)[1].isnan().any()
     gate_up = torch.randn(1, 32)
     gate_up[0, 2], gate_up[0, 5], gate_up[0, 20] = float("nan"), float("inf"), float("-inf")
+    gate_up[0, 7], gate_up[0, 9] = float("-inf"), -100.0  # silu(-inf) = -inf * 0 = NaN in torch
     gate, up = gate_up.chunk(2, dim=-1)
     got, expected = decode_ops.silu_mul(gate_up), F.silu(gate) * up
     assert torch.equal(got.isnan(), expected.isnan()) and torch.equal(got.isinf(), expected.isinf())
