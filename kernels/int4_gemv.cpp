@@ -20,8 +20,9 @@
 // entry points alone are compiled for their targets (`flatten` inlines the generic code into them), chosen
 // at run time.
 // Blocking, prefetching and threading are int8_gemv.cpp's (see there for why): R weight rows x BT
-// activation rows per pass over K; short rows read in R runs; weights prefetched kPrefetchBytes ahead into
-// L2; each thread claims chunks of rows from its own run first, then from the others'.
+// activation rows per pass over K; short rows (every row at R = 8) read in R runs; weights prefetched
+// kPrefetchBytes ahead into L2; each thread claims chunks of rows from its own run first, then from the
+// others'.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -130,7 +131,7 @@ template <class Isa, int R, int G>
 inline void rows_kernel(const Problem& p, int64_t begin, int64_t end) {
   const int64_t row_bytes = p.K / 2, max_bt = Isa::max_bt(p.M);
   const int64_t tile = p.M <= max_bt ? end - begin : std::max<int64_t>(R, kTileBytes / row_bytes / R * R);
-  const bool runs = row_bytes < kShortRowBytes;
+  const bool runs = R == 8 || row_bytes < kShortRowBytes;  // 8 rows a block: runs, whatever their length
   for (int64_t t0 = begin; t0 < end; t0 += tile) {
     const int64_t t1 = std::min(end, t0 + tile), q = (t1 - t0) / R;
     for (int64_t b0 = 0; b0 < p.M; b0 += max_bt) {
@@ -146,6 +147,7 @@ inline void rows_kernel(const Problem& p, int64_t begin, int64_t end) {
 
 template <class Isa, int G>
 inline void rows_for_isa(const Problem& p, int64_t begin, int64_t end) {
+  if (Isa::rows_per_block(p.M) == 8) rows_kernel<Isa, 8, G>(p, begin, end);
   if (Isa::rows_per_block(p.M) == 4) rows_kernel<Isa, 4, G>(p, begin, end);
   if (Isa::rows_per_block(p.M) == 2) rows_kernel<Isa, 2, G>(p, begin, end);
 }

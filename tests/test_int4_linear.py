@@ -117,7 +117,7 @@ def test_int4_linear_matches_the_float64_reference(path, rows, out_features, in_
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 9, kernel.PREFILL_MIN_ROWS + 3])
 def test_batch_rows_each_equal_that_row_alone(path, rows):
     """Row blocking (1-2 activation rows per pass, tiles of weight rows, panels of gemm.cpp) must not mix
-    rows; width 3584 as in AF3, 203 weight rows: whole blocks of 4, then odd ones."""
+    rows; width 3584 as in AF3, 203 weight rows: whole blocks of 4 (8 for one row of x), then odd ones."""
     w, scales, b = random_layer(203, 3584, True, seed=rows)
     x = torch.randn(rows, 3584)
     out = run_path(path, x, w, scales, b)
