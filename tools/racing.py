@@ -7,11 +7,15 @@
     cpu_flags() / describe_cpu(...)    the CPU the run met: its name and /proc/cpuinfo flags, for the log
 
 The machine is shared and its speed drifts by 1.5x within minutes: contenders timed one after the other
-would meet different machines, so each turn runs every contender once, and a time is the best turn.
+would meet different machines, so each turn runs every contender once, and a time is the best turn. The
+order within a turn is drawn anew each turn (seeded, so a run can be repeated): what ran just before a call
+(a sum over 1 GiB, another contender's weights in cache) changes its time, and a fixed order would give that
+to the same contender every turn.
 """
 
 import math
 import os
+import random
 import time
 from pathlib import Path
 
@@ -28,10 +32,13 @@ def race(candidates: dict, repeats: int) -> dict:
     for fn in candidates.values():
         fn()
     times = dict.fromkeys(candidates, math.inf)
+    shuffle = random.Random(0).shuffle
     for _ in range(repeats):
-        for name, fn in candidates.items():
+        order = list(candidates)
+        shuffle(order)
+        for name in order:
             start = time.perf_counter()
-            fn()
+            candidates[name]()
             times[name] = min(times[name], time.perf_counter() - start)
     return times
 
@@ -75,10 +82,13 @@ def step_race(runs: dict, repeats: int) -> dict:
     `repeats` turns after a warm-up: timed between the first and the last new token, so the prefill, which
     for a long prompt varies by more than all the steps take, is not in it (decode_race subtracts it)."""
     best = dict.fromkeys(runs, math.inf)
+    shuffle = random.Random(0).shuffle
     for turn in range(repeats + 1):
-        for name, run in runs.items():
+        order = list(runs)
+        shuffle(order)
+        for name in order:
             clock = Clock()
-            run(clock)
+            runs[name](clock)
             if turn:
                 best[name] = min(best[name], clock.per_step())
     return best
