@@ -21,14 +21,9 @@
 #include <cstdint>
 #include <cstring>
 
-namespace {
+#include "cpu_features.h"
 
-bool cpu_has_avx512_bf16() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                          __builtin_cpu_supports("avx512bf16");
-  return has;
-}
+namespace {
 
 inline float bf16_to_float(uint16_t bits) {
   const uint32_t wide = static_cast<uint32_t>(bits) << 16;
@@ -84,7 +79,7 @@ void int4_row(const uint8_t* w, const uint16_t* s, int64_t K, int64_t G, uint16_
 
 // The checks both operators share; returns the (rows, K) bf16 output.
 at::Tensor output_for(const char* name, const at::Tensor& w, int64_t K, int64_t row0, int64_t rows) {
-  TORCH_CHECK(cpu_has_avx512_bf16(), name, ": needs a CPU with AVX-512 BF16");
+  TORCH_CHECK(minaf3_cpu::has_avx512_bf16(), name, ": needs a CPU with AVX-512 BF16");
   TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.is_contiguous(), name,
               ": w must be a contiguous 2-D CPU tensor");
   TORCH_CHECK(row0 >= 0 && rows >= 0 && row0 + rows <= w.size(0), name, ": rows ", row0, " + ", rows, " of ",

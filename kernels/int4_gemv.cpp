@@ -41,6 +41,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu_features.h"
 #include "int4_activations.h"
 #include "int4_codes.h"
 
@@ -213,10 +214,8 @@ void run(const Problem& p, RowsFn rows) {
 
 // The code `isa` names ("auto": the best this CPU runs), checked against the CPU.
 std::string choose(const std::string& isa) {
-  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  static const bool bf16 = avx512 && __builtin_cpu_supports("avx512bf16");
-  static const bool vnni = avx512 && __builtin_cpu_supports("avx512vnni");
+  const bool avx512 = minaf3_cpu::has_avx512(), bf16 = minaf3_cpu::has_avx512_bf16();
+  const bool vnni = minaf3_cpu::has_avx512_vnni();
   if (isa == "auto") return vnni ? "avx512_vnni" : bf16 ? "avx512_bf16" : avx512 ? "avx512" : "avx2";
   TORCH_CHECK(isa == "avx2" || isa == "avx512" || isa == "avx512_bf16" || isa == "avx512_vnni",
               "int4_linear: isa must be auto, avx2, avx512, avx512_bf16 or avx512_vnni; got ", isa);

@@ -39,6 +39,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu_features.h"
+
 // The generic kernel below handles __m512 values in functions compiled for the default (AVX2) target; GCC
 // warns that passing them would use another ABI. They are never passed: `flatten` inlines all of them into
 // the AVX-512 entry point.
@@ -275,16 +277,10 @@ struct alignas(64) Run {
   int64_t end = 0;
 };
 
-bool cpu_has_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return has;
-}
-
 // y = the product of p, split over torch's threads (see "Streaming" at the top).
 template <class W>
 void run(const Problem<W>& p, bool allow_avx512) {
-  const bool wide = allow_avx512 && p.K >= kAvx512MinColumns && cpu_has_avx512();
+  const bool wide = allow_avx512 && p.K >= kAvx512MinColumns && minaf3_cpu::has_avx512();
   const auto rows = wide ? rows_avx512<W> : rows_avx2<W>;
   // Rows per chunk, a multiple of the 4-row blocks so that only the layer's last rows go one at a time.
   const int64_t row_work = std::max<int64_t>(1, p.K * p.M * static_cast<int64_t>(sizeof(W)));

@@ -40,18 +40,13 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_features.h"
+
 namespace {
 
 constexpr int kRows = 6;                          // activation rows per micro-kernel call
 constexpr int64_t kPanel = 32;                    // weight rows (output columns) per panel: two vectors
 constexpr int64_t kChunkBytes = 4 * 1024 * 1024;  // int8 activations per chunk of rows (L3-resident)
-
-bool cpu_has_avx512_vnni() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                          __builtin_cpu_supports("avx512vnni");
-  return has;
-}
 
 inline float bf16_to_float(uint16_t bits) {
   const uint32_t wide = static_cast<uint32_t>(bits) << 16;
@@ -304,7 +299,7 @@ at::Tensor product(const char* name, const at::Tensor& xq, const at::Tensor& xs,
 }
 
 void check_activations(const char* name, const at::Tensor& xq, const at::Tensor& xs, const at::Tensor& w) {
-  TORCH_CHECK(cpu_has_avx512_vnni(), name, ": this CPU has no AVX-512 VNNI");
+  TORCH_CHECK(minaf3_cpu::has_avx512_vnni(), name, ": this CPU has no AVX-512 VNNI");
   TORCH_CHECK(xq.device().is_cpu() && w.device().is_cpu(), name, ": CPU tensors expected");
   TORCH_CHECK(xq.dim() >= 1 && xq.scalar_type() == at::kChar, name, ": xq must be int8 (..., K)");
   TORCH_CHECK(xq.size(-1) % 128 == 0, name, ": K = ", xq.size(-1), " must be a multiple of 128");
