@@ -33,7 +33,6 @@
 
 #include <algorithm>
 #include <array>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -44,6 +43,7 @@
 #include "cpu_features.h"
 #include "int4_activations.h"
 #include "int4_codes.h"
+#include "row_chunks.h"
 
 using namespace minaf3_int4;  // NOLINT: this file is their one user
 
@@ -51,7 +51,7 @@ namespace {
 
 // int8_gemv.cpp's sizes (see there why): prefetch distance, weight tile per L2, short rows, work per chunk.
 constexpr int64_t kCacheLine = 64, kPrefetchBytes = 64 * 1024, kTileBytes = 256 * 1024;
-constexpr int64_t kShortRowBytes = 4096, kChunkWork = 512 * 1024, kMinChunkRows = 16;
+constexpr int64_t kShortRowBytes = 4096;
 constexpr int64_t kAlign = 128;  // K is a multiple of this: a 64-byte line of a row per AVX-512 BF16 step
 
 struct Problem {
@@ -179,37 +179,9 @@ void rows_avx512_vnni(const Problem& p, int64_t begin, int64_t end) {
 
 using RowsFn = void (*)(const Problem&, int64_t, int64_t);
 
-struct alignas(64) Run {
-  std::atomic<int64_t> next{0};
-  int64_t end = 0;
-};
-
-// y = the product of p, split over torch's threads as int8_gemv.cpp's run().
+// y = the product of p, split over torch's threads (row_chunks.h).
 void run(const Problem& p, RowsFn rows) {
-  const int64_t row_work = std::max<int64_t>(1, p.K / 2 * p.M);
-  int64_t chunk = std::max<int64_t>(kMinChunkRows, kChunkWork / row_work);
-  chunk = (chunk + 3) / 4 * 4;
-  const int64_t N = p.N, num_chunks = (N + chunk - 1) / chunk;
-  if (num_chunks == 1) {
-    rows(p, 0, N);
-    return;
-  }
-  const int64_t threads = std::min<int64_t>(num_chunks, at::get_num_threads());
-  std::vector<Run> runs(threads);
-  for (int64_t t = 0; t < threads; ++t) {
-    runs[t].next = t * num_chunks / threads;
-    runs[t].end = (t + 1) * num_chunks / threads;
-  }
-  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      for (int64_t i = 0; i < threads; ++i) {
-        Run& run = runs[(t + i) % threads];
-        for (int64_t c = run.next++; c < run.end; c = run.next++) {
-          rows(p, c * chunk, std::min(N, (c + 1) * chunk));
-        }
-      }
-    }
-  });
+  minaf3_rows::for_row_chunks(p.N, p.K / 2 * p.M, [&](int64_t begin, int64_t end) { rows(p, begin, end); });
 }
 
 // The code `isa` names ("auto": the best this CPU runs), checked against the CPU.

@@ -20,9 +20,8 @@
 // read at once is a long stream (rows_kernel).
 //
 // Streaming: the weights are requested into L2 far ahead of their use (kPrefetchBytes). Each thread streams
-// its own contiguous share of the rows in chunks and then helps with what is left of the others' shares,
-// so that on a shared machine a thread whose core is busy elsewhere does less of the work instead of
-// holding the product back.
+// its own contiguous share of the rows in chunks and then helps with what is left of the others' shares
+// (row_chunks.h).
 //
 // Built by kernels/int8_linear.py through torch.utils.cpp_extension.load; it is only called when torch
 // reports AVX2 (or better) on this CPU. Measurements: the docstring of int8_linear.py.
@@ -35,11 +34,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <vector>
 
 #include "cpu_features.h"
+#include "row_chunks.h"
 
 // The generic kernel below handles __m512 values in functions compiled for the default (AVX2) target; GCC
 // warns that passing them would use another ABI. They are never passed: `flatten` inlines all of them into
@@ -61,11 +60,6 @@ constexpr int64_t kTileBytes = 256 * 1024;
 // memory streams too short to reach full speed, while longer rows (bf16 and float32 ones of AF3's widths)
 // lost speed in runs; the crossing was measured between int8 rows of 3584 bytes and bf16 rows of 7 KiB.
 constexpr int64_t kShortRowBytes = 4096;
-// Work per claimed chunk, in weight bytes times activation rows: 512 KiB is ~25 us at batch 1, long next to
-// a claim (one atomic add) and short enough that the threads finish within a chunk of each other.
-constexpr int64_t kChunkWork = 512 * 1024;
-// Fewest rows per chunk: at large batch a chunk is a tile that many activation rows pass over.
-constexpr int64_t kMinChunkRows = 16;
 // Columns from which the AVX-512 code runs (where the CPU has it). Its gain is fewer instructions per
 // weight; its cost, a longer horizontal sum per output row. On Zen 4, whose 512-bit unit is two 256-bit
 // halves, rows of 112 to 1024 columns took 1.1-1.9x the AVX2 code's time and rows of 3584 0.9-1x.
@@ -270,46 +264,13 @@ void rows_avx512(const Problem<W>& p, int64_t begin, int64_t end) {
   rows_for_isa<Avx512, W>(p, begin, end);
 }
 
-// One thread's run of chunks [next, end): `next` is claimed with an atomic increment, by its owner or by a
-// thread that has finished its own run. A cache line each, so that claims in one run do not slow another's.
-struct alignas(64) Run {
-  std::atomic<int64_t> next{0};
-  int64_t end = 0;
-};
-
-// y = the product of p, split over torch's threads (see "Streaming" at the top).
+// y = the product of p, split over torch's threads (row_chunks.h).
 template <class W>
 void run(const Problem<W>& p, bool allow_avx512) {
   const bool wide = allow_avx512 && p.K >= kAvx512MinColumns && minaf3_cpu::has_avx512();
   const auto rows = wide ? rows_avx512<W> : rows_avx2<W>;
-  // Rows per chunk, a multiple of the 4-row blocks so that only the layer's last rows go one at a time.
-  const int64_t row_work = std::max<int64_t>(1, p.K * p.M * static_cast<int64_t>(sizeof(W)));
-  int64_t chunk = std::max<int64_t>(kMinChunkRows, kChunkWork / row_work);
-  chunk = (chunk + 3) / 4 * 4;
-  const int64_t N = p.N, num_chunks = (N + chunk - 1) / chunk;
-  if (num_chunks == 1) {  // a small layer: waking a second thread costs more than its whole product
-    rows(p, 0, N);
-    return;
-  }
-  // Each thread owns a contiguous run of chunks and claims them in order, so its weights arrive as one
-  // stream (the prefetch past a chunk's end lands in its own next chunk); a thread done with its run
-  // claims the chunks left in the others' runs, so a thread whose core is busy elsewhere does less.
-  const int64_t threads = std::min<int64_t>(num_chunks, at::get_num_threads());
-  std::vector<Run> runs(threads);
-  for (int64_t t = 0; t < threads; ++t) {
-    runs[t].next = t * num_chunks / threads;
-    runs[t].end = (t + 1) * num_chunks / threads;
-  }
-  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      for (int64_t i = 0; i < threads; ++i) {  // its own run first, then the others'
-        Run& run = runs[(t + i) % threads];
-        for (int64_t c = run.next++; c < run.end; c = run.next++) {
-          rows(p, c * chunk, std::min(N, (c + 1) * chunk));
-        }
-      }
-    }
-  });
+  const int64_t row_work = p.K * p.M * static_cast<int64_t>(sizeof(W));
+  minaf3_rows::for_row_chunks(p.N, row_work, [&](int64_t begin, int64_t end) { rows(p, begin, end); });
 }
 
 // (..., K) -> (..., N) float32 output for x (..., K) float32 and a weight of N rows; bias checked too.
