@@ -166,26 +166,38 @@ void pack(const W* w, int64_t K, int64_t n0, int64_t k0, int64_t nr, int64_t kc,
   pack_panel(w + n0 * K + k0, K, nr, kc, B);
 }
 
-// The same for an int4 weight: each row's kc columns (a multiple of 32 here: K is a multiple of 128 and
-// kKC of 32) dequantized to float32 in column order, then the float panel transposed.
+// The same for an int4 weight, dequantized as it is packed: 8 bytes of a row hold 16 columns, the low
+// nibbles the even ones and the high nibbles the odd ones, so 8 rows' low nibbles transposed are the panel's
+// even columns and their high nibbles its odd ones; no pass puts them in column order first. kc is a
+// multiple of 16 (K of 128, kKC of 32) and G of 32, so the 16 columns share one scale.
 void pack(const Int4Weight* q, int64_t K, int64_t n0, int64_t k0, int64_t nr, int64_t kc, float* B) {
-  alignas(64) float rows[kNR * kKC];
-  for (int64_t j = 0; j < nr; ++j) {
-    const uint8_t* w = q->w + (n0 + j) * (K / 2);
-    const uint16_t* s = q->s + (n0 + j) * (K / q->G);
-    for (int64_t k = k0; k < k0 + kc; k += 16) {  // 8 bytes: columns k + 2i (low nibbles), k + 2i + 1 (high)
-      const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k / 2)));
-      const __m256 scale = _mm256_set1_ps(to_float(s[k / q->G]));
-      const __m256 offset = _mm256_mul_ps(scale, _mm256_set1_ps(-8.0f));
-      const __m256i low_nibbles = _mm256_and_si256(v, _mm256_set1_epi32(15));
-      const __m256 lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(low_nibbles), scale, offset);
-      const __m256 hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), scale, offset);
-      const __m256 a = _mm256_unpacklo_ps(lo, hi), b = _mm256_unpackhi_ps(lo, hi);  // pairs in 128-bit halves
-      _mm256_storeu_ps(rows + j * kKC + (k - k0), _mm256_permute2f128_ps(a, b, 0x20));
-      _mm256_storeu_ps(rows + j * kKC + (k - k0) + 8, _mm256_permute2f128_ps(a, b, 0x31));
+  const int64_t row_bytes = K / 2, groups = K / q->G;
+  const __m256i low4 = _mm256_set1_epi32(15);
+  for (int64_t k = 0; k < kc; k += 16) {
+    const int64_t column = k0 + k;
+    for (int half = 0; half < 2; ++half) {  // rows 0-7 and 8-15 of the panel
+      __m256 even[8], odd[8];
+      for (int i = 0; i < 8; ++i) {
+        const int64_t j = half * 8 + i;
+        if (j >= nr) {  // a partial panel: zero weights
+          even[i] = odd[i] = _mm256_setzero_ps();
+          continue;
+        }
+        const uint8_t* bytes = q->w + (n0 + j) * row_bytes + column / 2;
+        const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes)));
+        const __m256 scale = _mm256_set1_ps(to_float(q->s[(n0 + j) * groups + column / q->G]));
+        const __m256 offset = _mm256_mul_ps(scale, _mm256_set1_ps(-8.0f));  // W = scale * q - 8 scale
+        even[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low4)), scale, offset);
+        odd[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), scale, offset);
+      }
+      transpose8(even);  // even[m]: column + 2m of the 8 rows
+      transpose8(odd);   // odd[m]: column + 2m + 1
+      for (int m = 0; m < 8; ++m) {
+        _mm256_store_ps(B + (k + 2 * m) * kNR + half * 8, even[m]);
+        _mm256_store_ps(B + (k + 2 * m + 1) * kNR + half * 8, odd[m]);
+      }
     }
   }
-  pack_panel(rows, kKC, nr, kc, B);
 }
 
 struct FreeDeleter {
