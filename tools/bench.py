@@ -13,8 +13,10 @@ best of --repeats turns, and the rates behind the limits are raced alongside.
   2. Time to first token, official widths with 2 encoder + 2 decoder layers, a 5 s clip (125 audio tokens)
      and a 30-token question. Limit: FLOPs of the valid work (conv front end and encoder over the clip's
      frames only, projector, decoder prefill) at the fp32 2048^3 matmul rate (the faster of MKL and oneDNN),
-     plus one read of the lm_head at the read bandwidth. The same in bf16 against transformers in bf16
-     (no target; a quarter of --repeats).
+     plus one read of the lm_head at the read bandwidth. The same with int8 and int4 decoders, and with each
+     on the kernels a CPU whose best vector unit is AVX2 runs (gemm.cpp's products; kernels.registry.override
+     switches the AVX-512 ones off). The same in bf16 against transformers in bf16 (no target; a quarter of
+     --repeats).
   3. Memory-bound decode, official widths (2 decoder layers + lm_head, vocabulary 151,672), batch 1, fp32
      and int8 against transformers in fp32, and bf16 (eager) against transformers in bf16. Limit = weight
      bytes read per token / read bandwidth (sum over 1 GiB). int8 logits are compared with fp32 on the
@@ -201,8 +203,11 @@ def ttft_flops(audio: dict, text: dict, samples: int, prompt: int) -> float:
 
 
 def official_rows(path: Path, table: Table, args) -> None:
-    """Rows 2 and 3: time to first token on a 5 s clip (fp32, int8, bf16), and memory-bound decode in fp32,
-    int8 and bf16."""
+    """Rows 2 and 3: time to first token on a 5 s clip (fp32, int8, int4, bf16), and memory-bound decode in
+    fp32, int8 and bf16."""
+    from minaf3.kernels import gemm
+    from minaf3.kernels.registry import override
+
     from minaf3.features import log_mel_spectrogram
     from minaf3.windows import audio_token_count
 
@@ -215,13 +220,28 @@ def official_rows(path: Path, table: Table, args) -> None:
     ids = torch.cat([torch.full((1, audio_token_count(CLIP_SAMPLES)), vocab - 1), question], dim=1)
     text = torch.randint(0, 150_000, (1, 16), generator=gen)
     ref, ours, int8 = load(path, "transformers"), load(path, "minaf3"), load(path, "minaf3", quantize="int8")
+    int4 = load(path, "minaf3", quantize="int4")
     ones = torch.ones_like(ids)
+
+    def on_avx2_kernels(model):  # the products a CPU without AVX-512 runs
+        def call():
+            with override(gemm=True, vnni_prefill=False, bf16_prefill=False):
+                return ours_generate(model, ids, ones, 1, **audio)
+
+        return call
+
     ttft = race(
         {
             "transformers": lambda: hf_generate(ref, ids, ones, 1, **audio),
             "minaf3": lambda: ours_generate(ours, ids, ones, 1, **audio),
             "minaf3 int8": lambda: ours_generate(int8, ids, ones, 1, **audio),
+            "minaf3 int4": lambda: ours_generate(int4, ids, ones, 1, **audio),
         }
+        | (
+            {"minaf3 int8 avx2": on_avx2_kernels(int8), "minaf3 int4 avx2": on_avx2_kernels(int4)}
+            if gemm.load_library()
+            else {}
+        )
         | rate_probes(),
         args.repeats,
     )
@@ -239,9 +259,14 @@ def official_rows(path: Path, table: Table, args) -> None:
         limit=limit,
         of_limit=1 / 1.2,
     )
-    table.add(  # the prompt's 155 rows through the int8 decoder: gemm.cpp's blocked product
-        "2. time to first token as above, int8 decoder (s)", ttft["transformers"], ttft["minaf3 int8"], "s"
-    )
+    for label, name in (
+        ("int8 decoder", "minaf3 int8"),
+        ("int4 decoder", "minaf3 int4"),
+        ("int8 decoder, a CPU without AVX-512's kernels", "minaf3 int8 avx2"),
+        ("int4 decoder, a CPU without AVX-512's kernels", "minaf3 int4 avx2"),
+    ):
+        if name in ttft:
+            table.add(f"2. time to first token as above, {label} (s)", ttft["transformers"], ttft[name], "s")
 
     ones = torch.ones_like(text)
     runs = {"transformers": lambda k: hf_generate(ref, text, ones, k)}
