@@ -82,6 +82,10 @@ def distributed(device: torch.device):
         dist.init_process_group("nccl" if cuda else "gloo", timeout=DIST_TIMEOUT, **cuda)
     try:
         yield (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        if owned:
+            # The ranks tear the group down together, so that none closes its connections while another
+            # (rank 0 saving a checkpoint) still holds them open. Not on an error: the others may not arrive.
+            dist.barrier()
     finally:
         if owned:
             dist.destroy_process_group()
