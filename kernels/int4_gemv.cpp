@@ -49,7 +49,7 @@ using namespace minaf3_int4;  // NOLINT: this file is their one user
 
 namespace {
 
-// int8_gemv.cpp's sizes (see there why): prefetch distance, weight tile per L2, short rows, work per chunk.
+// int8_gemv.cpp's sizes (see there why): prefetch distance, weight tile per L2, short rows.
 constexpr int64_t kCacheLine = 64, kPrefetchBytes = 64 * 1024, kTileBytes = 256 * 1024;
 constexpr int64_t kShortRowBytes = 4096;
 constexpr int64_t kAlign = 128;  // K is a multiple of this: a 64-byte line of a row per AVX-512 BF16 step
