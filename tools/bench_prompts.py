@@ -11,16 +11,18 @@ Each contender's time is its best turn: twice --repeats turns after 780 tokens (
 as many after 16k (a prefill of a minute a turn).
 Then compiled decoding at 16k against 780 prompt tokens: how much more a step costs beyond the attention
 arithmetic the extra slots bring (`growth`). The four times behind it, minaf3's compiled step after each
-prompt and the attention kernel alone over each prompt's slots, are taken turn by turn in alternation, so
-that all four see the same phases of the machine, whose speed drifts by more than the 10% measured. The same
-four again with the caches emptied before every step and every attention call (a 64 MiB sum between them,
-not timed): after a 780-token prompt the 13.5 MB of weights stay in the 32 MB L3 from one step to the next,
-after a 16k one the 57 MB of keys and values each step reads push them out; emptied at both lengths, the
-comparison leaves that difference out.
+prompt and the attention kernel alone over each prompt's slots, are taken in the same turn, and the growth
+is computed from each turn's four (the machine's speed drifts by more than the 10% measured, and the best
+of each time taken apart could pair a fast turn's attention with a slow turn's step): the median over the
+turns, and their range. The same four again with the caches emptied before every step and every attention
+call (a 64 MiB sum between them, not timed): after a 780-token prompt the 13.5 MB of weights stay in the 32
+MB L3 from one step to the next, after a 16k one the 57 MB of keys and values each step reads push them out;
+emptied at both lengths, the comparison leaves that difference out, and the 780 step's own time emptied
+against warm is what losing the L3 costs a step.
 """
 
 import argparse
-import math
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -72,16 +74,33 @@ def prompt_rows(ref, ours, modes: dict, table: Table, args) -> None:
                       1e3 * step["transformers"], 1e3 * step[name], "ms", speedup=target)  # fmt: skip
         prompts[ids.shape[1]] = ids, audio
     if "compiled" in modes:
-        (short, long), times = growth(ours, modes["compiled"], prompts, max(3, args.repeats))
-        for kind, how in (("warm", ""), ("emptied", "caches emptied before every step and attention call: ")):
-            (step_short, attention_short), (step_long, attention_long) = times[kind][short], times[kind][long]
-            arithmetic = attention_long - attention_short
-            beyond = (step_long - arithmetic) / step_short - 1
-            target = f" (target ≤ +10%: {'✗✓'[beyond <= 0.10]})" if kind == "warm" else ""
-            table.note(f"1. compiled, {long} against {short} prompt tokens (turns of their own), {how}"
-                       f"{1e3 * step_long:.2f} against {1e3 * step_short:.2f} ms per token, of which the "
-                       f"attention arithmetic over the extra slots {1e3 * arithmetic:.2f} ms; beyond it "
-                       f"{beyond:+.0%}{target}")  # fmt: skip
+        lengths, turns = growth(ours, modes["compiled"], prompts, max(5, args.repeats))
+        report_growth(table, *lengths, turns)
+
+
+def report_growth(table: Table, short: int, long: int, turns: dict) -> None:
+    """Notes for growth's turns: the step after `long` prompt tokens against the step after `short`, beyond
+    the attention arithmetic, each turn's four times taken together; the median over the turns and their
+    range; and what emptying the caches costs the step after `short`."""
+    paired = {}  # kind: per turn (step after short, step after long, attention over the extra slots), ms
+    for kind, by_length in turns.items():
+        pairs = zip(by_length[short], by_length[long], strict=True)
+        paired[kind] = [(1e3 * s, 1e3 * s_long, 1e3 * (a_long - a)) for (s, a), (s_long, a_long) in pairs]
+    for kind, how in (("warm", ""), ("emptied", "caches emptied before every step and attention call: ")):
+        beyond = [(s_long - extra) / s - 1 for s, s_long, extra in paired[kind]]
+        step, step_long, extra = (statistics.median(times) for times in zip(*paired[kind], strict=True))
+        median_growth = statistics.median(beyond)
+        target = f" (target ≤ +10%: {'✗✓'[median_growth <= 0.10]})" if kind == "warm" else ""
+        table.note(f"1. compiled, {long} against {short} prompt tokens ({len(beyond)} turns of their own, "
+                   f"medians), {how}{step_long:.2f} against {step:.2f} ms per token, of which the attention "
+                   f"arithmetic over the extra slots {extra:.2f} ms; beyond it {median_growth:+.0%} (turns "
+                   f"{min(beyond):+.0%} to {max(beyond):+.0%}){target}")  # fmt: skip
+    warm, emptied = paired["warm"], paired["emptied"]
+    losing_l3 = statistics.median(e[0] - w[0] for w, e in zip(warm, emptied, strict=True))
+    residual = statistics.median(s_long - extra - s for s, s_long, extra in warm)
+    table.note(f"1. compiled, {short} prompt tokens: the caches emptied before every step cost it "
+               f"{losing_l3:+.2f} ms per token (median over the turns); the warm step after {long} costs "
+               f"{residual:+.2f} ms beyond the step after {short} and the attention arithmetic")  # fmt: skip
 
 
 class BeforeEachStep(Clock):
@@ -101,15 +120,15 @@ class BeforeEachStep(Clock):
 
 def growth(ours, mode: str, prompts: dict, turns: int) -> tuple[list[int], dict]:
     """The prompt lengths of `prompts` ({tokens: (input_ids, audio)}), shortest first, and
-    {"warm" or "emptied": {tokens: (seconds per compiled decode step after the prompt, seconds of the step's
-    attention alone)}}, "emptied" with the caches emptied before every step and attention call: in each of
-    `turns` turns every prompt's two generate calls, then its attention kernel alone for as many steps, the
-    best turn of each."""
+    {"warm" or "emptied": {tokens: [(seconds per compiled decode step after the prompt, seconds of the
+    step's attention alone) for each turn]}}, "emptied" with the caches emptied before every step and
+    attention call: in each of `turns` turns every prompt's two generate calls, then its attention kernel
+    alone for as many steps."""
     lengths = sorted(prompts)
     kernels = {n: attention_step(n) for n in lengths}
     other = torch.ones(EMPTYING_BYTES // 4)
     kinds = {"warm": lambda: None, "emptied": other.sum}  # what runs before each step (not timed)
-    best = {kind: {n: [math.inf, math.inf] for n in lengths} for kind in kinds}
+    times = {kind: {n: [] for n in lengths} for kind in kinds}
     for _ in range(turns):
         for n in lengths:
             ids, audio = prompts[n]
@@ -122,9 +141,8 @@ def growth(ours, mode: str, prompts: dict, turns: int) -> tuple[list[int], dict]
                     start = time.perf_counter()
                     kernels[n]()
                     took += time.perf_counter() - start
-                times = best[kind][n]
-                times[:] = min(times[0], clock.per_step()), min(times[1], took / LONG_NEW_TOKENS)
-    return lengths, {kind: {n: tuple(t) for n, t in by_length.items()} for kind, by_length in best.items()}
+                times[kind][n].append((clock.per_step(), took / LONG_NEW_TOKENS))
+    return lengths, times
 
 
 def race_prompt(ref, ours, modes: dict, ids: torch.Tensor, audio: dict, repeats: int) -> tuple[dict, dict]:
