@@ -10,18 +10,22 @@ turn by more than all 48 steps take, so subtracting a one-token call, as row 1 d
 Each contender's time is its best turn: twice --repeats turns after 780 tokens (a turn is a second), a quarter
 as many after 16k (a prefill of a minute a turn).
 Then compiled decoding at 16k against 780 prompt tokens: how much more a step costs beyond the attention
-arithmetic the extra slots bring (`growth`). The four times behind it, minaf3's compiled step after each
-prompt and the attention kernel alone over each prompt's slots, are taken in the same turn, and the growth
-is computed from each turn's four (the machine's speed drifts by more than the 10% measured, and the best
-of each time taken apart could pair a fast turn's attention with a slow turn's step): the median over the
-turns, and their range. The same four again with the caches emptied before every step and every attention
-call (a 64 MiB sum between them, not timed): after a 780-token prompt the 13.5 MB of weights stay in the 32
-MB L3 from one step to the next, after a 16k one the 57 MB of keys and values each step reads push them out;
-emptied at both lengths, the comparison leaves that difference out, and the 780 step's own time emptied
-against warm is what losing the L3 costs a step.
+arithmetic the extra slots bring (`growth`), and the same at 2,350 tokens (three windows), where the keys and
+values a step reads (8.6 MB) and the weights (13.5 MB) would still fit a 32 MB L3 together. The four times
+behind it, minaf3's compiled step after each prompt and the attention kernel alone over each prompt's slots,
+are taken in the same turn, and the growth is computed from each turn's four (the machine's speed drifts by
+more than the 10% measured, and the best of each time taken apart could pair a fast turn's attention with a
+slow turn's step): the median over the turns, and their range. The same four again with the caches emptied
+before every step and every attention call (a 64 MiB sum between them, not timed): the weights then come from
+memory after either prompt, so the comparison leaves out what the keys and values each step reads push out of
+the caches, and the 780 step's own time emptied against warm is what losing the caches costs a step. How much
+of the L3 this process gets (on a shared machine, less than the CPU has) is measured first (`cache_share`):
+the read rate of a sum over buffers of growing size, each read again and again; where the rate falls, the
+buffer no longer stays in cache.
 """
 
 import argparse
+import itertools
 import statistics
 import tempfile
 import time
@@ -34,8 +38,11 @@ from racing import Clock, cpu_flags, describe_cpu, step_race
 
 # (30 s windows of audio, text tokens after them) of each prompt, and the new tokens timed
 LONG_PROMPTS = {"780-token (one 30 s window)": (1, 30), "16k-token (twenty windows, 600 s)": (20, 1000)}
+# prompts timed in the growth turns alone (no race against transformers)
+GROWTH_PROMPTS = {"2,350-token (three windows)": (3, 100)}
 LONG_NEW_TOKENS = 48
 EMPTYING_BYTES = 64 * 2**20  # twice a 32 MiB L3
+CACHE_PROBE_MB = (8, 16, 24, 32, 64)  # cache_share's buffer sizes
 
 
 def long_prompt(windows: int, text_tokens: int, seed: int) -> tuple[torch.Tensor, dict]:
@@ -74,33 +81,63 @@ def prompt_rows(ref, ours, modes: dict, table: Table, args) -> None:
                       1e3 * step["transformers"], 1e3 * step[name], "ms", speedup=target)  # fmt: skip
         prompts[ids.shape[1]] = ids, audio
     if "compiled" in modes:
+        rates = cache_share()
+        table.note("1. read rate of a sum over a buffer read again and again, 2 threads: "
+                   + ", ".join(f"{mb} MB {rate:.0f} GB/s" for mb, rate in rates.items()))  # fmt: skip
+        for i, (windows, text_tokens) in enumerate(GROWTH_PROMPTS.values()):
+            ids, audio = long_prompt(windows, text_tokens, seed=len(LONG_PROMPTS) + i)
+            prompts[ids.shape[1]] = ids, audio
         lengths, turns = growth(ours, modes["compiled"], prompts, max(5, args.repeats))
-        report_growth(table, *lengths, turns)
+        report_growth(table, lengths, turns)
 
 
-def report_growth(table: Table, short: int, long: int, turns: dict) -> None:
-    """Notes for growth's turns: the step after `long` prompt tokens against the step after `short`, beyond
-    the attention arithmetic, each turn's four times taken together; the median over the turns and their
-    range; and what emptying the caches costs the step after `short`."""
-    paired = {}  # kind: per turn (step after short, step after long, attention over the extra slots), ms
+def cache_share(sizes_mb: tuple = CACHE_PROBE_MB) -> dict:
+    """{MB: GB/s}: the read rate of torch.sum over a float32 buffer of that size, summed again and again
+    (the best of 3 rounds of about 0.4 GB each): the rate of the cache level the buffer fits in, or of the
+    memory once it fits in none."""
+    rates = {}
+    for mb in sizes_mb:
+        buffer = torch.ones(mb * 2**20 // 4)
+        buffer.sum()
+        calls = max(4, 400 // mb)
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            for _ in range(calls):
+                buffer.sum()
+            best = min(best, (time.perf_counter() - start) / calls)
+        rates[mb] = mb * 2**20 / best / 1e9
+    return rates
+
+
+def report_growth(table: Table, lengths: list[int], turns: dict) -> None:
+    """Notes for growth's turns: the step after each longer prompt against the step after the shortest,
+    beyond the attention arithmetic, each turn's four times taken together; the median over the turns and
+    their range (the target is the longest prompt's); and what emptying the caches costs the shortest."""
+    short, long = lengths[0], lengths[-1]
+    kinds = (("warm", ""), ("emptied", "caches emptied before every step and attention call: "))
+    # (kind, length): per turn (step after short, step after length, attention over the extra slots), ms
+    paired = {}
     for kind, by_length in turns.items():
-        pairs = zip(by_length[short], by_length[long], strict=True)
-        paired[kind] = [(1e3 * s, 1e3 * s_long, 1e3 * (a_long - a)) for (s, a), (s_long, a_long) in pairs]
-    for kind, how in (("warm", ""), ("emptied", "caches emptied before every step and attention call: ")):
-        beyond = [(s_long - extra) / s - 1 for s, s_long, extra in paired[kind]]
-        step, step_long, extra = (statistics.median(times) for times in zip(*paired[kind], strict=True))
+        for n in lengths[1:]:
+            pairs = zip(by_length[short], by_length[n], strict=True)
+            paired[kind, n] = [(1e3 * s, 1e3 * s_n, 1e3 * (a_n - a)) for (s, a), (s_n, a_n) in pairs]
+    for (kind, how), n in itertools.product(kinds, lengths[1:]):
+        beyond = [(s_n - extra) / s - 1 for s, s_n, extra in paired[kind, n]]
+        step, step_n, extra = (statistics.median(times) for times in zip(*paired[kind, n], strict=True))
         median_growth = statistics.median(beyond)
-        target = f" (target ≤ +10%: {'✗✓'[median_growth <= 0.10]})" if kind == "warm" else ""
-        table.note(f"1. compiled, {long} against {short} prompt tokens ({len(beyond)} turns of their own, "
-                   f"medians), {how}{step_long:.2f} against {step:.2f} ms per token, of which the attention "
+        target = f" (target ≤ +10%: {'✗✓'[median_growth <= 0.10]})" if kind == "warm" and n == long else ""
+        table.note(f"1. compiled, {n} against {short} prompt tokens ({len(beyond)} turns of their own, "
+                   f"medians), {how}{step_n:.2f} against {step:.2f} ms per token, of which the attention "
                    f"arithmetic over the extra slots {extra:.2f} ms; beyond it {median_growth:+.0%} (turns "
                    f"{min(beyond):+.0%} to {max(beyond):+.0%}){target}")  # fmt: skip
-    warm, emptied = paired["warm"], paired["emptied"]
+    warm, emptied = paired["warm", long], paired["emptied", long]
     losing_l3 = statistics.median(e[0] - w[0] for w, e in zip(warm, emptied, strict=True))
-    residual = statistics.median(s_long - extra - s for s, s_long, extra in warm)
+    residual = {n: statistics.median(s_n - e - s for s, s_n, e in paired["warm", n]) for n in lengths[1:]}
+    after = " and ".join(f"after {n} {ms:+.2f} ms" for n, ms in residual.items())
     table.note(f"1. compiled, {short} prompt tokens: the caches emptied before every step cost it "
-               f"{losing_l3:+.2f} ms per token (median over the turns); the warm step after {long} costs "
-               f"{residual:+.2f} ms beyond the step after {short} and the attention arithmetic")  # fmt: skip
+               f"{losing_l3:+.2f} ms per token (median over the turns); the warm step costs {after} beyond "
+               f"the step after {short} and the attention arithmetic")  # fmt: skip
 
 
 class BeforeEachStep(Clock):
