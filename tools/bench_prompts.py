@@ -81,9 +81,9 @@ def prompt_rows(ref, ours, modes: dict, table: Table, args) -> None:
                       1e3 * step["transformers"], 1e3 * step[name], "ms", speedup=target)  # fmt: skip
         prompts[ids.shape[1]] = ids, audio
     if "compiled" in modes:
-        rates = cache_share()
-        table.note("1. read rate of a sum over a buffer read again and again, 2 threads: "
-                   + ", ".join(f"{mb} MB {rate:.0f} GB/s" for mb, rate in rates.items()))  # fmt: skip
+        rates = ", ".join(f"{mb} MB {rate:.0f} GB/s" for mb, rate in cache_share().items())
+        table.note(f"1. read rate of a sum over a buffer read again and again, "
+                   f"{torch.get_num_threads()} threads: {rates}")  # fmt: skip
         for i, (windows, text_tokens) in enumerate(GROWTH_PROMPTS.values()):
             ids, audio = long_prompt(windows, text_tokens, seed=len(LONG_PROMPTS) + i)
             # untimed: compiles the step for this cache size, as the races above did for theirs
