@@ -38,8 +38,8 @@ from racing import Clock, cpu_flags, describe_cpu, step_race
 
 # (30 s windows of audio, text tokens after them) of each prompt, and the new tokens timed
 LONG_PROMPTS = {"780-token (one 30 s window)": (1, 30), "16k-token (twenty windows, 600 s)": (20, 1000)}
-# prompts timed in the growth turns alone (no race against transformers)
-GROWTH_PROMPTS = {"2,350-token (three windows)": (3, 100)}
+# prompts timed in the growth turns alone (no race against transformers): 2,350 tokens (three windows)
+GROWTH_PROMPTS = [(3, 100)]
 LONG_NEW_TOKENS = 48
 EMPTYING_BYTES = 64 * 2**20  # twice a 32 MiB L3
 CACHE_PROBE_MB = (8, 16, 24, 32, 64)  # cache_share's buffer sizes
@@ -84,7 +84,7 @@ def prompt_rows(ref, ours, modes: dict, table: Table, args) -> None:
         rates = ", ".join(f"{mb} MB {rate:.0f} GB/s" for mb, rate in cache_share().items())
         table.note(f"1. read rate of a sum over a buffer read again and again, "
                    f"{torch.get_num_threads()} threads: {rates}")  # fmt: skip
-        for i, (windows, text_tokens) in enumerate(GROWTH_PROMPTS.values()):
+        for i, (windows, text_tokens) in enumerate(GROWTH_PROMPTS):
             ids, audio = long_prompt(windows, text_tokens, seed=len(LONG_PROMPTS) + i)
             # untimed: compiles the step for this cache size, as the races above did for theirs
             ours_generate(ours, ids, torch.ones_like(ids), LONG_NEW_TOKENS, modes["compiled"], **audio)
