@@ -22,6 +22,7 @@
 #include <cstring>
 
 #include "cpu_features.h"
+#include "int4_layout.h"
 
 namespace {
 
@@ -56,18 +57,24 @@ void int8_row(const int8_t* w, float scale, int64_t K, uint16_t* out) {
   for (; k < K; ++k) out[k] = float_to_bf16(w[k] * scale);  // the last K % 32 columns
 }
 
-// One int4 row of K columns (a multiple of 32; groups of G, a multiple of 32) as bf16: 16 bytes hold columns
-// k + 2i (low nibbles) and k + 2i + 1 (high), put back in column order by one two-source permute each half.
+// Row n of an int4 weight of N rows and K columns (a multiple of 32; groups of G, a multiple of 32) as bf16:
+// 4 words of the row (16 bytes, int4_layout.h) hold columns k + 2i (low nibbles) and k + 2i + 1 (high), put
+// back in column order by one two-source permute each half.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
-void int4_row(const uint8_t* w, const uint16_t* s, int64_t K, int64_t G, uint16_t* out) {
+void int4_row(const uint8_t* w, const uint16_t* s, int64_t N, int64_t K, int64_t G, int64_t n,
+              uint16_t* out) {
+  using minaf3_int4_layout::word_value;
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   // lane i of columns k .. k + 15 is lo[i / 2] (even i) or hi[i / 2] (odd i): index i / 2 + 16 * (i % 2)
   const __m512i first = _mm512_or_si512(_mm512_srli_epi32(lane, 1),
                                         _mm512_slli_epi32(_mm512_and_si512(lane, _mm512_set1_epi32(1)), 4));
   const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
   for (int64_t k = 0; k < K; k += 32) {
-    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + k / 2)));
-    const __m512 scale = _mm512_set1_ps(bf16_to_float(s[k / G]));
+    const int64_t u = k / 8;
+    const __m128i bytes = _mm_setr_epi32(word_value(w, N, K, n, u), word_value(w, N, K, n, u + 1),
+                                         word_value(w, N, K, n, u + 2), word_value(w, N, K, n, u + 3));
+    const __m512i v = _mm512_cvtepu8_epi32(bytes);
+    const __m512 scale = _mm512_set1_ps(bf16_to_float(minaf3_int4_layout::scale_of(s, N, K / G, n, k / G)));
     const __m512 offset = _mm512_mul_ps(scale, _mm512_set1_ps(-8.0f));
     const __m512i low_nibbles = _mm512_and_si512(v, _mm512_set1_epi32(15));
     const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(low_nibbles), scale, offset);
@@ -106,7 +113,7 @@ at::Tensor int8_dequantize(const at::Tensor& w, const at::Tensor& scales, int64_
   return out;
 }
 
-// Rows [row0, row0 + rows) of the int4 weight W as bf16: w (N, K / 2) uint8, scales (N, K / G) bf16.
+// Rows [row0, row0 + rows) of the int4 weight W as bf16: w (N, K / 2) uint8, scales (N, K / G) bf16, tiled.
 at::Tensor int4_dequantize(const at::Tensor& w, const at::Tensor& scales, int64_t row0, int64_t rows) {
   const char* name = "int4_dequantize";
   TORCH_CHECK(w.scalar_type() == at::kByte, name, ": w must be uint8");
@@ -115,12 +122,12 @@ at::Tensor int4_dequantize(const at::Tensor& w, const at::Tensor& scales, int64_
                   scales.size(0) == w.size(0) && K % 32 == 0 && K % groups == 0 && (K / groups) % 32 == 0,
               name, ": scales must be contiguous (", w.size(0), ", K / G) bfloat16, G and K multiples of 32");
   at::Tensor out = output_for(name, w, K, row0, rows);
-  const int64_t G = K / groups;
-  const uint8_t* wp = w.data_ptr<uint8_t>() + row0 * (K / 2);
-  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr()) + row0 * groups;
+  const int64_t G = K / groups, N = w.size(0);
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr());
   uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr());
   at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) int4_row(wp + n * (K / 2), sp + n * groups, K, G, op + n * K);
+    for (int64_t n = begin; n < end; ++n) int4_row(wp, sp, N, K, G, row0 + n, op + n * K);
   });
   return out;
 }

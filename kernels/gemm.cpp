@@ -40,6 +40,8 @@
 #include <optional>
 #include <vector>
 
+#include "int4_layout.h"
+
 namespace {
 
 constexpr int kMR = 6;    // rows of x per register tile: 6 x 2 accumulators + 2 w vectors + 1 broadcast
@@ -134,11 +136,12 @@ inline __m256 load8(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
 
-// An int4 weight (kernels/int4_linear.py): q packed two per byte, W = scales[n, k / G] * (q - 8).
+// An int4 weight (kernels/int4_linear.py): q packed two per byte, W = scales[n, k / G] * (q - 8), rows in
+// tiles of 16 stored word by word (int4_layout.h).
 struct Int4Weight {
   const uint8_t* w;   // (N, K / 2)
   const uint16_t* s;  // (N, K / G) bf16
-  int64_t G;
+  int64_t G, N;
 };
 
 // B[k][j] = w[j * K + k] for j < nr (zeros for nr <= j < 16) and k < kc: one panel of w, transposed.
@@ -166,12 +169,13 @@ void pack(const W* w, int64_t K, int64_t n0, int64_t k0, int64_t nr, int64_t kc,
   pack_panel(w + n0 * K + k0, K, nr, kc, B);
 }
 
-// The same for an int4 weight, dequantized as it is packed: 8 bytes of a row hold 16 columns, the low
-// nibbles the even ones and the high nibbles the odd ones, so 8 rows' low nibbles transposed are the panel's
-// even columns and their high nibbles its odd ones; no pass puts them in column order first. kc is a
+// The same for an int4 weight, dequantized as it is packed: two words of a row (8 bytes, int4_layout.h)
+// hold 16 columns, the low nibbles the even ones and the high nibbles the odd ones, so 8 rows' low nibbles
+// transposed are the panel's even columns and their high nibbles its odd ones; no pass puts them in column
+// order first. kc is a
 // multiple of 16 (K of 128, kKC of 32) and G of 32, so the 16 columns share one scale.
 void pack(const Int4Weight* q, int64_t K, int64_t n0, int64_t k0, int64_t nr, int64_t kc, float* B) {
-  const int64_t row_bytes = K / 2, groups = K / q->G;
+  const int64_t groups = K / q->G;
   const __m256i low4 = _mm256_set1_epi32(15);
   for (int64_t k = 0; k < kc; k += 16) {
     const int64_t column = k0 + k;
@@ -183,9 +187,12 @@ void pack(const Int4Weight* q, int64_t K, int64_t n0, int64_t k0, int64_t nr, in
           even[i] = odd[i] = _mm256_setzero_ps();
           continue;
         }
-        const uint8_t* bytes = q->w + (n0 + j) * row_bytes + column / 2;
-        const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes)));
-        const __m256 scale = _mm256_set1_ps(to_float(q->s[(n0 + j) * groups + column / q->G]));
+        const int64_t n = n0 + j, word = column / 8;  // words `word` and `word` + 1: the 16 columns
+        const __m128i bytes = _mm_setr_epi32(minaf3_int4_layout::word_value(q->w, q->N, K, n, word),
+                                             minaf3_int4_layout::word_value(q->w, q->N, K, n, word + 1), 0, 0);
+        const __m256i v = _mm256_cvtepu8_epi32(bytes);
+        const uint16_t bits = minaf3_int4_layout::scale_of(q->s, q->N, groups, n, column / q->G);
+        const __m256 scale = _mm256_set1_ps(to_float(bits));
         const __m256 offset = _mm256_mul_ps(scale, _mm256_set1_ps(-8.0f));  // W = scale * q - 8 scale
         even[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low4)), scale, offset);
         odd[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), scale, offset);
@@ -313,7 +320,7 @@ at::Tensor gemm(const char* name, const at::Tensor& x, const at::Tensor& w, cons
   if (wc.scalar_type() == at::kChar) product(data_of<int8_t>(wc));
   if (int4_scales) {
     const at::Tensor gs = int4_scales->contiguous();
-    const Int4Weight q{data_of<uint8_t>(wc), data_of<uint16_t>(gs), K / gs.size(1)};
+    const Int4Weight q{data_of<uint8_t>(wc), data_of<uint16_t>(gs), K / gs.size(1), wc.size(0)};
     product(&q);
   }
   return y;

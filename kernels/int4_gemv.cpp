@@ -1,28 +1,29 @@
 // int4 weight-only matrix product on the CPU for a few activation rows (decode):
 //   y (M, N) = x (M, K) @ W.T + bias,   W[n, k] = scales[n, k / G] * (q[n, k] - 8)
-// q in 0..15, two per byte (byte j of a row: column 2j in its low nibble, 2j + 1 in its high one), scales
-// bf16, one per group of G columns, K a multiple of 128 (the layout: kernels/int4_linear.py).
+// q in 0..15, two per byte, in tiles of 16 rows stored word by word, bf16 scales one per group of G columns
+// tiled the same way, K a multiple of 128 (the layout: kernels/int4_linear.py, int4_layout.h).
 //
 // Decode reads every weight once per token, so its time is the weights' bytes over the memory bandwidth:
 // at half a byte per weight, the loop must turn nibbles into products twice as fast per weight as the int8
 // loop does to stay at that limit. What keeps it cheap:
-//   - x is permuted once per call into the order in which each instruction set unpacks the nibbles, so
-//     that no weight is ever shuffled into column order;
-//   - the scale multiplies each group's finished sum, not each weight, and the - 8 goes through the sums
-//     of x:  sum_k x[k] W[n, k] = sum_g scales[n, g] * (sum_{k in g} x[k] q[n, k] - 8 sum_{k in g} x[k]),
-//     each vector lane's share of the second sum being the value its accumulator starts from (computed
-//     once per call), so that it costs the loop nothing;
+//   - a vector lane is a row: a tile's word w for its 16 rows is one 64-byte load, multiplied by the 8
+//     activations of columns 8w .. 8w + 7 broadcast to every lane; nothing is shuffled, nothing summed
+//     across lanes;
+//   - the scale multiplies each group's finished sum, once for the 16 rows of a tile, not each weight, and
+//     the - 8 goes through the sums of x:
+//       sum_k x[k] W[n, k] = sum_g scales[n, g] * (sum_{k in g} x[k] q[n, k] - 8 sum_{k in g} x[k]),
+//     the second sum being the value a group's accumulators start from (computed once per call);
 //   - each instruction set has a code of its own for turning nibbles into products (int4_codes.h: AVX-512
-//     VNNI with int8 activations, AVX-512 BF16, AVX-512, AVX2); the activations are prepared for it once
-//     per call (int4_activations.h).
+//     VNNI with int8 activations, AVX-512, AVX2); the activations are prepared for it once per call
+//     (int4_activations.h).
 //
 // One translation unit for the instruction sets, as int8_gemv.cpp: built with -mavx2 -mfma; the AVX-512
 // entry points alone are compiled for their targets (`flatten` inlines the generic code into them), chosen
-// at run time.
-// Blocking, prefetching and threading are int8_gemv.cpp's (see there for why): R weight rows x BT
-// activation rows per pass over K; short rows (every row at R = 8) read in R runs; weights prefetched
-// kPrefetchBytes ahead into L2; each thread claims chunks of rows from its own run first, then from the
-// others'.
+// at run time. A tile's words are one run of memory and the tiles follow one another, so each thread reads
+// one stream, which the CPU's own prefetcher follows (a software prefetch ahead of it only added
+// instructions); each thread claims chunks of tiles from its own run first, then from the others'
+// (row_chunks.h). All activation rows pass over a tile
+// (at most 16 x 9.5 KB at AF3's widest K) while it is in L2.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -32,8 +33,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <array>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -43,186 +42,169 @@
 #include "cpu_features.h"
 #include "int4_activations.h"
 #include "int4_codes.h"
+#include "int4_layout.h"
 #include "row_chunks.h"
 
 using namespace minaf3_int4;  // NOLINT: this file is their one user
+using minaf3_int4_layout::kTileRows;
 
 namespace {
 
-// int8_gemv.cpp's sizes (see there why): prefetch distance, weight tile per L2, short rows.
-constexpr int64_t kCacheLine = 64, kPrefetchBytes = 64 * 1024, kTileBytes = 256 * 1024;
-constexpr int64_t kShortRowBytes = 4096;
-constexpr int64_t kAlign = 128;  // K is a multiple of this: a 64-byte line of a row per AVX-512 BF16 step
+constexpr int64_t kAlign = 128;  // K is a multiple of this (kernels/int4_linear.py's ALIGN)
 
 struct Problem {
-  const void* x;       // (M, K) activations, permuted for the Isa (Isa::X)
-  const uint8_t* w;    // (N, K / 2) packed
-  const uint16_t* s;   // (N, K / G) bf16 scales
-  const float* start;  // (M, K / U * L): each accumulator's start, -(8 + Isa::kBias) * its share of X
-  const float* xscale;  // (M, K / U * L): each lane's activation scale (int8 activations), else nullptr
-  const float* bias;   // (N,) or nullptr
-  float* y;            // (M, N) float32 output, or nullptr when the output is y_bf16
+  const int8_t* x;        // (M, K) int8 activations, each 8 columns' even ones then odd ones
+  const uint8_t* w;       // (N, K / 2) packed, tiled
+  const uint16_t* s;      // (N, K / G) bf16 scales, tiled
+  const int32_t* start;   // (M, K / G) each group's start: -8 times its sum of int8 activations
+  const float* xscale;    // (M, K / G) each group's activation scale
+  const float* bias;      // (N,) or nullptr
+  float* y;               // (M, N) float32 output, or nullptr when the output is y_bf16
   c10::BFloat16* y_bf16;  // (M, N) bfloat16 output (x's dtype), or nullptr
   int64_t M, N, K;
 };
 
-// out[r * BT + b] = y[b0 + b, n0 + r * gap] without the bias, for R weight rows `gap` rows apart from row n0
-// (the next block `step` rows on, where the prefetch runs past a row's end) and BT activation rows from b0.
-// The loop goes in units of U = max(G, step) columns: a group's steps, or one step of several groups.
-template <class Isa, int R, int BT, int G>
-inline void dot_block(const Problem& p, int64_t n0, int64_t gap, int64_t step, int64_t b0, float* out) {
+// out[b * 16 + l] = y[b0 + b, n0 + l] without the bias, for the tile of rows from n0 (all 16 of them when
+// kFull, else the rows the last tile has) and BT activation rows from b0.
+template <class Isa, int BT, int G, bool kFull>
+inline void tile_block(const Problem& p, int64_t n0, int64_t b0, float* out) {
   using Vec = typename Isa::Vec;
-  using X = typename Isa::X;
-  constexpr int S = Isa::kStep, L = Isa::kLanes, U = G > S ? G : S;
-  const int64_t K = p.K, row = K / 2, groups = K / G, starts = K / U * L;
-  const uint8_t* w = p.w + n0 * row;
+  constexpr int L = Isa::kLanes, H = Isa::kHalves, words = G / 8;  // words of a row per group
+  const int64_t K = p.K, groups = K / G;
+  const int64_t rows = kFull ? kTileRows : minaf3_int4_layout::tile_rows(p.N, n0), stride = 4 * rows;
+  const uint8_t* w = p.w + n0 * (K / 2);
   const uint16_t* s = p.s + n0 * groups;
-  const X* x = static_cast<const X*>(p.x) + b0 * K;
-  const float* start = p.start + b0 * starts;
-  const float* xscale = p.xscale ? p.xscale + b0 * starts : nullptr;
-  const int64_t stride = gap * row, next = step * row;
-  Vec total[R * BT];
-#pragma GCC unroll 16
-  for (int i = 0; i < R * BT; ++i) total[i] = Isa::zero();
-  for (int64_t k0 = 0, u = 0; k0 < K; k0 += U, u += L) {
-    if ((k0 / 2) % kCacheLine == 0) {  // each row's line kPrefetchBytes / R ahead (or the next block's row)
-      const int64_t ahead = k0 / 2 + kPrefetchBytes / R;
+  const int8_t* x = p.x + b0 * K;
+  const int32_t* start = p.start + b0 * groups;
+  const float* xscale = p.xscale + b0 * groups;
+  typename Isa::Mask mask[H];
+#pragma GCC unroll 2
+  for (int h = 0; h < H; ++h) mask[h] = Isa::mask(static_cast<int>(std::clamp<int64_t>(rows - h * L, 0, L)));
+  Vec total[H * BT];
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        const uint8_t* line = w + r * stride + (ahead < row ? ahead : next + ahead - row);
-        _mm_prefetch(reinterpret_cast<const char*>(line), _MM_HINT_T1);
+  for (int i = 0; i < H * BT; ++i) total[i] = Isa::zero();
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* group = w + g * words * stride;
+    typename Isa::Acc acc[H * BT];
+#pragma GCC unroll 8
+    for (int i = 0; i < H * BT; ++i) acc[i] = Isa::begin(start[(i % BT) * groups + g]);
+#pragma GCC unroll 16
+    for (int j = 0; j < words; ++j) {
+#pragma GCC unroll 2
+      for (int h = 0; h < H; ++h) {
+        const uint8_t* word = group + j * stride + 4 * L * h;
+        const typename Isa::Raw v = kFull ? Isa::load(word) : Isa::load(word, mask[h]);
+        Isa::template dot<BT>(v, x + 8 * (g * words + j), K, acc + h * BT);
       }
     }
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      typename Isa::Acc acc[BT];
-#pragma GCC unroll 4
-      for (int b = 0; b < BT; ++b) acc[b] = Isa::begin(start + b * starts + u);
-#pragma GCC unroll 4
-      for (int64_t k = k0; k < k0 + U; k += S) Isa::template dot<BT>(w + r * stride + k / 2, x + k, K, acc);
-      const Vec scale = Isa::template scales<G>(s + r * gap * groups, k0);
+    const uint16_t* scales = s + g * rows;  // the group's scale of each of the tile's rows
+    uint16_t padded[kTileRows];  // a short tile's, then zeros: no load passes the tensor's end
+    if constexpr (!kFull) {
+      std::fill(std::copy(scales, scales + rows, padded), padded + kTileRows, 0);
+      scales = padded;
+    }
+#pragma GCC unroll 2
+    for (int h = 0; h < H; ++h) {
+      const Vec scale = Isa::scales(scales + h * L);
 #pragma GCC unroll 4
       for (int b = 0; b < BT; ++b) {
-        const float* lanes = xscale ? xscale + b * starts + u : nullptr;
-        total[r * BT + b] = Isa::finish(acc[b], scale, lanes, total[r * BT + b]);
+        total[h * BT + b] = Isa::finish(acc[h * BT + b], scale, xscale[b * groups + g], total[h * BT + b]);
       }
     }
   }
-#pragma GCC unroll 16
-  for (int i = 0; i < R * BT; ++i) out[i] = Isa::sum(total[i]);
+#pragma GCC unroll 2
+  for (int h = 0; h < H; ++h)
+#pragma GCC unroll 4
+    for (int b = 0; b < BT; ++b) Isa::store(out + b * kTileRows + h * L, total[h * BT + b]);
 }
 
-template <class Isa, int R, int G>
-inline void block(const Problem& p, int64_t bt, int64_t n0, int64_t gap, int64_t step, int64_t b0) {
-  float out[R * 2];  // (R, bt) row-major; direct calls, which `flatten` inlines (a pointer would not be)
-  if (bt == 1) dot_block<Isa, R, 1, G>(p, n0, gap, step, b0, out);
-  if (bt == 2) dot_block<Isa, R, 2, G>(p, n0, gap, step, b0, out);
-  for (int r = 0; r < R; ++r) {
-    const int64_t n = n0 + r * gap;
-    for (int64_t b = 0; b < bt; ++b) {
-      const float v = out[r * bt + b] + (p.bias ? p.bias[n] : 0.f);
+template <class Isa, int BT, int G>
+inline void tile(const Problem& p, int64_t n0, int64_t b0) {
+  float out[BT * kTileRows];  // (BT, 16); direct calls, which `flatten` inlines (a pointer would not be)
+  const int64_t rows = minaf3_int4_layout::tile_rows(p.N, n0);
+  if (rows == kTileRows) tile_block<Isa, BT, G, true>(p, n0, b0, out);
+  else tile_block<Isa, BT, G, false>(p, n0, b0, out);
+  for (int64_t b = 0; b < BT; ++b) {
+    for (int64_t l = 0; l < rows; ++l) {
+      const int64_t n = n0 + l;
+      const float v = out[b * kTileRows + l] + (p.bias ? p.bias[n] : 0.f);
       if (p.y) p.y[(b0 + b) * p.N + n] = v;
       else p.y_bf16[(b0 + b) * p.N + n] = c10::BFloat16(v);
     }
   }
 }
 
-// Output rows [begin, end) for all M activation rows: int8_gemv.cpp's rows_kernel.
-template <class Isa, int R, int G>
+// Output rows [begin, end) (begin a multiple of kTileRows) for all M activation rows, tile by tile.
+template <class Isa, int G>
 inline void rows_kernel(const Problem& p, int64_t begin, int64_t end) {
-  const int64_t row_bytes = p.K / 2, max_bt = Isa::max_bt(p.M);
-  const int64_t tile = p.M <= max_bt ? end - begin : std::max<int64_t>(R, kTileBytes / row_bytes / R * R);
-  const bool runs = R == 8 || row_bytes < kShortRowBytes;  // 8 rows a block: runs, whatever their length
-  for (int64_t t0 = begin; t0 < end; t0 += tile) {
-    const int64_t t1 = std::min(end, t0 + tile), q = (t1 - t0) / R;
-    for (int64_t b0 = 0; b0 < p.M; b0 += max_bt) {
-      const int64_t bt = std::min<int64_t>(max_bt, p.M - b0);
-      for (int64_t i = 0; i < q; ++i) {
-        if (runs) block<Isa, R, G>(p, bt, t0 + i, q, 1, b0);  // row i of each of R runs
-        if (!runs) block<Isa, R, G>(p, bt, t0 + R * i, 1, R, b0);  // R adjacent rows
+  for (int64_t n0 = begin; n0 < end; n0 += kTileRows) {
+    for (int64_t b0 = 0; b0 < p.M; b0 += Isa::kMaxBT) {
+      const int64_t bt = std::min<int64_t>(Isa::kMaxBT, p.M - b0);
+      if (bt == 1) tile<Isa, 1, G>(p, n0, b0);
+      if (bt == 2) tile<Isa, 2, G>(p, n0, b0);
+      if constexpr (Isa::kMaxBT >= 3) {
+        if (bt == 3) tile<Isa, 3, G>(p, n0, b0);
+        if (bt == 4) tile<Isa, 4, G>(p, n0, b0);
       }
-      for (int64_t n = t0 + R * q; n < t1; ++n) block<Isa, 1, G>(p, bt, n, 1, 1, b0);
     }
   }
-}
-
-template <class Isa, int G>
-inline void rows_for_isa(const Problem& p, int64_t begin, int64_t end) {
-  if (Isa::rows_per_block(p.M) == 8) rows_kernel<Isa, 8, G>(p, begin, end);
-  if (Isa::rows_per_block(p.M) == 4) rows_kernel<Isa, 4, G>(p, begin, end);
-  if (Isa::rows_per_block(p.M) == 2) rows_kernel<Isa, 2, G>(p, begin, end);
 }
 
 // The entry points: everything they call is inlined (`flatten`) and so compiled for their target.
 template <int G>
 __attribute__((flatten)) void rows_avx2(const Problem& p, int64_t begin, int64_t end) {
-  rows_for_isa<Avx2, G>(p, begin, end);
+  rows_kernel<Avx2, G>(p, begin, end);
 }
 
 template <int G>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"), flatten))
 void rows_avx512(const Problem& p, int64_t begin, int64_t end) {
-  rows_for_isa<Avx512, G>(p, begin, end);
-}
-
-template <int G>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"), flatten))
-void rows_avx512_bf16(const Problem& p, int64_t begin, int64_t end) {
-  rows_for_isa<Avx512Bf16, G>(p, begin, end);
+  rows_kernel<Avx512, G>(p, begin, end);
 }
 
 template <int G>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"), flatten))
 void rows_avx512_vnni(const Problem& p, int64_t begin, int64_t end) {
-  rows_for_isa<Avx512Vnni, G>(p, begin, end);
+  rows_kernel<Avx512Vnni, G>(p, begin, end);
 }
 
 using RowsFn = void (*)(const Problem&, int64_t, int64_t);
 
-// y = the product of p, split over torch's threads (row_chunks.h).
+// y = the product of p, split over torch's threads in chunks of whole tiles (row_chunks.h).
 void run(const Problem& p, RowsFn rows) {
-  minaf3_rows::for_row_chunks(p.N, p.K / 2 * p.M, [&](int64_t begin, int64_t end) { rows(p, begin, end); });
+  minaf3_rows::for_row_chunks(p.N, p.K / 2 * p.M, kTileRows,
+                              [&](int64_t begin, int64_t end) { rows(p, begin, end); });
 }
 
 // The code `isa` names ("auto": the best this CPU runs), checked against the CPU.
 std::string choose(const std::string& isa) {
-  const bool avx512 = minaf3_cpu::has_avx512(), bf16 = minaf3_cpu::has_avx512_bf16();
-  const bool vnni = minaf3_cpu::has_avx512_vnni();
-  if (isa == "auto") return vnni ? "avx512_vnni" : bf16 ? "avx512_bf16" : avx512 ? "avx512" : "avx2";
-  TORCH_CHECK(isa == "avx2" || isa == "avx512" || isa == "avx512_bf16" || isa == "avx512_vnni",
-              "int4_linear: isa must be auto, avx2, avx512, avx512_bf16 or avx512_vnni; got ", isa);
-  const bool has = isa == "avx2" || (isa == "avx512" ? avx512 : isa == "avx512_bf16" ? bf16 : vnni);
+  const bool avx512 = minaf3_cpu::has_avx512(), vnni = minaf3_cpu::has_avx512_vnni();
+  if (isa == "auto") return vnni ? "avx512_vnni" : avx512 ? "avx512" : "avx2";
+  TORCH_CHECK(isa == "avx2" || isa == "avx512" || isa == "avx512_vnni",
+              "int4_linear: isa must be auto, avx2, avx512 or avx512_vnni; got ", isa);
+  const bool has = isa == "avx2" || (isa == "avx512" ? avx512 : vnni);
   TORCH_CHECK(has, "int4_linear: this CPU has no ", isa);
   return isa;
 }
 
-// y = the product of p for x (M, K): its activations prepared for `code`, then the rows of that code.
+// y = the product of p for x (M, K): its activations prepared, then the rows of `code`.
 template <int G>
 void run_for_group(const std::string& code, const at::Tensor& x, Problem& p) {
-  if (code == "avx512_vnni") {
-    const auto [xp, start, xscale] = prepare_int8(x, G);
-    p.x = xp.data_ptr();
-    p.start = start.data_ptr<float>();
-    p.xscale = xscale.data_ptr<float>();
-    run(p, rows_avx512_vnni<G>);
-    return;
-  }
-  const auto [xp, start] = code == "avx512_bf16" ? prepare<Avx512Bf16>(x, G)
-                           : code == "avx512"    ? prepare<Avx512>(x, G)
-                                                 : prepare<Avx2>(x, G);
-  p.x = xp.data_ptr();
-  p.start = start.data_ptr<float>();
-  run(p, code == "avx512_bf16" ? rows_avx512_bf16<G> : code == "avx512" ? rows_avx512<G> : rows_avx2<G>);
+  const auto [xp, start, xscale] = prepare_int8(x, G);
+  p.x = xp.data_ptr<int8_t>();
+  p.start = start.data_ptr<int32_t>();
+  p.xscale = xscale.data_ptr<float>();
+  run(p, code == "avx512_vnni" ? rows_avx512_vnni<G> : code == "avx512" ? rows_avx512<G> : rows_avx2<G>);
 }
 
 }  // namespace
 
 // y (..., N) = x (..., K) @ W.T + bias (N,), W (N, K) the int4 weight above, given as w (N, K / 2) uint8 and
-// scales (N, K / G) bfloat16 with G in {32, 64, 128} and K a multiple of 128. x is float32 or bfloat16 and
+// scales (N, K / G) bfloat16 (both tiled) with G in {32, 64, 128} and K a multiple of 128. x is float32 or bfloat16 and
 // y has its dtype (a bf16 model's activations go in and out without a conversion of their own, a dispatched
 // call each); bias is float32 or bfloat16; the sums are float32 either way.
-// isa: "auto" (the best code this CPU runs), or "avx512_vnni", "avx512_bf16", "avx512", "avx2" (tests run
-// each; avx512_vnni rounds the activations to int8 per group, the others multiply them as float32 or bf16).
+// isa: "auto" (the best code this CPU runs), or "avx512_vnni", "avx512", "avx2" (tests run each;
+// avx512_vnni rounds the activations to int8 per group, the others multiply them as float32).
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                        const std::optional<at::Tensor>& bias, const std::string& isa) {
   const char* name = "int4_linear";

@@ -2,24 +2,40 @@
 
 The layout, read by every kernel, by the quantizer (minaf3/quantize.py) and by the torch path:
     q        4-bit values 0..15; symmetric: the zero point is 8 for every group, so W = scales * (q - 8)
-    weight   (N, Kp / 2) uint8, two values per byte: byte j of a row holds column 2j in its low nibble and
-             column 2j + 1 in its high nibble
-    scales   (N, Kp / G) bfloat16, one per group of G = GROUP_SIZE consecutive columns of a row
+    word     32 bits of a row: 8 columns 8w .. 8w + 7, two per byte, column 8w + 2j in the low nibble of
+             byte j and 8w + 2j + 1 in its high nibble
+    tile     TILE_ROWS = 16 consecutive rows (the last tile: what is left), stored column by column: word w
+             of the tile's 16 rows, then word w + 1, ... (a transpose of the tile's words), so that one
+             64-byte load is one word of 16 rows, one row in each 32-bit vector lane
+    weight   (N, Kp / 2) uint8: the tiles one after the other (rows 16t .. 16t + 15 in the bytes where a
+             row-major layout would hold them)
+    scales   (N, Kp / G) bfloat16, one per group of G = GROUP_SIZE consecutive columns of a row, tiled the
+             same way (scale g of the tile's rows, then g + 1, ...)
     Kp       in_features rounded up to a multiple of ALIGN: the padding columns hold q = 8 (a zero weight),
              and the activations are padded with zeros to match
 
-    pack_int4(q) / unpack_int4(weight)        (N, Kp) values 0..15 <-> (N, Kp / 2) bytes
+    pack_int4(q) / unpack_int4(weight)        (N, Kp) values 0..15 <-> (N, Kp / 2) tiled bytes
+    pack_scales(s) / unpack_scales(scales)    (N, Kp / G) in row order <-> tiled
     int4_dequantize_reference(weight, scales)  W (N, Kp) in float64
     int4_linear_reference(x, weight, scales, bias)   the definition: float64 products, in x's dtype
     int4_linear(x, weight, scales, bias, backend)    the fast path, chosen per call (below), inputs checked
     run_int4_linear(...)                       the same without the checks (Int4Linear's forward)
     int4_product_sum(x, weight, scales, bias)  one row as unpack, multiply and sum, for a compiled step
 
+Why tiles: one-row decode reads every weight once, so its loop must turn nibbles into products at the
+memory's rate, and on fast memory the count of its vector instructions is what it runs at. With a row in
+each vector lane, a 64-byte load is 16 rows times 8 columns, each byte position multiplied by one
+broadcast activation, and a group's sums finish (convert, scale, multiply-add) once for 16 rows in one
+vector, with the 16 rows' scales one contiguous load. In a row-major layout the lanes hold columns of one
+row: every 128 columns of a row need their own finish, with the row's scales spread out to the lanes, and
+a sum across the lanes at the row's end. A slice of whole tiles (rows 16a .. 16b) is itself a tiled
+weight, so the torch path and the fused layers' parts (minaf3/linear.py) split and join tiles as rows.
+
 Backends: the `backend=` argument, else $MINAF3_INT4_BACKEND, else "auto".
   "cpp"    the C++ kernels (CPU): below PREFILL_MIN_ROWS rows int4_gemv.cpp's streaming loop (its AVX-512
-           VNNI code, int8 activations, where the CPU has those instructions, else AVX-512 BF16, AVX-512 or
-           AVX2 code); from PREFILL_MIN_ROWS rows, on CPUs whose best vector unit is AVX2, gemm.cpp's
-           blocked product with the int4 rows widened to float32 and scaled as they are packed, on CPUs
+           VNNI code, int8 activations, where the CPU has those instructions, else its AVX-512 or AVX2
+           code); from PREFILL_MIN_ROWS rows, on CPUs whose best vector unit is AVX2, gemm.cpp's blocked
+           product with the int4 rows widened to float32 and scaled as they are packed, on CPUs
            with AVX-512 VNNI vnni_prefill.cpp's product of int8 activations (the loop's rounding) and 4-bit
            weights, on other CPUs with AVX-512 BF16 tiles of weight rows dequantized to bf16 and multiplied by
            torch's bf16 product (bf16_tiles.py); elsewhere the loop at every row count. ConfigError when
@@ -49,6 +65,7 @@ from . import bf16_tiles, cpp_build, vnni_prefill
 from .registry import available, runs
 
 GROUP_SIZE = 32  # columns per scale (see the module docstring)
+TILE_ROWS = 16  # rows per tile: one int32 vector lane each in a 512-bit register
 GROUP_SIZES = (32, 64, 128)  # what the kernels accept
 ALIGN = 128  # rows are padded to a multiple of this many columns
 ZERO_POINT = 8  # W = scales * (q - ZERO_POINT)
@@ -67,23 +84,52 @@ def padded_width(in_features: int) -> int:
     return -(-in_features // ALIGN) * ALIGN
 
 
+def tile_rows(t: torch.Tensor) -> torch.Tensor:
+    """(N, C) in row order -> (N, C) in tiles: each TILE_ROWS rows (the last tile: N % TILE_ROWS, if any)
+    stored as their transpose, element by element (a 32-bit word of a packed weight, a scale)."""
+    N, C = t.shape
+    full = N - N % TILE_ROWS
+    head = t[:full].reshape(-1, TILE_ROWS, C).transpose(1, 2).reshape(full, C)
+    return torch.cat((head, t[full:].T.reshape(N - full, C)))
+
+
+def untile_rows(t: torch.Tensor) -> torch.Tensor:
+    """The inverse of tile_rows: (N, C) in tiles -> (N, C) in row order."""
+    N, C = t.shape
+    full = N - N % TILE_ROWS
+    head = t[:full].reshape(-1, C, TILE_ROWS).transpose(1, 2).reshape(full, C)
+    return torch.cat((head, t[full:].reshape(C, N - full).T))
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """q (N, Kp) integers 0..15 -> (N, Kp / 2) uint8: column 2j in the low nibble of byte j, 2j + 1 high."""
+    """q (N, Kp) integers 0..15 -> the weight (N, Kp / 2) uint8: two columns a byte, in tiles of words."""
     q = q.to(torch.uint8)
-    return q[:, 0::2] | (q[:, 1::2] << 4)
+    rows = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()  # column 2j in the low nibble of byte j
+    return tile_rows(rows.view(torch.int32)).view(torch.uint8)
 
 
 def unpack_int4(weight: torch.Tensor) -> torch.Tensor:
-    """weight (N, Kp / 2) uint8 -> q (N, Kp) uint8 values 0..15, in column order."""
-    return torch.stack((weight & 15, weight >> 4), dim=-1).flatten(-2)
+    """weight (N, Kp / 2) uint8 -> q (N, Kp) uint8 values 0..15, rows and columns in order."""
+    rows = untile_rows(weight.contiguous().view(torch.int32)).contiguous().view(torch.uint8)
+    return torch.stack((rows & 15, rows >> 4), dim=-1).flatten(-2)
+
+
+def pack_scales(scales: torch.Tensor) -> torch.Tensor:
+    """scales (N, Kp / G) in row order -> the layout's tiles (same shape and dtype)."""
+    return tile_rows(scales)
+
+
+def unpack_scales(scales: torch.Tensor) -> torch.Tensor:
+    """The layout's scales (N, Kp / G) -> row order: scales[n, g] of row n's group g."""
+    return untile_rows(scales)
 
 
 def int4_dequantize_reference(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """W (N, Kp) float64 from weight (N, Kp / 2) uint8 and scales (N, Kp / G) (any float dtype)."""
+    """W (N, Kp) float64 from weight (N, Kp / 2) uint8 and scales (N, Kp / G) (any float dtype), tiled."""
     q = unpack_int4(weight).double()  # (N, Kp)
     N, Kp = q.shape
     groups = scales.shape[1]
-    W = (q - ZERO_POINT).view(N, groups, Kp // groups) * scales.double()[:, :, None]
+    W = (q - ZERO_POINT).view(N, groups, Kp // groups) * unpack_scales(scales).double()[:, :, None]
     return W.view(N, Kp)
 
 
@@ -202,7 +248,7 @@ def int4_product_sum(
     N, Kp = weight.shape[0], 2 * weight.shape[1]
     groups = scales.shape[1]
     q = unpack_int4(weight).view(N, groups, Kp // groups).float() - ZERO_POINT
-    W = (q * scales.float()[:, :, None]).view(N, Kp)
+    W = (q * unpack_scales(scales).float()[:, :, None]).view(N, Kp)
     x32 = F.pad(x.float(), (0, Kp - x.shape[-1]))
     y = (x32.unsqueeze(-2) * W).sum(-1)  # (..., 1, Kp) * (N, Kp) -> (..., N)
     return (y if bias is None else y + bias).to(x.dtype)
@@ -216,10 +262,10 @@ def _torch_int4_linear(
     M, Kp = x.shape
     N, groups = weight.shape[0], scales.shape[1]
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    rows = max(1, DEQUANT_TILE_BYTES // (Kp * x.dtype.itemsize))
+    rows = max(1, DEQUANT_TILE_BYTES // (Kp * x.dtype.itemsize) // TILE_ROWS) * TILE_ROWS  # whole tiles
     for n0 in range(0, N, rows):
         tile = slice(n0, n0 + rows)
         q = unpack_int4(weight[tile]).view(-1, groups, Kp // groups).float() - ZERO_POINT
-        W = (q * scales[tile, :, None].float()).view(-1, Kp).to(x.dtype)  # (rows, Kp)
+        W = (q * unpack_scales(scales[tile])[:, :, None].float()).view(-1, Kp).to(x.dtype)  # (rows, Kp)
         out[:, tile] = F.linear(x, W, None if bias is None else bias[tile].to(x.dtype))
     return out

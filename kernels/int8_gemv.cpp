@@ -270,7 +270,7 @@ void run(const Problem<W>& p, bool allow_avx512) {
   const bool wide = allow_avx512 && p.K >= kAvx512MinColumns && minaf3_cpu::has_avx512();
   const auto rows = wide ? rows_avx512<W> : rows_avx2<W>;
   const int64_t row_work = p.K * p.M * static_cast<int64_t>(sizeof(W));
-  minaf3_rows::for_row_chunks(p.N, row_work, [&](int64_t begin, int64_t end) { rows(p, begin, end); });
+  minaf3_rows::for_row_chunks(p.N, row_work, 4, [&](int64_t begin, int64_t end) { rows(p, begin, end); });
 }
 
 // (..., K) -> (..., N) float32 output for x (..., K) float32 and a weight of N rows; bias checked too.

@@ -1,7 +1,8 @@
 // Quantized matrix products on the CPU for many activation rows (a prompt), with AVX-512 VNNI:
 //   int4_gemm   y (M, N) = x (M, K) @ W.T + bias,  W[n, k] = scales[n, k / G] * (q[n, k] - 8)
 //               kernels/int4_linear.py's layout: q in 0..15, two per byte (column 2j of a row in the low
-//               nibble of its byte j), bf16 scales, one per group of G columns
+//               nibble of its byte j), bf16 scales, one per group of G columns, rows in tiles of 16 stored
+//               word by word (int4_layout.h)
 //   int8_gemm   the same for W[n, k] = scales[n] * w[n, k], w int8 (kernels/int8_linear.py's layout)
 //
 // The activations come rounded to int8 per group of G columns by int4_gemv.cpp's quantize_int8 (the rounding
@@ -41,6 +42,7 @@
 #include <vector>
 
 #include "cpu_features.h"
+#include "int4_layout.h"
 
 namespace {
 
@@ -131,35 +133,44 @@ __attribute__((target("avx512f"), always_inline)) inline void transpose16(__m512
 
 // Repack weight rows [n0, n0 + kPanel) (rows from N on as zero weights) into `panel` (K / 8 units of four
 // vectors: rows 0-15's first 4 bytes of the unit, then their second 4, then the same for rows 16-31) and
-// their scales into `ws` (K / G groups of kPanel float32, zero for rows from N on). Sixteen rows' 64 bytes at
-// a time are loaded and transposed, so that every load is a whole cache line.
+// their scales into `ws` (K / G groups of kPanel float32, zero for rows from N on). An int4 weight's tile
+// (int4_layout.h) holds word u of its 16 rows in one 64-byte run: each is loaded as it is. int8 rows are
+// loaded 64 bytes of 16 rows at a time and transposed, so that every load is a whole cache line.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 void pack_panel(const Problem& p, int64_t n0, __m512i* panel, float* ws) {
   const int64_t groups = p.K / p.G, row_bytes = p.int4 ? p.K / 2 : p.K;
   const __m512i nibbles = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int half = 0; half < 2; ++half) {
+    const int64_t first = n0 + 16 * half;
+    if (p.int4) {  // word u is unit u: its low nibbles, then its high ones
+      const int64_t rows = first < p.N ? minaf3_int4_layout::tile_rows(p.N, first) : 0;
+      const __mmask16 mask = static_cast<__mmask16>((1u << rows) - 1);  // zero words for rows from N on
+      const uint8_t* tile = p.w + std::min(first, p.N) * row_bytes;
+      for (int64_t u = 0; u < p.K / 8; ++u) {
+        const __m512i v = _mm512_maskz_loadu_epi32(mask, tile + u * 4 * rows);
+        _mm512_store_si512(panel + 4 * u + 2 * half, _mm512_and_si512(v, nibbles));
+        _mm512_store_si512(panel + 4 * u + 2 * half + 1, _mm512_and_si512(_mm512_srli_epi16(v, 4), nibbles));
+      }
+      continue;
+    }
     const uint8_t* rows[16];  // the last row for lanes past N: its products are multiplied by a zero scale
-    for (int j = 0; j < 16; ++j) rows[j] = p.w + std::min(n0 + 16 * half + j, p.N - 1) * row_bytes;
+    for (int j = 0; j < 16; ++j) rows[j] = p.w + std::min(first + j, p.N - 1) * row_bytes;
     for (int64_t byte = 0; byte < row_bytes; byte += 64) {  // 16 words of each row
       __m512i r[16];
       for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_si512(rows[j] + byte);
-      transpose16(r);  // r[i]: word byte / 4 + i of the 16 rows
+      transpose16(r);  // r[i]: word byte / 4 + i of the 16 rows; word w is half w % 2 of unit w / 2
       for (int i = 0; i < 16; ++i) {
-        if (p.int4) {  // word u is unit u: its low nibbles, then its high ones
-          __m512i* to = panel + 4 * (byte / 4 + i) + 2 * half;
-          _mm512_store_si512(to, _mm512_and_si512(r[i], nibbles));
-          _mm512_store_si512(to + 1, _mm512_and_si512(_mm512_srli_epi16(r[i], 4), nibbles));
-        } else {  // word w is half w % 2 of unit w / 2; w + 128 as unsigned bytes
-          const int64_t word = byte / 4 + i;
-          _mm512_store_si512(panel + 4 * (word / 2) + 2 * half + word % 2, _mm512_xor_si512(r[i], flip));
-        }
+        const int64_t word = byte / 4 + i;  // + 128 as unsigned bytes
+        _mm512_store_si512(panel + 4 * (word / 2) + 2 * half + word % 2, _mm512_xor_si512(r[i], flip));
       }
     }
   }
   for (int64_t j = 0; j < kPanel; ++j) {
     const int64_t n = n0 + j;
     for (int64_t g = 0; g < groups; ++g)
-      ws[g * kPanel + j] = n >= p.N ? 0.f : p.int4 ? bf16_to_float(p.s[n * groups + g]) : p.s8[n];
+      ws[g * kPanel + j] = n >= p.N  ? 0.f
+                           : p.int4 ? bf16_to_float(minaf3_int4_layout::scale_of(p.s, p.N, groups, n, g))
+                                    : p.s8[n];
   }
 }
 

@@ -362,8 +362,8 @@ def read_weights(
     if quantize is not None:
         quantized = quantizable_linears(model)
         parts = [part for name in quantized for part in groups.get(name, [name])]
+        quantize_layers(model, quantized, quantize)  # empty quantized layers; checks them before any work
         quantize_state_dict(tensors, parts, quantize)
-        quantize_layers(model, quantized, quantize)
     join_parts(tensors, groups)
     return tensors
 

@@ -16,7 +16,8 @@ int4 (kernels/int4_linear.py holds the layout and why): symmetric, a bf16 scale 
 columns, two 4-bit values per byte, W = scales * (q - 8); the scale maps each group's largest-magnitude
 weight to -8, and rows are padded with zero weights to a multiple of 128 columns. Its error and its speed
 against int8 and fp32: tools/bench_int4.py. Both formats split a fused layer's rows exactly as the
-checkpoint's separate layers quantized one by one: every scale belongs to one output row.
+checkpoint's separate layers quantized one by one: every scale belongs to one output row (int4's tiles of
+rows, when each part but the last is a whole number of them: check_tiled_parts).
 
 Symmetric, one scale per output row: scales[n] = max_k |w[n, k]| / 127 and w_int8 = round(w / scales[n]),
 so every row uses the full [-127, 127] range and dequantizes as w_int8 * scales[n]. Activations stay in
@@ -44,15 +45,17 @@ from torch import nn
 from .errors import CheckpointError, ConfigError
 from .kernels.int4_linear import (
     GROUP_SIZE,
+    TILE_ROWS,
     ZERO_POINT,
     int4_product_sum,
     pack_int4,
+    pack_scales,
     padded_width,
     run_int4_linear,
 )
 from .kernels.int8_linear import run_int8_linear
 from .kernels.registry import available
-from .linear import product_sum
+from .linear import fused_groups, product_sum
 from .lora import LoRALayer, LoRALinear, LoRAUpdate
 from .weights.buffers import release_file_pages, streamed_empty
 
@@ -262,7 +265,7 @@ def quantize_weight_int4(weight: torch.Tensor, name: str = "weight") -> tuple[to
     Kp, G = padded_width(K), GROUP_SIZE
     packed = streamed_empty((N, Kp // 2), torch.uint8, weight.device)
     scales = streamed_empty((N, Kp // G), torch.bfloat16, weight.device)  # read beside the weights
-    rows = max(1, QUANT_CHUNK_BYTES // (4 * Kp))
+    rows = max(1, QUANT_CHUNK_BYTES // (4 * Kp) // TILE_ROWS) * TILE_ROWS  # whole tiles of the layout
     for n0 in range(0, N, rows):
         # (rows, Kp), a copy even for float32 input: the in-place ops below must not touch the weight.
         chunk = torch.nn.functional.pad(weight[n0 : n0 + rows].to(torch.float32), (0, Kp - K))
@@ -276,7 +279,7 @@ def quantize_weight_int4(weight: torch.Tensor, name: str = "weight") -> tuple[to
         step = scale.float()
         q = groups.div_(torch.where(step == 0, 1.0, step)).round_().add_(ZERO_POINT).clamp_(0, 15)
         packed[n0 : n0 + rows] = pack_int4(q.view(-1, Kp))
-        scales[n0 : n0 + rows] = scale.squeeze(-1)
+        scales[n0 : n0 + rows] = pack_scales(scale.squeeze(-1))
     return packed, scales
 
 
@@ -340,6 +343,8 @@ def quantize_layers(model: nn.Module, names: list[str], mode: str = "int8") -> N
     loop; also tools/bench.py's, which quantizes one part of a model at a time to see where the error comes
     from). On the meta device the quantized layer is empty, shaped for load_state_dict(..., assign=True)."""
     layer_class = LAYERS[mode]
+    if mode == "int4":
+        check_tiled_parts(model, names)
     # By name, one at a time: holding the modules in a list would keep every fp32 weight alive to the end.
     for name in names:
         parent_name, _, child = name.rpartition(".")
@@ -352,6 +357,21 @@ def quantize_layers(model: nn.Module, names: list[str], mode: str = "int8") -> N
         else:
             quantized = layer_class.from_linear(layer, name)
         setattr(parent, child, quantized)
+
+
+def check_tiled_parts(model: nn.Module, names: list[str]) -> None:
+    """Raise ConfigError unless every fused layer among `names` can hold int4 parts: its parts are joined and
+    split as rows (minaf3/linear.py), and int4 stores rows in tiles of TILE_ROWS, so each part but the last
+    must be a whole number of tiles."""
+    groups = fused_groups(model)
+    for name in names:
+        parts = list(groups.get(name, {}).items())
+        for part, rows in parts[:-1]:
+            if rows % TILE_ROWS:
+                raise ConfigError(
+                    f"{name}: int4 stores rows in tiles of {TILE_ROWS}, so each fused part but the last "
+                    f"needs a multiple of {TILE_ROWS} rows; {part} has {rows}"
+                )
 
 
 @torch.no_grad()

@@ -16,7 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from minaf3.kernels.int4_linear import ZERO_POINT, int4_dequantize_reference, pack_int4, padded_width
+from minaf3.kernels.int4_linear import (
+    ZERO_POINT,
+    int4_dequantize_reference,
+    pack_int4,
+    pack_scales,
+    padded_width,
+)
 
 from minaf3.chat_template import REFERENCE_TEMPLATE
 
@@ -338,7 +344,7 @@ def random_int4_layer(out_features: int, in_features: int, bias: bool, seed: int
     q[:, in_features:] = ZERO_POINT
     scales = ((torch.rand(out_features, Kp // group, generator=g) - 0.5) * 0.02).bfloat16()
     b = torch.randn(out_features, generator=g) if bias else None
-    return pack_int4(q), scales, b
+    return pack_int4(q), pack_scales(scales), b
 
 
 def int4_error_bound(x, w, scales, bias, rel: float, int8_group: int | None = None) -> torch.Tensor:

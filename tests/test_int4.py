@@ -18,6 +18,7 @@ from minaf3.kernels.int4_linear import (
     int4_dequantize_reference,
     int4_linear_reference,
     unpack_int4,
+    unpack_scales,
 )
 from minaf3.kernels.registry import override
 from test_model import reference_inputs
@@ -57,8 +58,9 @@ def test_quantize_weight_int4_rounds_each_group_to_its_own_scale(out_features, i
     w = torch.randn(out_features, in_features, generator=g) * spread
     w[0, :32] = 0.0  # an all-zero group
     before = w.clone()
-    packed, scales = quantize_weight_int4(w)
+    packed, tiled = quantize_weight_int4(w)
     assert torch.equal(w, before)  # the input is not modified
+    scales = unpack_scales(tiled)  # row order
     Kp = kernel.padded_width(in_features)
     assert packed.shape == (out_features, Kp // 2) and packed.dtype == torch.uint8
     assert scales.shape == (out_features, Kp // 32) and scales.dtype == torch.bfloat16
@@ -72,7 +74,7 @@ def test_quantize_weight_int4_rounds_each_group_to_its_own_scale(out_features, i
     # round to nearest: within half a step of the grid, except where +7 clips: there up to 8 (1 + 2^-8) - 7
     # steps, since the bf16 scale may fall short of |extreme| / 8 by its rounding
     step = scales.float().abs()[:, :, None]
-    error = (int4_dequantize_reference(packed, scales).view_as(groups) - groups).abs()
+    error = (int4_dequantize_reference(packed, tiled).view_as(groups) - groups).abs()
     slack = 1.001 * torch.where(q == 15, 1 + 8 / 256, 0.5)
     assert (error <= step * slack + 1e-30).all()
 
@@ -91,7 +93,7 @@ def test_chunks_give_the_weight_quantized_whole(monkeypatch):
     """Converted a few rows at a time (QUANT_CHUNK_BYTES of float32), the result is the whole weight's."""
     w = torch.randn(37, 300).bfloat16()
     whole = quantize_weight_int4(w)
-    monkeypatch.setattr(quantize_module, "QUANT_CHUNK_BYTES", 3 * 4 * 384)  # 3 rows at a time
+    monkeypatch.setattr(quantize_module, "QUANT_CHUNK_BYTES", 3 * 4 * 384)  # one tile (16 rows) at a time
     chunked = quantize_weight_int4(w)
     assert all(torch.equal(a, b) for a, b in zip(whole, chunked, strict=True))
 
@@ -313,3 +315,20 @@ def test_every_cli_quantize_option_offers_every_mode():
     # finetune trains through the weights: int8 has a backward pass (quantize.Int8Product), int4 none
     assert list(found.pop("finetune").choices) == ["int8"]
     assert all(list(action.choices) == list(QUANTIZE_MODES) for action in found.values())
+
+
+def test_fused_parts_that_are_not_whole_tiles_are_refused_before_any_weight_is_quantized(
+    tmp_path, monkeypatch
+):
+    """int4 stores rows in tiles of 16; a fused layer's parts are joined and split as rows, so a part that is
+    not a whole number of tiles (here k_proj: 2 heads of 12) is refused by name, by either entry point."""
+    folder = write_reference_checkpoint(tmp_path / "narrow", text_hidden=48)
+    calls = []
+    monkeypatch.setattr(minaf3.model, "quantize_state_dict", lambda *a: calls.append(a))
+    with pytest.raises(ConfigError, match=r"qkv_proj: int4 stores rows in tiles of 16.*k_proj has 24"):
+        AudioFlamingo3ForConditionalGeneration.from_pretrained(folder, quantize="int4")
+    assert calls == []
+    model = AudioFlamingo3ForConditionalGeneration.from_pretrained(folder)
+    with pytest.raises(ConfigError, match=r"k_proj has 24"):
+        quantize_model(model, "int4")
+    quantize_model(model, "int8")  # one scale per row: any part joins

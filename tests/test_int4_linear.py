@@ -1,7 +1,7 @@
 """The int4 matrix product (kernels/int4_linear.py) against its float64 reference, on every path.
 
-Paths: the streaming loop in each of its instruction sets this CPU has (AVX-512 VNNI, AVX-512 BF16, AVX-512,
-AVX2), the prefill products (gemm.cpp's on AVX2, forced here where it is not the default; vnni_prefill.cpp's
+Paths: the streaming loop in each of its instruction sets this CPU has (AVX-512 VNNI, AVX-512, AVX2), the
+prefill products (gemm.cpp's on AVX2, forced here where it is not the default; vnni_prefill.cpp's
 on AVX-512 VNNI CPUs; bf16 tiles on AVX-512 BF16 CPUs), torch's ops, a torch.compile'd call, and the
 unpack-multiply-sum of a compiled step without the library; over hypothesis-chosen shapes, odd widths and
 widths that are not a multiple of the group or of the 128-column alignment among them. The tolerances come
@@ -25,18 +25,19 @@ from minaf3.kernels.int4_linear import (
     int4_linear_reference,
     int4_product_sum,
     pack_int4,
+    pack_scales,
     padded_width,
     unpack_int4,
+    unpack_scales,
 )
 from minaf3.kernels.registry import available, override, runs
 
 from minaf3 import ConfigError
 
 BF16_UNIT = torch.finfo(torch.bfloat16).eps / 2  # the relative rounding error of a float rounded to bf16
-ISAS = ["avx512_vnni", "avx512_bf16", "avx512", "avx2"]  # best first
+ISAS = ["avx512_vnni", "avx512", "avx2"]  # best first
 HAS = {
     "avx512_vnni": torch.cpu._is_avx512_supported() and torch.cpu._is_vnni_supported(),
-    "avx512_bf16": torch.cpu._is_avx512_bf16_supported(),
     "avx512": torch.cpu._is_avx512_supported(),
     "avx2": torch.cpu._is_avx2_supported(),
 }
@@ -49,15 +50,15 @@ KERNEL_SETTINGS = settings(max_examples=30, deadline=None)
 
 
 def int8_group(path: str, group: int) -> int | None:
-    """The group its activations are rounded to int8 by on `path` (the AVX-512 VNNI loop and product;
-    "prefill" is the default for many rows here), else None."""
+    """The group its activations are rounded to int8 by on `path` (every code of the loop, and the AVX-512
+    VNNI product; "prefill" is the default for many rows here), else None."""
     kernels = available()
-    vnni = (
-        path in ("loop-avx512_vnni", "int4-gemm")
-        or (path == "loop-auto" and LOOP_PATHS[0] == "avx512_vnni")
+    int8 = (
+        path.startswith("loop-")
+        or path == "int4-gemm"
         or (path == "prefill" and kernels.vnni_prefill and not kernels.gemm)
     )
-    return group if vnni else None
+    return group if int8 else None
 
 
 def run_path(path: str, x, w, scales, bias):
@@ -82,11 +83,8 @@ def run_path(path: str, x, w, scales, bias):
 
 
 def path_tolerance(path: str, in_features: int) -> float:
-    """Relative to sum |x W|: float32 sums in another order; bf16-rounded activations (the AVX-512 BF16
-    loop); bf16-rounded activations, weights and outputs (bf16 tiles). (The AVX-512 VNNI loop's int8
-    activations: int8_group.)"""
-    if path == "loop-avx512_bf16" or (path == "loop-auto" and LOOP_PATHS[0] == "avx512_bf16"):
-        return BF16_UNIT + in_features * FLOAT32_EPS
+    """Relative to sum |x W|: float32 sums in another order; bf16-rounded activations, weights and outputs
+    (bf16 tiles). (The int8 activations of the loop and the VNNI product: int8_group.)"""
     if path == "bf16-tiles":
         return 3 * BF16_UNIT + in_features * FLOAT32_EPS
     return 2 * in_features * FLOAT32_EPS
@@ -116,8 +114,8 @@ def test_int4_linear_matches_the_float64_reference(path, rows, out_features, in_
 @pytest.mark.parametrize("path", [f"loop-{isa}" for isa in LOOP_PATHS] + PREFILL_PATHS)
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 9, kernel.PREFILL_MIN_ROWS + 3])
 def test_batch_rows_each_equal_that_row_alone(path, rows):
-    """Row blocking (1-2 activation rows per pass, tiles of weight rows, panels of gemm.cpp) must not mix
-    rows; width 3584 as in AF3, 203 weight rows: whole blocks of 4 (8 for one row of x), then odd ones."""
+    """Row blocking (1-4 activation rows per pass over a tile, panels of the prefill products) must not mix
+    rows; width 3584 as in AF3, 203 weight rows: whole tiles of 16, then a short one."""
     w, scales, b = random_layer(203, 3584, True, seed=rows)
     x = torch.randn(rows, 3584)
     out = run_path(path, x, w, scales, b)
@@ -131,7 +129,7 @@ def test_batch_rows_each_equal_that_row_alone(path, rows):
 @pytest.mark.parametrize("shape", [(1, 3001, 1024), (3, 517, 4096)])
 def test_thread_count_does_not_change_any_bit(isa, shape):
     """Threads claim chunks of rows as they go; each row's sum is the same code whichever thread runs it."""
-    rows, out_features, in_features = shape  # several chunks of rows, none a whole number of 4-row blocks
+    rows, out_features, in_features = shape  # several chunks of rows, the last tile short
     w, scales, b = random_layer(out_features, in_features, True, seed=8)
     x = torch.randn(rows, in_features)
     threads = torch.get_num_threads()
@@ -189,14 +187,34 @@ def test_groups_of_denormal_activations_stay_within_the_bound(isa):
 
 
 def test_pack_and_unpack_are_inverse_and_follow_the_layout():
-    q = torch.arange(256).remainder(16).view(2, 128)
+    """18 rows: a tile of 16 and a short one of 2, each stored word by word (4 bytes: 8 columns of a row)."""
+    q = torch.randint(0, 16, (18, 256), generator=torch.Generator().manual_seed(0))
     packed = pack_int4(q)
-    assert packed.shape == (2, 64) and packed.dtype == torch.uint8
-    assert packed[0, 0] == q[0, 0] | q[0, 1] << 4 and packed[1, 7] == q[1, 14] | q[1, 15] << 4
+    assert packed.shape == (18, 128) and packed.dtype == torch.uint8
+    flat, row_bytes = packed.flatten(), 128
+    for n, w, j in [(0, 0, 0), (5, 3, 2), (15, 31, 3), (16, 0, 1), (17, 30, 3)]:
+        t0, rows = (0, 16) if n < 16 else (16, 2)
+        byte = flat[t0 * row_bytes + (w * rows + n - t0) * 4 + j]  # byte j of word w of row n
+        assert byte == q[n, 8 * w + 2 * j] | q[n, 8 * w + 2 * j + 1] << 4, (n, w, j)
     assert torch.equal(unpack_int4(packed), q.to(torch.uint8))
-    scales = torch.tensor([[2.0, -1.0, 0.5, 4.0], [1.0, 1.0, 1.0, 1.0]]).bfloat16()
-    W = int4_dequantize_reference(packed, scales)
-    assert W[0, 1] == 2.0 * (1 - 8) and W[0, 33] == -1.0 * (1 - 8) and W[1, 127] == 15 - 8
+    scales = torch.randn(18, 8).bfloat16()
+    tiled = pack_scales(scales).flatten()
+    assert tiled[3 * 16 + 5] == scales[5, 3] and tiled[16 * 8 + 7 * 2 + 1] == scales[17, 7]
+    assert torch.equal(unpack_scales(pack_scales(scales)), scales)
+    W = int4_dequantize_reference(packed, pack_scales(scales))
+    assert W[17, 250] == scales[17, 7].double() * (int(q[17, 250]) - 8)
+    assert torch.equal(unpack_int4(packed[:16]), q[:16].to(torch.uint8))  # whole tiles slice as rows
+
+
+@pytest.mark.parametrize("shape", [(1, 3584, 4608), (3, 384, 37), (5, 128, 16), (2, 256, 3)])
+def test_every_loop_code_gives_the_same_bits(shape):
+    """The codes sum the same int8 x int4 products exactly in int32 and finish each group alike: the
+    instruction set must not change a bit (where this CPU has more than one)."""
+    rows, in_features, out_features = shape
+    w, scales, b = random_layer(out_features, in_features, True, seed=21)
+    x = torch.randn(rows, in_features)
+    outs = [torch.ops.minaf3_int4.int4_linear(x, w, scales, b, isa) for isa in LOOP_PATHS]
+    assert all(torch.equal(out, outs[0]) for out in outs[1:])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -307,7 +325,7 @@ def test_the_loop_refuses_what_it_cannot_multiply():
         op(x[:, :255], w, scales, None)
     with pytest.raises(RuntimeError, match="the group size must be 32, 64 or 128"):
         op(x, w, scales[:, :1].contiguous(), None)
-    with pytest.raises(RuntimeError, match="isa must be auto, avx2, avx512, avx512_bf16 or avx512_vnni"):
+    with pytest.raises(RuntimeError, match="isa must be auto, avx2, avx512 or avx512_vnni"):
         op(x, w, scales, None, "sse")
     with pytest.raises(RuntimeError, match="int4_linear: x must be float32 or bfloat16"):
         op(x.half(), w, scales, None)

@@ -10,8 +10,8 @@ layer, through the layer classes themselves:
     fp32, bf16    minaf3.linear.Linear on float32 / bf16 weights (bf16: bf16 activations too)
     int8          Int8Linear                       int4   Int4Linear (its default path here)
 and the int4 paths one by one: below PREFILL_MIN_ROWS rows the streaming loop's code for each instruction
-set this CPU has (int4 avx512_vnni / avx512_bf16 / avx512 / avx2; avx512_vnni rounds the activations to
-int8), from it the loop, gemm.cpp's product ("int4 gemm", forced on any AVX2 CPU), vnni_prefill.cpp's
+set this CPU has (int4 avx512_vnni / avx512 / avx2; each rounds the activations to int8), from it the
+loop, gemm.cpp's product ("int4 gemm", forced on any AVX2 CPU), vnni_prefill.cpp's
 ("int4 vnni", AVX-512 VNNI CPUs) and bf16 tiles ("int4 tiles", AVX-512 BF16 CPUs). Alongside in every
 race, a sum over 1 GiB (racing.rate_probes' "read"): each time's weight bytes over it give "GB/s" and "of
 bw", the fraction of the read bandwidth measured in the same turns. Layers small enough to sit in the L3
@@ -110,10 +110,9 @@ def candidates(weight: torch.Tensor, x: torch.Tensor) -> dict:
         xp = torch.nn.functional.pad(x, (0, Kp - K))
         op = torch.ops.minaf3_int4.int4_linear
         cpu = torch.cpu
-        for isa in ("avx512_vnni", "avx512_bf16", "avx512", "avx2"):
+        for isa in ("avx512_vnni", "avx512", "avx2"):
             present = {
                 "avx512_vnni": cpu._is_avx512_supported() and cpu._is_vnni_supported(),
-                "avx512_bf16": cpu._is_avx512_bf16_supported(),
                 "avx512": cpu._is_avx512_supported(),
             }
             if present.get(isa, cpu._is_avx2_supported()):
