@@ -37,13 +37,15 @@ inline float bf16_to_float(uint16_t bits) {
 }
 
 // Each Isa: kLanes rows a vector (a tile of 16 rows is kHalves vectors, at 4 * kLanes bytes from each
-// other within a word), at most kMaxBT activation rows a pass. Acc: a lane's sums within a group, from begin
+// other within a word), at most kMaxBT activation rows a pass over a tile, kStreams tiles a one-row pass
+// (int4_gemv.cpp's rows_kernel). Acc: a lane's sums within a group, from begin
 // (the group's start: -8 times the sum of its int8 activations) to finish (converted, multiplied by the
 // weight's and the activations' scales and added to the lane's total). A short last tile's words are
 // loaded under a Mask of the rows it has (a masked-out lane reads nothing).
 
 struct Avx2 {
-  static constexpr int kLanes = 8, kHalves = 2, kMaxBT = 2;  // 16 ymm: 2 x BT sums and totals, the words
+  // 16 ymm registers: 2 halves x 2 tiles (or BT rows) of sums and totals, the words
+  static constexpr int kLanes = 8, kHalves = 2, kMaxBT = 2, kStreams = 2;
   using Vec = __m256;
   using Raw = __m256i;
   using Mask = __m256i;
@@ -86,7 +88,7 @@ struct Avx2 {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
 struct Avx512 {
-  static constexpr int kLanes = 16, kHalves = 1, kMaxBT = 4;
+  static constexpr int kLanes = 16, kHalves = 1, kMaxBT = 4, kStreams = 4;
   using Vec = __m512;
   using Raw = __m512i;
   using Mask = __mmask16;

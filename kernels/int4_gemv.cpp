@@ -19,10 +19,10 @@
 //
 // One translation unit for the instruction sets, as int8_gemv.cpp: built with -mavx2 -mfma; the AVX-512
 // entry points alone are compiled for their targets (`flatten` inlines the generic code into them), chosen
-// at run time. A tile's words are one run of memory and the tiles follow one another, so each thread reads
-// one stream, which the CPU's own prefetcher follows (a software prefetch ahead of it only added
-// instructions); each thread claims chunks of tiles from its own run first, then from the others'
-// (row_chunks.h). All activation rows pass over a tile
+// at run time. A tile's words are one run of memory and the tiles follow one another; a one-row pass reads
+// kStreams tiles of a chunk at once, from as many runs (rows_kernel), which the CPU's own prefetcher
+// follows (a software prefetch ahead of them was slower); each thread claims chunks of tiles from its own
+// run first, then from the others' (row_chunks.h). All activation rows pass over a tile
 // (at most 16 x 9.5 KB at AF3's widest K) while it is in L2.
 
 #include <ATen/Parallel.h>
@@ -51,6 +51,7 @@ using minaf3_int4_layout::kTileRows;
 namespace {
 
 constexpr int64_t kAlign = 128;  // K is a multiple of this (kernels/int4_linear.py's ALIGN)
+constexpr int64_t kChunkTiles = 4;  // a chunk of rows is whole runs of every code's kStreams tiles
 
 struct Problem {
   const int8_t* x;        // (M, K) int8 activations, each 8 columns' even ones then odd ones
@@ -64,87 +65,118 @@ struct Problem {
   int64_t M, N, K;
 };
 
-// out[b * 16 + l] = y[b0 + b, n0 + l] without the bias, for the tile of rows from n0 (all 16 of them when
-// kFull, else the rows the last tile has) and BT activation rows from b0.
-template <class Isa, int BT, int G, bool kFull>
-inline void tile_block(const Problem& p, int64_t n0, int64_t b0, float* out) {
+// out[(t * BT + b) * 16 + l] = y[b0 + b, n0 + t * gap + l] without the bias: T tiles `gap` rows apart from
+// row n0 (all 16 rows of each when kFull, else T = 1 and the rows the last tile has), read group by group
+// together, times BT activation rows from b0.
+template <class Isa, int T, int BT, int G, bool kFull>
+inline void tile_block(const Problem& p, int64_t n0, int64_t gap, int64_t b0, float* out) {
   using Vec = typename Isa::Vec;
-  constexpr int L = Isa::kLanes, H = Isa::kHalves, words = G / 8;  // words of a row per group
+  constexpr int L = Isa::kLanes, H = Isa::kHalves, words = G / 8, A = T * H * BT;  // words of a group
+  static_assert(kFull || T == 1, "a short tile is read alone");
   const int64_t K = p.K, groups = K / G;
   const int64_t rows = kFull ? kTileRows : minaf3_int4_layout::tile_rows(p.N, n0), stride = 4 * rows;
-  const uint8_t* w = p.w + n0 * (K / 2);
-  const uint16_t* s = p.s + n0 * groups;
+  const uint8_t* w[T];
+  const uint16_t* s[T];
+#pragma GCC unroll 4
+  for (int t = 0; t < T; ++t) {
+    w[t] = p.w + (n0 + t * gap) * (K / 2);
+    s[t] = p.s + (n0 + t * gap) * groups;
+  }
   const int8_t* x = p.x + b0 * K;
   const int32_t* start = p.start + b0 * groups;
   const float* xscale = p.xscale + b0 * groups;
   typename Isa::Mask mask[H];
 #pragma GCC unroll 2
   for (int h = 0; h < H; ++h) mask[h] = Isa::mask(static_cast<int>(std::clamp<int64_t>(rows - h * L, 0, L)));
-  Vec total[H * BT];
+  Vec total[A];  // [t][h][b]
 #pragma GCC unroll 8
-  for (int i = 0; i < H * BT; ++i) total[i] = Isa::zero();
+  for (int i = 0; i < A; ++i) total[i] = Isa::zero();
   for (int64_t g = 0; g < groups; ++g) {
-    const uint8_t* group = w + g * words * stride;
-    typename Isa::Acc acc[H * BT];
+    typename Isa::Acc acc[A];
 #pragma GCC unroll 8
-    for (int i = 0; i < H * BT; ++i) acc[i] = Isa::begin(start[(i % BT) * groups + g]);
+    for (int i = 0; i < A; ++i) acc[i] = Isa::begin(start[(i % BT) * groups + g]);
 #pragma GCC unroll 16
     for (int j = 0; j < words; ++j) {
+#pragma GCC unroll 4
+      for (int t = 0; t < T; ++t) {
+#pragma GCC unroll 2
+        for (int h = 0; h < H; ++h) {
+          const uint8_t* word = w[t] + (g * words + j) * stride + 4 * L * h;
+          const typename Isa::Raw v = kFull ? Isa::load(word) : Isa::load(word, mask[h]);
+          Isa::template dot<BT>(v, x + 8 * (g * words + j), K, acc + (t * H + h) * BT);
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < T; ++t) {
+      const uint16_t* scales = s[t] + g * rows;  // the group's scale of each of the tile's rows
+      uint16_t padded[kTileRows];  // a short tile's, then zeros: no load passes the tensor's end
+      if constexpr (!kFull) {
+        std::fill(std::copy(scales, scales + rows, padded), padded + kTileRows, 0);
+        scales = padded;
+      }
 #pragma GCC unroll 2
       for (int h = 0; h < H; ++h) {
-        const uint8_t* word = group + j * stride + 4 * L * h;
-        const typename Isa::Raw v = kFull ? Isa::load(word) : Isa::load(word, mask[h]);
-        Isa::template dot<BT>(v, x + 8 * (g * words + j), K, acc + h * BT);
-      }
-    }
-    const uint16_t* scales = s + g * rows;  // the group's scale of each of the tile's rows
-    uint16_t padded[kTileRows];  // a short tile's, then zeros: no load passes the tensor's end
-    if constexpr (!kFull) {
-      std::fill(std::copy(scales, scales + rows, padded), padded + kTileRows, 0);
-      scales = padded;
-    }
-#pragma GCC unroll 2
-    for (int h = 0; h < H; ++h) {
-      const Vec scale = Isa::scales(scales + h * L);
+        const Vec scale = Isa::scales(scales + h * L);
 #pragma GCC unroll 4
-      for (int b = 0; b < BT; ++b) {
-        total[h * BT + b] = Isa::finish(acc[h * BT + b], scale, xscale[b * groups + g], total[h * BT + b]);
+        for (int b = 0; b < BT; ++b) {
+          const int i = (t * H + h) * BT + b;
+          total[i] = Isa::finish(acc[i], scale, xscale[b * groups + g], total[i]);
+        }
       }
     }
   }
-#pragma GCC unroll 2
-  for (int h = 0; h < H; ++h)
 #pragma GCC unroll 4
-    for (int b = 0; b < BT; ++b) Isa::store(out + b * kTileRows + h * L, total[h * BT + b]);
+  for (int t = 0; t < T; ++t)
+#pragma GCC unroll 2
+    for (int h = 0; h < H; ++h)
+#pragma GCC unroll 4
+      for (int b = 0; b < BT; ++b)
+        Isa::store(out + (t * BT + b) * kTileRows + h * L, total[(t * H + h) * BT + b]);
 }
 
-template <class Isa, int BT, int G>
-inline void tile(const Problem& p, int64_t n0, int64_t b0) {
-  float out[BT * kTileRows];  // (BT, 16); direct calls, which `flatten` inlines (a pointer would not be)
+// y's rows of T tiles `gap` rows apart from n0 (see tile_block) for activation rows b0 .. b0 + BT, with bias.
+template <class Isa, int T, int BT, int G>
+inline void tiles(const Problem& p, int64_t n0, int64_t gap, int64_t b0) {
+  float out[T * BT * kTileRows];  // direct calls, which `flatten` inlines (a pointer would not be)
   const int64_t rows = minaf3_int4_layout::tile_rows(p.N, n0);
-  if (rows == kTileRows) tile_block<Isa, BT, G, true>(p, n0, b0, out);
-  else tile_block<Isa, BT, G, false>(p, n0, b0, out);
-  for (int64_t b = 0; b < BT; ++b) {
-    for (int64_t l = 0; l < rows; ++l) {
-      const int64_t n = n0 + l;
-      const float v = out[b * kTileRows + l] + (p.bias ? p.bias[n] : 0.f);
-      if (p.y) p.y[(b0 + b) * p.N + n] = v;
-      else p.y_bf16[(b0 + b) * p.N + n] = c10::BFloat16(v);
+  if (rows == kTileRows) tile_block<Isa, T, BT, G, true>(p, n0, gap, b0, out);
+  if constexpr (T == 1) {
+    if (rows < kTileRows) tile_block<Isa, 1, BT, G, false>(p, n0, gap, b0, out);
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t b = 0; b < BT; ++b) {
+      for (int64_t l = 0; l < rows; ++l) {
+        const int64_t n = n0 + t * gap + l;
+        const float v = out[(t * BT + b) * kTileRows + l] + (p.bias ? p.bias[n] : 0.f);
+        if (p.y) p.y[(b0 + b) * p.N + n] = v;
+        else p.y_bf16[(b0 + b) * p.N + n] = c10::BFloat16(v);
+      }
     }
   }
 }
 
-// Output rows [begin, end) (begin a multiple of kTileRows) for all M activation rows, tile by tile.
+// Output rows [begin, end) (begin a multiple of kTileRows) for all M activation rows. One activation row
+// (decode): Isa::kStreams tiles at a time, one from each of the kStreams runs that split the chunk's tiles,
+// so that each core reads that many streams at once: Zen 4's memory serves a core faster so than one stream
+// (or than a software prefetch ahead of one). Several rows: a tile at a time, every row passing over it.
 template <class Isa, int G>
 inline void rows_kernel(const Problem& p, int64_t begin, int64_t end) {
-  for (int64_t n0 = begin; n0 < end; n0 += kTileRows) {
+  constexpr int S = Isa::kStreams;
+  int64_t n0 = begin;
+  if (p.M == 1) {
+    const int64_t runs = (end - begin) / kTileRows / S, gap = runs * kTileRows;
+    for (int64_t i = 0; i < runs; ++i) tiles<Isa, S, 1, G>(p, begin + i * kTileRows, gap, 0);
+    n0 = begin + runs * S * kTileRows;
+  }
+  for (; n0 < end; n0 += kTileRows) {
     for (int64_t b0 = 0; b0 < p.M; b0 += Isa::kMaxBT) {
       const int64_t bt = std::min<int64_t>(Isa::kMaxBT, p.M - b0);
-      if (bt == 1) tile<Isa, 1, G>(p, n0, b0);
-      if (bt == 2) tile<Isa, 2, G>(p, n0, b0);
+      if (bt == 1) tiles<Isa, 1, 1, G>(p, n0, 0, b0);
+      if (bt == 2) tiles<Isa, 1, 2, G>(p, n0, 0, b0);
       if constexpr (Isa::kMaxBT >= 3) {
-        if (bt == 3) tile<Isa, 3, G>(p, n0, b0);
-        if (bt == 4) tile<Isa, 4, G>(p, n0, b0);
+        if (bt == 3) tiles<Isa, 1, 3, G>(p, n0, 0, b0);
+        if (bt == 4) tiles<Isa, 1, 4, G>(p, n0, 0, b0);
       }
     }
   }
@@ -172,7 +204,8 @@ using RowsFn = void (*)(const Problem&, int64_t, int64_t);
 
 // y = the product of p, split over torch's threads in chunks of whole tiles (row_chunks.h).
 void run(const Problem& p, RowsFn rows) {
-  minaf3_rows::for_row_chunks(p.N, p.K / 2 * p.M, kTileRows,
+  const int64_t unit = p.M == 1 ? kChunkTiles * kTileRows : kTileRows;  // rows_kernel's block of rows
+  minaf3_rows::for_row_chunks(p.N, p.K / 2 * p.M, unit,
                               [&](int64_t begin, int64_t end) { rows(p, begin, end); });
 }
 
@@ -200,11 +233,11 @@ void run_for_group(const std::string& code, const at::Tensor& x, Problem& p) {
 }  // namespace
 
 // y (..., N) = x (..., K) @ W.T + bias (N,), W (N, K) the int4 weight above, given as w (N, K / 2) uint8 and
-// scales (N, K / G) bfloat16 (both tiled) with G in {32, 64, 128} and K a multiple of 128. x is float32 or bfloat16 and
-// y has its dtype (a bf16 model's activations go in and out without a conversion of their own, a dispatched
-// call each); bias is float32 or bfloat16; the sums are float32 either way.
-// isa: "auto" (the best code this CPU runs), or "avx512_vnni", "avx512", "avx2" (tests run each;
-// avx512_vnni rounds the activations to int8 per group, the others multiply them as float32).
+// scales (N, K / G) bfloat16 (both tiled) with G in {32, 64, 128} and K a multiple of 128. x is float32 or
+// bfloat16 and y has its dtype (a bf16 model's activations go in and out without a conversion of their own,
+// a dispatched call each); bias is float32 or bfloat16; the group sums are converted to float32 and scaled.
+// isa: "auto" (the best code this CPU runs), or "avx512_vnni", "avx512", "avx2" (tests run each; all round
+// the activations to int8 per group and give the same bits).
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                        const std::optional<at::Tensor>& bias, const std::string& isa) {
   const char* name = "int4_linear";
