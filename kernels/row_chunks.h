@@ -30,11 +30,12 @@ struct alignas(64) Run {
 };
 
 // rows(begin, end) over rows [0, N) of a weight whose row is `row_work` bytes times activation rows, split
-// into chunks over the threads; each chunk a multiple of `unit` rows (the loop's block of rows: 4 for
-// int8_gemv.cpp, so that only the layer's last rows go one at a time; a tile of 16 for int4_gemv.cpp).
+// into chunks of about `work` over the threads; each chunk a multiple of `unit` rows, the loop's block of
+// rows (4 for int8_gemv.cpp, so that only the layer's last rows go one at a time; int4_gemv.cpp's tiles).
 template <typename Rows>
-void for_row_chunks(int64_t N, int64_t row_work, int64_t unit, const Rows& rows) {
-  int64_t chunk = std::max<int64_t>(kMinChunkRows, kChunkWork / std::max<int64_t>(1, row_work));
+void for_row_chunks(int64_t N, int64_t row_work, int64_t unit, const Rows& rows,
+                    int64_t work = kChunkWork) {
+  int64_t chunk = std::max<int64_t>(kMinChunkRows, work / std::max<int64_t>(1, row_work));
   chunk = (chunk + unit - 1) / unit * unit;
   const int64_t num_chunks = (N + chunk - 1) / chunk;
   if (num_chunks == 1) {  // a small layer: waking a second thread costs more than its whole product
