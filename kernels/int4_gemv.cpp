@@ -14,16 +14,16 @@
 //       sum_k x[k] W[n, k] = sum_g scales[n, g] * (sum_{k in g} x[k] q[n, k] - 8 sum_{k in g} x[k]),
 //     the second sum being the value a group's accumulators start from (computed once per call);
 //   - each instruction set has a code of its own for turning nibbles into products (int4_codes.h: AVX-512
-//     VNNI with int8 activations, AVX-512, AVX2); the activations are prepared for it once per call
-//     (int4_activations.h).
+//     VNNI, AVX-512, AVX2, all multiplying activations rounded to int8, exactly); the activations are
+//     rounded and ordered once per call (int4_activations.h).
 //
 // One translation unit for the instruction sets, as int8_gemv.cpp: built with -mavx2 -mfma; the AVX-512
 // entry points alone are compiled for their targets (`flatten` inlines the generic code into them), chosen
 // at run time. A tile's words are one run of memory and the tiles follow one another; a one-row pass reads
 // kStreams tiles of a chunk at once, from as many runs (rows_kernel), which the CPU's own prefetcher
 // follows (a software prefetch ahead of them was slower); each thread claims chunks of tiles from its own
-// run first, then from the others' (row_chunks.h). All activation rows pass over a tile
-// (at most 16 x 9.5 KB at AF3's widest K) while it is in L2.
+// run first, then from the others' (row_chunks.h). Several activation rows all pass over a tile (at most
+// 16 x 9.5 KB at AF3's widest K) while it is in L2.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
