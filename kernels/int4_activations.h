@@ -13,7 +13,6 @@
 #include <cstdint>
 #include <cstring>
 #include <tuple>
-#include <utility>
 #include <vector>
 
 #include "int4_codes.h"

@@ -30,18 +30,12 @@
 
 namespace minaf3_int4 {
 
-inline float bf16_to_float(uint16_t bits) {
-  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
-  float f;
-  return std::memcpy(&f, &wide, sizeof f), f;
-}
-
 // Each Isa: kLanes rows a vector (a tile of 16 rows is kHalves vectors, at 4 * kLanes bytes from each
 // other within a word), at most kMaxBT activation rows a pass over a tile, kStreams tiles a one-row pass
-// (int4_gemv.cpp's rows_kernel). Acc: a lane's sums within a group, from begin
-// (the group's start: -8 times the sum of its int8 activations) to finish (converted, multiplied by the
-// weight's and the activations' scales and added to the lane's total). A short last tile's words are
-// loaded under a Mask of the rows it has (a masked-out lane reads nothing).
+// (int4_gemv.cpp's rows_kernel). Acc: a lane's sums within a group, from begin (the group's start: -8
+// times the sum of its int8 activations) to finish (converted, multiplied by the weight's and the
+// activations' scales and added to the lane's total). A short last tile's words are loaded under a Mask of
+// the rows it has (a masked-out lane reads nothing).
 
 struct Avx2 {
   // 16 ymm registers: 2 halves x 2 tiles (or BT rows) of sums and totals, the words

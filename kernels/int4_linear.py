@@ -33,10 +33,10 @@ weight, so the torch path and the fused layers' parts (minaf3/linear.py) split a
 
 Backends: the `backend=` argument, else $MINAF3_INT4_BACKEND, else "auto".
   "cpp"    the C++ kernels (CPU): below PREFILL_MIN_ROWS rows int4_gemv.cpp's streaming loop (its AVX-512
-           VNNI code, int8 activations, where the CPU has those instructions, else its AVX-512 or AVX2
-           code); from PREFILL_MIN_ROWS rows, on CPUs whose best vector unit is AVX2, gemm.cpp's blocked
-           product with the int4 rows widened to float32 and scaled as they are packed, on CPUs
-           with AVX-512 VNNI vnni_prefill.cpp's product of int8 activations (the loop's rounding) and 4-bit
+           VNNI code where the CPU has those instructions, else its AVX-512 or AVX2 code; each rounds the
+           activations to int8); from PREFILL_MIN_ROWS rows, on CPUs whose best vector unit is AVX2,
+           gemm.cpp's blocked product with the int4 rows widened to float32 and scaled as they are packed,
+           on CPUs with AVX-512 VNNI vnni_prefill.cpp's product of int8 activations (the loop's rounding) and 4-bit
            weights, on other CPUs with AVX-512 BF16 tiles of weight rows dequantized to bf16 and multiplied by
            torch's bf16 product (bf16_tiles.py); elsewhere the loop at every row count. ConfigError when
            the kernels cannot be built or run here.
