@@ -36,10 +36,10 @@ Backends: the `backend=` argument, else $MINAF3_INT4_BACKEND, else "auto".
            VNNI code where the CPU has those instructions, else its AVX-512 or AVX2 code; each rounds the
            activations to int8); from PREFILL_MIN_ROWS rows, on CPUs whose best vector unit is AVX2,
            gemm.cpp's blocked product with the int4 rows widened to float32 and scaled as they are packed,
-           on CPUs with AVX-512 VNNI vnni_prefill.cpp's product of int8 activations (the loop's rounding) and 4-bit
-           weights, on other CPUs with AVX-512 BF16 tiles of weight rows dequantized to bf16 and multiplied by
-           torch's bf16 product (bf16_tiles.py); elsewhere the loop at every row count. ConfigError when
-           the kernels cannot be built or run here.
+           on CPUs with AVX-512 VNNI vnni_prefill.cpp's product of int8 activations (the loop's rounding)
+           and 4-bit weights, on other CPUs with AVX-512 BF16 tiles of weight rows dequantized to bf16 and
+           multiplied by torch's bf16 product (bf16_tiles.py); elsewhere the loop at every row count.
+           ConfigError when the kernels cannot be built or run here.
   "torch"  torch ops only: tiles of weight rows dequantized in x's dtype, multiplied with F.linear.
   "auto"   "cpp" for CPU tensors where the library builds, otherwise "torch".
 
